@@ -1,0 +1,242 @@
+"""`RunConfig`: the one typed configuration of a run, loaded from YAML with `--set` overrides.
+
+Every option is declared here with its default and a description; the resolved config is saved
+with every run as `config.yaml`. Unknown keys are errors, so a typo never silently does nothing.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+DEMO_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
+
+
+class ConfigError(ValueError):
+    """A config is invalid. `problems` holds one `(dotted.path, message)` per bad field."""
+
+    def __init__(self, problems: list[tuple[str, str]]):
+        self.problems = problems
+        lines = [f"  {path}: {message}" for path, message in problems]
+        super().__init__("invalid config:\n" + "\n".join(lines))
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class TinyModelConfig(Section):
+    """A small Qwen2-style decoder built from this config (no download)."""
+
+    hidden_size: int = Field(128, ge=8, description="Width of the residual stream.")
+    num_layers: int = Field(4, ge=1, description="Decoder layers.")
+    num_heads: int = Field(4, ge=1, description="Attention heads.")
+    num_kv_heads: int = Field(2, ge=1, description="Key/value heads (grouped-query attention).")
+    intermediate_size: int = Field(512, ge=8, description="MLP width.")
+    max_position_embeddings: int = Field(256, ge=16, description="Longest sequence the model sees.")
+    rope_theta: float = Field(10000.0, gt=0, description="RoPE base frequency.")
+
+    @model_validator(mode="after")
+    def _heads_divide(self) -> TinyModelConfig:
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"hidden_size {self.hidden_size} must be divisible by num_heads {self.num_heads}")
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(f"num_heads {self.num_heads} must be divisible by num_kv_heads {self.num_kv_heads}")
+        return self
+
+
+class ModelConfig(Section):
+    kind: Literal["tiny", "hf"] = Field(
+        "tiny", description="'tiny': built from `tiny` with the character tokenizer; 'hf': a Hugging Face checkpoint at `path`."
+    )
+    path: str | None = Field(None, description="Hugging Face checkpoint directory (kind 'hf').")
+    tiny: TinyModelConfig = Field(default_factory=TinyModelConfig)
+    dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="Parameter dtype.")
+
+    @model_validator(mode="after")
+    def _path_for_hf(self) -> ModelConfig:
+        if self.kind == "hf" and not self.path:
+            raise ValueError("model.kind 'hf' needs model.path, a Hugging Face checkpoint directory")
+        return self
+
+
+class ProceduralSource(Section):
+    kind: Literal["procedural"] = "procedural"
+    families: list[str] = Field(
+        default_factory=lambda: ["addition", "multiplication", "sorting", "reversal", "counting"],
+        description="Procedural task families; each family is one distribution.",
+    )
+    difficulties: list[int] = Field(default_factory=lambda: [1, 2], description="Difficulty levels drawn uniformly.")
+    weight: float = Field(1.0, gt=0, description="Relative weight of this source when prompts are drawn.")
+
+
+class JsonlSource(Section):
+    kind: Literal["jsonl"] = "jsonl"
+    path: str = Field(..., description="JSONL file with fields prompt, answer, distribution.")
+    verifier: str = Field("math", description="Verifier name or dotted path `module:callable`.")
+    weight: float = Field(1.0, gt=0, description="Relative weight of this source when prompts are drawn.")
+    on_bad_line: Literal["skip", "error"] = Field("skip", description="What to do with a malformed line.")
+
+
+class DataConfig(Section):
+    sources: list[Annotated[ProceduralSource | JsonlSource, Field(discriminator="kind")]] = Field(
+        default_factory=lambda: [ProceduralSource()], description="Where prompts come from."
+    )
+    held_out_size: int = Field(200, ge=0, description="Prompts reserved for evaluation, never trained on.")
+    seed: int = Field(1234, description="Seed of prompt generation and the held-out split.")
+
+
+class RolloutConfig(Section):
+    engine: Literal["torch", "vllm"] = Field("torch", description="Generation engine of the workers.")
+    num_workers: int = Field(1, ge=1, description="RolloutWorker actors.")
+    group_size: int = Field(8, ge=1, description="Completions per prompt (G).")
+    prompts_per_call: int = Field(8, ge=1, description="Prompts a worker generates per call.")
+    temperature: float = Field(1.0, ge=0, description="Sampling temperature; 0 is greedy.")
+    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling mass.")
+    max_new_tokens: int = Field(16, ge=1, description="Longest completion.")
+    stop: list[str] = Field(default_factory=lambda: ["\n"], description="Stop strings (not included in the text).")
+    strategy: Literal["sample"] = Field("sample", description="Rollout strategy.")
+    num_cpus_per_worker: float = Field(1.0, gt=0, description="Ray CPUs reserved per worker.")
+    torch_threads: int = Field(1, ge=1, description="Intra-op threads of each worker's torch engine.")
+
+
+class BufferConfig(Section):
+    backend: Literal["auto", "redis", "memory"] = Field(
+        "auto", description="'redis' needs `redis_url` or a redis-server binary; 'auto' falls back to 'memory'."
+    )
+    redis_url: str | None = Field(None, description="Existing Redis; None starts a private redis-server.")
+    namespace: str | None = Field(None, description="Key prefix; defaults to the run id.")
+    max_staleness: int = Field(1, ge=0, description="Oldest usable sample: learner version minus this (0 = on-policy).")
+    capacity_groups: int = Field(64, ge=1, description="Ready groups beyond which workers wait (backpressure).")
+
+
+class LearnerConfig(Section):
+    zero_stage: Literal[0, 1, 2, 3] = Field(0, description="DeepSpeed ZeRO stage.")
+    lr: float = Field(1e-4, gt=0, description="Adam learning rate.")
+    weight_decay: float = Field(0.0, ge=0)
+    grad_clip: float = Field(1.0, gt=0, description="Gradient norm clip.")
+    groups_per_step: int = Field(16, ge=1, description="Groups per learner step (B).")
+    micro_batch_size: int = Field(64, ge=1, description="Sequences per forward/backward micro-batch.")
+    advantage_std: Literal["group", "batch", "none"] = Field("group", description="Advantage normalisation.")
+    clip_low: float = Field(0.2, ge=0, description="PPO clip ε_low.")
+    clip_high: float = Field(0.28, ge=0, description="PPO clip ε_high (DAPO clip-higher; 0.2 = GRPO).")
+    aggregation: Literal["token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm"] = Field(
+        "token-mean", description="Loss aggregation over tokens and sequences."
+    )
+    kl_coef: float = Field(0.0, ge=0, description="β of the KL penalty to the reference (0: no reference kept).")
+    kl_kind: Literal["k1", "k2", "k3"] = Field("k3", description="KL estimator.")
+    dynamic_sampling: bool = Field(True, description="DAPO: drop groups whose rewards are all equal.")
+    torch_threads: int = Field(1, ge=1, description="Intra-op threads of the learner.")
+    num_cpus: float = Field(1.0, gt=0, description="Ray CPUs reserved for the learner.")
+
+
+class WarmStartConfig(Section):
+    steps: int = Field(300, ge=0, description="Supervised steps on reference answers before RL (0: none).")
+    batch_size: int = Field(64, ge=1)
+    lr: float = Field(1e-3, gt=0)
+    cache_dir: str | None = Field(None, description="Where the warm-started model is cached; default ~/.cache/orchard.")
+
+
+class EvalConfig(Section):
+    every_steps: int = Field(10, ge=1, description="Greedy held-out evaluation interval in learner steps.")
+    num_prompts: int = Field(200, ge=1, description="Held-out prompts evaluated (at most held_out_size).")
+
+
+class ControlConfig(Section):
+    host: str = Field("127.0.0.1", description="Control plane bind address.")
+    port: int = Field(8470, ge=0, le=65535, description="Control plane port (0: any free port).")
+    token: str | None = Field(None, description="Bearer token for mutating routes (or ORCHARD_TOKEN).")
+
+
+class RunConfig(Section):
+    """A whole run. `orchard check` prints the resolved form."""
+
+    name: str = Field("orchard", description="Run name; the run id is derived from it.")
+    seed: int = Field(0, description="Seed of sampling and training.")
+    max_steps: int = Field(100, ge=1, description="Learner steps before the run finishes.")
+    max_minutes: float | None = Field(None, gt=0, description="Wall-clock limit of the RL phase.")
+    runs_dir: str = Field("runs", description="Where run directories are created.")
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    rollout: RolloutConfig = Field(default_factory=RolloutConfig)
+    buffer: BufferConfig = Field(default_factory=BufferConfig)
+    learner: LearnerConfig = Field(default_factory=LearnerConfig)
+    warmstart: WarmStartConfig = Field(default_factory=WarmStartConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    control: ControlConfig = Field(default_factory=ControlConfig)
+
+    @field_validator("name")
+    @classmethod
+    def _name_is_safe(cls, value: str) -> str:
+        if not value or not all(ch.isalnum() or ch in "-_." for ch in value):
+            raise ValueError("name may hold only letters, digits, '-', '_' and '.'")
+        return value
+
+
+def _problems(error: ValidationError) -> list[tuple[str, str]]:
+    problems = []
+    for item in error.errors():
+        path = ".".join(str(part) for part in item["loc"] if not str(part).startswith("function-"))
+        # pydantic puts the union member's tag in locations inside `sources`; keep the user's path
+        path = path.replace(".procedural", "").replace(".jsonl", "")
+        problems.append((path or "<root>", item["msg"]))
+    return problems
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """Split `a.b.c=value` into a key path and a YAML-parsed value."""
+    if "=" not in text:
+        raise ConfigError([(text, "an override must look like key.path=value")])
+    key, raw = text.split("=", 1)
+    if not key or any(not part for part in key.split(".")):
+        raise ConfigError([(key or text, "empty key in override")])
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError as error:
+        raise ConfigError([(key, f"value {raw!r} is not valid YAML: {error}")]) from error
+    return key.split("."), value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    for text in overrides:
+        path, value = parse_override(text)
+        node = data
+        for part in path[:-1]:
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                raise ConfigError([(".".join(path), f"'{part}' is not a section, cannot set a key inside it")])
+            node = child
+        node[path[-1]] = value
+    return data
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
+    """Load a YAML config (the embedded demo when `path` is None) and apply `--set` overrides."""
+    source = Path(path) if path is not None else DEMO_CONFIG
+    try:
+        text = source.read_text()
+    except OSError as error:
+        raise ConfigError([("<file>", f"cannot read {source}: {error.strerror}")]) from error
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as error:
+        raise ConfigError([("<file>", f"{source} is not valid YAML: {error}")]) from error
+    if not isinstance(data, dict):
+        raise ConfigError([("<root>", f"{source} must hold a mapping, got {type(data).__name__}")])
+    return config_from_dict(apply_overrides(data, overrides or []))
+
+
+def config_from_dict(data: dict[str, Any]) -> RunConfig:
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as error:
+        raise ConfigError(_problems(error)) from None
+
+
+def dump_config(config: RunConfig) -> str:
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
