@@ -1,0 +1,46 @@
+# Orchard developer commands. `make run` and `make test` work on a fresh machine.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: run test test-unit test-integration test-e2e lint format bench system-deps clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+# redis-server is used by the buffer's integration tests and by the demo when present.
+system-deps:
+	@command -v redis-server >/dev/null || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    apt-get update -qq && apt-get install -y -qq redis-server >/dev/null; \
+	  else echo "redis-server not found: install it (apt-get install redis-server)" >&2; exit 1; fi; }
+
+run: $(STAMP)
+	$(BIN)/orchard run $(ARGS)
+
+test: $(STAMP) system-deps
+	$(BIN)/python -m pytest -q -m "not gpu" $(PYTEST_ARGS)
+
+test-unit: $(STAMP)
+	$(BIN)/python -m pytest -q tests/unit
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: $(STAMP)
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+bench: $(STAMP) system-deps
+	$(BIN)/python bench/buffer.py
+	$(BIN)/python bench/weight_sync.py
+	$(BIN)/python bench/engine.py
+	$(BIN)/python bench/async_vs_sync.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -1,0 +1,175 @@
+"""The rollout worker: generates groups of completions, scores them, stamps the policy version.
+
+`RolloutWorkerCore` is a plain object (tested without Ray); `RolloutWorker` is the same class as a
+Ray actor. Weights arrive through `load_weights` between generation calls: an actor runs one
+method at a time, so a swap never lands in the middle of a generation.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import ray
+import torch
+
+from orchard.config import ModelConfig, RolloutConfig
+from orchard.protocols import SamplingParams, Verifier
+from orchard.records import Completion, Group, Prompt
+from rollout.engines.torch_engine import TorchEngine
+from rollout.model import build_model
+from rollout.tokenizer import load_tokenizer
+from verifiers.registry import get_verifier, safe_verify
+
+
+def verifier_name(prompt: Prompt) -> str:
+    """Which verifier scores `prompt`: its own `metadata['verifier']`, else the procedural checker."""
+    return str(prompt.metadata.get("verifier", "procedural"))
+
+
+def encode_prompt(tokenizer: Any, text: str) -> list[int]:
+    """Token ids the model sees for a prompt: beginning-of-sequence, then the text."""
+    ids = tokenizer.encode(text)
+    bos = getattr(tokenizer, "bos_id", None)
+    if bos is not None and (not ids or ids[0] != bos):
+        ids = [bos, *ids]
+    return ids
+
+
+@dataclass
+class RolloutResult:
+    """What one `rollout` call produced, with the cost of producing it."""
+
+    groups: list[Group]
+    worker: str
+    policy_version: int
+    generated_tokens: int
+    generate_seconds: float
+    verify_seconds: float
+    verifier_errors: list[str] = field(default_factory=list)
+
+
+@dataclass
+class EvalResult:
+    """Greedy correctness of each prompt, by the policy version that answered."""
+
+    correct: list[bool]
+    policy_version: int
+    completions: list[str]
+
+
+class RolloutWorkerCore:
+    def __init__(
+        self,
+        worker_id: str,
+        model_config: ModelConfig,
+        rollout_config: RolloutConfig,
+        *,
+        seed: int = 0,
+    ) -> None:
+        torch.set_num_threads(rollout_config.torch_threads)
+        torch.manual_seed(seed)
+        self.worker_id = worker_id
+        self.config = rollout_config
+        self.tokenizer = load_tokenizer(model_config)
+        if rollout_config.engine != "torch":
+            raise ValueError(
+                f"rollout.engine {rollout_config.engine!r} is not available in this worker; use 'torch' on CPU"
+            )
+        self.engine = TorchEngine(build_model(model_config, self.tokenizer), self.tokenizer)
+        self._verifiers: dict[str, Verifier] = {}
+        self._calls = 0
+        self._seed = seed
+
+    @property
+    def policy_version(self) -> int:
+        return self.engine.policy_version
+
+    def load_weights(self, version: int, state_dict: Mapping[str, Any]) -> dict[str, float]:
+        """Swap in policy `version`; returns how long the swap took."""
+        started = time.perf_counter()
+        self.engine.load_weights(state_dict, version)
+        return {"version": version, "seconds": time.perf_counter() - started}
+
+    def _verifier(self, prompt: Prompt) -> Verifier:
+        name = verifier_name(prompt)
+        if name not in self._verifiers:
+            self._verifiers[name] = get_verifier(name)
+        return self._verifiers[name]
+
+    def _params(self, *, greedy: bool) -> SamplingParams:
+        self._calls += 1
+        return SamplingParams(
+            temperature=0.0 if greedy else self.config.temperature,
+            top_p=1.0 if greedy else self.config.top_p,
+            max_new_tokens=self.config.max_new_tokens,
+            stop=tuple(self.config.stop),
+            seed=self._seed * 1_000_003 + self._calls,
+        )
+
+    def rollout(self, prompts: Sequence[Prompt], group_size: int | None = None) -> RolloutResult:
+        """Generate `group_size` completions of every prompt, score them, return one group each."""
+        group_size = group_size or self.config.group_size
+        prompt_ids = [encode_prompt(self.tokenizer, p.text) for p in prompts]
+        batch = [ids for ids in prompt_ids for _ in range(group_size)]
+        version = self.engine.policy_version
+        started = time.perf_counter()
+        outputs = self.engine.generate(batch, self._params(greedy=False))
+        generated = time.perf_counter()
+        groups, errors = [], []
+        for index, prompt in enumerate(prompts):
+            verifier = self._verifier(prompt)
+            completions = []
+            for output in outputs[index * group_size : (index + 1) * group_size]:
+                text = output.text or self.tokenizer.decode(output.token_ids)
+                result = safe_verify(verifier, prompt, text)
+                if result.error:
+                    errors.append(f"{prompt.id}: {result.error}")
+                completions.append(
+                    Completion(
+                        text=text,
+                        token_ids=list(output.token_ids),
+                        logprobs=list(output.logprobs),
+                        policy_version=version,
+                        finish_reason=output.finish_reason,
+                        reward=result.reward,
+                        correct=result.correct,
+                        verifier_error=result.error,
+                    )
+                )
+            groups.append(
+                Group(
+                    prompt=prompt,
+                    prompt_token_ids=prompt_ids[index],
+                    completions=completions,
+                    worker=self.worker_id,
+                    created_at=time.time(),
+                )
+            )
+        return RolloutResult(
+            groups=groups,
+            worker=self.worker_id,
+            policy_version=version,
+            generated_tokens=sum(len(o.token_ids) for o in outputs),
+            generate_seconds=generated - started,
+            verify_seconds=time.perf_counter() - generated,
+            verifier_errors=errors,
+        )
+
+    def evaluate(self, prompts: Sequence[Prompt]) -> EvalResult:
+        """Greedy answers to `prompts`, checked by their verifiers."""
+        outputs = self.engine.generate(
+            [encode_prompt(self.tokenizer, p.text) for p in prompts], self._params(greedy=True)
+        )
+        texts = [o.text or self.tokenizer.decode(o.token_ids) for o in outputs]
+        correct = [safe_verify(self._verifier(p), p, t).correct for p, t in zip(prompts, texts, strict=True)]
+        return EvalResult(correct=correct, policy_version=self.engine.policy_version, completions=texts)
+
+    def ping(self) -> str:
+        return self.worker_id
+
+
+#: The Ray actor. Restarts are the driver's decision, so the actor itself does not auto-restart.
+RolloutWorker = ray.remote(RolloutWorkerCore)

@@ -1,0 +1,354 @@
+"""The driver: wires prompt sources, rollout workers, verifiers, the buffer and the learner.
+
+One loop, asynchronous by default. Rollout calls and learner steps are Ray calls kept in flight
+together; the loop wakes on whichever finishes first:
+
+- a rollout result: groups are filtered (dynamic sampling), recorded in the prompt statistics and
+  put in the buffer;
+- a learner result: its batch is acknowledged, the new weights are published through the object
+  store and pushed to every worker (which swaps them between generation calls);
+- then it issues new work: a learner step when the buffer holds a batch of fresh-enough groups,
+  and a rollout on every idle worker whose samples could still be used (`max_staleness`).
+
+With `max_staleness: 0` the gating makes the loop synchronous: no rollout runs while the learner
+trains, and every batch comes from the current policy.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from statistics import fmean
+from typing import Any
+
+import ray
+import torch
+
+from orchard.config import RunConfig
+from orchard.protocols import Buffer
+from orchard.records import Group
+from rollout.worker import RolloutResult, RolloutWorker, RolloutWorkerCore
+from services.buffer.factory import make_buffer
+from services.learner_actor import LearnerActor
+from services.run_dir import RunDirectory
+from services.warmstart import warm_start
+from services.weight_sync import WeightSync
+from verifiers.sources import PromptPool
+
+
+class DriverError(RuntimeError):
+    """The run cannot continue; the message says which component failed and why."""
+
+
+@dataclass
+class Throughput:
+    """Counters over the RL phase, from which the summary's rates are derived."""
+
+    started: float = field(default_factory=time.perf_counter)
+    learner_busy_seconds: float = 0.0
+    eval_seconds: float = 0.0
+    generated_tokens: int = 0
+    generated_groups: int = 0
+    trained_groups: int = 0
+    trained_tokens: int = 0
+
+    def wall(self) -> float:
+        return time.perf_counter() - self.started - self.eval_seconds
+
+    def learner_idle_fraction(self) -> float:
+        wall = self.wall()
+        return max(0.0, 1.0 - self.learner_busy_seconds / wall) if wall > 0 else 0.0
+
+
+def evaluate_by_distribution(evaluator: RolloutWorkerCore, prompts: list) -> tuple[float, dict[str, float]]:
+    """Greedy held-out accuracy, overall and per distribution."""
+    if not prompts:
+        return 0.0, {}
+    result = evaluator.evaluate(prompts)
+    by_distribution: dict[str, list[bool]] = defaultdict(list)
+    for prompt, correct in zip(prompts, result.correct, strict=True):
+        by_distribution[prompt.distribution].append(correct)
+    return fmean(result.correct), {d: fmean(v) for d, v in sorted(by_distribution.items())}
+
+
+class Driver:
+    def __init__(self, config: RunConfig, run_dir: RunDirectory, *, show_progress: bool = True) -> None:
+        self.config = config
+        self.run_dir = run_dir
+        self.show_progress = show_progress
+        self.rng = random.Random(config.seed)
+        self.buffer: Buffer | None = None
+        self._redis_server = None
+        self.step = 0
+        self.policy_version = 0
+        self.filtered: Counter[str] = Counter()
+        self.stopped_reason: str | None = None
+
+    # ----------------------------------------------------------------------------- set-up
+    def _setup(self) -> None:
+        config = self.config
+        torch.set_num_threads(1)
+        self.pool = PromptPool.from_config(config.data)
+        self.run_dir.event(
+            f"prompt pool: distributions {self.pool.distributions}, {len(self.pool.held_out)} held out"
+        )
+        self.buffer, self._redis_server = make_buffer(config.buffer, namespace=self.run_dir.run_id)
+        self.run_dir.event(f"buffer: {type(self.buffer).__name__}")
+
+        state_dict, self.warm_start_info = warm_start(config, self.pool, log=self.run_dir.event)
+        from learner.weights import state_dict_to_numpy
+
+        initial_ref = ray.put(state_dict_to_numpy(state_dict))
+        self.learner = LearnerActor.options(num_cpus=config.learner.num_cpus).remote(config, initial_ref)
+        self.workers = {
+            f"worker-{index}": RolloutWorker.options(num_cpus=config.rollout.num_cpus_per_worker).remote(
+                f"worker-{index}", config.model, config.rollout, seed=config.seed * 1000 + index
+            )
+            for index in range(config.rollout.num_workers)
+        }
+        self.weight_sync = WeightSync()
+        self.weight_sync.publish(0, initial_ref)
+        self.weight_sync.push_and_wait(self.workers)
+        ray.get(self.learner.ping.remote())
+
+        self.evaluator = RolloutWorkerCore("evaluator", config.model, config.rollout, seed=config.seed)
+        self.evaluator.load_weights(0, state_dict)
+        self.held_out = self.pool.held_out[: config.eval.num_prompts]
+
+    def _evaluate(self, weights_ref: Any | None = None) -> tuple[float, dict[str, float]]:
+        started = time.perf_counter()
+        if weights_ref is not None and self.policy_version > self.evaluator.policy_version:
+            self.evaluator.load_weights(self.policy_version, ray.get(weights_ref))
+        accuracy, by_distribution = evaluate_by_distribution(self.evaluator, self.held_out)
+        self.throughput.eval_seconds += time.perf_counter() - started
+        return accuracy, by_distribution
+
+    # ----------------------------------------------------------------------------- loop
+    def run(self) -> dict[str, Any]:
+        config = self.config
+        self.run_dir.write_config(config)
+        self.run_dir.event(f"run {self.run_dir.run_id} starting")
+        try:
+            self._setup()
+            self.throughput = Throughput()
+            initial_accuracy, initial_by_distribution = self._evaluate()
+            self.run_dir.event(f"warm-start held-out accuracy {initial_accuracy:.3f}")
+            self.initial_eval = (initial_accuracy, initial_by_distribution)
+            self._loop()
+            final_accuracy, final_by_distribution = self._evaluate(self.weight_sync.latest.ref)
+            summary = self._summary(final_accuracy, final_by_distribution)
+            self.run_dir.write_summary(summary)
+            self.run_dir.plot_rewards()
+            self.run_dir.event(
+                f"run finished: {self.step} steps, held-out accuracy {initial_accuracy:.3f} -> {final_accuracy:.3f}"
+            )
+            return summary
+        except BaseException as error:
+            self.run_dir.event(f"run failed: {type(error).__name__}: {error}")
+            raise
+        finally:
+            self._shutdown()
+
+    def _loop(self) -> None:
+        config = self.config
+        batch_groups = config.learner.groups_per_step
+        staleness = config.buffer.max_staleness
+        capacity = batch_groups if staleness == 0 else max(config.buffer.capacity_groups, batch_groups)
+        deadline = time.perf_counter() + config.max_minutes * 60 if config.max_minutes else None
+        scheduled_version = dict.fromkeys(self.workers, 0)
+        rollouts: dict[Any, str] = {}  # ref -> worker
+        inflight_groups = 0
+        learner_call: tuple[Any, list[Group], float] | None = None
+        syncs: dict[Any, str] = {}
+        progress = self._progress_bar()
+        last_weights_ref = self.weight_sync.latest.ref
+
+        def done() -> bool:
+            if self.step >= config.max_steps:
+                return True
+            if deadline is not None and time.perf_counter() > deadline:
+                self.stopped_reason = "max_minutes"
+                return True
+            return False
+
+        while True:
+            finishing = done()
+            if learner_call is None and not finishing:
+                minimum = self.policy_version - staleness
+                if self.buffer.ready_count(min_policy_version=minimum) >= batch_groups:
+                    groups = self.buffer.take(batch_groups, min_policy_version=minimum)
+                    learner_call = (self.learner.train_step.remote(groups), groups, time.perf_counter())
+            if not finishing:
+                target = self.policy_version + (1 if learner_call else 0)
+                for name, actor in self.workers.items():
+                    if name in rollouts.values():
+                        continue
+                    if scheduled_version[name] < target - staleness:
+                        continue
+                    ready = self.buffer.ready_count(min_policy_version=target - staleness)
+                    if ready + inflight_groups >= capacity:
+                        break
+                    prompts = self.pool.sample_train(config.rollout.prompts_per_call, self.rng)
+                    rollouts[actor.rollout.remote(prompts)] = name
+                    inflight_groups += len(prompts)
+            pending = list(rollouts) + list(syncs) + ([learner_call[0]] if learner_call else [])
+            if not pending:
+                break
+            ready_refs, _ = ray.wait(pending, num_returns=1)
+            ref = ready_refs[0]
+            if ref in rollouts:
+                worker = rollouts.pop(ref)
+                inflight_groups -= config.rollout.prompts_per_call
+                self._on_rollout(self._get(ref, f"rollout worker {worker}"))
+            elif ref in syncs:
+                worker = syncs.pop(ref)
+                confirmed = self._get(ref, f"weight sync to {worker}")
+                seconds = self.weight_sync.confirm(worker, confirmed["version"])
+                if seconds is not None:
+                    self._last_sync_seconds = seconds
+            else:
+                _, groups, started = learner_call
+                learner_call = None
+                result = self._get(ref, "learner")
+                self.throughput.learner_busy_seconds += time.perf_counter() - started
+                self.buffer.ack([g.id for g in groups])
+                if not result["skipped"]:
+                    weights_ref = self.learner.export_weights.remote()
+                    self.weight_sync.publish(result["policy_version"], weights_ref)
+                    for sync_ref, worker in self.weight_sync.push(self.workers).items():
+                        syncs[sync_ref] = worker
+                        scheduled_version[worker] = result["policy_version"]
+                    last_weights_ref = weights_ref
+                self._on_learner_step(result, groups, last_weights_ref)
+                if progress is not None:
+                    progress.update(1)
+                    progress.set_postfix(self._postfix(), refresh=False)
+        if progress is not None:
+            progress.close()
+
+    def _get(self, ref: Any, what: str) -> Any:
+        try:
+            return ray.get(ref)
+        except ray.exceptions.RayError as error:
+            raise DriverError(f"{what} failed: {error}") from error
+
+    def _on_rollout(self, result: RolloutResult) -> None:
+        self.throughput.generated_tokens += result.generated_tokens
+        self.throughput.generated_groups += len(result.groups)
+        for message in result.verifier_errors[:3]:
+            self.run_dir.event(f"verifier error on {result.worker}: {message}")
+        kept = []
+        for group in result.groups:
+            self.buffer.record_prompt_stats(
+                group.prompt.id, group.prompt.distribution, group.pass_rate, group.policy_version
+            )
+            if self.config.learner.dynamic_sampling and not group.has_signal:
+                self.filtered["zero_advantage"] += 1
+                continue
+            kept.append(group)
+        for group in kept:
+            self.buffer.put(group)
+
+    def _on_learner_step(self, result: dict[str, Any], groups: list[Group], weights_ref: Any) -> None:
+        learner_version_before = self.policy_version
+        self.policy_version = result["policy_version"]
+        self.step += 1
+        self.throughput.trained_groups += len(groups)
+        self.throughput.trained_tokens += sum(g.num_tokens for g in groups)
+        rewards_by_distribution: dict[str, list[float]] = defaultdict(list)
+        for group in groups:
+            rewards_by_distribution[group.prompt.distribution].extend(group.rewards)
+        staleness = [learner_version_before - g.policy_version for g in groups]
+        wall = self.throughput.wall()
+        record: dict[str, Any] = {
+            "step": self.step,
+            "policy_version": self.policy_version,
+            "elapsed_seconds": wall,
+            "loss": result["loss"],
+            "kl": result.get("kl"),
+            "entropy": result.get("entropy"),
+            "clip_fraction": result.get("clip_fraction"),
+            "grad_norm": result.get("grad_norm"),
+            "skipped": result["skipped"],
+            "learner_step_seconds": result["seconds"],
+            "reward_mean": fmean(r for g in groups for r in g.rewards),
+            "reward_by_distribution": {d: fmean(v) for d, v in sorted(rewards_by_distribution.items())},
+            "advantage_abs_by_distribution": result.get("advantages_abs_mean", {}),
+            "staleness_mean": fmean(staleness),
+            "staleness_max": max(staleness),
+            "buffer": self.buffer.stats(),
+            "filtered": dict(self.filtered),
+            "generated_tokens": self.throughput.generated_tokens,
+            "rollout_tokens_per_second": self.throughput.generated_tokens / wall if wall > 0 else 0.0,
+            "learner_idle_fraction": self.throughput.learner_idle_fraction(),
+            "weight_sync_seconds": getattr(self, "_last_sync_seconds", None),
+            "worker_versions": dict(self.weight_sync.worker_versions),
+            "eval_accuracy": None,
+        }
+        if self.step % self.config.eval.every_steps == 0:
+            accuracy, by_distribution = self._evaluate(weights_ref)
+            record["eval_accuracy"] = accuracy
+            record["eval_by_distribution"] = by_distribution
+            self._last_eval = accuracy
+        self._last_record = record
+        self.run_dir.append_metrics(record)
+
+    # ----------------------------------------------------------------------------- reporting
+    def _progress_bar(self):
+        if not self.show_progress:
+            return None
+        from tqdm import tqdm
+
+        return tqdm(total=self.config.max_steps, desc="learner step", unit="step", dynamic_ncols=True)
+
+    def _postfix(self) -> dict[str, str]:
+        record = self._last_record
+        postfix = {
+            "reward": f"{record['reward_mean']:.2f}",
+            "tok/s": f"{record['rollout_tokens_per_second']:.0f}",
+            "stale": f"{record['staleness_mean']:.1f}",
+        }
+        if getattr(self, "_last_eval", None) is not None:
+            postfix["held-out"] = f"{self._last_eval:.2f}"
+        return postfix
+
+    def _summary(self, final_accuracy: float, final_by_distribution: dict[str, float]) -> dict[str, Any]:
+        initial_accuracy, initial_by_distribution = self.initial_eval
+        wall = self.throughput.wall()
+        sync = self.weight_sync.sync_seconds
+        return {
+            "run_id": self.run_dir.run_id,
+            "state": "finished",
+            "stopped_reason": self.stopped_reason or "max_steps",
+            "steps": self.step,
+            "policy_version": self.policy_version,
+            "rl_seconds": wall,
+            "warm_start": self.warm_start_info,
+            "held_out_prompts": len(self.held_out),
+            "held_out_accuracy_initial": initial_accuracy,
+            "held_out_accuracy_final": final_accuracy,
+            "held_out_accuracy_gain": final_accuracy - initial_accuracy,
+            "held_out_by_distribution_initial": initial_by_distribution,
+            "held_out_by_distribution_final": final_by_distribution,
+            "learner_steps_per_second": self.step / wall if wall > 0 else 0.0,
+            "trained_groups_per_second": self.throughput.trained_groups / wall if wall > 0 else 0.0,
+            "rollout_tokens_per_second": self.throughput.generated_tokens / wall if wall > 0 else 0.0,
+            "learner_idle_fraction": self.throughput.learner_idle_fraction(),
+            "generated_groups": self.throughput.generated_groups,
+            "trained_groups": self.throughput.trained_groups,
+            "weight_sync_seconds_mean": fmean(sync) if sync else None,
+            "buffer": self.buffer.stats() if self.buffer else {},
+            "filtered": dict(self.filtered),
+            "max_staleness": self.config.buffer.max_staleness,
+        }
+
+    def _shutdown(self) -> None:
+        for actor in [*getattr(self, "workers", {}).values(), getattr(self, "learner", None)]:
+            if actor is not None:
+                ray.kill(actor)
+        if self.buffer is not None:
+            self.buffer.close()
+        if self._redis_server is not None:
+            self._redis_server.stop()

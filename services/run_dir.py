@@ -1,0 +1,95 @@
+"""The run directory: `runs/<run-id>/` with the resolved config, metrics, events, summary and plots."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+from orchard.config import RunConfig, dump_config
+
+
+def new_run_id(name: str) -> str:
+    return f"{name}-{time.strftime('%Y%m%d-%H%M%S')}-{int(time.time() * 1000) % 1000:03d}"
+
+
+def _jsonable(value: Any) -> Any:
+    """Non-finite floats become null, so every line stays valid JSON."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_jsonable(v) for v in value]
+    return value
+
+
+class RunDirectory:
+    def __init__(self, root: str | Path, run_id: str) -> None:
+        self.run_id = run_id
+        self.path = Path(root) / run_id
+        self.path.mkdir(parents=True, exist_ok=True)
+        (self.path / "checkpoints").mkdir(exist_ok=True)
+
+    def write_config(self, config: RunConfig) -> None:
+        (self.path / "config.yaml").write_text(dump_config(config))
+
+    def append_metrics(self, record: dict[str, Any]) -> None:
+        with (self.path / "metrics.jsonl").open("a") as handle:
+            handle.write(json.dumps(_jsonable(record), sort_keys=True) + "\n")
+
+    def read_metrics(self) -> list[dict[str, Any]]:
+        path = self.path / "metrics.jsonl"
+        if not path.exists():
+            return []
+        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+    def event(self, message: str) -> None:
+        stamp = time.strftime("%Y-%m-%dT%H:%M:%S")
+        with (self.path / "events.log").open("a") as handle:
+            handle.write(f"{stamp} {message}\n")
+
+    def write_summary(self, summary: dict[str, Any]) -> None:
+        (self.path / "summary.json").write_text(json.dumps(_jsonable(summary), indent=2, sort_keys=True) + "\n")
+
+    def plot_rewards(self) -> Path | None:
+        """`reward.png`: batch reward per distribution and held-out accuracy against learner step."""
+        metrics = self.read_metrics()
+        if not metrics:
+            return None
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        figure, (reward_axis, eval_axis) = plt.subplots(1, 2, figsize=(11, 4))
+        distributions = sorted({d for m in metrics for d in m.get("reward_by_distribution", {})})
+        for distribution in distributions:
+            points = [
+                (m["step"], m["reward_by_distribution"][distribution])
+                for m in metrics
+                if distribution in m.get("reward_by_distribution", {})
+            ]
+            reward_axis.plot(*zip(*points, strict=True), label=distribution, linewidth=1)
+        reward_axis.set(title="batch reward per distribution", xlabel="learner step", ylabel="mean reward")
+        reward_axis.legend(fontsize=8)
+        evaluated = [m for m in metrics if m.get("eval_accuracy") is not None]
+        if evaluated:
+            eval_axis.plot([m["step"] for m in evaluated], [m["eval_accuracy"] for m in evaluated], "k-o", label="all")
+            for distribution in distributions:
+                points = [
+                    (m["step"], m["eval_by_distribution"][distribution])
+                    for m in evaluated
+                    if distribution in m.get("eval_by_distribution", {})
+                ]
+                if points:
+                    eval_axis.plot(*zip(*points, strict=True), label=distribution, linewidth=1, alpha=0.7)
+        eval_axis.set(title="held-out greedy accuracy", xlabel="learner step", ylabel="accuracy", ylim=(0, 1))
+        eval_axis.legend(fontsize=8)
+        figure.tight_layout()
+        path = self.path / "reward.png"
+        figure.savefig(path, dpi=100)
+        plt.close(figure)
+        return path

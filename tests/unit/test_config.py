@@ -1,0 +1,94 @@
+import pytest
+import yaml
+
+from orchard.cli import main
+from orchard.config import DEMO_CONFIG, ConfigError, RunConfig, apply_overrides, config_from_dict, load_config
+
+
+def problems_of(data):
+    with pytest.raises(ConfigError) as caught:
+        config_from_dict(data)
+    return dict(caught.value.problems)
+
+
+def test_demo_config_loads_and_round_trips():
+    config = load_config()
+    assert config.name == "demo"
+    again = config_from_dict(yaml.safe_load(yaml.safe_dump(config.model_dump(mode="json"))))
+    assert again == config
+
+
+def test_unknown_keys_are_named_by_dotted_path():
+    problems = problems_of({"learner": {"bogus": 1}, "rollout": {"temprature": 1.0}})
+    assert set(problems) == {"learner.bogus", "rollout.temprature"}
+    assert all("Extra inputs" in message for message in problems.values())
+
+
+def test_wrong_types_are_named_by_dotted_path():
+    problems = problems_of({"learner": {"lr": "fast", "zero_stage": 5}, "max_steps": -1})
+    assert set(problems) == {"learner.lr", "learner.zero_stage", "max_steps"}
+
+
+def test_errors_inside_sources_keep_the_list_index():
+    problems = problems_of({"data": {"sources": [{"kind": "procedural"}, {"kind": "procedural", "familes": []}]}})
+    assert list(problems) == ["data.sources.1.familes"]
+    problems = problems_of({"data": {"sources": [{"kind": "csv"}]}})
+    assert list(problems) == ["data.sources.0"]
+    assert "'csv'" in problems["data.sources.0"]
+
+
+def test_cross_field_rules():
+    problems = problems_of({"model": {"tiny": {"hidden_size": 130, "num_heads": 4}}})
+    assert "divisible" in problems["model.tiny"]
+    problems = problems_of({"model": {"kind": "hf"}})
+    assert "model.path" in problems["model"]
+
+
+def test_overrides_parse_yaml_values_and_create_sections():
+    data = apply_overrides({"learner": {"lr": 1.0}}, ["learner.lr=3.0e-4", "rollout.stop=['x']", "name=abc"])
+    assert data == {"learner": {"lr": 3e-4}, "rollout": {"stop": ["x"]}, "name": "abc"}
+    config = load_config(DEMO_CONFIG, ["learner.zero_stage=3", "buffer.max_staleness=0", "learner.lr=3e-4"])
+    assert config.learner.zero_stage == 3 and config.buffer.max_staleness == 0 and config.learner.lr == 3e-4
+
+
+@pytest.mark.parametrize("override", ["novalue", "=3", "a..b=1", "learner.lr=[unclosed"])
+def test_malformed_overrides_are_refused(override):
+    with pytest.raises(ConfigError):
+        load_config(DEMO_CONFIG, [override])
+
+
+def test_override_into_a_scalar_is_refused():
+    with pytest.raises(ConfigError) as caught:
+        load_config(DEMO_CONFIG, ["max_steps.inner=1"])
+    assert caught.value.problems[0][0] == "max_steps.inner"
+
+
+def test_unsafe_run_name_is_refused():
+    assert "name" in problems_of({"name": "../etc"})
+
+
+def test_missing_and_non_mapping_files(tmp_path):
+    with pytest.raises(ConfigError, match="cannot read"):
+        load_config(tmp_path / "absent.yaml")
+    (tmp_path / "list.yaml").write_text("- 1\n- 2\n")
+    with pytest.raises(ConfigError, match="mapping"):
+        load_config(tmp_path / "list.yaml")
+    (tmp_path / "broken.yaml").write_text("a: [\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(tmp_path / "broken.yaml")
+
+
+def test_cli_check_exits_2_and_names_each_bad_field(tmp_path, capsys):
+    path = tmp_path / "bad.yaml"
+    path.write_text("learner: {lr: fast, bogus: 1}\nrollout: {group_size: 0}\n")
+    assert main(["check", str(path)]) == 2
+    err = capsys.readouterr().err
+    for field in ("learner.lr", "learner.bogus", "rollout.group_size"):
+        assert field in err
+
+
+def test_cli_check_prints_the_resolved_config(capsys):
+    assert main(["check", str(DEMO_CONFIG), "--set", "learner.lr=0.5"]) == 0
+    resolved = yaml.safe_load(capsys.readouterr().out)
+    assert resolved["learner"]["lr"] == 0.5
+    assert RunConfig.model_validate(resolved).learner.lr == 0.5
