@@ -84,6 +84,7 @@ class Driver:
         self.step = 0
         self.policy_version = 0
         self.filtered: Counter[str] = Counter()
+        self.staleness_seen: list[int] = []
         self.stopped_reason: str | None = None
 
     # ----------------------------------------------------------------------------- set-up
@@ -261,6 +262,7 @@ class Driver:
         for group in groups:
             rewards_by_distribution[group.prompt.distribution].extend(group.rewards)
         staleness = [learner_version_before - g.policy_version for g in groups]
+        self.staleness_seen.extend(staleness)
         wall = self.throughput.wall()
         record: dict[str, Any] = {
             "step": self.step,
@@ -342,6 +344,7 @@ class Driver:
             "buffer": self.buffer.stats() if self.buffer else {},
             "filtered": dict(self.filtered),
             "max_staleness": self.config.buffer.max_staleness,
+            "staleness_mean": fmean(self.staleness_seen) if self.staleness_seen else 0.0,
         }
 
     def _shutdown(self) -> None:

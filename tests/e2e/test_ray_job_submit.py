@@ -1,0 +1,77 @@
+"""`ray job submit` against a real `ray start --head` cluster, exactly as the README shows."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture
+def ray_head(tmp_path):
+    gcs_port, dashboard_port = free_port(), free_port()
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "RAY_USAGE_STATS_ENABLED": "0"}
+    env.pop("RAY_ADDRESS", None)
+    head = subprocess.Popen(
+        [
+            str(BIN / "ray"), "start", "--head", "--block", "--num-cpus=3",
+            f"--port={gcs_port}", f"--dashboard-port={dashboard_port}", "--dashboard-host=127.0.0.1",
+            "--include-dashboard=true", f"--temp-dir={tmp_path / 'ray'}",
+        ],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )
+    address = f"http://127.0.0.1:{dashboard_port}"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        try:
+            urllib.request.urlopen(f"{address}/api/version", timeout=2)
+            break
+        except OSError:
+            time.sleep(1)
+    else:
+        os.killpg(head.pid, signal.SIGKILL)
+        pytest.fail("ray head did not start within 120 s")
+    yield address, env
+    os.killpg(head.pid, signal.SIGTERM)
+    try:
+        head.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        os.killpg(head.pid, signal.SIGKILL)
+
+
+def test_ray_job_submit_runs_the_demo(ray_head, tmp_path):
+    address, env = ray_head
+    sets = [
+        "max_steps=2", "warmstart.steps=10", "warmstart.batch_size=8", "rollout.group_size=4",
+        "rollout.prompts_per_call=4", "rollout.max_new_tokens=6", "learner.groups_per_step=4",
+        "learner.dynamic_sampling=false", "eval.num_prompts=8", "data.held_out_size=8",
+        "model.tiny.hidden_size=32", "model.tiny.intermediate_size=64", "model.tiny.num_layers=2",
+        "buffer.backend=memory", f"warmstart.cache_dir={tmp_path / 'cache'}", f"runs_dir={tmp_path / 'runs'}",
+    ]
+    command = [
+        str(BIN / "ray"), "job", "submit", "--address", address, "--working-dir", ".", "--",
+        "orchard", "run", "configs/demo.yaml", "--quiet", *[x for s in sets for x in ("--set", s)],
+    ]
+    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-4000:]
+    assert "succeeded" in output
+    assert "held-out accuracy" in output
+    summaries = list((tmp_path / "runs").glob("*/summary.json"))
+    assert len(summaries) == 1

@@ -1,0 +1,112 @@
+"""The whole loop on a real local Ray, with both buffer backends."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+
+import pytest
+
+from orchard.config import load_config
+from services.driver import Driver
+from services.redis_server import RedisServer
+from services.run_dir import RunDirectory
+
+SMALL = [
+    "max_steps=3",
+    "max_minutes=null",
+    "warmstart.steps=20",
+    "warmstart.batch_size=16",
+    "rollout.group_size=4",
+    "rollout.prompts_per_call=4",
+    "rollout.max_new_tokens=6",
+    "learner.groups_per_step=4",
+    "learner.dynamic_sampling=false",
+    "eval.every_steps=2",
+    "eval.num_prompts=10",
+    "data.held_out_size=10",
+    "model.tiny.hidden_size=32",
+    "model.tiny.intermediate_size=64",
+    "model.tiny.num_layers=2",
+]
+
+
+def small_config(tmp_path, warm_cache, *extra):
+    return load_config(None, [*SMALL, f"warmstart.cache_dir={warm_cache}", f"runs_dir={tmp_path}", *extra])
+
+
+def conservation(summary):
+    stats = summary["buffer"]
+    # every group put is trained on (acked), still ready, or dropped as stale -- nothing vanishes
+    assert stats["put"] == stats["acked"] + stats["ready"] + stats["pending"] + stats["stale"]
+    assert stats["acked"] == summary["trained_groups"]
+    assert stats["pending"] == 0
+
+
+@pytest.mark.parametrize("backend", ["memory", "redis"])
+def test_short_run_writes_the_run_directory(ray_local, tmp_path, warm_cache, backend):
+    config = small_config(tmp_path, warm_cache, f"buffer.backend={backend}")
+    run_dir = RunDirectory(tmp_path, f"run-{backend}")
+    summary = Driver(config, run_dir, show_progress=False).run()
+    assert summary["steps"] == 3 and summary["policy_version"] == 3
+    for name in ("config.yaml", "metrics.jsonl", "summary.json", "reward.png", "events.log"):
+        assert (run_dir.path / name).exists(), name
+    metrics = run_dir.read_metrics()
+    assert [m["step"] for m in metrics] == [1, 2, 3]
+    assert metrics[1]["eval_accuracy"] is not None
+    assert all(m["staleness_max"] <= config.buffer.max_staleness for m in metrics)
+    assert json.loads((run_dir.path / "summary.json").read_text())["steps"] == 3
+    assert summary["weight_sync_seconds_mean"] is not None
+    conservation(summary)
+
+
+def test_synchronous_mode_trains_only_on_policy(ray_local, tmp_path, warm_cache):
+    config = small_config(tmp_path, warm_cache, "buffer.max_staleness=0", "buffer.backend=memory")
+    summary = Driver(config, RunDirectory(tmp_path, "sync"), show_progress=False).run()
+    metrics = RunDirectory(tmp_path, "sync").read_metrics()
+    assert all(m["staleness_max"] == 0 for m in metrics)
+    assert summary["staleness_mean"] == 0
+    conservation(summary)
+
+
+def test_redis_restart_mid_run_loses_no_acknowledged_group(ray_local, tmp_path, warm_cache):
+    with RedisServer(appendonly=True) as server:
+        config = small_config(
+            tmp_path, warm_cache, "max_steps=8", "buffer.backend=redis", f"buffer.redis_url={server.url}"
+        )
+        run_dir = RunDirectory(tmp_path, "restart")
+        restarted = threading.Event()
+
+        def restart_when_training_started():
+            deadline = time.time() + 300
+            while time.time() < deadline and len(run_dir.read_metrics()) < 2:
+                time.sleep(0.2)
+            server.restart()
+            restarted.set()
+
+        thread = threading.Thread(target=restart_when_training_started, daemon=True)
+        thread.start()
+        summary = Driver(config, run_dir, show_progress=False).run()
+        thread.join(timeout=60)
+        assert restarted.is_set()
+        assert summary["steps"] == 8
+        conservation(summary)
+
+
+def test_a_raising_user_verifier_does_not_stop_the_run(ray_local, tmp_path, warm_cache):
+    data = tmp_path / "tasks.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"{i}+1=", "answer": str(i + 1), "distribution": "plus"}) + "\n" for i in range(40)))
+    config = small_config(
+        tmp_path,
+        warm_cache,
+        "buffer.backend=memory",
+        f"data.sources=[{{kind: jsonl, path: '{data}', verifier: 'tests.integration.user_verifiers:explode'}}]",
+        "warmstart.steps=0",
+        "max_steps=1",
+    )
+    run_dir = RunDirectory(tmp_path, "raising")
+    summary = Driver(config, run_dir, show_progress=False).run()
+    assert summary["steps"] == 1
+    assert "verifier error" in (run_dir.path / "events.log").read_text()
+    assert "RuntimeError" in (run_dir.path / "events.log").read_text()
