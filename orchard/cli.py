@@ -38,6 +38,7 @@ def connect_ray(config: RunConfig) -> None:
 
 def command_run(args: argparse.Namespace) -> int:
     config = _load(args)
+    from services.buffer.redis_buffer import BufferUnavailable
     from services.driver import Driver, DriverError
     from services.run_dir import RunDirectory, new_run_id
 
@@ -50,7 +51,7 @@ def command_run(args: argparse.Namespace) -> int:
     connect_ray(config)
     try:
         summary = Driver(config, run_dir, show_progress=not args.quiet).run()
-    except (DriverError, ConfigError) as error:
+    except (DriverError, ConfigError, BufferUnavailable) as error:
         print(f"orchard: run failed: {error}", file=sys.stderr)
         return EXIT_FAILED
     except KeyboardInterrupt:

@@ -77,6 +77,9 @@ class Buffer(Protocol):
 
     def put(self, group: Group) -> None: ...
 
+    def put_many(self, groups: Sequence[Group]) -> int:
+        """Put several groups in one round trip; returns how many were new (not duplicates)."""
+
     def take(self, count: int, *, min_policy_version: int) -> list[Group]: ...
 
     def ack(self, group_ids: Sequence[str]) -> None: ...
@@ -88,6 +91,9 @@ class Buffer(Protocol):
     def pending_count(self) -> int: ...
 
     def stats(self) -> dict[str, int]: ...
+
+    def record_prompt_stats(self, prompt_id: str, distribution: str, pass_rate: float, policy_version: int) -> None:
+        """Count one observed pass rate of a prompt (and of its distribution) under a policy version."""
 
     def close(self) -> None: ...
 

@@ -2,7 +2,8 @@
 around a Hugging Face tokenizer for real checkpoints.
 
 Both expose `vocab_size`, `pad_id`, `bos_id`, `eos_id`, `encode(text) -> list[int]` (no special tokens
-added) and `decode(ids) -> str` (special tokens skipped), plus `save_pretrained` / `from_pretrained`.
+added) and `decode(ids) -> str` (special tokens skipped; an id outside the vocabulary decodes to U+FFFD
+instead of raising), plus `save_pretrained` / `from_pretrained`.
 """
 
 from __future__ import annotations
@@ -48,7 +49,8 @@ class Tokenizer(Protocol):
 class CharTokenizer:
     """One token per character: `<pad>`=0, `<bos>`=1, `<eos>`=2, `<unk>`=3, then '\\n' and printable ASCII.
 
-    Characters outside the vocabulary encode to `<unk>`; ids outside it decode to U+FFFD.
+    Characters outside the vocabulary encode to `<unk>`. `<pad>`, `<bos>` and `<eos>` decode to nothing;
+    `<unk>` and ids outside the vocabulary decode to U+FFFD, so a lost character stays visible.
     """
 
     SPECIAL_TOKENS = ("<pad>", "<bos>", "<eos>", "<unk>")

@@ -249,8 +249,8 @@ class Driver:
                 self.filtered["zero_advantage"] += 1
                 continue
             kept.append(group)
-        for group in kept:
-            self.buffer.put(group)
+        if kept:
+            self.buffer.put_many(kept)
 
     def _on_learner_step(self, result: dict[str, Any], groups: list[Group], weights_ref: Any) -> None:
         learner_version_before = self.policy_version
