@@ -1,0 +1,110 @@
+"""Procedural task families with exact checkers.
+
+Each family × difficulty is one *distribution* (`"addition/d1"`). Prompts are short enough for a
+character-level model whose answer is one line:
+
+| family | d1 | d2 | d3 |
+| --- | --- | --- | --- |
+| addition | `37+58=` → `95` | 3-digit + 3-digit | 4-digit + 4-digit |
+| multiplication | 2-digit × 1-digit `47*6=` | 3-digit × 1-digit | 2-digit × 2-digit |
+| sorting | 4 digits `sort:3142=` → `1234` | 6 digits | 8 digits |
+| reversal | 4 letters `rev:abcd=` → `dcba` | 6 letters | 8 letters |
+| counting | `count a:abaab=` → `3` over 6 letters of "ab" | 9 letters of "abc" | 12 letters of "abcd" |
+
+Generators are pure functions of a `random.Random`, so a seed reproduces a prompt set. Prompt ids
+are derived from the text, so the same task always has the same id.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from orchard.protocols import VerifierResult
+from orchard.records import Prompt
+
+DIFFICULTIES = (1, 2, 3)
+
+Generator = Callable[[int, random.Random], tuple[str, str]]
+
+
+def _number(digits: int, rng: random.Random) -> int:
+    return rng.randrange(10 ** (digits - 1), 10**digits)
+
+
+def addition(difficulty: int, rng: random.Random) -> tuple[str, str]:
+    digits = difficulty + 1
+    a, b = _number(digits, rng), _number(digits, rng)
+    return f"{a}+{b}=", str(a + b)
+
+
+def multiplication(difficulty: int, rng: random.Random) -> tuple[str, str]:
+    left, right = {1: (2, 1), 2: (3, 1), 3: (2, 2)}[difficulty]
+    a, b = _number(left, rng), _number(right, rng)
+    return f"{a}*{b}=", str(a * b)
+
+
+def sorting(difficulty: int, rng: random.Random) -> tuple[str, str]:
+    digits = "".join(rng.choice("0123456789") for _ in range(2 + 2 * difficulty))
+    return f"sort:{digits}=", "".join(sorted(digits))
+
+
+def reversal(difficulty: int, rng: random.Random) -> tuple[str, str]:
+    letters = "".join(rng.choice("abcdefghij") for _ in range(2 + 2 * difficulty))
+    return f"rev:{letters}=", letters[::-1]
+
+
+def counting(difficulty: int, rng: random.Random) -> tuple[str, str]:
+    alphabet = "abcd"[: difficulty + 1]
+    text = "".join(rng.choice(alphabet) for _ in range(3 + 3 * difficulty))
+    target = rng.choice(alphabet)
+    return f"count {target}:{text}=", str(text.count(target))
+
+
+FAMILIES: dict[str, Generator] = {
+    "addition": addition,
+    "multiplication": multiplication,
+    "sorting": sorting,
+    "reversal": reversal,
+    "counting": counting,
+}
+
+
+def distribution_name(family: str, difficulty: int) -> str:
+    return f"{family}/d{difficulty}"
+
+
+def check_family(family: str, difficulty: int) -> None:
+    if family not in FAMILIES:
+        raise ValueError(f"unknown procedural family {family!r}; known: {', '.join(FAMILIES)}")
+    if difficulty not in DIFFICULTIES:
+        raise ValueError(f"difficulty {difficulty} of {family!r} must be one of {DIFFICULTIES}")
+
+
+def make_prompt(family: str, difficulty: int, text: str, answer: str) -> Prompt:
+    return Prompt(
+        id=f"{family}-d{difficulty}:{text}",
+        text=text,
+        answer=answer,
+        distribution=distribution_name(family, difficulty),
+        metadata={"verifier": "procedural", "family": family, "difficulty": difficulty},
+    )
+
+
+def generate_prompt(family: str, difficulty: int, rng: random.Random) -> Prompt:
+    """One fresh task of `family` at `difficulty`."""
+    check_family(family, difficulty)
+    text, answer = FAMILIES[family](difficulty, rng)
+    return make_prompt(family, difficulty, text, answer)
+
+
+@dataclass(frozen=True)
+class ProceduralVerifier:
+    """Exact match of the completion (surrounding whitespace ignored) with the reference answer."""
+
+    name: str = "procedural"
+
+    def verify(self, prompt: Prompt, completion: str) -> VerifierResult:
+        correct = completion.strip() == prompt.answer
+        return VerifierResult(reward=1.0 if correct else 0.0, correct=correct)

@@ -1,0 +1,212 @@
+"""Where prompts come from: procedural generators and JSONL files, pooled with a held-out split.
+
+`PromptPool.from_config(data)` builds every source of the config, reserves `held_out_size`
+prompts for evaluation (shared among sources by weight, among a source's distributions evenly) and
+then draws training prompts that are never held-out ones.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from orchard.config import DataConfig, JsonlSource, ProceduralSource
+from orchard.records import Prompt
+from verifiers.procedural import check_family, distribution_name, generate_prompt
+
+MAX_PROMPT_CHARS = 32_000
+MAX_ANSWER_CHARS = 4_000
+#: Fresh procedural draws tried before a distribution is declared exhausted by the held-out set.
+MAX_REDRAWS = 1_000
+
+
+class SourceError(ValueError):
+    """A prompt source that cannot be read or used; the message names the file and line."""
+
+
+def _line_problem(record: object, max_prompt_chars: int, max_answer_chars: int) -> str | None:
+    if not isinstance(record, dict):
+        return f"expected a JSON object, got {type(record).__name__}"
+    for key in ("prompt", "answer"):
+        if key not in record:
+            return f"missing field {key!r}"
+    if not isinstance(record["prompt"], str) or not record["prompt"].strip():
+        return "field 'prompt' must be a non-empty string"
+    if isinstance(record["answer"], bool) or not isinstance(record["answer"], str | int | float):
+        return "field 'answer' must be a string or a number"
+    if len(record["prompt"]) > max_prompt_chars:
+        return f"prompt has {len(record['prompt'])} characters (limit {max_prompt_chars})"
+    if len(str(record["answer"])) > max_answer_chars:
+        return f"answer has {len(str(record['answer']))} characters (limit {max_answer_chars})"
+    for key in ("distribution", "id"):
+        if key in record and not isinstance(record[key], str):
+            return f"field {key!r} must be a string"
+    return None
+
+
+def load_jsonl_prompts(
+    path: str | Path,
+    *,
+    verifier: str,
+    on_bad_line: str = "skip",
+    max_prompt_chars: int = MAX_PROMPT_CHARS,
+    max_answer_chars: int = MAX_ANSWER_CHARS,
+) -> tuple[list[Prompt], list[str]]:
+    """Prompts of a JSONL file (fields prompt, answer, optional distribution and id), and the
+    problems found as `file:line: reason`. With `on_bad_line="error"` the first problem raises."""
+    path = Path(path)
+    if not path.is_file():
+        raise SourceError(f"{path}: prompt file not found")
+    prompts: list[Prompt] = []
+    problems: list[str] = []
+    seen_ids: set[str] = set()
+    with path.open(encoding="utf-8", errors="replace") as lines:
+        for number, line in enumerate(lines, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+                problem = _line_problem(record, max_prompt_chars, max_answer_chars)
+            except json.JSONDecodeError as error:
+                problem = f"not valid JSON ({error.msg} at column {error.colno})"
+            prompt_id = record.get("id", f"{path.stem}-{number}") if problem is None else ""
+            if problem is None and prompt_id in seen_ids:
+                problem = f"duplicate id {prompt_id!r}"
+            if problem is not None:
+                message = f"{path}:{number}: {problem}"
+                if on_bad_line == "error":
+                    raise SourceError(message)
+                problems.append(message)
+                continue
+            seen_ids.add(prompt_id)
+            prompts.append(
+                Prompt(
+                    id=prompt_id,
+                    text=record["prompt"],
+                    answer=str(record["answer"]),
+                    distribution=record.get("distribution", path.stem),
+                    metadata={"verifier": verifier, "source": str(path), "line": number},
+                )
+            )
+    if not prompts:
+        raise SourceError(f"{path}: no usable prompts ({len(problems)} bad lines)")
+    return prompts, problems
+
+
+class _Procedural:
+    def __init__(self, config: ProceduralSource) -> None:
+        for family in config.families:
+            for difficulty in config.difficulties:
+                check_family(family, difficulty)
+        self.weight = config.weight
+        self.cells = [(f, d) for f in config.families for d in config.difficulties]
+        self.held_out_texts: set[str] = set()
+
+    @property
+    def distributions(self) -> list[str]:
+        return [distribution_name(f, d) for f, d in self.cells]
+
+    def reserve(self, count: int, rng: random.Random) -> list[Prompt]:
+        held_out: list[Prompt] = []
+        for index in range(count):
+            family, difficulty = self.cells[index % len(self.cells)]
+            for _ in range(MAX_REDRAWS):
+                prompt = generate_prompt(family, difficulty, rng)
+                if prompt.text not in self.held_out_texts:
+                    break
+            else:
+                raise SourceError(
+                    f"{distribution_name(family, difficulty)}: too few distinct prompts to hold out {count}"
+                )
+            self.held_out_texts.add(prompt.text)
+            held_out.append(prompt)
+        return held_out
+
+    def sample(self, rng: random.Random) -> Prompt:
+        family, difficulty = rng.choice(self.cells)
+        for _ in range(MAX_REDRAWS):
+            prompt = generate_prompt(family, difficulty, rng)
+            if prompt.text not in self.held_out_texts:
+                return prompt
+        raise SourceError(f"{distribution_name(family, difficulty)}: every prompt drawn is held out")
+
+
+class _Listed:
+    def __init__(self, prompts: Sequence[Prompt], weight: float, name: str) -> None:
+        self.weight = weight
+        self.name = name
+        self.train = list(prompts)
+
+    @property
+    def distributions(self) -> list[str]:
+        return sorted({p.distribution for p in self.train})
+
+    def reserve(self, count: int, rng: random.Random) -> list[Prompt]:
+        if count >= len(self.train):
+            raise SourceError(f"{self.name}: {len(self.train)} prompts cannot spare {count} for held-out evaluation")
+        chosen = set(rng.sample(range(len(self.train)), count))
+        held_out = [p for i, p in enumerate(self.train) if i in chosen]
+        self.train = [p for i, p in enumerate(self.train) if i not in chosen]
+        return held_out
+
+    def sample(self, rng: random.Random) -> Prompt:
+        return rng.choice(self.train)
+
+
+@dataclass
+class PromptPool:
+    """Training prompts by weighted source, and the held-out prompts they never include."""
+
+    sources: list[_Procedural | _Listed]
+    held_out: list[Prompt]
+    problems: list[str] = field(default_factory=list)
+
+    @classmethod
+    def from_config(cls, data: DataConfig) -> PromptPool:
+        sources: list[_Procedural | _Listed] = []
+        problems: list[str] = []
+        for source in data.sources:
+            if isinstance(source, JsonlSource):
+                prompts, found = load_jsonl_prompts(
+                    source.path, verifier=source.verifier, on_bad_line=source.on_bad_line
+                )
+                problems.extend(found)
+                sources.append(_Listed(prompts, source.weight, source.path))
+            else:
+                sources.append(_Procedural(source))
+        if not sources:
+            raise SourceError("data.sources is empty: give at least one prompt source")
+        rng = random.Random(data.seed)
+        total = sum(s.weight for s in sources)
+        shares = [round(data.held_out_size * s.weight / total) for s in sources]
+        shares[-1] = data.held_out_size - sum(shares[:-1])
+        held_out = [
+            p for source, share in zip(sources, shares, strict=True) for p in source.reserve(max(share, 0), rng)
+        ]
+        return cls(sources, held_out, problems)
+
+    @classmethod
+    def from_prompts(cls, train: Sequence[Prompt], held_out: Sequence[Prompt] = ()) -> PromptPool:
+        """A pool over fixed lists (held-out texts are removed from the training list)."""
+        held_texts = {p.text for p in held_out}
+        return cls([_Listed([p for p in train if p.text not in held_texts], 1.0, "prompts")], list(held_out))
+
+    @property
+    def distributions(self) -> list[str]:
+        return sorted({d for source in self.sources for d in source.distributions})
+
+    def sample_train(self, count: int, rng: random.Random) -> list[Prompt]:
+        """`count` training prompts: a source by weight, then a prompt of it."""
+        weights = [s.weight for s in self.sources]
+        return [rng.choices(self.sources, weights)[0].sample(rng) for _ in range(count)]
+
+    def train_examples(self, count: int, rng: random.Random) -> list[Prompt]:
+        """Training prompts with their reference answers, for the supervised warm start."""
+        return self.sample_train(count, rng)
+
+    @staticmethod
+    def verifier_for(prompt: Prompt) -> str:
+        return str(prompt.metadata.get("verifier", "procedural"))
