@@ -46,6 +46,11 @@ def _check_rewards(rewards: Tensor, group_index: Tensor) -> None:
         raise ValueError("group_index must be non-negative")
 
 
+def _result_dtype(rewards: Tensor) -> torch.dtype:
+    """Advantages are floats even for integer rewards (0/1 accuracy)."""
+    return rewards.dtype if rewards.is_floating_point() else torch.float32
+
+
 def _group_stats(rewards: Tensor, group_index: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """Per element: its group's reward sum, count, and sum of squares."""
     num_groups = int(group_index.max()) + 1 if group_index.numel() else 0
@@ -56,9 +61,7 @@ def _group_stats(rewards: Tensor, group_index: Tensor) -> tuple[Tensor, Tensor, 
     return sums[group_index], counts[group_index], squares[group_index]
 
 
-def group_advantages(
-    rewards: Tensor, group_index: Tensor, *, std: str = "group", eps: float = 1e-6
-) -> Tensor:
+def group_advantages(rewards: Tensor, group_index: Tensor, *, std: str = "group", eps: float = 1e-6) -> Tensor:
     """Group-relative outcome advantages, one per sequence.
 
     `Â_i = (r_i − mean_g(r)) / (σ + eps)` with `mean_g` the mean of `i`'s group and
@@ -76,18 +79,18 @@ def group_advantages(
     if eps <= 0:
         raise ValueError(f"eps must be positive, got {eps}")
     if rewards.numel() == 0:
-        return rewards.clone()
+        return rewards.to(_result_dtype(rewards), copy=True)
     sums, counts, squares = _group_stats(rewards, group_index)
     centred = rewards.to(torch.float64) - sums / counts
     if std == "none":
-        return centred.to(rewards.dtype)
+        return centred.to(_result_dtype(rewards))
     if std == "group":
         # unbiased variance from sums: (Σr² − (Σr)²/n) / (n − 1); clamp guards rounding below 0
         variance = ((squares - sums * sums / counts) / (counts - 1).clamp(min=1.0)).clamp(min=0.0)
         sigma = variance.sqrt()
     else:
         sigma = rewards.to(torch.float64).std() if rewards.numel() > 1 else torch.zeros((), dtype=torch.float64)
-    return (centred / (sigma + eps)).to(rewards.dtype)
+    return (centred / (sigma + eps)).to(_result_dtype(rewards))
 
 
 def rloo_advantages(rewards: Tensor, group_index: Tensor) -> Tensor:
@@ -99,12 +102,12 @@ def rloo_advantages(rewards: Tensor, group_index: Tensor) -> Tensor:
     """
     _check_rewards(rewards, group_index)
     if rewards.numel() == 0:
-        return rewards.clone()
+        return rewards.to(_result_dtype(rewards), copy=True)
     sums, counts, _ = _group_stats(rewards, group_index)
     values = rewards.to(torch.float64)
     baseline = (sums - values) / (counts - 1).clamp(min=1.0)
     advantages = torch.where(counts > 1, values - baseline, torch.zeros_like(values))
-    return advantages.to(rewards.dtype)
+    return advantages.to(_result_dtype(rewards))
 
 
 ADVANTAGE_ESTIMATORS: dict[str, Callable[[Tensor, Tensor], Tensor]] = {
@@ -152,9 +155,7 @@ def aggregate(values: Tensor, mask: Tensor, aggregation: str = "token-mean", max
     if aggregation not in AGGREGATIONS:
         raise ValueError(f"aggregation {aggregation!r} is unknown; choose one of {sorted(AGGREGATIONS)}")
     if values.dim() != 2 or values.shape != mask.shape:
-        raise ValueError(
-            f"values and mask must both be [N, T], got {tuple(values.shape)} and {tuple(mask.shape)}"
-        )
+        raise ValueError(f"values and mask must both be [N, T], got {tuple(values.shape)} and {tuple(mask.shape)}")
     if max_length is not None and max_length <= 0:
         raise ValueError(f"max_length must be positive, got {max_length}")
     return AGGREGATIONS[aggregation](values, mask.to(values.dtype), max_length)
@@ -245,13 +246,15 @@ def kl_penalty(logprobs: Tensor, ref_logprobs: Tensor, kind: str = "k3") -> Tens
 
 
 def token_entropy(logits: Tensor) -> Tensor:
-    """Entropy of the categorical distribution at each position: `H = logsumexp(z) − Σ_v softmax(z)_v z_v`.
+    """Entropy of the categorical distribution at each position: `H = −Σ_v p_v log p_v`, `p = softmax(z)`.
 
-    `logits` is [..., V]; returns [...]. Computed in float32 at least, for bf16 logits.
+    `logits` is [..., V]; returns [...]. Computed in float32 at least, for bf16 logits. A token with
+    probability 0 (logit −inf) contributes 0, not NaN.
     """
     if logits.dim() < 1 or logits.shape[-1] == 0:
         raise ValueError(f"logits must have a non-empty vocabulary dimension, got shape {tuple(logits.shape)}")
     logits = logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
-    log_normaliser = torch.logsumexp(logits, dim=-1)
-    probabilities = torch.softmax(logits, dim=-1)
-    return log_normaliser - (probabilities * logits).sum(-1)
+    log_probabilities = torch.log_softmax(logits, dim=-1)
+    probabilities = log_probabilities.exp()
+    terms = torch.where(probabilities > 0, probabilities * log_probabilities, torch.zeros_like(probabilities))
+    return -terms.sum(-1)

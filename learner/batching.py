@@ -104,13 +104,17 @@ def sequence_logprobs(
     (for reporting) does not.
     """
     if temperature <= 0:
-        raise ValueError(f"temperature must be positive (greedy samples have no logprobs to train on), got {temperature}")
+        raise ValueError(
+            f"temperature must be positive (greedy samples have no logprobs to train on), got {temperature}"
+        )
     if input_ids.dim() != 2 or input_ids.shape != attention_mask.shape:
         raise ValueError(
             f"input_ids and attention_mask must both be [N, L], got {tuple(input_ids.shape)}"
             f" and {tuple(attention_mask.shape)}"
         )
-    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1].float() / temperature
+    # use_cache=False: training needs no KV cache, and building one costs memory
+    output = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+    logits = output.logits[:, :-1].float() / temperature
     targets = input_ids[:, 1:]
     picked = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
     token_logprobs = picked - torch.logsumexp(logits, dim=-1)

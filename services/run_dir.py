@@ -74,7 +74,8 @@ class RunDirectory:
             ]
             reward_axis.plot(*zip(*points, strict=True), label=distribution, linewidth=1)
         reward_axis.set(title="batch reward per distribution", xlabel="learner step", ylabel="mean reward")
-        reward_axis.legend(fontsize=8)
+        if distributions:
+            reward_axis.legend(fontsize=8)
         evaluated = [m for m in metrics if m.get("eval_accuracy") is not None]
         if evaluated:
             eval_axis.plot([m["step"] for m in evaluated], [m["eval_accuracy"] for m in evaluated], "k-o", label="all")
@@ -87,7 +88,8 @@ class RunDirectory:
                 if points:
                     eval_axis.plot(*zip(*points, strict=True), label=distribution, linewidth=1, alpha=0.7)
         eval_axis.set(title="held-out greedy accuracy", xlabel="learner step", ylabel="accuracy", ylim=(0, 1))
-        eval_axis.legend(fontsize=8)
+        if evaluated:
+            eval_axis.legend(fontsize=8)
         figure.tight_layout()
         path = self.path / "reward.png"
         figure.savefig(path, dpi=100)

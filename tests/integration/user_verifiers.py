@@ -3,3 +3,8 @@
 
 def explode(prompt, completion):
     raise RuntimeError("this verifier always fails")
+
+
+def digit_share(prompt, completion):
+    """Share of digits in the completion: graded, so an untrained model's groups carry signal."""
+    return sum(c.isdigit() for c in completion) / max(len(completion), 1)

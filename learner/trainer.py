@@ -1,0 +1,336 @@
+"""The GRPO-family learner: one DeepSpeed optimizer step per batch of groups.
+
+`GRPOTrainer.train_step(groups)` turns groups into padded tensors (`learner.batching`), computes
+group-relative advantages and the PPO-clip loss (`learner.algorithms`), accumulates gradients over
+micro-batches and takes one optimizer step through a real `deepspeed.initialize` engine (ZeRO stage
+0-3 from `LearnerConfig`). On a machine without CUDA DeepSpeed runs on its CPU accelerator as a
+single-rank process group; with CUDA it trains in bf16.
+
+Micro-batching never changes the result: micro-batch `j` contributes `loss_j · w_j` with
+`w_j = tokens_j / tokens` (token-mean) or `w_j = sequences_j / sequences` (the per-sequence
+aggregations), so the accumulated gradient is the gradient of the loss aggregated over the whole
+batch, whatever `micro_batch_size` is.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+import socket
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from learner.algorithms import aggregate, group_advantages, kl_penalty, policy_loss
+from learner.batching import TrainingTensors, build_training_tensors, sequence_logprobs
+from orchard.config import LearnerConfig
+from orchard.records import Group
+
+
+@dataclass
+class StepResult:
+    """What one `train_step` did. Plain numbers only, so `dict(vars(result))` is JSON-serialisable.
+
+    On a skipped step the weights did not change and `skip_reason` says why; statistics that were
+    not computed, or came out non-finite, are 0.0 (the offending value is quoted in `skip_reason`).
+    """
+
+    loss: float  # the batch's aggregated loss (policy loss + kl_coef · KL)
+    kl: float  # mean per-token KL estimate to the reference (0.0 when kl_coef is 0: no reference)
+    entropy: float  # mean entropy of the policy's next-token distribution over completion tokens
+    clip_fraction: float  # share of completion tokens whose clipped PPO term was active
+    grad_norm: float  # global gradient norm before clipping
+    num_sequences: int
+    num_tokens: int  # completion tokens trained on
+    advantages_abs_mean: float  # mean |Â| over sequences (DUMP's learnability signal)
+    seconds: float
+    skipped: bool
+    skip_reason: str | None = None
+
+
+def _finite_or_zero(value: float) -> float:
+    return value if math.isfinite(value) else 0.0
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def prepare_deepspeed_environment() -> None:
+    """Make `import deepspeed` and `deepspeed.initialize` work in a plain single process.
+
+    Without CUDA, DeepSpeed is told to use its CPU accelerator (it must be set before the import).
+    Without an initialised `torch.distributed`, the environment of a one-rank process group is set
+    (a free local port); variables already set, e.g. by a launcher, win.
+    """
+    if not torch.cuda.is_available():
+        os.environ["DS_ACCELERATOR"] = "cpu"
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        os.environ.setdefault("RANK", "0")
+        os.environ.setdefault("WORLD_SIZE", "1")
+        os.environ.setdefault("LOCAL_RANK", "0")
+
+
+def deepspeed_config(config: LearnerConfig, *, bf16: bool) -> dict[str, Any]:
+    """The DeepSpeed config dict for `config`.
+
+    - Optimizer: AdamW with `torch_adam`, i.e. `torch.optim.AdamW`, which works for every ZeRO stage
+      on the CPU accelerator with nothing to compile (DeepSpeed's FusedAdam needs a built op, and its
+      CPU Adam is only used with optimizer offload, which is not configured).
+    - Gradient accumulation is driven by the trainer, which marks the last micro-batch of a step as
+      the accumulation boundary (`set_gradient_accumulation_boundary`), because the number of
+      micro-batches varies with the batch. So `gradient_accumulation_steps` is 1 and
+      `train_micro_batch_size_per_gpu` is the micro-batch size; DeepSpeed's own micro-step counter
+      and its loss division by the accumulation steps are not used.
+    """
+    return {
+        "train_micro_batch_size_per_gpu": config.micro_batch_size,
+        "gradient_accumulation_steps": 1,
+        "gradient_clipping": config.grad_clip,
+        "optimizer": {
+            "type": "AdamW",
+            "params": {"lr": config.lr, "weight_decay": config.weight_decay, "torch_adam": True},
+        },
+        "zero_optimization": {"stage": config.zero_stage},
+        "bf16": {"enabled": bf16},
+        "steps_per_print": 2**31 - 1,
+        "wall_clock_breakdown": False,
+    }
+
+
+class GRPOTrainer:
+    """Trains `model` with the PPO-clip policy loss of `config` on groups of scored completions.
+
+    `temperature` must be the sampler's: the current policy's logprobs are computed from
+    `logits / temperature`, as the behaviour logprobs were. `max_length` is Dr. GRPO's constant
+    `L_max` (`seq-mean-token-sum-norm`), normally the longest completion. The model stays in eval
+    mode (no dropout), so on-policy importance ratios are exactly 1.
+
+    Counters: `step` counts `train_step` calls, `policy_version` the optimizer updates applied.
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        config: LearnerConfig,
+        *,
+        pad_id: int,
+        seed: int,
+        temperature: float,
+        max_length: int,
+    ) -> None:
+        if temperature <= 0:
+            raise ValueError(f"temperature must be positive (use 1.0 for greedy rollouts), got {temperature}")
+        if max_length <= 0:
+            raise ValueError(f"max_length must be a positive number of tokens, got {max_length}")
+        self.config = config
+        self.pad_id = pad_id
+        self.temperature = temperature
+        self.max_length = max_length
+        self.step = 0
+        self.policy_version = 0
+
+        prepare_deepspeed_environment()
+        import deepspeed
+
+        self._deepspeed = deepspeed
+        torch.manual_seed(seed)
+        bf16 = torch.cuda.is_available()
+        # The reference is copied before DeepSpeed takes the model (ZeRO-3 partitions it in place).
+        reference = copy.deepcopy(model) if config.kl_coef > 0 else None
+        self.engine, _, _, _ = deepspeed.initialize(
+            model=model,
+            model_parameters=[p for p in model.parameters() if p.requires_grad],
+            config=deepspeed_config(config, bf16=bf16),
+        )
+        self.device = self.engine.device
+        self.reference: torch.nn.Module | None = None
+        if reference is not None:
+            dtype = torch.bfloat16 if bf16 else next(reference.parameters()).dtype
+            reference = reference.to(device=self.device, dtype=dtype).eval()
+            reference.requires_grad_(False)
+            self.reference = reference
+
+    # ------------------------------------------------------------------------------------ training
+
+    def train_step(self, groups: Sequence[Group]) -> StepResult:
+        """One optimizer step over all completions of `groups` (or a skipped step, see StepResult)."""
+        started = time.perf_counter()
+        _check_rewards(groups)
+        tensors = build_training_tensors(groups, self.pad_id)
+        advantages = group_advantages(tensors.rewards, tensors.group_index, std=self.config.advantage_std)
+        self.step += 1
+        summary = {
+            "num_sequences": tensors.num_sequences,
+            "num_tokens": tensors.num_tokens,
+            "advantages_abs_mean": float(advantages.abs().mean()),
+        }
+
+        def skipped(reason: str, **stats: float) -> StepResult:
+            values = {"loss": 0.0, "kl": 0.0, "entropy": 0.0, "clip_fraction": 0.0, "grad_norm": 0.0}
+            values.update({name: _finite_or_zero(value) for name, value in stats.items()})
+            return StepResult(
+                **values, **summary, seconds=time.perf_counter() - started, skipped=True, skip_reason=reason
+            )
+
+        if not bool((advantages != 0).any()):
+            return skipped("no signal")
+        if tensors.num_tokens == 0:
+            return skipped("no completion tokens")
+
+        totals = {"loss": 0.0, "kl": 0.0, "entropy": 0.0, "clipped": 0.0}
+        nonfinite_loss: str | None = None
+        chunks = self._micro_batches(tensors)
+        for index, chunk in enumerate(chunks):
+            micro = tensors.select(chunk)
+            if self.config.aggregation == "token-mean":
+                weight = micro.num_tokens / tensors.num_tokens
+            else:
+                weight = len(chunk) / tensors.num_sequences
+            loss, stats = self._micro_batch_loss(micro, advantages[chunk])
+            scaled = loss * weight
+            if not torch.isfinite(scaled):
+                nonfinite_loss = f"non-finite loss ({float(loss.detach())}) in micro-batch {index}"
+                # NaN gradients make DeepSpeed's own overflow check discard everything accumulated so
+                # far (ZeRO) and the stage-0 norm check below refuse the step.
+                self.engine.set_gradient_accumulation_boundary(True)
+                self.engine.backward(scaled * math.nan, scale_wrt_gas=False)
+                break
+            self.engine.set_gradient_accumulation_boundary(index == len(chunks) - 1)
+            self.engine.backward(scaled, scale_wrt_gas=False)
+            totals["loss"] += float(scaled.detach())
+            totals["kl"] += stats["kl_sum"]
+            totals["entropy"] += stats["entropy_sum"]
+            totals["clipped"] += stats["clip_fraction"] * micro.num_tokens
+
+        applied, grad_norm = self._optimizer_step()
+        tokens = tensors.num_tokens
+        stats = {
+            "loss": totals["loss"],
+            "kl": totals["kl"] / tokens,
+            "entropy": totals["entropy"] / tokens,
+            "clip_fraction": totals["clipped"] / tokens,
+            "grad_norm": grad_norm,
+        }
+        if nonfinite_loss is not None:
+            return skipped(nonfinite_loss, grad_norm=grad_norm)
+        if not applied:
+            return skipped(f"non-finite gradient norm ({grad_norm})", **stats)
+        self.policy_version += 1
+        return StepResult(**stats, **summary, seconds=time.perf_counter() - started, skipped=False)
+
+    def _micro_batches(self, tensors: TrainingTensors) -> list[Tensor]:
+        """Row indices of each micro-batch, longest sequences first so each one pads little."""
+        lengths = tensors.attention_mask.sum(-1)
+        order = torch.argsort(lengths, descending=True, stable=True)
+        return list(order.split(self.config.micro_batch_size))
+
+    def _micro_batch_loss(self, micro: TrainingTensors, advantages: Tensor) -> tuple[Tensor, dict[str, float]]:
+        """The micro-batch's loss aggregated over itself alone, and sums for the step's statistics."""
+        input_ids = micro.input_ids.to(self.device)
+        attention_mask = micro.attention_mask.to(self.device)
+        mask = micro.completion_mask.to(self.device)
+        logprobs, entropy = sequence_logprobs(self.engine, input_ids, attention_mask, self.temperature)
+        loss, stats = policy_loss(
+            logprobs,
+            micro.old_logprobs.to(self.device),
+            advantages.to(self.device),
+            mask,
+            clip_low=self.config.clip_low,
+            clip_high=self.config.clip_high,
+            aggregation=self.config.aggregation,
+            max_length=self.max_length,
+        )
+        kl_sum = 0.0
+        if self.reference is not None:
+            with torch.no_grad():
+                reference_logprobs, _ = sequence_logprobs(self.reference, input_ids, attention_mask, self.temperature)
+            kl = kl_penalty(logprobs, reference_logprobs, self.config.kl_kind)
+            loss = loss + self.config.kl_coef * aggregate(kl, mask, self.config.aggregation, self.max_length)
+            kl_sum = float((kl.detach() * mask).sum())
+        return loss, {
+            "kl_sum": kl_sum,
+            "entropy_sum": float((entropy * mask).sum()),
+            "clip_fraction": stats["clip_fraction"],
+        }
+
+    def _optimizer_step(self) -> tuple[bool, float]:
+        """Apply the accumulated gradients unless their norm is non-finite; (applied, norm before clipping)."""
+        if self.config.zero_stage == 0:
+            # Stage 0 steps a plain optimizer that would apply NaN gradients: check first.
+            gradients = [p.grad for p in self.engine.module.parameters() if p.grad is not None]
+            norm = (
+                float(torch.linalg.vector_norm(torch.stack([g.float().norm() for g in gradients])))
+                if gradients
+                else 0.0
+            )
+            if not math.isfinite(norm):
+                self.engine.zero_grad()
+                return False, norm
+            self.engine.step()
+            return True, norm
+        # ZeRO optimizers compute the norm themselves and skip the update (clearing the
+        # gradients) when it is not finite.
+        self.engine.step()
+        norm = self.engine.get_global_grad_norm()
+        norm = float(norm) if norm is not None else math.nan
+        return bool(self.engine.was_step_applied()) and math.isfinite(norm), norm
+
+    # ------------------------------------------------------------------------------------ weights
+
+    def export_weights(self) -> dict[str, Tensor]:
+        """The full policy state dict on the CPU (a copy), with the model's own key names.
+
+        Under ZeRO-3 the partitioned parameters are gathered first. Keys are exactly those of
+        `model.state_dict()` (with tied embeddings, whatever the model reports).
+        """
+        module = self.engine.module
+        if self.config.zero_stage == 3:
+            with self._deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
+                return _cpu_copy(module.state_dict())
+        return _cpu_copy(module.state_dict())
+
+    def save_checkpoint(self, path: str | Path) -> Path:
+        """A DeepSpeed checkpoint (weights, optimizer, counters) under `path`, tagged `step<N>`."""
+        directory = Path(path)
+        directory.mkdir(parents=True, exist_ok=True)
+        self.engine.save_checkpoint(
+            str(directory),
+            tag=f"step{self.step}",
+            client_state={"step": self.step, "policy_version": self.policy_version},
+        )
+        return directory
+
+    def load_checkpoint(self, path: str | Path) -> None:
+        """Restore the newest checkpoint `save_checkpoint` wrote under `path`, counters included."""
+        load_path, client_state = self.engine.load_checkpoint(str(path))
+        if load_path is None:
+            raise FileNotFoundError(
+                f"no DeepSpeed checkpoint under {path} (expected a 'latest' file written by save_checkpoint)"
+            )
+        self.step = int(client_state.get("step", 0))
+        self.policy_version = int(client_state.get("policy_version", 0))
+
+
+def _cpu_copy(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
+    return {name: tensor.detach().to("cpu", copy=True) for name, tensor in state_dict.items()}
+
+
+def _check_rewards(groups: Sequence[Group]) -> None:
+    for group in groups:
+        for index, completion in enumerate(group.completions):
+            if not math.isfinite(completion.reward):
+                raise ValueError(
+                    f"group {group.id} (prompt {group.prompt.id}) has non-finite reward {completion.reward!r} on"
+                    f" completion {index}; rewards must be finite numbers, check the verifier and reward shaping"
+                )

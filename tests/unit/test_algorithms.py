@@ -1,0 +1,290 @@
+"""learner.algorithms against values worked out by hand (the arithmetic is in the comments)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from learner.algorithms import (
+    ADVANTAGE_ESTIMATORS,
+    AGGREGATIONS,
+    KL_ESTIMATORS,
+    MAX_LOG_RATIO,
+    aggregate,
+    group_advantages,
+    kl_penalty,
+    masked_mean,
+    policy_loss,
+    rloo_advantages,
+    token_entropy,
+)
+
+# Two groups, interleaved on purpose: group 0 = rewards (1, 2, 3), group 1 = rewards (10, 14).
+REWARDS = torch.tensor([1.0, 10.0, 2.0, 14.0, 3.0])
+GROUPS = torch.tensor([0, 1, 0, 1, 0])
+
+
+def close(actual: torch.Tensor, expected: list | float, tol: float = 1e-5) -> None:
+    torch.testing.assert_close(actual, torch.tensor(expected, dtype=actual.dtype), atol=tol, rtol=tol)
+
+
+# ------------------------------------------------------------------------------------------ masked_mean
+
+
+def test_masked_mean_all_and_per_row():
+    # (1 + 3) / 2 = 2
+    assert masked_mean(torch.tensor([1.0, 2.0, 3.0, 4.0]), torch.tensor([1, 0, 1, 0])).item() == 2.0
+    values = torch.tensor([[1.0, 2.0], [3.0, 4.0]])
+    mask = torch.tensor([[1.0, 1.0], [0.0, 0.0]])
+    # row 0: (1 + 2) / 2 = 1.5; row 1 has an empty mask: 0, not NaN
+    close(masked_mean(values, mask, dim=-1), [1.5, 0.0])
+    assert masked_mean(values, torch.zeros_like(values)).item() == 0.0
+
+
+def test_masked_mean_refuses_mismatched_shapes():
+    with pytest.raises(ValueError, match=r"values shape \(2,\) != mask shape \(3,\)"):
+        masked_mean(torch.ones(2), torch.ones(3))
+
+
+# ------------------------------------------------------------------------------------------ advantages
+
+
+def test_group_std_advantages():
+    # group 0: mean 2, unbiased std sqrt(((−1)² + 0² + 1²) / 2) = 1       → (−1, 0, 1) / (1 + 1e-6)
+    # group 1: mean 12, unbiased std sqrt((2² + 2²) / 1) = 2√2 = 2.828427 → ±2 / 2.828427 = ±0.7071068
+    advantages = group_advantages(REWARDS, GROUPS, std="group")
+    close(advantages, [-1 / (1 + 1e-6), -0.7071068, 0.0, 0.7071068, 1 / (1 + 1e-6)], tol=1e-6)
+
+
+def test_batch_std_advantages_centre_on_the_group_and_scale_by_the_batch():
+    # centred by group means (2 and 12): (−1, −2, 0, 2, 1)
+    # batch: mean 30/5 = 6, deviations (−5, 4, −4, 8, −3), squares sum 25+16+16+64+9 = 130,
+    #        unbiased variance 130/4 = 32.5, std 5.7008771 → 1/std = 0.1754116
+    advantages = group_advantages(REWARDS, GROUPS, std="batch")
+    close(advantages, [-0.1754116, -0.3508232, 0.0, 0.3508232, 0.1754116])
+
+
+def test_no_std_advantages_are_the_centred_rewards():
+    # Dr. GRPO: r − mean_group(r) = (1−2, 10−12, 2−2, 14−12, 3−2)
+    close(group_advantages(REWARDS, GROUPS, std="none"), [-1.0, -2.0, 0.0, 2.0, 1.0])
+
+
+@pytest.mark.parametrize("std", ["group", "batch", "none"])
+def test_a_constant_group_gets_zero_advantages_without_nan(std):
+    rewards = torch.tensor([5.0, 5.0, 0.0, 1.0])
+    groups = torch.tensor([0, 0, 1, 1])
+    advantages = group_advantages(rewards, groups, std=std)
+    assert torch.isfinite(advantages).all()
+    assert advantages[:2].tolist() == [0.0, 0.0]
+    # a batch made only of constant groups: std 0 everywhere, still exactly 0
+    assert group_advantages(torch.tensor([1.0, 1.0]), torch.tensor([0, 0]), std=std).tolist() == [0.0, 0.0]
+
+
+def test_a_group_of_one_has_zero_advantage():
+    assert group_advantages(torch.tensor([3.0]), torch.tensor([0])).tolist() == [0.0]
+    assert rloo_advantages(torch.tensor([3.0]), torch.tensor([0])).tolist() == [0.0]
+
+
+def test_integer_rewards_give_float_advantages():
+    # 0/1 accuracies as a long tensor: mean 0.5, std sqrt(0.5) = 0.7071068 → ±0.5 / 0.7071068 = ±0.7071068
+    advantages = group_advantages(torch.tensor([1, 0]), torch.tensor([0, 0]))
+    assert advantages.dtype == torch.float32
+    close(advantages, [0.7071068, -0.7071068])
+
+
+def test_rloo_subtracts_the_mean_of_the_others():
+    # group 0: 1 − (2+3)/2 = −1.5, 2 − (1+3)/2 = 0, 3 − (1+2)/2 = 1.5; group 1: 10 − 14 = −4, 14 − 10 = 4
+    close(rloo_advantages(REWARDS, GROUPS), [-1.5, -4.0, 0.0, 4.0, 1.5])
+
+
+def test_estimator_registry_names():
+    assert set(ADVANTAGE_ESTIMATORS) == {"grpo", "lite-ppo", "dr-grpo", "rloo"}
+    close(ADVANTAGE_ESTIMATORS["dr-grpo"](REWARDS, GROUPS), [-1.0, -2.0, 0.0, 2.0, 1.0])
+    close(ADVANTAGE_ESTIMATORS["rloo"](REWARDS, GROUPS), [-1.5, -4.0, 0.0, 4.0, 1.5])
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 3), st.floats(-10, 10)), min_size=1, max_size=20))
+def test_advantage_properties(rows):
+    groups = torch.tensor([g for g, _ in rows])
+    rewards = torch.tensor([r for _, r in rows], dtype=torch.float64)
+    centred = group_advantages(rewards, groups, std="none")
+    rloo = rloo_advantages(rewards, groups)
+    for group in groups.unique():
+        members = groups == group
+        size = int(members.sum())
+        # centred advantages sum to 0 in every group
+        assert abs(float(centred[members].sum())) < 1e-9 * max(1.0, float(rewards.abs().max()) * size)
+        if size > 1:
+            # RLOO is the centred advantage scaled by G / (G − 1)
+            torch.testing.assert_close(rloo[members], centred[members] * size / (size - 1))
+    assert torch.isfinite(group_advantages(rewards, groups, std="group")).all()
+
+
+@pytest.mark.parametrize(
+    ("rewards", "groups", "kwargs", "message"),
+    [
+        (torch.ones(2, 2), torch.zeros(2, 2, dtype=torch.long), {}, r"rewards must be 1-D \[N\], got shape \(2, 2\)"),
+        (
+            torch.ones(3),
+            torch.zeros(2, dtype=torch.long),
+            {},
+            r"group_index shape \(2,\) must equal rewards shape \(3,\)",
+        ),
+        (torch.ones(2), torch.zeros(2), {}, "group_index must be an integer tensor"),
+        (torch.ones(2), torch.tensor([0, -1]), {}, "group_index must be non-negative"),
+        (torch.ones(2), torch.zeros(2, dtype=torch.long), {"std": "global"}, "std must be 'group', 'batch' or 'none'"),
+        (torch.ones(2), torch.zeros(2, dtype=torch.long), {"eps": 0.0}, "eps must be positive"),
+    ],
+)
+def test_group_advantages_errors(rewards, groups, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        group_advantages(rewards, groups, **kwargs)
+
+
+# ------------------------------------------------------------------------------------------ policy loss
+
+# Two sequences of three positions, old logprobs 0, so ρ = exp(logprob). ε_low = 0.2, ε_high = 0.28.
+# sequence 0, Â = +1, ratios (1.5, 1.0, 0.5), all tokens real:
+#   ρ=1.5 > 1.28: unclipped −1.5, clipped −1.28 → ℓ = max = −1.28 (clipped term active)
+#   ρ=1.0:        ℓ = −1.0
+#   ρ=0.5 < 0.8 but Â > 0: unclipped −0.5, clipped −0.8 → ℓ = −0.5 (unclipped: the ratio may rise again)
+# sequence 1, Â = −2, ratios (0.5, 1.5, pad):
+#   ρ=0.5 < 0.8:  unclipped 1.0, clipped 0.8·2 = 1.6 → ℓ = 1.6 (clipped term active)
+#   ρ=1.5, Â < 0: unclipped 3.0, clipped 1.28·2 = 2.56 → ℓ = 3.0 (unclipped)
+# per-token ℓ: (−1.28, −1.0, −0.5 | 1.6, 3.0, —); sums −2.78 and 4.6; 5 real tokens, 2 of them clipped.
+RATIOS = torch.tensor([[1.5, 1.0, 0.5], [0.5, 1.5, 1.0]])
+MASK = torch.tensor([[1.0, 1.0, 1.0], [1.0, 1.0, 0.0]])
+ADVANTAGES = torch.tensor([1.0, -2.0])
+
+
+def clip_loss(aggregation: str = "token-mean", **kwargs):
+    logprobs = RATIOS.log().requires_grad_(True)
+    loss, stats = policy_loss(
+        logprobs, torch.zeros(2, 3), ADVANTAGES, MASK, clip_low=0.2, clip_high=0.28, aggregation=aggregation, **kwargs
+    )
+    return loss, stats, logprobs
+
+
+@pytest.mark.parametrize(
+    ("aggregation", "max_length", "expected"),
+    [
+        ("token-mean", None, 0.364),  # (−2.78 + 4.6) / 5
+        ("seq-mean-token-mean", None, 0.6866667),  # (−2.78/3 + 4.6/2) / 2 = (−0.9266667 + 2.3) / 2
+        ("seq-mean-token-sum", None, 0.91),  # (−2.78 + 4.6) / 2
+        ("seq-mean-token-sum-norm", 4, 0.2275),  # 1.82 / (2 sequences · L_max 4)
+        ("seq-mean-token-sum-norm", None, 0.3033333),  # L_max defaults to the padded width 3: 1.82 / 6
+    ],
+)
+def test_policy_loss_aggregations(aggregation, max_length, expected):
+    loss, stats, _ = clip_loss(aggregation, max_length=max_length)
+    assert loss.item() == pytest.approx(expected, abs=1e-6)
+    assert stats["clip_fraction"] == pytest.approx(2 / 5)
+    assert stats["ratio_mean"] == pytest.approx((1.5 + 1.0 + 0.5 + 0.5 + 1.5) / 5)
+
+
+def test_clipped_tokens_get_no_gradient():
+    # token-mean: ∂ℓ/∂logprob = −ρÂ / 5 where the unclipped term is active, 0 where the clipped one is
+    #   seq 0: clipped → 0; −1·1/5 = −0.2; −0.5·1/5 = −0.1
+    #   seq 1: clipped → 0; −1.5·(−2)/5 = 0.6; padding → 0
+    loss, _, logprobs = clip_loss()
+    loss.backward()
+    close(logprobs.grad, [[0.0, -0.2, -0.1], [0.0, 0.6, 0.0]])
+
+
+def test_clip_higher_lets_a_positive_token_rise_further():
+    # ρ = 1.25, Â = +1: with ε_high = 0.2 (GRPO) clipped at 1.2 → ℓ = −1.2; with ε_high = 0.28 it is not → −1.25
+    logprobs = torch.tensor([[math.log(1.25)]])
+    arguments = (logprobs, torch.zeros(1, 1), torch.tensor([1.0]), torch.ones(1, 1))
+    symmetric, stats = policy_loss(*arguments, clip_low=0.2, clip_high=0.2)
+    assert symmetric.item() == pytest.approx(-1.2) and stats["clip_fraction"] == 1.0
+    higher, stats = policy_loss(*arguments, clip_low=0.2, clip_high=0.28)
+    assert higher.item() == pytest.approx(-1.25) and stats["clip_fraction"] == 0.0
+
+
+def test_per_token_advantages_equal_broadcast_ones():
+    broadcast, _, _ = clip_loss()
+    logprobs = RATIOS.log()
+    per_token, _ = policy_loss(
+        logprobs, torch.zeros(2, 3), ADVANTAGES[:, None].expand(2, 3), MASK, clip_low=0.2, clip_high=0.28
+    )
+    assert per_token.item() == pytest.approx(broadcast.item())
+
+
+def test_the_ratio_is_bounded_so_the_loss_stays_finite():
+    # log-ratio 1000 is clamped to MAX_LOG_RATIO = 20; with Â < 0 the unclipped term −e^20·Â is active
+    loss, _ = policy_loss(torch.tensor([[1000.0]]), torch.zeros(1, 1), torch.tensor([-1.0]), torch.ones(1, 1))
+    assert loss.item() == pytest.approx(math.exp(MAX_LOG_RATIO), rel=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("logprobs", "old", "advantages", "mask", "kwargs", "message"),
+    [
+        (torch.zeros(3), torch.zeros(3), torch.zeros(3), torch.ones(3), {}, r"logprobs must be \[N, T\]"),
+        (torch.zeros(2, 3), torch.zeros(2, 2), torch.zeros(2), torch.ones(2, 3), {}, "old_logprobs shape"),
+        (torch.zeros(2, 3), torch.zeros(2, 3), torch.zeros(2), torch.ones(3, 2), {}, "mask shape"),
+        (torch.zeros(2, 3), torch.zeros(2, 3), torch.zeros(3), torch.ones(2, 3), {}, r"advantages must be \[N\] or"),
+        (torch.zeros(2, 3), torch.zeros(2, 3), torch.zeros(2), torch.ones(2, 3), {"clip_low": 1.0}, "clip_low"),
+        (torch.zeros(2, 3), torch.zeros(2, 3), torch.zeros(2), torch.ones(2, 3), {"aggregation": "sum"}, "unknown"),
+        (torch.zeros(2, 3), torch.zeros(2, 3), torch.zeros(2), torch.ones(2, 3), {"max_length": 0}, "max_length"),
+    ],
+)
+def test_policy_loss_errors(logprobs, old, advantages, mask, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        policy_loss(logprobs, old, advantages, mask, **kwargs)
+
+
+def test_aggregate_errors_and_registry():
+    assert set(AGGREGATIONS) == {"token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"}
+    with pytest.raises(ValueError, match=r"must both be \[N, T\], got \(3,\) and \(3,\)"):
+        aggregate(torch.ones(3), torch.ones(3))
+
+
+# ------------------------------------------------------------------------------------------ KL
+
+
+def test_kl_estimators():
+    # δ = log π_ref − log π_θ. Column 0: π_θ = 0.5, π_ref = 0.25 → δ = −ln 2 = −0.6931472;
+    # column 1: π_θ = 0.25, π_ref = 0.5 → δ = +ln 2; column 2: equal → δ = 0.
+    logprobs = torch.tensor([[math.log(0.5), math.log(0.25), -1.0]])
+    reference = torch.tensor([[math.log(0.25), math.log(0.5), -1.0]])
+    ln2 = math.log(2)
+    # k1 = −δ
+    close(kl_penalty(logprobs, reference, "k1"), [[ln2, -ln2, 0.0]])
+    # k2 = δ²/2 = 0.4804530/2 = 0.2402265 for both signs
+    close(kl_penalty(logprobs, reference, "k2"), [[0.2402265, 0.2402265, 0.0]])
+    # k3 = e^δ − δ − 1: 0.5 + 0.6931472 − 1 = 0.1931472; 2 − 0.6931472 − 1 = 0.3068528
+    close(kl_penalty(logprobs, reference, "k3"), [[0.1931472, 0.3068528, 0.0]])
+    assert set(KL_ESTIMATORS) == {"k1", "k2", "k3"}
+
+
+def test_kl_errors():
+    with pytest.raises(ValueError, match="KL kind 'k4' is unknown"):
+        kl_penalty(torch.zeros(1, 2), torch.zeros(1, 2), "k4")
+    with pytest.raises(ValueError, match=r"ref_logprobs shape \(1, 3\)"):
+        kl_penalty(torch.zeros(1, 2), torch.zeros(1, 3))
+
+
+# ------------------------------------------------------------------------------------------ entropy
+
+
+def test_entropy_of_a_uniform_distribution_is_log_v():
+    # equal logits over V = 7 tokens (any constant): H = ln 7 = 1.9459101
+    close(token_entropy(torch.full((2, 3, 7), 0.3)), [[1.9459101] * 3] * 2)
+
+
+def test_entropy_of_a_two_point_distribution_and_of_impossible_tokens():
+    # logits (0, ln 3) → p = (1/4, 3/4): H = 0.25·ln 4 + 0.75·ln(4/3) = 0.3465736 + 0.2157616 = 0.5623351
+    close(token_entropy(torch.tensor([0.0, math.log(3)])), 0.5623351)
+    # a −inf logit has probability 0 and adds nothing (no NaN from 0 · −inf)
+    close(token_entropy(torch.tensor([0.0, math.log(3), -math.inf])), 0.5623351)
+    close(token_entropy(torch.tensor([0.0, math.log(3)], dtype=torch.bfloat16)), 0.5623351, tol=1e-2)
+
+
+def test_entropy_needs_a_vocabulary():
+    with pytest.raises(ValueError, match="non-empty vocabulary"):
+        token_entropy(torch.zeros(2, 0))

@@ -1,0 +1,490 @@
+"""`TorchEngine` against the Hugging Face model it re-implements: logits, greedy decoding, logprobs.
+
+The models are small Qwen2s whose weights are redrawn with a larger spread than the default
+initialisation, so that logits are far from uniform and greedy decoding never hinges on a near-tie.
+"""
+
+import math
+import re
+import warnings
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import Qwen2ForCausalLM
+
+from orchard.config import ModelConfig, TinyModelConfig
+from orchard.protocols import Engine, SamplingParams
+from rollout.engines.torch_engine import TorchEngine, find_stop, sample_next
+from rollout.model import build_model, tiny_qwen2_config
+from rollout.tokenizer import CharTokenizer
+
+TINY = TinyModelConfig(
+    hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=128, max_position_embeddings=64
+)
+TEXTS = ["1+2=", "hello world, how", "x", "sort: 3 1 2 ->", "abc\ndef"]
+ATOL = 1e-4
+
+
+def spread_weights(model: Qwen2ForCausalLM, seed: int) -> Qwen2ForCausalLM:
+    """Redraw every parameter (matrices N(0, 0.2²), biases N(0, 0.1²), norm weights N(1, 0.1²))."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if parameter.dim() == 2:
+                parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.2)
+            elif name.endswith("bias"):
+                parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.1)
+            else:
+                parameter.copy_(1 + torch.randn(parameter.shape, generator=generator) * 0.1)
+    return model
+
+
+def make_model(tokenizer: CharTokenizer, seed: int, **config_fields) -> Qwen2ForCausalLM:
+    return spread_weights(build_model(ModelConfig(tiny=TINY.model_copy(update=config_fields)), tokenizer), seed)
+
+
+@pytest.fixture(scope="module")
+def tokenizer() -> CharTokenizer:
+    return CharTokenizer()
+
+
+@pytest.fixture(scope="module")
+def model(tokenizer) -> Qwen2ForCausalLM:
+    return make_model(tokenizer, seed=1)
+
+
+@pytest.fixture(scope="module")
+def other_model(tokenizer) -> Qwen2ForCausalLM:
+    return make_model(tokenizer, seed=2)
+
+
+@pytest.fixture
+def engine(model, tokenizer) -> TorchEngine:
+    return TorchEngine(model, tokenizer)
+
+
+@pytest.fixture(scope="module")
+def prompts(tokenizer) -> list[list[int]]:
+    return [[tokenizer.bos_id, *tokenizer.encode(text)] for text in TEXTS]
+
+
+def hf_logits(model: Qwen2ForCausalLM, ids: list[int]) -> torch.Tensor:
+    with torch.no_grad():
+        return model(torch.tensor([ids])).logits[0].float()
+
+
+def hf_greedy(model: Qwen2ForCausalLM, prompt: list[int], max_new_tokens: int, eos_token_id: int | None) -> list[int]:
+    """HF greedy decoding of one unpadded prompt (no padding, so no padding conventions to match)."""
+    with torch.no_grad():
+        output = model.generate(
+            torch.tensor([prompt]),
+            attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+            do_sample=False,
+            max_new_tokens=max_new_tokens,
+            eos_token_id=eos_token_id,
+            pad_token_id=0,
+        )
+    return output[0, len(prompt) :].tolist()
+
+
+def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    length = max(map(len, prompts))
+    ids = torch.tensor([[pad_id] * (length - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (length - len(p)) + [1] * len(p) for p in prompts])
+    return ids, mask
+
+
+def test_engine_satisfies_the_protocol(engine):
+    assert isinstance(engine, Engine)
+
+
+# ------------------------------------------------------------------------------------------ (a) logits
+
+
+def test_logits_of_a_left_padded_batch_equal_hf_per_prompt(engine, model, prompts, tokenizer):
+    ids, mask = left_pad(prompts, tokenizer.pad_id)
+    logits = engine.logits(ids, mask)
+    assert logits.dtype == torch.float32 and logits.shape == (*ids.shape, tokenizer.vocab_size)
+    for row, prompt in enumerate(prompts):
+        pads = ids.shape[1] - len(prompt)
+        torch.testing.assert_close(logits[row, pads:], hf_logits(model, prompt), atol=ATOL, rtol=0)
+
+
+def test_logits_equal_hf_on_the_same_padded_batch_with_position_ids(engine, model, prompts, tokenizer):
+    # How a learner scores a padded batch: attention mask plus positions counted from the first real token.
+    ids, mask = left_pad(prompts, tokenizer.pad_id)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        expected = model(ids, attention_mask=mask, position_ids=positions).logits
+    valid = mask.bool()
+    torch.testing.assert_close(engine.logits(ids, mask)[valid], expected[valid], atol=ATOL, rtol=0)
+
+
+def test_logits_match_an_untied_model_with_the_eager_reference(tokenizer):
+    config = tiny_qwen2_config(TINY, tokenizer, attn_implementation="eager")
+    config.tie_word_embeddings = False
+    torch.manual_seed(0)
+    model = spread_weights(Qwen2ForCausalLM(config).eval(), seed=5)
+    assert model.lm_head.weight is not model.model.embed_tokens.weight
+    ids = [tokenizer.bos_id, *tokenizer.encode("untied head")]
+    torch.testing.assert_close(
+        TorchEngine(model, tokenizer).logits(torch.tensor([ids]))[0], hf_logits(model, ids), atol=ATOL, rtol=0
+    )
+
+
+def test_bfloat16_model_runs_close_to_hf(tokenizer):
+    model = make_model(tokenizer, seed=1).to(torch.bfloat16)
+    ids = [tokenizer.bos_id, *tokenizer.encode("half precision")]
+    logits = TorchEngine(model, tokenizer).logits(torch.tensor([ids]))[0]
+    assert logits.dtype == torch.float32
+    torch.testing.assert_close(logits, hf_logits(model, ids), atol=0.15, rtol=0.05)
+
+
+# ------------------------------------------------------------------------------------- (b) greedy
+
+
+def test_greedy_generation_equals_hf_generate_token_for_token(engine, model, prompts, tokenizer):
+    outputs = engine.generate(prompts, SamplingParams(temperature=0.0, max_new_tokens=20))
+    assert len(outputs) == len(prompts)
+    for prompt, output in zip(prompts, outputs, strict=True):
+        assert output.token_ids == hf_greedy(model, prompt, 20, tokenizer.eos_id)
+
+
+def test_greedy_with_rows_ending_early_equals_hf(model, prompts, tokenizer):
+    """Rows finish at different steps, so the batch is compacted mid-generation."""
+    free_running = TorchEngine(model, tokenizer, eos_token_ids=()).generate(
+        prompts, SamplingParams(temperature=0.0, max_new_tokens=24)
+    )
+    # Use as "eos" the third token of the first completion: some rows stop early, others run on.
+    stop_token = free_running[0].token_ids[2]
+    engine = TorchEngine(model, tokenizer, eos_token_ids=(stop_token,))
+    outputs = engine.generate(prompts, SamplingParams(temperature=0.0, max_new_tokens=24))
+    lengths = {len(output.token_ids) for output in outputs}
+    assert min(lengths) <= 3 and max(lengths) == 24, "the test needs rows that finish at different steps"
+    for prompt, output in zip(prompts, outputs, strict=True):
+        assert output.token_ids == hf_greedy(model, prompt, 24, stop_token)
+        assert output.finish_reason == ("stop" if output.token_ids[-1] == stop_token else "length")
+
+
+def test_batches_larger_than_max_batch_size_are_split_without_changing_results(model, prompts, tokenizer):
+    params = SamplingParams(temperature=0.0, max_new_tokens=10)
+    whole = TorchEngine(model, tokenizer).generate(prompts, params)
+    split = TorchEngine(model, tokenizer, max_batch_size=2).generate(prompts, params)
+    assert [o.token_ids for o in whole] == [o.token_ids for o in split]
+
+
+# ---------------------------------------------------------------------------------- (c) logprobs
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        SamplingParams(temperature=1.0, max_new_tokens=16, seed=11),
+        SamplingParams(temperature=0.7, max_new_tokens=16, seed=12),
+        SamplingParams(temperature=0.7, top_p=0.8, max_new_tokens=16, seed=13),
+        SamplingParams(temperature=0.0, max_new_tokens=16),
+    ],
+    ids=["T1", "T0.7", "T0.7-top_p0.8", "greedy"],
+)
+def test_logprobs_equal_a_full_forward_recomputation(model, prompts, tokenizer, params):
+    """The learner recomputes log_softmax(logits / T) of the chosen tokens over prompt + completion.
+
+    top-p only restricts which tokens may be drawn: the logprob is of the untruncated distribution.
+    Greedy reports the T = 1 distribution.
+    """
+    outputs = TorchEngine(model, tokenizer, eos_token_ids=()).generate(prompts, params)
+    temperature = params.temperature or 1.0
+    for prompt, output in zip(prompts, outputs, strict=True):
+        assert len(output.logprobs) == len(output.token_ids) == params.max_new_tokens
+        logits = hf_logits(model, prompt + output.token_ids)[len(prompt) - 1 : -1]
+        expected = F.log_softmax(logits / temperature, -1).gather(-1, torch.tensor(output.token_ids)[:, None])
+        torch.testing.assert_close(torch.tensor(output.logprobs), expected.squeeze(-1), atol=ATOL, rtol=0)
+
+
+# --------------------------------------------------------------------------- (d) finishing and stops
+
+
+def test_stop_string_cuts_the_text_and_keeps_the_completing_token(model, prompts, tokenizer):
+    engine = TorchEngine(model, tokenizer, eos_token_ids=())
+    free_running = engine.generate(prompts[:1], SamplingParams(temperature=0.0, max_new_tokens=24))[0]
+    full_text = tokenizer.decode(free_running.token_ids)
+    assert len(full_text) == 24, "the greedy completion should be plain characters for this test"
+    stop = full_text[5:7]
+    cut = full_text.index(stop)
+
+    output = engine.generate(prompts[:1], SamplingParams(temperature=0.0, max_new_tokens=24, stop=(stop,)))[0]
+    assert output.finish_reason == "stop"
+    assert output.text == full_text[:cut]
+    # token_ids run up to and including the token that completed the stop string, so the learner
+    # trains the decision to stop; the text leaves the stop string out.
+    assert output.token_ids == free_running.token_ids[: cut + len(stop)]
+    assert len(output.logprobs) == len(output.token_ids)
+    assert output.logprobs == pytest.approx(free_running.logprobs[: cut + len(stop)], abs=1e-6)
+
+
+def test_the_earliest_of_several_stop_strings_wins_and_rows_stop_independently(model, prompts, tokenizer):
+    engine = TorchEngine(model, tokenizer, eos_token_ids=())
+    params = SamplingParams(temperature=0.0, max_new_tokens=20)
+    free_running = engine.generate(prompts, params)
+    texts = [tokenizer.decode(o.token_ids) for o in free_running]
+    stops = (texts[0][8:10], texts[1][3])
+    outputs = engine.generate(prompts, SamplingParams(temperature=0.0, max_new_tokens=20, stop=stops))
+    for text, free, output in zip(texts, free_running, outputs, strict=True):
+        cuts = [(text.index(stop), len(stop)) for stop in stops if stop in text]
+        if not cuts:
+            assert (output.finish_reason, output.text, output.token_ids) == ("length", text, free.token_ids)
+            continue
+        cut, length = min(cuts, key=lambda found: found[0] + found[1])  # the first one completed
+        assert output.finish_reason == "stop"
+        assert output.token_ids == free.token_ids[: cut + length]
+        assert output.text == text[: min(index for index, _ in cuts)]
+
+
+def test_eos_finishes_with_stop_and_is_kept_in_token_ids_but_not_in_text(model, prompts, tokenizer):
+    # At a high temperature eos (1 token in 100) shows up in some of 64 rows of 24 tokens.
+    batch = [prompts[i % len(prompts)] for i in range(64)]
+    outputs = TorchEngine(model, tokenizer).generate(batch, SamplingParams(temperature=3.0, max_new_tokens=24, seed=0))
+    ended = [o for o in outputs if tokenizer.eos_id in o.token_ids]
+    assert ended, "expected some rows to sample eos"
+    for output in outputs:
+        assert len(output.logprobs) == len(output.token_ids)
+        assert all(math.isfinite(logprob) and logprob <= 0 for logprob in output.logprobs)
+        if output in ended:
+            assert output.token_ids.index(tokenizer.eos_id) == len(output.token_ids) - 1
+            assert output.finish_reason == "stop"
+            assert output.text == tokenizer.decode(output.token_ids[:-1])
+        else:
+            assert output.finish_reason == "length"
+            assert len(output.token_ids) == 24
+            assert output.text == tokenizer.decode(output.token_ids)
+
+
+def test_max_new_tokens_finishes_with_length(engine, prompts):
+    for output in engine.generate(prompts, SamplingParams(temperature=1.0, max_new_tokens=1, seed=0)):
+        if output.token_ids != [engine.tokenizer.eos_id]:
+            assert output.finish_reason == "length" and len(output.token_ids) == 1
+
+
+def test_find_stop_sees_stop_strings_across_tokens_that_decode_to_nothing(tokenizer):
+    a, b, c = tokenizer.encode("abc")
+    bos = tokenizer.bos_id
+    assert find_stop(tokenizer, [c, a, bos, bos, bos, bos, b], ("ab",)) == "c"
+    assert find_stop(tokenizer, [c, a, bos, b], ("xy", "ab")) == "c"
+    assert find_stop(tokenizer, [c, a, bos, c], ("ab",)) is None
+    assert find_stop(tokenizer, [a], ("a",)) == ""
+
+
+# ------------------------------------------------------------------------------------- (e) top-p
+
+
+def test_tiny_top_p_only_ever_picks_the_argmax(engine, prompts):
+    greedy = engine.generate(prompts, SamplingParams(temperature=0.0, max_new_tokens=16))
+    for seed in range(3):
+        nucleus = engine.generate(prompts, SamplingParams(temperature=1.0, top_p=1e-6, max_new_tokens=16, seed=seed))
+        assert [o.token_ids for o in nucleus] == [o.token_ids for o in greedy]
+
+
+def test_sample_next_draws_from_the_nucleus_in_proportion():
+    probabilities = torch.tensor([0.5, 0.3, 0.15, 0.05])
+    logits = probabilities.log().expand(40_000, 4).contiguous()
+    generator = torch.Generator().manual_seed(0)
+    tokens, logprobs = sample_next(logits, 1.0, 0.7, generator)
+    # top_p 0.7 keeps {0, 1}: the smallest prefix whose mass reaches 0.7.
+    frequencies = torch.bincount(tokens, minlength=4).float() / len(tokens)
+    torch.testing.assert_close(frequencies, torch.tensor([0.625, 0.375, 0.0, 0.0]), atol=0.01, rtol=0)
+    torch.testing.assert_close(logprobs, probabilities.log()[tokens])  # untruncated distribution
+    tokens, _ = sample_next(logits, 1.0, 1.0, generator)
+    frequencies = torch.bincount(tokens, minlength=4).float() / len(tokens)
+    torch.testing.assert_close(frequencies, probabilities, atol=0.01, rtol=0)
+
+
+def test_sample_next_temperature_sharpens_and_greedy_takes_the_argmax():
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0]]).expand(40_000, 4).contiguous()
+    tokens, logprobs = sample_next(logits, 0.5, 1.0, torch.Generator().manual_seed(1))
+    expected = F.softmax(logits[0] / 0.5, -1)
+    frequencies = torch.bincount(tokens, minlength=4).float() / len(tokens)
+    torch.testing.assert_close(frequencies, expected, atol=0.01, rtol=0)
+    torch.testing.assert_close(logprobs, expected.log()[tokens])
+    tokens, logprobs = sample_next(logits[:2], 0.0, 1.0)
+    assert tokens.tolist() == [0, 0]
+    torch.testing.assert_close(logprobs, F.log_softmax(logits[0], -1)[[0, 0]])
+
+
+def test_sample_next_never_picks_a_zero_probability_token():
+    logits = torch.tensor([[0.0, -math.inf, 0.0, -math.inf]]).expand(10_000, 4).contiguous()
+    tokens, logprobs = sample_next(logits, 1.0, 1.0, torch.Generator().manual_seed(2))
+    assert set(tokens.tolist()) == {0, 2}
+    assert torch.isfinite(logprobs).all()
+
+
+# ------------------------------------------------------------------------------------- (f) seeds
+
+
+def test_same_seed_same_output_and_different_seeds_differ(engine, prompts):
+    params = SamplingParams(temperature=1.0, max_new_tokens=16, seed=42)
+    first, second = engine.generate(prompts, params), engine.generate(prompts, params)
+    assert [(o.token_ids, o.logprobs, o.text) for o in first] == [(o.token_ids, o.logprobs, o.text) for o in second]
+    other = engine.generate(prompts, SamplingParams(temperature=1.0, max_new_tokens=16, seed=43))
+    assert [o.token_ids for o in other] != [o.token_ids for o in first]
+
+
+def test_seed_does_not_depend_on_or_disturb_the_global_rng(engine, prompts):
+    params = SamplingParams(temperature=1.0, max_new_tokens=8, seed=5)
+    torch.manual_seed(0)
+    first = engine.generate(prompts, params)
+    after_first = torch.rand(2)
+    torch.manual_seed(999)
+    assert [o.token_ids for o in engine.generate(prompts, params)] == [o.token_ids for o in first]
+    torch.manual_seed(0)
+    engine.generate(prompts, params)
+    assert torch.equal(torch.rand(2), after_first)
+
+
+# ---------------------------------------------------------------------------------- (g) weights
+
+
+def test_load_weights_swaps_weights_in_place(model, other_model, prompts, tokenizer):
+    engine = TorchEngine(make_model(tokenizer, seed=1), tokenizer)
+    parameter_storage = engine.model.model.embed_tokens.weight.data_ptr()
+    greedy = SamplingParams(temperature=0.0, max_new_tokens=12)
+    before = engine.generate(prompts, greedy)
+    engine.load_weights(other_model.state_dict(), version=1)
+    assert engine.policy_version == 1
+    assert engine.model.model.embed_tokens.weight.data_ptr() == parameter_storage  # copied, not replaced
+    ids = prompts[1]
+    torch.testing.assert_close(engine.logits(torch.tensor([ids]))[0], hf_logits(other_model, ids), atol=ATOL, rtol=0)
+    after = engine.generate(prompts, greedy)
+    assert [o.token_ids for o in after] == [
+        o.token_ids for o in TorchEngine(other_model, tokenizer).generate(prompts, greedy)
+    ]
+    assert [o.token_ids for o in after] != [o.token_ids for o in before]
+
+
+def test_load_weights_accepts_read_only_numpy_arrays_and_a_dict_without_the_tied_head(other_model, prompts, tokenizer):
+    """As the workers get them: numpy arrays from Ray's object store, which are read-only."""
+    engine = TorchEngine(make_model(tokenizer, seed=1), tokenizer)
+    state = {}
+    for name, tensor in other_model.state_dict().items():
+        if name != "lm_head.weight":
+            state[name] = tensor.numpy().copy()
+            state[name].setflags(write=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        engine.load_weights(state, version=3)
+    ids = torch.tensor([prompts[0]])
+    torch.testing.assert_close(engine.logits(ids)[0], hf_logits(other_model, prompts[0]), atol=ATOL, rtol=0)
+
+
+def test_versions_must_increase(other_model, tokenizer):
+    engine = TorchEngine(make_model(tokenizer, seed=1), tokenizer)
+    state = other_model.state_dict()
+    engine.load_weights(state, version=0)  # the first load may repeat the initial version (the driver's warm start)
+    engine.load_weights(state, version=2)
+    with pytest.raises(ValueError, match=r"got version 2.*policy version 2"):
+        engine.load_weights(state, version=2)
+    with pytest.raises(ValueError, match=r"got version 1.*policy version 2"):
+        engine.load_weights(state, version=1)
+    assert engine.policy_version == 2
+    fresh = TorchEngine(make_model(tokenizer, seed=1), tokenizer, policy_version=5)
+    with pytest.raises(ValueError, match=r"got version 4.*policy version 5"):
+        fresh.load_weights(state, version=4)
+
+
+def _state_with_problem(state: dict[str, torch.Tensor], problem: str) -> dict[str, torch.Tensor]:
+    state = dict(state)
+    name = "model.layers.1.mlp.down_proj.weight"
+    if problem == "missing":
+        del state[name]
+    elif problem == "shape":
+        state[name] = state[name][:, :-1]
+    elif problem == "unknown":
+        state["model.layers.9.self_attn.q_proj.weight"] = state[name]
+    elif problem == "nan":
+        state[name] = torch.full_like(state[name], math.nan)
+    elif problem == "not a tensor":
+        state[name] = "weights"
+    return state
+
+
+@pytest.mark.parametrize(
+    ("problem", "message"),
+    [
+        ("missing", r"missing parameter 'model\.layers\.1\.mlp\.down_proj\.weight'"),
+        ("shape", r"'model\.layers\.1\.mlp\.down_proj\.weight' has shape \(64, 127\), the model's is \(64, 128\)"),
+        ("unknown", r"unknown parameter 'model\.layers\.9\.self_attn\.q_proj\.weight'"),
+        ("nan", r"'model\.layers\.1\.mlp\.down_proj\.weight' holds non-finite values"),
+        ("not a tensor", r"is a str, not a tensor"),
+    ],
+)
+def test_a_bad_state_dict_is_refused_and_leaves_the_engine_unchanged(other_model, prompts, tokenizer, problem, message):
+    engine = TorchEngine(make_model(tokenizer, seed=1), tokenizer)
+    engine.load_weights(make_model(tokenizer, seed=1).state_dict(), version=1)
+    ids = torch.tensor([prompts[1]])
+    logits_before = engine.logits(ids)
+    parameters_before = {name: p.detach().clone() for name, p in engine.model.named_parameters()}
+    with pytest.raises(ValueError, match=message):
+        engine.load_weights(_state_with_problem(other_model.state_dict(), problem), version=2)
+    assert engine.policy_version == 1
+    assert torch.equal(engine.logits(ids), logits_before)
+    for name, parameter in engine.model.named_parameters():
+        assert torch.equal(parameter, parameters_before[name]), name
+
+
+def test_from_state_dict_builds_an_engine_holding_the_weights(other_model, prompts, tokenizer):
+    engine = TorchEngine.from_state_dict(other_model.state_dict(), other_model.config, tokenizer)
+    ids = torch.tensor([prompts[2]])
+    torch.testing.assert_close(engine.logits(ids)[0], hf_logits(other_model, prompts[2]), atol=ATOL, rtol=0)
+
+
+# ------------------------------------------------------------------------------- (h) bad requests
+
+
+@pytest.mark.parametrize(
+    ("params", "field"),
+    [
+        (SamplingParams(temperature=-0.1), "temperature"),
+        (SamplingParams(temperature=math.nan), "temperature"),
+        (SamplingParams(top_p=0.0), "top_p"),
+        (SamplingParams(top_p=1.5), "top_p"),
+        (SamplingParams(max_new_tokens=0), "max_new_tokens"),
+        (SamplingParams(max_new_tokens=2.5), "max_new_tokens"),
+        (SamplingParams(stop=("",)), "stop"),
+        (SamplingParams(stop="\n"), "stop"),
+        (SamplingParams(seed="7"), "seed"),
+    ],
+)
+def test_bad_sampling_params_raise_naming_the_field(engine, prompts, params, field):
+    with pytest.raises(ValueError, match=rf"SamplingParams\.{field}\b"):
+        engine.generate(prompts, params)
+
+
+def test_prompts_the_model_cannot_take_raise_clear_errors(engine, tokenizer):
+    too_long = [tokenizer.bos_id] + tokenizer.encode("x" * 60)
+    with pytest.raises(ValueError, match=r"prompt 1 has 61 tokens.*max_position_embeddings=64"):
+        engine.generate([[1, 5], too_long], SamplingParams(max_new_tokens=4))
+    with pytest.raises(ValueError, match="max_position_embeddings=64"):
+        engine.logits(torch.ones(1, 65, dtype=torch.long))
+    with pytest.raises(ValueError, match="prompt 0 is empty"):
+        engine.generate([[]], SamplingParams())
+    with pytest.raises(ValueError, match=re.escape("prompt 0 holds token id 100, outside the vocabulary [0, 100)")):
+        engine.generate([[1, 100]], SamplingParams())
+    with pytest.raises(ValueError, match="token id -1"):
+        engine.generate([[1, -1]], SamplingParams())
+
+
+def test_a_prompt_that_exactly_fills_the_context_is_accepted(engine, tokenizer):
+    prompt = [tokenizer.bos_id] + tokenizer.encode("y" * 59)
+    (output,) = engine.generate([prompt], SamplingParams(temperature=0.0, max_new_tokens=4))
+    assert 1 <= len(output.token_ids) <= 4
+
+
+def test_an_empty_batch_gives_no_outputs(engine):
+    assert engine.generate([], SamplingParams()) == []
+
+
+def test_numpy_prompts_are_accepted(engine, prompts):
+    params = SamplingParams(temperature=0.0, max_new_tokens=5)
+    as_numpy = engine.generate([np.array(p) for p in prompts], params)
+    assert [o.token_ids for o in as_numpy] == [o.token_ids for o in engine.generate(prompts, params)]
