@@ -1,17 +1,27 @@
 """Generation throughput: `TorchEngine` against transformers' `model.generate`, same model, same work.
 
-Both run side by side in one process with `torch.set_num_threads(1)` on a batch of 64 left-padded
-prompts of about 10 characters, sampling at temperature 1 (no top-k/top-p) for exactly
-`--new-tokens` tokens each (eos disabled in the engine, `min_new_tokens` in `generate`). One warm-up,
-then the median of several repeats. Configs: the demo's tiny model (hidden 128, 4 layers, 4 heads,
-2 kv heads, MLP 512) and a larger one (hidden 512, 8 layers, 8 heads, 4 kv heads, MLP 2048).
+Both run side by side in one process with the same `torch.set_num_threads` (1 unless `--threads`), on
+the same batch of 64 left-padded prompts of 9-13 tokens (bos + 8-12 characters), sampling at
+temperature 1 from the full distribution (no top-k/top-p) with a KV cache (`use_cache=True`). Neither
+stops early: eos is disabled in both (`eos_token_ids=()` for the engine, `eos_token_id=None` for
+`generate`; eos may be sampled but ends nothing) and there are no stop strings, so both generate exactly
+`batch × new_tokens` tokens, and tokens/s counts exactly those. Calls alternate between the two, one
+warm-up each, then the median of `--repeats`. The last column times the weight matmuls of one
+`generate` call alone (prefill, decode steps, lm head, on random activations): work both must do (the
+engine skips the last layer's non-final prompt positions), so it bounds how far either can go. Before
+timing, greedy decoding of a few prompts is checked to agree token for token, so they really run the
+same model.
 
-Run: `python bench/engine.py [--repeats 5] [--batch 64] [--new-tokens 32] [--skip-large]`.
+Configs: the demo's tiny model (hidden 128, 4 layers, 4 heads, 2 kv heads, MLP 512) and a larger one
+(hidden 512, 8 layers, 8 heads, 4 kv heads, MLP 2048).
+
+Run: `python bench/engine.py [--repeats 5] [--batch 64] [--new-tokens 32] [--threads 1] [--skip-large]`.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import random
 import statistics
 import string
@@ -27,11 +37,15 @@ from rollout.model import build_model
 from rollout.tokenizer import CharTokenizer
 
 CONFIGS = {
-    "demo (h128 L4)": TinyModelConfig(hidden_size=128, num_layers=4, num_heads=4, num_kv_heads=2, intermediate_size=512),
+    "demo (h128 L4)": TinyModelConfig(
+        hidden_size=128, num_layers=4, num_heads=4, num_kv_heads=2, intermediate_size=512
+    ),
     "large (h512 L8)": TinyModelConfig(
         hidden_size=512, num_layers=8, num_heads=8, num_kv_heads=4, intermediate_size=2048
     ),
 }
+GREEDY_CHECK_PROMPTS = 4
+GREEDY_CHECK_TOKENS = 8
 
 
 def make_prompts(tokenizer: CharTokenizer, count: int, seed: int = 0) -> list[list[int]]:
@@ -44,60 +58,98 @@ def make_prompts(tokenizer: CharTokenizer, count: int, seed: int = 0) -> list[li
     ]
 
 
-def median_seconds(run: Callable[[], int], repeats: int) -> tuple[float, int]:
-    """Median wall time of `run` after one warm-up call, and the tokens one call generates."""
-    tokens = run()
-    times = []
+def alternating_medians(runs: dict[str, Callable[[], int]], repeats: int) -> dict[str, tuple[float, int]]:
+    """Median seconds of each run and the tokens it generates; runs alternate so drift hits all alike."""
+    tokens = {name: run() for name, run in runs.items()}  # warm-up
+    seconds: dict[str, list[float]] = {name: [] for name in runs}
     for _ in range(repeats):
-        started = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - started)
-    return statistics.median(times), tokens
+        for name, run in runs.items():
+            started = time.perf_counter()
+            run()
+            seconds[name].append(time.perf_counter() - started)
+    return {name: (statistics.median(seconds[name]), tokens[name]) for name in runs}
 
 
-def bench_config(name: str, tiny: TinyModelConfig, args: argparse.Namespace) -> tuple[float, float]:
+def matmuls_alone(engine: TorchEngine, batch: int, prompt_length: int, new_tokens: int) -> Callable[[], int]:
+    """Only the weight matmuls one generation call performs (prefill, decode steps, lm head), on random
+    activations: work that both implementations must do, so a lower bound on either call's time."""
+    hidden = engine.hidden_size
+    layers = [
+        (layer.qkv_weight, layer.output_weight_t.t(), layer.gate_up_weight, layer.down_weight_t.t())
+        for layer in engine._layers
+    ]
+
+    shapes = {(rows, weight.shape[1]) for rows in (batch, batch * prompt_length) for w in layers for weight in w}
+    inputs = {shape: torch.randn(shape) for shape in shapes | {(batch, hidden)}}
+
+    def run_layers(rows: int) -> None:
+        for weights in layers:
+            for weight in weights:
+                torch.nn.functional.linear(inputs[rows, weight.shape[1]], weight)
+
+    def run() -> int:
+        with torch.inference_mode():
+            run_layers(batch * prompt_length)
+            for _ in range(new_tokens - 1):
+                run_layers(batch)
+            for _ in range(new_tokens):
+                torch.nn.functional.linear(inputs[batch, hidden], engine._lm_head)
+        return 0
+
+    return run
+
+
+def bench_config(name: str, tiny: TinyModelConfig, args: argparse.Namespace) -> None:
+    """Print one table row."""
     tokenizer = CharTokenizer()
     model = build_model(ModelConfig(tiny=tiny), tokenizer)
     prompts = make_prompts(tokenizer, args.batch)
     new_tokens = args.new_tokens
-    engine = TorchEngine(model, tokenizer, eos_token_ids=(), max_batch_size=args.batch)
     params = SamplingParams(temperature=1.0, top_p=1.0, max_new_tokens=new_tokens, seed=0)
-
-    def run_engine() -> int:
-        outputs = engine.generate(prompts, params)
-        return sum(len(output.token_ids) for output in outputs)
+    engine = TorchEngine(model, tokenizer, eos_token_ids=(), max_batch_size=args.batch)
 
     length = max(len(prompt) for prompt in prompts)
     input_ids = torch.tensor([[tokenizer.pad_id] * (length - len(p)) + p for p in prompts])
     attention_mask = (input_ids != tokenizer.pad_id).long()
+    sampling = copy.deepcopy(model.generation_config)
+    sampling.update(
+        do_sample=True, temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=new_tokens, eos_token_id=None,
+        pad_token_id=tokenizer.pad_id, use_cache=True,
+    )  # fmt: skip
+
+    greedy = SamplingParams(temperature=0.0, max_new_tokens=GREEDY_CHECK_TOKENS)
+    for prompt in prompts[:GREEDY_CHECK_PROMPTS]:
+        with torch.inference_mode():
+            greedy_hf = model.generate(
+                torch.tensor([prompt]), do_sample=False, max_new_tokens=GREEDY_CHECK_TOKENS, eos_token_id=None,
+                pad_token_id=tokenizer.pad_id,
+            )[0, len(prompt) :].tolist()  # fmt: skip
+        tokens = engine.generate([prompt], greedy)[0].token_ids
+        if greedy_hf != tokens:
+            raise RuntimeError(f"{name}: greedy tokens differ, engine {tokens} vs generate {greedy_hf}")
+
+    def run_engine() -> int:
+        return sum(len(output.token_ids) for output in engine.generate(prompts, params))
 
     def run_hf() -> int:
         with torch.inference_mode():
-            output = model.generate(
-                input_ids=input_ids,
-                attention_mask=attention_mask,
-                do_sample=True,
-                temperature=1.0,
-                top_k=0,
-                top_p=1.0,
-                max_new_tokens=new_tokens,
-                min_new_tokens=new_tokens,
-                pad_token_id=tokenizer.pad_id,
-            )
+            output = model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=sampling)
         return int((output.shape[1] - length) * output.shape[0])
 
     torch.manual_seed(0)
-    engine_seconds, engine_tokens = median_seconds(run_engine, args.repeats)
-    hf_seconds, hf_tokens = median_seconds(run_hf, args.repeats)
-    if engine_tokens != hf_tokens:
+    floor = matmuls_alone(engine, args.batch, length, new_tokens)
+    results = alternating_medians({"engine": run_engine, "hf": run_hf, "floor": floor}, args.repeats)
+    (engine_seconds, engine_tokens), (hf_seconds, hf_tokens) = results["engine"], results["hf"]
+    if engine_tokens != hf_tokens or engine_tokens != args.batch * new_tokens:
         raise RuntimeError(f"{name}: engine generated {engine_tokens} tokens, generate {hf_tokens}; not comparable")
     engine_rate, hf_rate = engine_tokens / engine_seconds, hf_tokens / hf_seconds
+    floor_seconds = results["floor"][0]
     print(
-        f"| {name:<16} | {args.batch:>5} | {new_tokens:>6} | {hf_rate:>12,.0f} | {engine_rate:>12,.0f} "
-        f"| {engine_rate / hf_rate:>5.2f}x |",
+        f"| {name:<16} | {args.batch:>5} | {new_tokens:>6} | {hf_rate:>8,.0f} ({hf_seconds * 1e3:>5,.0f} ms) "
+        f"| {engine_rate:>8,.0f} ({engine_seconds * 1e3:>5,.0f} ms) | {engine_rate / hf_rate:>5.2f}x "
+        f"| {floor_seconds * 1e3:>15,.0f} ms | {hf_seconds / floor_seconds:>16.2f}x |",
         flush=True,
     )
-    return engine_rate, hf_rate
 
 
 def main() -> None:
@@ -105,13 +157,28 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads, the same for both")
     parser.add_argument("--skip-large", action="store_true", help="only the demo-sized model")
     args = parser.parse_args()
-    torch.set_num_threads(1)
+    torch.set_num_threads(args.threads)
 
-    print(f"TorchEngine vs transformers generate, 1 thread, median of {args.repeats} (tokens/s)")
-    print("| model            | batch | tokens | HF generate  | TorchEngine  | ratio  |")
-    print("| ---------------- | ----- | ------ | ------------ | ------------ | ------ |")
+    print(
+        f"TorchEngine vs transformers generate: {args.threads} thread(s), float32, median of {args.repeats} calls; "
+        f"tokens/s over batch x new tokens, every one generated (eos ignored by both, no stop strings)"
+    )
+    print(
+        f"greedy check: both decode the same {GREEDY_CHECK_TOKENS} tokens for {GREEDY_CHECK_PROMPTS} prompts per model"
+    )
+    print("matmuls alone: the weight matmuls of one generate call on their own (prefill, decode, lm head)")
+    print("ratio bound: HF's call time over the matmuls alone, the ratio an engine doing nothing else would reach")
+    print(
+        "| model            | batch | tokens | HF generate tok/s (call) | TorchEngine tok/s (call) | ratio  "
+        "| matmuls alone (call) | ratio bound (HF/mm) |"
+    )
+    print(
+        "| ---------------- | ----- | ------ | ------------------------ | ------------------------ | ------ "
+        "| -------------------- | ------------------- |"
+    )
     for name, tiny in CONFIGS.items():
         if args.skip_large and name.startswith("large"):
             continue

@@ -1,0 +1,1 @@
+"""Generation engines implementing `orchard.protocols.Engine`: `torch_engine.TorchEngine` runs on CPU."""

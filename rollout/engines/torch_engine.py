@@ -2,26 +2,31 @@
 
 The forward pass is a compact re-implementation of Hugging Face's `Qwen2ForCausalLM` that reads the HF
 model's own parameters (same names), so the learner (which trains the HF model) and the engine always
-agree on the weights; `tests/unit/test_torch_engine.py` checks the logits match. It is much faster
-than `model.generate` on CPU because each step is a handful of fused ops with no per-step Python
-bookkeeping of HF's cache and generation machinery (`bench/engine.py` prints the ratio).
+agree on the weights; `tests/unit/test_torch_engine.py` checks the logits match. On CPU it beats
+`model.generate` where per-step overhead matters (the demo-sized model), because the cache is
+preallocated (HF's dynamic cache copies itself on every step) and a decode step is a handful of fused
+ops: one GEMM for q/k/v and one for gate/up, RoPE on q and k together, attention as two batched
+matmuls, residual adds fused into the output GEMMs. On larger models both are bound by the same weight
+matmuls. `bench/engine.py` prints both rates and that matmul floor.
 
 Generation: the prompts are left-padded and prefilled in one forward into a preallocated cache
-of `prompt length + max_new_tokens` slots; then one token per step. Positions count from each
+of `prompt length + max_new_tokens` slots (its last layer computes only the last position, the one
+that is sampled from); then one token per step. Positions count from each
 prompt's first real token (`position = slot - pad count`), as if the sequence were unpadded, which is
 what the learner sees. Finished rows are dropped from the batch once a quarter of it has finished.
 
 Stop strings: the completion's `text` ends before the first stop string; its `token_ids` and `logprobs`
 keep every token up to and including the token that completed the stop string (as vLLM does), so the
 learner also trains the decision to stop. An eos token is likewise kept in `token_ids` (not in `text`).
-Both finish with reason "stop"; running out of `max_new_tokens` is "length".
+Both finish with reason "stop"; running out of `max_new_tokens` is "length". Sampling and stop
+strings live in `rollout/engines/sampling.py`.
 """
 
 from __future__ import annotations
 
-import math
+import warnings
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -29,11 +34,24 @@ import torch.nn.functional as F
 from transformers import PretrainedConfig, Qwen2ForCausalLM
 
 from orchard.protocols import GenerationOutput, SamplingParams
+from rollout.engines.sampling import find_stop, sample_next, validate_params
 from rollout.tokenizer import Tokenizer
 
-#: Compact the batch once this fraction of its rows has finished (a gather of every cache tensor costs
-#: about as much as one decode step, so compacting on every finish would not pay).
+#: Compact the batch once this fraction of its rows has finished (a gather of the cache costs about as
+#: much as one decode step, so compacting on every finish would not pay).
 COMPACT_FRACTION = 0.25
+
+
+class _Layer(NamedTuple):
+    """One decoder layer's weights, with q/k/v and gate/up fused (copies; see `TorchEngine.refresh`)."""
+
+    input_norm: torch.Tensor
+    qkv_weight: torch.Tensor
+    qkv_bias: torch.Tensor | None
+    output_weight_t: torch.Tensor  # o_proj.weight transposed, for `addmm(residual, attn, w_t)`
+    post_norm: torch.Tensor
+    gate_up_weight: torch.Tensor
+    down_weight_t: torch.Tensor
 
 
 class TorchEngine:
@@ -58,11 +76,14 @@ class TorchEngine:
         self.max_batch_size = max_batch_size
         self.eos_token_ids = (tokenizer.eos_id,) if eos_token_ids is None else tuple(eos_token_ids)
         self.policy_version = policy_version
+        self._has_loaded_weights = False
         self._read_geometry(model.config)
         self._parameters = dict(self.model.named_parameters(remove_duplicate=False))
         # Tied embeddings appear in `state_dict()` as `lm_head.weight` too; accept either name.
         self._aliases = {"lm_head.weight": "model.embed_tokens.weight"} if self._tied else {}
-        self._pack()
+        if any(name.endswith(("o_proj.bias", "mlp.gate_proj.bias", "mlp.down_proj.bias")) for name in self._parameters):
+            raise ValueError("TorchEngine cannot run this model: biases outside q/k/v are not implemented")
+        self.refresh()
 
     @classmethod
     def from_state_dict(
@@ -94,85 +115,143 @@ class TorchEngine:
         self.eps = config.rms_norm_eps
         self._tied = bool(config.tie_word_embeddings)
         # RoPE exactly as HF computes it (float32 frequencies, `cat(freqs, freqs)`), so logits match.
+        # HF's `x·cos + rotate_half(x)·sin` with rotate_half(x) = (-x2, x1) equals
+        # `x·cos + swap_halves(x)·(-sin, sin)`, which needs no negation per step.
         inv_freq = 1.0 / (rope["rope_theta"] ** (torch.arange(0, self.head_dim, 2, dtype=torch.float) / self.head_dim))
         freqs = torch.arange(self.max_positions, dtype=torch.float)[:, None] * inv_freq
-        emb = torch.cat((freqs, freqs), dim=-1)
         dtype = next(self.model.parameters()).dtype
-        self._cos = emb.cos().to(self.device, dtype)
-        self._sin = emb.sin().to(self.device, dtype)
+        self._cos = torch.cat((freqs, freqs), dim=-1).cos().to(self.device, dtype)
+        self._signed_sin = torch.cat((-freqs.sin(), freqs.sin()), dim=-1).to(self.device, dtype)
 
-    def _pack(self) -> None:
-        """Fuse q/k/v and gate/up projections into single matmuls (fewer ops per step).
+    @torch.no_grad()
+    def refresh(self) -> None:
+        """Rebuild the fused weights from the model's parameters.
 
-        The fused tensors are copies: call `refresh()` after changing the model's parameters other than
-        through `load_weights`.
+        They are copies: call this after changing the model's parameters other than through
+        `load_weights` (which calls it).
         """
         get = self._parameters.__getitem__
-        self._layers = []
+        layers = []
         for index in range(self.num_layers):
             prefix = f"model.layers.{index}."
             attn = prefix + "self_attn."
             biases = [self._parameters.get(attn + f"{name}_proj.bias") for name in "qkv"]
-            qkv_weight = torch.cat([get(attn + f"{name}_proj.weight") for name in "qkv"])
-            qkv_bias = torch.cat(biases) if all(b is not None for b in biases) else None
-            self._layers.append(
-                (
-                    get(prefix + "input_layernorm.weight"),
-                    qkv_weight,
-                    qkv_bias,
-                    get(attn + "o_proj.weight"),
-                    get(prefix + "post_attention_layernorm.weight"),
-                    torch.cat([get(prefix + "mlp.gate_proj.weight"), get(prefix + "mlp.up_proj.weight")]),
-                    get(prefix + "mlp.down_proj.weight"),
+            layers.append(
+                _Layer(
+                    input_norm=get(prefix + "input_layernorm.weight").detach(),
+                    qkv_weight=torch.cat([get(attn + f"{name}_proj.weight") for name in "qkv"]),
+                    qkv_bias=torch.cat(biases) if all(b is not None for b in biases) else None,
+                    output_weight_t=get(attn + "o_proj.weight").detach().t(),
+                    post_norm=get(prefix + "post_attention_layernorm.weight").detach(),
+                    gate_up_weight=torch.cat(
+                        [get(prefix + "mlp.gate_proj.weight"), get(prefix + "mlp.up_proj.weight")]
+                    ),
+                    down_weight_t=get(prefix + "mlp.down_proj.weight").detach().t(),
                 )
             )
-        self._embed = get("model.embed_tokens.weight")
-        self._final_norm = get("model.norm.weight")
-        self._lm_head = self._embed if self._tied else get("lm_head.weight")
-
-    refresh = _pack
+        self._layers = layers
+        self._embed = get("model.embed_tokens.weight").detach()
+        self._final_norm = get("model.norm.weight").detach()
+        self._lm_head = self._embed if self._tied else get("lm_head.weight").detach()
 
     # ----------------------------------------------------------------------------------------- forward
+
+    def _rope_tables(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and signed sin at `positions`, shaped to broadcast over the heads of `_rope`."""
+        return self._cos[positions].unsqueeze(-2), self._signed_sin[positions].unsqueeze(-2)
+
+    def _rope(self, qkv: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+        """q and k of `qkv` (`[..., (heads + 2 kv_heads) * head_dim]`) rotated, `[..., heads + kv_heads, head_dim]`."""
+        heads = self.num_heads + self.num_kv_heads
+        qk = qkv[..., : heads * self.head_dim].unflatten(-1, (heads, self.head_dim))
+        half = self.head_dim // 2
+        return torch.addcmul(qk * cos, torch.cat((qk[..., half:], qk[..., :half]), dim=-1), signed_sin)
 
     def _forward(
         self,
         token_ids: torch.Tensor,
         positions: torch.Tensor,
         mask: torch.Tensor,
-        cache: list[tuple[torch.Tensor, torch.Tensor]],
+        cache: torch.Tensor,
         start: int,
+        *,
+        last_only: bool = False,
     ) -> torch.Tensor:
         """Hidden states after the final norm, `[batch, new, hidden]`; writes K/V into `cache` at `start`.
 
         `mask[b, 0, i, j]` says whether query `i` of row `b` may attend to cache slot `j < start + new`.
+        `last_only` (prefill): the last layer computes attention and MLP for the last position only
+        (`[batch, 1, hidden]`), the only one generation reads; every position's keys and values are
+        still cached. Used for prefill and scoring; `_decode` is the one-token-per-row fast path.
         """
         batch, new = token_ids.shape
         end = start + new
         heads, kv_heads, head_dim = self.num_heads, self.num_kv_heads, self.head_dim
-        q_size, kv_size = heads * head_dim, kv_heads * head_dim
-        cos = self._cos[positions].unsqueeze(1)  # [batch, 1, new, head_dim]
-        sin = self._sin[positions].unsqueeze(1)
+        rope = self._rope_tables(positions)
         x = F.embedding(token_ids, self._embed)
-        for layer, (in_norm, qkv_w, qkv_b, o_w, post_norm, gate_up_w, down_w) in enumerate(self._layers):
-            h = F.rms_norm(x, (self.hidden_size,), in_norm, self.eps)
-            q, k, v = F.linear(h, qkv_w, qkv_b).split((q_size, kv_size, kv_size), dim=-1)
-            q = _rotate(q.view(batch, new, heads, head_dim).transpose(1, 2), cos, sin)
-            k = _rotate(k.view(batch, new, kv_heads, head_dim).transpose(1, 2), cos, sin)
-            k_cache, v_cache = cache[layer]
-            k_cache[:, :, start:end] = k
-            v_cache[:, :, start:end] = v.view(batch, new, kv_heads, head_dim).transpose(1, 2)
-            attn = F.scaled_dot_product_attention(
-                q, k_cache[:, :, :end], v_cache[:, :, :end], attn_mask=mask, enable_gqa=kv_heads != heads
+        for index, layer in enumerate(self._layers):
+            h = F.rms_norm(x, (self.hidden_size,), layer.input_norm, self.eps)
+            qkv = F.linear(h, layer.qkv_weight, layer.qkv_bias)
+            rotated = self._rope(qkv, *rope)  # [batch, new, heads + kv_heads, head_dim]
+            cache[index, 0, :, :, start:end] = rotated[:, :, heads:].transpose(1, 2)
+            cache[index, 1, :, :, start:end] = (
+                qkv[..., (heads + kv_heads) * head_dim :].unflatten(-1, (kv_heads, head_dim)).transpose(1, 2)
             )
-            x = x + F.linear(attn.transpose(1, 2).reshape(batch, new, q_size), o_w)
-            gate, up = F.linear(F.rms_norm(x, (self.hidden_size,), post_norm, self.eps), gate_up_w).chunk(2, dim=-1)
-            x = x + F.linear(F.silu(gate) * up, down_w)
+            queries = rotated[:, :, :heads]
+            if last_only and index == self.num_layers - 1:
+                x, queries, mask = x[:, -1:], queries[:, -1:], mask[:, :, -1:]
+            attn = F.scaled_dot_product_attention(
+                queries.transpose(1, 2),
+                cache[index, 0, :, :, :end],
+                cache[index, 1, :, :, :end],
+                attn_mask=mask,
+                enable_gqa=kv_heads != heads,
+            )
+            x = x + attn.transpose(1, 2).reshape(batch, x.shape[1], heads * head_dim) @ layer.output_weight_t
+            h = F.rms_norm(x, (self.hidden_size,), layer.post_norm, self.eps)
+            gate, up = F.linear(h, layer.gate_up_weight).chunk(2, dim=-1)
+            x = x + (F.silu(gate) * up) @ layer.down_weight_t
         return F.rms_norm(x, (self.hidden_size,), self._final_norm, self.eps)
 
-    def _new_cache(self, batch: int, slots: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        shape = (batch, self.num_kv_heads, slots, self.head_dim)
-        options = {"dtype": self._embed.dtype, "device": self.device}
-        return [(torch.zeros(shape, **options), torch.zeros(shape, **options)) for _ in range(self.num_layers)]
+    def _decode(
+        self, token_ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor, cache: torch.Tensor, slot: int
+    ) -> torch.Tensor:
+        """`_forward` for one new token per row at cache `slot`: hidden states `[batch, hidden]`.
+
+        `mask` is additive, `[batch * kv_heads, 1, slot + 1]` (0 to attend, -inf for padding). Attention
+        is two batched matmuls over `[batch * kv_heads]` with the query heads of a group as rows, so
+        grouped-query attention needs no repeated keys.
+        """
+        batch = token_ids.shape[0]
+        heads, kv_heads, head_dim = self.num_heads, self.num_kv_heads, self.head_dim
+        group = heads // kv_heads
+        scale = head_dim**-0.5
+        rope = self._rope_tables(positions)
+        # Views of every layer's cache, taken once per step: the new token's slot, and keys (transposed)
+        # and values up to it with (row, kv head) flattened into the batch of the matmuls.
+        new_keys, new_values = cache[:, 0, :, :, slot], cache[:, 1, :, :, slot]
+        keys_t = cache[:, 0, :, :, : slot + 1].flatten(1, 2).transpose(2, 3)
+        values = cache[:, 1, :, :, : slot + 1].flatten(1, 2)
+        x = F.embedding(token_ids, self._embed)
+        for index, layer in enumerate(self._layers):
+            h = F.rms_norm(x, (self.hidden_size,), layer.input_norm, self.eps)
+            qkv = F.linear(h, layer.qkv_weight, layer.qkv_bias)
+            rotated = self._rope(qkv, *rope)  # [batch, heads + kv_heads, head_dim]
+            new_keys[index].copy_(rotated[:, heads:])
+            new_values[index].copy_(qkv[:, (heads + kv_heads) * head_dim :].view(batch, kv_heads, head_dim))
+            queries = rotated[:, :heads].reshape(batch * kv_heads, group, head_dim)
+            scores = torch.baddbmm(mask, queries, keys_t[index], alpha=scale)
+            attn = torch.bmm(scores.softmax(-1), values[index])
+            x = torch.addmm(x, attn.view(batch, heads * head_dim), layer.output_weight_t)
+            h = F.rms_norm(x, (self.hidden_size,), layer.post_norm, self.eps)
+            gate, up = F.linear(h, layer.gate_up_weight).chunk(2, dim=-1)
+            x = torch.addmm(x, F.silu(gate).mul_(up), layer.down_weight_t)
+        return F.rms_norm(x, (self.hidden_size,), self._final_norm, self.eps)
+
+    def _new_cache(self, batch: int, slots: int) -> torch.Tensor:
+        """Keys and values of every layer, `[layers, 2, batch, kv_heads, slots, head_dim]`."""
+        shape = (self.num_layers, 2, batch, self.num_kv_heads, slots, self.head_dim)
+        return torch.zeros(shape, dtype=self._embed.dtype, device=self.device)
 
     @torch.inference_mode()
     def logits(self, token_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -185,6 +264,10 @@ class TorchEngine:
             attention_mask = torch.ones_like(token_ids, dtype=torch.bool)
         valid = attention_mask.to(self.device, torch.bool)
         batch, length = token_ids.shape
+        if length > self.max_positions:
+            raise ValueError(
+                f"sequences of {length} tokens exceed the model's max_position_embeddings={self.max_positions}"
+            )
         positions = (valid.long().cumsum(-1) - 1).clamp(min=0)
         hidden = self._forward(token_ids, positions, _prefill_mask(valid), self._new_cache(batch, length), 0)
         return F.linear(hidden, self._lm_head).float()
@@ -204,7 +287,8 @@ class TorchEngine:
             if len(prompt) + params.max_new_tokens > self.max_positions:
                 raise ValueError(
                     f"prompt {index} has {len(prompt)} tokens; with max_new_tokens={params.max_new_tokens} it "
-                    f"exceeds the model's max_position_embeddings={self.max_positions}"
+                    f"exceeds the model's max_position_embeddings={self.max_positions}: shorten the prompt "
+                    "or lower max_new_tokens"
                 )
         seed = params.seed if params.seed is not None else int(torch.randint(2**62, ()).item())
         generator = torch.Generator(device=self.device).manual_seed(seed)
@@ -220,53 +304,51 @@ class TorchEngine:
         batch, steps = len(prompts), params.max_new_tokens
         prompt_length = max(len(prompt) for prompt in prompts)
         slots = prompt_length + steps
+        device = self.device
         pad_id = self.tokenizer.pad_id
-        token_ids = torch.tensor([[pad_id] * (prompt_length - len(p)) + p for p in prompts], device=self.device)
-        pad_counts = torch.tensor([prompt_length - len(p) for p in prompts], device=self.device)
-        valid = torch.ones(batch, slots, dtype=torch.bool, device=self.device)
-        valid[:, :prompt_length] = torch.arange(prompt_length, device=self.device) >= pad_counts[:, None]
-        positions = (torch.arange(prompt_length, device=self.device) - pad_counts[:, None]).clamp(min=0)
+        token_ids = torch.tensor([[pad_id] * (prompt_length - len(p)) + p for p in prompts], device=device)
+        pad_counts = torch.tensor([prompt_length - len(p) for p in prompts], device=device)
+        prompt_valid = torch.arange(prompt_length, device=device) >= pad_counts[:, None]
+        positions = (torch.arange(prompt_length, device=device) - pad_counts[:, None]).clamp(min=0)
         cache = self._new_cache(batch, slots)
-        hidden = self._forward(token_ids, positions, _prefill_mask(valid[:, :prompt_length]), cache, 0)[:, -1]
+        hidden = self._forward(token_ids, positions, _prefill_mask(prompt_valid), cache, 0, last_only=True)[:, -1]
+        # Additive decode mask, one row per (sequence, kv head) as `_decode` wants it.
+        decode_mask = torch.zeros(batch, self.num_kv_heads, 1, slots, dtype=cache.dtype, device=device)
+        decode_mask[:, :, 0, :prompt_length].masked_fill_(~prompt_valid[:, None], float("-inf"))
 
         tokens: list[list[int]] = [[] for _ in prompts]
         logprobs: list[list[float]] = [[] for _ in prompts]
         finish: list[str | None] = [None] * batch
         texts: list[str | None] = [None] * batch
-        eos = torch.tensor(self.eos_token_ids, device=self.device, dtype=torch.long)
+        eos = set(self.eos_token_ids)
         rows = list(range(batch))  # original index of each row still in the batch
-        alive = torch.ones(batch, dtype=torch.bool, device=self.device)
         for step in range(steps):
             logits = F.linear(hidden, self._lm_head).float()
             sampled, sampled_logprobs = sample_next(logits, params.temperature, params.top_p, generator)
-            ended = torch.isin(sampled, eos) if len(eos) else torch.zeros_like(alive)
-            for row, token, logprob, is_eos, is_alive in zip(
-                rows, sampled.tolist(), sampled_logprobs.tolist(), ended.tolist(), alive.tolist(), strict=True
-            ):
-                if not is_alive:
-                    continue
+            for row, token, logprob in zip(rows, sampled.tolist(), sampled_logprobs.tolist(), strict=True):
+                if finish[row] is not None:
+                    continue  # finished, waiting for the batch to be compacted
                 tokens[row].append(token)
                 logprobs[row].append(logprob)
-                if is_eos:
+                if token in eos:
                     finish[row] = "stop"
                 elif params.stop:
                     cut = find_stop(self.tokenizer, tokens[row], params.stop)
                     if cut is not None:
                         finish[row], texts[row] = "stop", cut
-            alive = torch.tensor([finish[row] is None for row in rows], device=self.device)
-            remaining = int(alive.sum())
-            if remaining == 0 or step == steps - 1:
+            if step == steps - 1:
+                break
+            alive = [finish[row] is None for row in rows]
+            remaining = sum(alive)
+            if remaining == 0:
                 break
             if len(rows) - remaining >= max(1, COMPACT_FRACTION * len(rows)):
-                keep = alive.nonzero().squeeze(1)
-                rows = [rows[i] for i in keep.tolist()]
-                cache = [(k.index_select(0, keep), v.index_select(0, keep)) for k, v in cache]
-                valid, pad_counts, sampled = valid[keep], pad_counts[keep], sampled[keep]
-                alive = alive[keep]
+                keep = torch.tensor([i for i, is_alive in enumerate(alive) if is_alive], device=device)
+                rows = [row for row, is_alive in zip(rows, alive, strict=True) if is_alive]
+                cache = cache.index_select(2, keep)
+                decode_mask, pad_counts, sampled = decode_mask[keep], pad_counts[keep], sampled[keep]
             slot = prompt_length + step
-            hidden = self._forward(
-                sampled[:, None], (slot - pad_counts)[:, None], valid[:, None, None, : slot + 1], cache, slot
-            )[:, -1]
+            hidden = self._decode(sampled, slot - pad_counts, decode_mask[..., : slot + 1].flatten(0, 1), cache, slot)
         return [
             GenerationOutput(
                 token_ids=tokens[row],
@@ -282,13 +364,14 @@ class TorchEngine:
     def load_weights(self, state_dict: Mapping[str, torch.Tensor | np.ndarray], version: int) -> None:
         """Copy `state_dict` into the model's tensors in place and become policy `version`.
 
-        All names and shapes are checked before anything is copied, so a refused update leaves the
-        engine unchanged. Every parameter must be present (`lm_head.weight` may be omitted when tied).
+        `version` must exceed the current `policy_version` (the first load may also equal it). All
+        names and shapes are checked before anything is copied, so a refused update leaves the engine
+        unchanged. Every parameter must be present (`lm_head.weight` may be omitted when tied).
         """
-        if version < self.policy_version:
+        if version < self.policy_version or (version == self.policy_version and self._has_loaded_weights):
             raise ValueError(
-                f"weights version {version} is older than the engine's policy_version {self.policy_version}; "
-                "versions must not go backwards"
+                f"load_weights got version {version}, but the engine already holds policy version "
+                f"{self.policy_version}; every update must carry a larger version"
             )
         updates: dict[str, torch.Tensor] = {}
         problems: list[str] = []
@@ -298,8 +381,7 @@ class TorchEngine:
             if target_name not in self._parameters:
                 problems.append(f"unknown parameter {name!r}")
                 continue
-            seen.add(target_name)
-            tensor = torch.from_numpy(np.asarray(value)) if isinstance(value, np.ndarray) else value
+            tensor = _read_only_tensor(value) if isinstance(value, np.ndarray) else value
             if not isinstance(tensor, torch.Tensor):
                 problems.append(f"{name!r} is a {type(value).__name__}, not a tensor or numpy array")
                 continue
@@ -307,82 +389,34 @@ class TorchEngine:
             if tuple(tensor.shape) != expected:
                 problems.append(f"{name!r} has shape {tuple(tensor.shape)}, the model's is {expected}")
                 continue
+            if not (tensor.is_floating_point() and torch.isfinite(tensor).all()):
+                problems.append(f"{name!r} holds non-finite values or is not floating point ({tensor.dtype})")
+                continue
+            seen.add(target_name)
             if name != target_name and target_name in state_dict:
-                continue  # the tied alias of a tensor given under its own name
+                continue  # the tied alias of a tensor also given under its own name
             updates[target_name] = tensor
         required = set(self._parameters) - set(self._aliases)
-        missing = sorted(required - seen)
-        problems += [f"missing parameter {name!r}" for name in missing]
+        problems += [f"missing parameter {name!r}" for name in sorted(required - seen)]
         if problems:
             shown = "; ".join(problems[:8]) + (f"; and {len(problems) - 8} more" if len(problems) > 8 else "")
-            raise ValueError(f"load_weights refused version {version}: {shown}")
+            raise ValueError(f"load_weights refused version {version} (the engine keeps its weights): {shown}")
         with torch.no_grad():
             for name, tensor in updates.items():
                 self._parameters[name].copy_(tensor)
-        self._pack()
+        self.refresh()
         self.policy_version = version
+        self._has_loaded_weights = True
 
 
-def validate_params(params: SamplingParams) -> None:
-    """Raise `ValueError` naming the first field of `params` an engine cannot honour."""
-    if not math.isfinite(params.temperature) or params.temperature < 0:
-        raise ValueError(f"SamplingParams.temperature must be a finite number >= 0, got {params.temperature}")
-    if not 0 < params.top_p <= 1:
-        raise ValueError(f"SamplingParams.top_p must be in (0, 1], got {params.top_p}")
-    if not isinstance(params.max_new_tokens, int) or params.max_new_tokens < 1:
-        raise ValueError(f"SamplingParams.max_new_tokens must be an int >= 1, got {params.max_new_tokens!r}")
-    if isinstance(params.stop, str) or not all(isinstance(stop, str) and stop for stop in params.stop):
-        raise ValueError(f"SamplingParams.stop must be a tuple of non-empty strings, got {params.stop!r}")
-    if params.seed is not None and not isinstance(params.seed, int):
-        raise ValueError(f"SamplingParams.seed must be an int or None, got {params.seed!r}")
+def _read_only_tensor(array: np.ndarray) -> torch.Tensor:
+    """A tensor sharing `array`'s memory, which is only read (copied into the model).
 
-
-def sample_next(
-    logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None = None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Next tokens `[batch]` and their logprobs `[batch]` from float32 `logits` `[batch, vocab]`.
-
-    logprob = log_softmax(logits / T)[token] with T = 1 when greedy (`temperature == 0`, argmax). This is
-    the untruncated distribution, the one the learner recomputes from the same logits; top-p only
-    restricts which tokens may be drawn (Holtzman et al. 2020: keep the smallest prefix of tokens sorted
-    by probability whose mass reaches `top_p`). Drawing uses the exponential race
-    `argmax_i p_i / E_i, E_i ~ Exp(1)`, which picks i with probability p_i / sum(p).
+    Arrays from Ray's object store are read-only; torch warns about those, needlessly here.
     """
-    if temperature == 0:
-        tokens = logits.argmax(-1)
-        return tokens, F.log_softmax(logits, -1).gather(-1, tokens[:, None]).squeeze(-1)
-    logprobs = F.log_softmax(logits / temperature, -1)
-    # Clamped so an exact zero draw cannot make 0/0 = NaN, which argmax would pick.
-    noise = torch.empty_like(logprobs).exponential_(generator=generator).clamp_(min=1e-20)
-    if top_p < 1:
-        sorted_logprobs, order = logprobs.sort(-1, descending=True)
-        probs = sorted_logprobs.exp()
-        kept = probs.masked_fill(probs.cumsum(-1) - probs >= top_p, 0.0)
-        tokens = order.gather(-1, (kept / noise).argmax(-1, keepdim=True)).squeeze(-1)
-    else:
-        tokens = (logprobs.exp() / noise).argmax(-1)
-    return tokens, logprobs.gather(-1, tokens[:, None]).squeeze(-1)
-
-
-def find_stop(tokenizer: Tokenizer, token_ids: Sequence[int], stops: Sequence[str]) -> str | None:
-    """The completion's text before its first stop string, or None when it holds none yet.
-
-    Called after every new token, so a new occurrence ends in the last token and starts within the last
-    `len(stop)` tokens (each decodes to at least one character): decoding that tail first avoids
-    decoding the whole completion at every step.
-    """
-    tail = tokenizer.decode(token_ids[-(max(map(len, stops)) + 2) :])
-    if not any(stop in tail for stop in stops):
-        return None
-    text = tokenizer.decode(token_ids)
-    cuts = [index for index in (text.find(stop) for stop in stops) if index >= 0]
-    return text[: min(cuts)] if cuts else None
-
-
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """RoPE in HF's half-split layout: `x·cos + rotate_half(x)·sin` (Su et al. 2021, RoFormer)."""
-    half = x.shape[-1] // 2
-    return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        return torch.from_numpy(array)
 
 
 def _prefill_mask(valid: torch.Tensor) -> torch.Tensor:

@@ -16,7 +16,8 @@ from transformers import Qwen2ForCausalLM
 
 from orchard.config import ModelConfig, TinyModelConfig
 from orchard.protocols import Engine, SamplingParams
-from rollout.engines.torch_engine import TorchEngine, find_stop, sample_next
+from rollout.engines.sampling import find_stop, sample_next
+from rollout.engines.torch_engine import TorchEngine, _prefill_mask
 from rollout.model import build_model, tiny_qwen2_config
 from rollout.tokenizer import CharTokenizer
 
@@ -120,6 +121,20 @@ def test_logits_equal_hf_on_the_same_padded_batch_with_position_ids(engine, mode
         expected = model(ids, attention_mask=mask, position_ids=positions).logits
     valid = mask.bool()
     torch.testing.assert_close(engine.logits(ids, mask)[valid], expected[valid], atol=ATOL, rtol=0)
+
+
+def test_a_last_only_prefill_gives_the_last_position_and_the_same_cache(engine, prompts, tokenizer):
+    # Generation's prefill skips the last layer's attention and MLP for every position but the last.
+    ids, mask = left_pad(prompts, tokenizer.pad_id)
+    valid = mask.bool()
+    positions = (valid.long().cumsum(-1) - 1).clamp(min=0)
+    full_cache, last_cache = (engine._new_cache(len(prompts), ids.shape[1]) for _ in range(2))
+    with torch.inference_mode():
+        full = engine._forward(ids, positions, _prefill_mask(valid), full_cache, 0)
+        last = engine._forward(ids, positions, _prefill_mask(valid), last_cache, 0, last_only=True)
+    assert last.shape == (len(prompts), 1, full.shape[-1])
+    torch.testing.assert_close(last[:, 0], full[:, -1], atol=1e-6, rtol=0)
+    torch.testing.assert_close(last_cache, full_cache, atol=0, rtol=0)
 
 
 def test_logits_match_an_untied_model_with_the_eager_reference(tokenizer):

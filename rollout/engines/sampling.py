@@ -1,0 +1,86 @@
+"""Sampling parameters, next-token sampling and stop strings, shared by the engines.
+
+`sample_next` draws from the tempered, top-p truncated distribution and returns the untruncated logprob
+(the one the learner recomputes); `find_stop` finds stop strings without decoding the whole completion
+at every step.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from orchard.protocols import SamplingParams
+from rollout.tokenizer import Tokenizer
+
+
+def validate_params(params: SamplingParams) -> None:
+    """Raise `ValueError` naming the first field of `params` an engine cannot honour."""
+    if not math.isfinite(params.temperature) or params.temperature < 0:
+        raise ValueError(f"SamplingParams.temperature must be a finite number >= 0, got {params.temperature}")
+    if not 0 < params.top_p <= 1:
+        raise ValueError(f"SamplingParams.top_p must be in (0, 1], got {params.top_p}")
+    if (
+        isinstance(params.max_new_tokens, bool)
+        or not isinstance(params.max_new_tokens, int)
+        or params.max_new_tokens < 1
+    ):
+        raise ValueError(f"SamplingParams.max_new_tokens must be an int >= 1, got {params.max_new_tokens!r}")
+    if isinstance(params.stop, str) or not all(isinstance(stop, str) and stop for stop in params.stop):
+        raise ValueError(f"SamplingParams.stop must be a tuple of non-empty strings, got {params.stop!r}")
+    if params.seed is not None and not isinstance(params.seed, int):
+        raise ValueError(f"SamplingParams.seed must be an int or None, got {params.seed!r}")
+
+
+def sample_next(
+    logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Next tokens `[batch]` and their logprobs `[batch]` from float32 `logits` `[batch, vocab]`.
+
+    logprob = log_softmax(logits / T)[token] with T = 1 when greedy (`temperature == 0`, argmax). This is
+    the untruncated distribution, the one the learner recomputes from the same logits; top-p only
+    restricts which tokens may be drawn (Holtzman et al. 2020: keep the smallest prefix of tokens sorted
+    by probability whose mass reaches `top_p`). Drawing uses the exponential race
+    `argmax_i p_i / E_i, E_i ~ Exp(1)`, which picks i with probability p_i / sum(p) (cheaper on CPU than
+    `torch.multinomial` or `Tensor.exponential_`).
+    """
+    if temperature == 0:
+        tokens = logits.argmax(-1)
+        return tokens, F.log_softmax(logits, -1).gather(-1, tokens[:, None]).squeeze(-1)
+    logprobs = F.log_softmax(logits if temperature == 1 else logits / temperature, -1)
+    # E = -log U with U ~ U[0, 1) lies in (0, inf]: never 0, so p / E is never 0/0 = NaN.
+    noise = torch.rand(logprobs.shape, generator=generator, device=logprobs.device).log_().neg_()
+    if top_p < 1:
+        sorted_logprobs, order = logprobs.sort(-1, descending=True)
+        probs = sorted_logprobs.exp()
+        kept = probs.masked_fill(probs.cumsum(-1) - probs >= top_p, 0.0)
+        tokens = order.gather(-1, (kept / noise).argmax(-1, keepdim=True)).squeeze(-1)
+    else:
+        tokens = (logprobs.exp() / noise).argmax(-1)
+    return tokens, logprobs.gather(-1, tokens[:, None]).squeeze(-1)
+
+
+def find_stop(tokenizer: Tokenizer, token_ids: Sequence[int], stops: Sequence[str]) -> str | None:
+    """The completion's text before its first stop string, or None when it holds none yet.
+
+    Called after every new token, so a new occurrence ends in the last token's text and starts at most
+    `len(stop) - 1` characters before it. Decoding a tail that long first avoids decoding the whole
+    completion at every step; the tail grows past tokens that decode to nothing (special tokens).
+    """
+    longest = max(map(len, stops))
+    last_length = len(tokenizer.decode(token_ids[-1:]))
+    window = longest + 1
+    while True:
+        tail = tokenizer.decode(token_ids[-window:])
+        # One character of slack: a tail that starts inside a multi-byte character decodes it as U+FFFD.
+        if len(tail) >= last_length + longest or window >= len(token_ids):
+            break
+        window *= 2
+    if not any(stop in tail for stop in stops):
+        return None
+    text = tokenizer.decode(token_ids)
+    cuts = [index for index in (text.find(stop) for stop in stops) if index >= 0]
+    return text[: min(cuts)] if cuts else None
