@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import os
+import secrets
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -24,15 +27,25 @@ def free_port() -> int:
 
 
 @pytest.fixture
-def ray_head(tmp_path):
+def ray_head():
     gcs_port, dashboard_port = free_port(), free_port()
-    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "RAY_USAGE_STATS_ENABLED": "0"}
+    # Short: Ray's Unix socket paths under it must stay within 107 characters.
+    temp_dir = tempfile.mkdtemp(prefix="ray-", dir="/tmp")
+    # Ray >= 2.59 authenticates local clusters with a token; give head and client a private one.
+    token = secrets.token_hex(32)
+    env = {
+        **os.environ,
+        "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
+        "RAY_USAGE_STATS_ENABLED": "0",
+        "RAY_AUTH_MODE": "token",
+        "RAY_AUTH_TOKEN": token,
+    }
     env.pop("RAY_ADDRESS", None)
     head = subprocess.Popen(
         [
             str(BIN / "ray"), "start", "--head", "--block", "--num-cpus=3",
             f"--port={gcs_port}", f"--dashboard-port={dashboard_port}", "--dashboard-host=127.0.0.1",
-            "--include-dashboard=true", f"--temp-dir={tmp_path / 'ray'}",
+            "--include-dashboard=true", f"--temp-dir={temp_dir}",
         ],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
     )
@@ -40,12 +53,14 @@ def ray_head(tmp_path):
     deadline = time.time() + 120
     while time.time() < deadline:
         try:
-            urllib.request.urlopen(f"{address}/api/version", timeout=2)
+            request = urllib.request.Request(f"{address}/api/version", headers={"Authorization": f"Bearer {token}"})
+            urllib.request.urlopen(request, timeout=2)
             break
         except OSError:
             time.sleep(1)
     else:
         os.killpg(head.pid, signal.SIGKILL)
+        shutil.rmtree(temp_dir, ignore_errors=True)
         pytest.fail("ray head did not start within 120 s")
     yield address, env
     os.killpg(head.pid, signal.SIGTERM)
@@ -53,6 +68,7 @@ def ray_head(tmp_path):
         head.wait(timeout=30)
     except subprocess.TimeoutExpired:
         os.killpg(head.pid, signal.SIGKILL)
+    shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 def test_ray_job_submit_runs_the_demo(ray_head, tmp_path):
