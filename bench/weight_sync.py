@@ -37,7 +37,11 @@ def main() -> None:
     torch.set_num_threads(1)
     model_config = ModelConfig(
         tiny=TinyModelConfig(
-            hidden_size=args.hidden, num_layers=args.layers, num_heads=8, num_kv_heads=4, intermediate_size=4 * args.hidden
+            hidden_size=args.hidden,
+            num_layers=args.layers,
+            num_heads=8,
+            num_kv_heads=4,
+            intermediate_size=4 * args.hidden,
         )
     )
     tokenizer = load_tokenizer(model_config)

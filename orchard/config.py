@@ -50,7 +50,8 @@ class TinyModelConfig(Section):
 
 class ModelConfig(Section):
     kind: Literal["tiny", "hf"] = Field(
-        "tiny", description="'tiny': built from `tiny` with the character tokenizer; 'hf': a Hugging Face checkpoint at `path`."
+        "tiny",
+        description="'tiny': built from `tiny` with the character tokenizer; 'hf': a Hugging Face checkpoint at `path`.",
     )
     path: str | None = Field(None, description="Hugging Face checkpoint directory (kind 'hf').")
     tiny: TinyModelConfig = Field(default_factory=TinyModelConfig)

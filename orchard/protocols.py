@@ -42,9 +42,7 @@ class Engine(Protocol):
 
     policy_version: int
 
-    def generate(
-        self, prompts: Sequence[Sequence[int]], params: SamplingParams
-    ) -> list[GenerationOutput]: ...
+    def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams) -> list[GenerationOutput]: ...
 
     def load_weights(self, state_dict: Mapping[str, torch.Tensor], version: int) -> None: ...
 

@@ -131,9 +131,7 @@ class Group:
             raise RecordError(f"group payload must be a map, got {type(payload).__name__}")
         schema = payload.pop("schema", None)
         if schema != SCHEMA_VERSION:
-            raise RecordError(
-                f"group schema version {schema!r} is not supported (this build reads {SCHEMA_VERSION})"
-            )
+            raise RecordError(f"group schema version {schema!r} is not supported (this build reads {SCHEMA_VERSION})")
         try:
             prompt = Prompt(**payload.pop("prompt"))
             completions = [Completion(**c) for c in payload.pop("completions")]

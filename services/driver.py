@@ -92,9 +92,7 @@ class Driver:
         config = self.config
         torch.set_num_threads(1)
         self.pool = PromptPool.from_config(config.data)
-        self.run_dir.event(
-            f"prompt pool: distributions {self.pool.distributions}, {len(self.pool.held_out)} held out"
-        )
+        self.run_dir.event(f"prompt pool: distributions {self.pool.distributions}, {len(self.pool.held_out)} held out")
         self.buffer, self._redis_server = make_buffer(config.buffer, namespace=self.run_dir.run_id)
         self.run_dir.event(f"buffer: {type(self.buffer).__name__}")
 
@@ -277,7 +275,7 @@ class Driver:
             "learner_step_seconds": result["seconds"],
             "reward_mean": fmean(r for g in groups for r in g.rewards),
             "reward_by_distribution": {d: fmean(v) for d, v in sorted(rewards_by_distribution.items())},
-            "advantage_abs_by_distribution": result.get("advantages_abs_mean", {}),
+            "advantage_abs_mean": result.get("advantages_abs_mean"),
             "staleness_mean": fmean(staleness),
             "staleness_max": max(staleness),
             "buffer": self.buffer.stats(),

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -63,7 +62,9 @@ def test_unreachable_redis_is_a_clear_error_and_non_zero_exit(tmp_path):
         "--quiet",
         "--run-dir",
         str(tmp_path / "run"),
-        *overrides(*TINY, "buffer.backend=redis", "buffer.redis_url=redis://127.0.0.1:1/0", "buffer.reconnect_seconds=2"),
+        *overrides(
+            *TINY, "buffer.backend=redis", "buffer.redis_url=redis://127.0.0.1:1/0", "buffer.reconnect_seconds=2"
+        ),
         timeout=300,
     )
     assert result.returncode == 1

@@ -43,11 +43,21 @@ def ray_head():
     env.pop("RAY_ADDRESS", None)
     head = subprocess.Popen(
         [
-            str(BIN / "ray"), "start", "--head", "--block", "--num-cpus=3",
-            f"--port={gcs_port}", f"--dashboard-port={dashboard_port}", "--dashboard-host=127.0.0.1",
-            "--include-dashboard=true", f"--temp-dir={temp_dir}",
+            str(BIN / "ray"),
+            "start",
+            "--head",
+            "--block",
+            "--num-cpus=3",
+            f"--port={gcs_port}",
+            f"--dashboard-port={dashboard_port}",
+            "--dashboard-host=127.0.0.1",
+            "--include-dashboard=true",
+            f"--temp-dir={temp_dir}",
         ],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
     )
     address = f"http://127.0.0.1:{dashboard_port}"
     deadline = time.time() + 120
@@ -74,15 +84,37 @@ def ray_head():
 def test_ray_job_submit_runs_the_demo(ray_head, tmp_path):
     address, env = ray_head
     sets = [
-        "max_steps=2", "warmstart.steps=10", "warmstart.batch_size=8", "rollout.group_size=4",
-        "rollout.prompts_per_call=4", "rollout.max_new_tokens=6", "learner.groups_per_step=4",
-        "learner.dynamic_sampling=false", "eval.num_prompts=8", "data.held_out_size=8",
-        "model.tiny.hidden_size=32", "model.tiny.intermediate_size=64", "model.tiny.num_layers=2",
-        "buffer.backend=memory", f"warmstart.cache_dir={tmp_path / 'cache'}", f"runs_dir={tmp_path / 'runs'}",
+        "max_steps=2",
+        "warmstart.steps=10",
+        "warmstart.batch_size=8",
+        "rollout.group_size=4",
+        "rollout.prompts_per_call=4",
+        "rollout.max_new_tokens=6",
+        "learner.groups_per_step=4",
+        "learner.dynamic_sampling=false",
+        "eval.num_prompts=8",
+        "data.held_out_size=8",
+        "model.tiny.hidden_size=32",
+        "model.tiny.intermediate_size=64",
+        "model.tiny.num_layers=2",
+        "buffer.backend=memory",
+        f"warmstart.cache_dir={tmp_path / 'cache'}",
+        f"runs_dir={tmp_path / 'runs'}",
     ]
     command = [
-        str(BIN / "ray"), "job", "submit", "--address", address, "--working-dir", ".", "--",
-        "orchard", "run", "configs/demo.yaml", "--quiet", *[x for s in sets for x in ("--set", s)],
+        str(BIN / "ray"),
+        "job",
+        "submit",
+        "--address",
+        address,
+        "--working-dir",
+        ".",
+        "--",
+        "orchard",
+        "run",
+        "configs/demo.yaml",
+        "--quiet",
+        *[x for s in sets for x in ("--set", s)],
     ]
     result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     output = result.stdout + result.stderr

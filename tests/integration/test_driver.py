@@ -36,7 +36,10 @@ def small_config(tmp_path, warm_cache, *extra):
     """A small run whose rewards are graded (share of digits), so that every step has signal."""
     data = tmp_path / "sums.jsonl"
     data.write_text(
-        "".join(json.dumps({"prompt": f"{i}+{i}=", "answer": str(2 * i), "distribution": f"d{i % 2}"}) + "\n" for i in range(60))
+        "".join(
+            json.dumps({"prompt": f"{i}+{i}=", "answer": str(2 * i), "distribution": f"d{i % 2}"}) + "\n"
+            for i in range(60)
+        )
     )
     source = f"data.sources=[{{kind: jsonl, path: '{data}', verifier: 'tests.integration.user_verifiers:digit_share'}}]"
     return load_config(None, [*SMALL, source, f"warmstart.cache_dir={warm_cache}", f"runs_dir={tmp_path}", *extra])
@@ -103,7 +106,9 @@ def test_redis_restart_mid_run_loses_no_acknowledged_group(ray_local, tmp_path, 
 def test_a_raising_user_verifier_does_not_stop_the_run(ray_local, tmp_path, warm_cache):
     data = tmp_path / "tasks.jsonl"
     data.write_text(
-        "".join(json.dumps({"prompt": f"{i}+1=", "answer": str(i + 1), "distribution": "plus"}) + "\n" for i in range(40))
+        "".join(
+            json.dumps({"prompt": f"{i}+1=", "answer": str(i + 1), "distribution": "plus"}) + "\n" for i in range(40)
+        )
     )
     config = small_config(
         tmp_path,
