@@ -93,6 +93,8 @@ class Driver:
         torch.set_num_threads(1)
         self.pool = PromptPool.from_config(config.data)
         self.run_dir.event(f"prompt pool: distributions {self.pool.distributions}, {len(self.pool.held_out)} held out")
+        for problem in self.pool.problems:
+            self.run_dir.event(f"skipped prompt line: {problem}")
         self.buffer, self._redis_server = make_buffer(config.buffer, namespace=self.run_dir.run_id)
         self.run_dir.event(f"buffer: {type(self.buffer).__name__}")
 

@@ -123,3 +123,16 @@ def test_a_raising_user_verifier_does_not_stop_the_run(ray_local, tmp_path, warm
     assert summary["steps"] == 1
     assert "verifier error" in (run_dir.path / "events.log").read_text()
     assert "RuntimeError" in (run_dir.path / "events.log").read_text()
+
+
+def test_bad_prompt_lines_are_skipped_and_reported(ray_local, tmp_path, warm_cache):
+    data = tmp_path / "tasks.jsonl"
+    good = "".join(json.dumps({"prompt": f"{i}+{i}=", "answer": str(2 * i)}) + "\n" for i in range(30))
+    data.write_text(good + "{broken\n")
+    source = f"data.sources=[{{kind: jsonl, path: '{data}', verifier: 'tests.integration.user_verifiers:digit_share'}}]"
+    config = load_config(
+        None, [*SMALL, source, f"warmstart.cache_dir={warm_cache}", f"runs_dir={tmp_path}", "max_steps=1"]
+    )
+    run_dir = RunDirectory(tmp_path, "bad-lines")
+    assert Driver(config, run_dir, show_progress=False).run()["steps"] == 1
+    assert f"skipped prompt line: {data}:31: not valid JSON" in (run_dir.path / "events.log").read_text()
