@@ -7,25 +7,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+from tests.e2e.tiny_run import TINY
+
 REPO = Path(__file__).resolve().parents[2]
 ORCHARD = [sys.executable, "-m", "orchard.cli"]
-
-TINY = [
-    "max_steps=2",
-    "warmstart.steps=10",
-    "warmstart.batch_size=8",
-    "rollout.group_size=4",
-    "rollout.prompts_per_call=4",
-    "rollout.max_new_tokens=6",
-    "learner.groups_per_step=4",
-    "learner.dynamic_sampling=false",
-    "eval.num_prompts=8",
-    "data.held_out_size=8",
-    "model.tiny.hidden_size=32",
-    "model.tiny.intermediate_size=64",
-    "model.tiny.num_layers=2",
-    "buffer.backend=memory",
-]
 
 
 def orchard(*args: str, cwd: Path = REPO, timeout: int = 600) -> subprocess.CompletedProcess:

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.e2e.tiny_run import TINY
+
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 
@@ -84,20 +86,7 @@ def ray_head():
 def test_ray_job_submit_runs_the_demo(ray_head, tmp_path):
     address, env = ray_head
     sets = [
-        "max_steps=2",
-        "warmstart.steps=10",
-        "warmstart.batch_size=8",
-        "rollout.group_size=4",
-        "rollout.prompts_per_call=4",
-        "rollout.max_new_tokens=6",
-        "learner.groups_per_step=4",
-        "learner.dynamic_sampling=false",
-        "eval.num_prompts=8",
-        "data.held_out_size=8",
-        "model.tiny.hidden_size=32",
-        "model.tiny.intermediate_size=64",
-        "model.tiny.num_layers=2",
-        "buffer.backend=memory",
+        *TINY,
         f"warmstart.cache_dir={tmp_path / 'cache'}",
         f"runs_dir={tmp_path / 'runs'}",
     ]
