@@ -14,7 +14,7 @@ import argparse
 import statistics
 import tempfile
 
-from orchard.cli import connect_ray
+from services.cluster import connect_ray
 from orchard.config import load_config
 from services.driver import Driver
 from services.run_dir import RunDirectory

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from pathlib import Path
@@ -17,52 +18,101 @@ def _load(args: argparse.Namespace) -> RunConfig:
     return load_config(args.config, args.overrides)
 
 
-def connect_ray(config: RunConfig) -> None:
-    """Join the cluster named by RAY_ADDRESS (set by `ray job submit`), else start a local one."""
-    import ray
+def _run_directory(config: RunConfig, run_dir: str | None):
+    from services.run_dir import RunDirectory, new_run_id
 
-    if ray.is_initialized():
-        return
-    show_actor_logs = os.environ.get("ORCHARD_ACTOR_LOGS", "0") == "1"
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init(log_to_driver=True)
-        return
-    needed = config.learner.num_cpus + config.rollout.num_workers * config.rollout.num_cpus_per_worker
-    ray.init(
-        num_cpus=max(os.cpu_count() or 1, int(needed + 0.999)),
-        include_dashboard=False,
-        log_to_driver=show_actor_logs,
-        configure_logging=False,
-    )
+    if run_dir:
+        path = Path(run_dir)
+        return RunDirectory(path.parent, path.name)
+    return RunDirectory(config.runs_dir, new_run_id(config.name))
 
 
 def command_run(args: argparse.Namespace) -> int:
+    """Serve the control plane, create the run, execute it here, exit when it ends."""
     config = _load(args)
     from services.buffer.redis_buffer import BufferUnavailable
-    from services.driver import Driver, DriverError
-    from services.run_dir import RunDirectory, new_run_id
+    from services.cluster import connect_ray
+    from services.control.app import create_app
+    from services.control.run_control import RunState
+    from services.control.server import ControlPlaneError, ControlServer
+    from services.control.service import ControlService
+    from services.driver import DriverError
 
-    if args.run_dir:
-        run_path = Path(args.run_dir)
-        run_dir = RunDirectory(run_path.parent, run_path.name)
-    else:
-        run_dir = RunDirectory(config.runs_dir, new_run_id(config.name))
-    print(f"orchard: run {run_dir.run_id} in {run_dir.path}", flush=True)
-    connect_ray(config)
+    token = config.control.resolved_token()
+    service = ControlService()
     try:
-        summary = Driver(config, run_dir, show_progress=not args.quiet).run()
+        app = create_app(service, token=token, max_body_bytes=config.control.max_body_bytes)
+        server = ControlServer(app, config.control.host, config.control.port, token=token)
+    except ControlPlaneError as error:
+        print(f"orchard: {error}", file=sys.stderr)
+        return EXIT_BAD_CONFIG
+    run = service.create_run(config, run_dir=_run_directory(config, args.run_dir), paused=args.paused, launch=False)
+    print(f"orchard: run {run.id} in {run.run_dir.path}", flush=True)
+    server.start()
+    print(f"orchard: control plane at {server.url}", flush=True)
+    if args.paused:
+        print(f"orchard: the run starts paused; resume it with `orchard resume --url {server.url}`", flush=True)
+    try:
+        connect_ray(config)
+        summary = run.execute(show_progress=not args.quiet)
     except (DriverError, ConfigError, BufferUnavailable) as error:
         print(f"orchard: run failed: {error}", file=sys.stderr)
         return EXIT_FAILED
     except KeyboardInterrupt:
         print("orchard: interrupted", file=sys.stderr)
         return EXIT_FAILED
+    finally:
+        server.stop()
     print(
-        f"orchard: {summary['steps']} steps in {summary['rl_seconds']:.0f} s; held-out accuracy "
-        f"{summary['held_out_accuracy_initial']:.3f} -> {summary['held_out_accuracy_final']:.3f} "
+        f"orchard: run {summary['state']} after {summary['steps']} steps in {summary['rl_seconds']:.0f} s; "
+        f"held-out accuracy {summary['held_out_accuracy_initial']:.3f} -> {summary['held_out_accuracy_final']:.3f} "
         f"({summary['held_out_accuracy_gain']:+.3f}); learner idle {summary['learner_idle_fraction']:.0%}"
     )
-    print(f"orchard: wrote {run_dir.path}/summary.json, metrics.jsonl, reward.png")
+    print(f"orchard: wrote {run.run_dir.path}/summary.json, metrics.jsonl, reward.png")
+    return 0 if run.control.state in (RunState.FINISHED, RunState.STOPPED) else EXIT_FAILED
+
+
+def command_serve(args: argparse.Namespace) -> int:
+    """The control plane alone; runs are created with `POST /v1/runs`."""
+    from services.control.app import create_app
+    from services.control.server import ControlPlaneError, ControlServer
+    from services.control.service import ControlService
+
+    token = os.environ.get("ORCHARD_TOKEN") or None
+    try:
+        server = ControlServer(create_app(ControlService(), token=token), args.host, args.port, token=token)
+    except ControlPlaneError as error:
+        print(f"orchard: {error}", file=sys.stderr)
+        return EXIT_BAD_CONFIG
+    print(f"orchard: control plane at {server.url} (API docs at {server.url}/docs)", flush=True)
+    server.serve_forever()
+    return 0
+
+
+def command_client(args: argparse.Namespace) -> int:
+    """`status|pause|resume|stop|checkpoint`: one call of the control plane's REST API."""
+    from services.control.client import ControlClient, ControlClientError, format_status
+
+    try:
+        with ControlClient(args.url, token=args.token) as client:
+            if args.command == "status" and not args.run:
+                runs = client.runs()
+                if args.json:
+                    print(json.dumps(runs, indent=2))
+                else:
+                    print("\n".join(format_status(run) for run in runs) or f"no runs at {client.url}")
+                return 0
+            run_id = client.resolve(args.run)
+            result = client.status(run_id) if args.command == "status" else client.act(run_id, args.command)
+    except ControlClientError as error:
+        print(f"orchard: {error}", file=sys.stderr)
+        return EXIT_FAILED
+    if args.json:
+        print(json.dumps(result, indent=2))
+    elif args.command == "status":
+        print(format_status(result))
+    else:
+        print(f"run {result['id']}: {result['state']}")
     return 0
 
 
@@ -80,7 +130,27 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE")
     run.add_argument("--run-dir", help="directory of this run (default: <runs_dir>/<run-id>)")
     run.add_argument("--quiet", action="store_true", help="no progress bar")
+    run.add_argument("--paused", action="store_true", help="set up, then wait for `orchard resume`")
     run.set_defaults(handler=command_run)
+
+    serve = commands.add_parser("serve", help="serve the control plane alone; create runs over REST")
+    serve.add_argument("--host", default="127.0.0.1", help="bind address (non-loopback needs ORCHARD_TOKEN)")
+    serve.add_argument("--port", type=int, default=8470, help="port (0: any free port)")
+    serve.set_defaults(handler=command_serve)
+
+    for name, text in [
+        ("status", "show a run (all runs when RUN is omitted)"),
+        ("pause", "pause a run at its next step boundary"),
+        ("resume", "resume a paused run"),
+        ("stop", "stop a run with a final checkpoint and summary"),
+        ("checkpoint", "checkpoint a run at its next step boundary"),
+    ]:
+        client = commands.add_parser(name, help=text)
+        client.add_argument("run", nargs="?", help="run id (default: the active run, else the newest)")
+        client.add_argument("--url", help="control plane URL (default: $ORCHARD_URL or http://127.0.0.1:8470)")
+        client.add_argument("--token", help="bearer token (default: $ORCHARD_TOKEN)")
+        client.add_argument("--json", action="store_true", help="print the JSON answer")
+        client.set_defaults(handler=command_client)
 
     check = commands.add_parser("check", help="validate a config and print the resolved one")
     check.add_argument("config", help="YAML config")

@@ -6,11 +6,12 @@ with every run as `config.yaml`. Unknown keys are errors, so a typo never silent
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 
 DEMO_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
 
@@ -150,9 +151,33 @@ class EvalConfig(Section):
 
 
 class ControlConfig(Section):
-    host: str = Field("127.0.0.1", description="Control plane bind address.")
+    host: str = Field("127.0.0.1", description="Control plane bind address; a non-loopback address needs a token.")
     port: int = Field(8470, ge=0, le=65535, description="Control plane port (0: any free port).")
-    token: str | None = Field(None, description="Bearer token for mutating routes (or ORCHARD_TOKEN).")
+    token: SecretStr | None = Field(
+        None,
+        description="Bearer token every mutating route requires (ORCHARD_TOKEN in the environment wins). "
+        "Never written to config.yaml or printed.",
+    )
+    max_body_bytes: int = Field(1 << 20, ge=1024, description="Largest request body the control plane accepts.")
+
+    def resolved_token(self) -> str | None:
+        """The token in force: ORCHARD_TOKEN when set and non-empty, else `token`."""
+        from_environment = os.environ.get("ORCHARD_TOKEN")
+        if from_environment:
+            return from_environment
+        return self.token.get_secret_value() if self.token is not None else None
+
+
+class WeightSyncConfig(Section):
+    transport: Literal["auto", "shared_memory", "object_store"] = Field(
+        "auto",
+        description=(
+            "How the learner's new weights reach the rollout workers. 'shared_memory': a segment in /dev/shm"
+            " written once per version and copied from by every reader (one node only); 'object_store': the"
+            " Ray object store (works across nodes); 'auto': shared memory when the Ray cluster is a single"
+            " node and /dev/shm exists, else the object store."
+        ),
+    )
 
 
 class RunConfig(Section):
@@ -171,6 +196,7 @@ class RunConfig(Section):
     warmstart: WarmStartConfig = Field(default_factory=WarmStartConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     control: ControlConfig = Field(default_factory=ControlConfig)
+    weight_sync: WeightSyncConfig = Field(default_factory=WeightSyncConfig)
 
     @field_validator("name")
     @classmethod
@@ -243,4 +269,5 @@ def config_from_dict(data: dict[str, Any]) -> RunConfig:
 
 
 def dump_config(config: RunConfig) -> str:
-    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
+    """The resolved config as YAML, without secrets (the control token is left out)."""
+    return yaml.safe_dump(config.model_dump(mode="json", exclude={"control": {"token"}}), sort_keys=False)

@@ -12,6 +12,12 @@ together; the loop wakes on whichever finishes first:
 
 With `max_staleness: 0` the gating makes the loop synchronous: no rollout runs while the learner
 trains, and every batch comes from the current policy.
+
+The loop obeys a `RunControl` (the control plane's requests) at step boundaries: while the run is
+not `running` no new rollout or learner step is issued; what is in flight completes (its groups
+reach the buffer, its learner step is acknowledged and its weights pushed), then a pausing run
+waits as `paused` and a stopping one ends with a final checkpoint and summary. Every figure is
+recorded in the run's `RunMetrics`, which the control plane serves at `/metrics`.
 """
 
 from __future__ import annotations
@@ -31,7 +37,9 @@ from orchard.protocols import Buffer
 from orchard.records import Group
 from rollout.worker import RolloutResult, RolloutWorker, RolloutWorkerCore
 from services.buffer.factory import make_buffer
+from services.control.run_control import RunControl, RunState, WeightVersionConflict
 from services.learner_actor import LearnerActor
+from services.metrics import RunMetrics
 from services.run_dir import RunDirectory
 from services.warmstart import warm_start
 from services.weight_sync import WeightSync
@@ -73,11 +81,27 @@ def evaluate_by_distribution(evaluator: RolloutWorkerCore, prompts: list) -> tup
     return fmean(result.correct), {d: fmean(v) for d, v in sorted(by_distribution.items())}
 
 
+#: Reasons a generated group is dropped before it reaches the buffer (`orchard_filtered_groups_total`).
+FILTER_REASONS = ("zero_advantage",)
+#: How often a paused driver looks for checkpoint requests while it waits.
+PAUSED_POLL_SECONDS = 0.5
+
+
 class Driver:
-    def __init__(self, config: RunConfig, run_dir: RunDirectory, *, show_progress: bool = True) -> None:
+    def __init__(
+        self,
+        config: RunConfig,
+        run_dir: RunDirectory,
+        *,
+        show_progress: bool = True,
+        control: RunControl | None = None,
+        metrics: RunMetrics | None = None,
+    ) -> None:
         self.config = config
         self.run_dir = run_dir
         self.show_progress = show_progress
+        self.control = control or RunControl()
+        self.metrics = metrics or RunMetrics()
         self.rng = random.Random(config.seed)
         self.buffer: Buffer | None = None
         self._redis_server = None
@@ -86,6 +110,8 @@ class Driver:
         self.filtered: Counter[str] = Counter()
         self.staleness_seen: list[int] = []
         self.stopped_reason: str | None = None
+        self.checkpoints: list[str] = []
+        self._last_record: dict[str, Any] | None = None
 
     # ----------------------------------------------------------------------------- set-up
     def _setup(self) -> None:
@@ -111,8 +137,15 @@ class Driver:
         }
         self.weight_sync = WeightSync()
         self.weight_sync.publish(0, initial_ref)
+        self._announce(0, initial_ref)
         self.weight_sync.push_and_wait(self.workers)
         ray.get(self.learner.ping.remote())
+        self.metrics.declare_workers(self.workers)
+        for worker, version in self.weight_sync.worker_versions.items():
+            self.metrics.observe_worker_version(worker, version)
+        self.metrics.declare_filter_reasons(FILTER_REASONS)
+        self.metrics.set_distributions(self.pool.distribution_probabilities())
+        self.metrics.observe_buffer(self.buffer.ready_count(), self.buffer.pending_count())
 
         self.evaluator = RolloutWorkerCore("evaluator", config.model, config.rollout, seed=config.seed)
         self.evaluator.load_weights(0, state_dict)
@@ -137,17 +170,28 @@ class Driver:
             initial_accuracy, initial_by_distribution = self._evaluate()
             self.run_dir.event(f"warm-start held-out accuracy {initial_accuracy:.3f}")
             self.initial_eval = (initial_accuracy, initial_by_distribution)
+            self.metrics.observe_eval(initial_accuracy)
+            if self.control.start() is RunState.RUNNING:
+                self.run_dir.event("run running")
             self._loop()
+            final_state = RunState.STOPPED if self.control.stop_requested() else RunState.FINISHED
+            if final_state is RunState.STOPPED:
+                self.stopped_reason = self.control.reason or "stopped by request"
+            self._checkpoint("final")
             final_accuracy, final_by_distribution = self._evaluate(self.weight_sync.latest.ref)
-            summary = self._summary(final_accuracy, final_by_distribution)
+            self.metrics.observe_eval(final_accuracy)
+            summary = self._summary(final_accuracy, final_by_distribution, state=final_state)
             self.run_dir.write_summary(summary)
             self.run_dir.plot_rewards()
+            self.control.finish(final_state)
             self.run_dir.event(
-                f"run finished: {self.step} steps, held-out accuracy {initial_accuracy:.3f} -> {final_accuracy:.3f}"
+                f"run {final_state}: {self.step} steps, held-out accuracy {initial_accuracy:.3f} -> {final_accuracy:.3f}"
             )
             return summary
         except BaseException as error:
-            self.run_dir.event(f"run failed: {type(error).__name__}: {error}")
+            reason = f"{type(error).__name__}: {error}"
+            self.control.finish(RunState.FAILED, reason)
+            self.run_dir.event(f"run failed: {reason}")
             raise
         finally:
             self._shutdown()
@@ -175,13 +219,14 @@ class Driver:
             return False
 
         while True:
-            finishing = done()
-            if learner_call is None and not finishing:
+            finishing = done() or self.control.stop_requested()
+            working = not finishing and self.control.may_start_work()
+            if learner_call is None and working:
                 minimum = self.policy_version - staleness
                 if self.buffer.ready_count(min_policy_version=minimum) >= batch_groups:
                     groups = self.buffer.take(batch_groups, min_policy_version=minimum)
                     learner_call = (self.learner.train_step.remote(groups), groups, time.perf_counter())
-            if not finishing:
+            if working:
                 target = self.policy_version + (1 if learner_call else 0)
                 for name, actor in self.workers.items():
                     if name in rollouts.values():
@@ -196,7 +241,19 @@ class Driver:
                     inflight_groups += len(prompts)
             pending = list(rollouts) + list(syncs) + ([learner_call[0]] if learner_call else [])
             if not pending:
-                break
+                if finishing:
+                    break
+                if self.control.settle_pause():
+                    self._wait_while_paused(progress)
+                    continue
+                if not working and self.control.may_start_work():
+                    continue  # resumed between this iteration's checks
+                if working:
+                    raise DriverError(
+                        "the driver has nothing in flight and can issue no work: "
+                        f"buffer {self.buffer.stats()}, batch of {batch_groups} groups, capacity {capacity}"
+                    )
+                continue
             ready_refs, _ = ray.wait(pending, num_returns=1)
             ref = ready_refs[0]
             if ref in rollouts:
@@ -207,8 +264,10 @@ class Driver:
                 worker = syncs.pop(ref)
                 confirmed = self._get(ref, f"weight sync to {worker}")
                 seconds = self.weight_sync.confirm(worker, confirmed["version"])
+                self.metrics.observe_worker_version(worker, confirmed["version"])
                 if seconds is not None:
                     self._last_sync_seconds = seconds
+                    self.metrics.observe_weight_sync(seconds)
             else:
                 _, groups, started = learner_call
                 learner_call = None
@@ -218,16 +277,65 @@ class Driver:
                 if not result["skipped"]:
                     weights_ref = self.learner.export_weights.remote()
                     self.weight_sync.publish(result["policy_version"], weights_ref)
+                    self._announce(result["policy_version"], weights_ref)
                     for sync_ref, worker in self.weight_sync.push(self.workers).items():
                         syncs[sync_ref] = worker
                         scheduled_version[worker] = result["policy_version"]
                     last_weights_ref = weights_ref
                 self._on_learner_step(result, groups, last_weights_ref)
+                if self.control.take_checkpoint_request():
+                    self._checkpoint("requested")
                 if progress is not None:
                     progress.update(1)
                     progress.set_postfix(self._postfix(), refresh=False)
         if progress is not None:
             progress.close()
+
+    def _wait_while_paused(self, progress: Any) -> None:
+        """Nothing is in flight and the run is paused: wait for resume or stop, taking checkpoints."""
+        self.run_dir.event(
+            f"run paused at step {self.step}, policy version {self.policy_version}, buffer {self.buffer.stats()}"
+        )
+        if progress is not None:
+            progress.set_description("paused")
+        while True:
+            if self.control.take_checkpoint_request():
+                self._checkpoint("requested")
+            state = self.control.wait_while_paused(PAUSED_POLL_SECONDS)
+            if state is not RunState.PAUSED:
+                break
+        self.run_dir.event(f"run {state} after pause at step {self.step}")
+        if progress is not None:
+            progress.set_description("learner step")
+
+    def _announce(self, version: int, weights_ref: Any) -> None:
+        """Announce a published policy version through the run's control (as `POST .../weights` does)."""
+        location = f"ray-object:{weights_ref.hex()}" if hasattr(weights_ref, "hex") else str(weights_ref)
+        try:
+            self.control.announce_weights(version, location)
+        except WeightVersionConflict as conflict:
+            self.run_dir.event(f"weight announcement of version {version} refused: {conflict}")
+
+    def _checkpoint(self, why: str) -> str:
+        """Learner state (DeepSpeed checkpoint and Hugging Face model) and the driver's counters."""
+        path = self.run_dir.path / "checkpoints" / f"step-{self.step}"
+        if str(path) in self.checkpoints:
+            return str(path)
+        started = time.perf_counter()
+        self._get(self.learner.save_checkpoint.remote(str(path)), "learner checkpoint")
+        self.run_dir.write_json(
+            path / "driver.json",
+            {
+                "step": self.step,
+                "policy_version": self.policy_version,
+                "buffer": self.buffer.stats(),
+                "filtered": dict(self.filtered),
+                "rng_state": self.rng.getstate(),
+            },
+        )
+        self.checkpoints.append(str(path))
+        self.run_dir.event(f"checkpoint ({why}) at step {self.step}: {path} in {time.perf_counter() - started:.1f} s")
+        return str(path)
 
     def _get(self, ref: Any, what: str) -> Any:
         try:
@@ -238,6 +346,7 @@ class Driver:
     def _on_rollout(self, result: RolloutResult) -> None:
         self.throughput.generated_tokens += result.generated_tokens
         self.throughput.generated_groups += len(result.groups)
+        self.metrics.observe_rollout(result.worker, result.generated_tokens, len(result.groups))
         for message in result.verifier_errors[:3]:
             self.run_dir.event(f"verifier error on {result.worker}: {message}")
         kept = []
@@ -247,10 +356,12 @@ class Driver:
             )
             if self.config.learner.dynamic_sampling and not group.has_signal:
                 self.filtered["zero_advantage"] += 1
+                self.metrics.observe_filtered("zero_advantage")
                 continue
             kept.append(group)
         if kept:
             self.buffer.put_many(kept)
+        self.metrics.observe_buffer(self.buffer.ready_count(), self.buffer.pending_count())
 
     def _on_learner_step(self, result: dict[str, Any], groups: list[Group], weights_ref: Any) -> None:
         learner_version_before = self.policy_version
@@ -294,8 +405,21 @@ class Driver:
             record["eval_accuracy"] = accuracy
             record["eval_by_distribution"] = by_distribution
             self._last_eval = accuracy
+            self.metrics.observe_eval(accuracy)
         self._last_record = record
         self.run_dir.append_metrics(record)
+        self.metrics.observe_step(
+            step=self.step,
+            policy_version=self.policy_version,
+            seconds=result["seconds"],
+            loss=result["loss"],
+            kl=result.get("kl"),
+            entropy=result.get("entropy"),
+            reward_by_distribution=record["reward_by_distribution"],
+            staleness=staleness,
+            learner_idle_fraction=record["learner_idle_fraction"],
+        )
+        self.metrics.observe_buffer(self.buffer.ready_count(), self.buffer.pending_count())
 
     # ----------------------------------------------------------------------------- reporting
     def _progress_bar(self):
@@ -316,14 +440,39 @@ class Driver:
             postfix["held-out"] = f"{self._last_eval:.2f}"
         return postfix
 
-    def _summary(self, final_accuracy: float, final_by_distribution: dict[str, float]) -> dict[str, Any]:
+    def progress(self) -> dict[str, Any]:
+        """What status shows about the run's progress (read from the control plane's thread)."""
+        record = self._last_record or {}
+        throughput = getattr(self, "throughput", None)
+        weight_sync = getattr(self, "weight_sync", None)
+        wall = throughput.wall() if throughput else 0.0
+        return {
+            "step": self.step,
+            "policy_version": self.policy_version,
+            "worker_versions": dict(weight_sync.worker_versions) if weight_sync else {},
+            "reward_mean": record.get("reward_mean"),
+            "reward_by_distribution": record.get("reward_by_distribution", {}),
+            "eval_accuracy": getattr(self, "_last_eval", None),
+            "staleness_mean": record.get("staleness_mean"),
+            "learner_steps_per_second": self.step / wall if wall > 0 else 0.0,
+            "rollout_tokens_per_second": throughput.generated_tokens / wall if throughput and wall > 0 else 0.0,
+            "learner_idle_fraction": throughput.learner_idle_fraction() if throughput else None,
+            "buffer": self.buffer.stats() if self.buffer is not None else {},
+            "filtered": dict(self.filtered),
+            "checkpoints": list(self.checkpoints),
+        }
+
+    def _summary(
+        self, final_accuracy: float, final_by_distribution: dict[str, float], *, state: RunState = RunState.FINISHED
+    ) -> dict[str, Any]:
         initial_accuracy, initial_by_distribution = self.initial_eval
         wall = self.throughput.wall()
         sync = self.weight_sync.sync_seconds
         return {
             "run_id": self.run_dir.run_id,
-            "state": "finished",
+            "state": str(state),
             "stopped_reason": self.stopped_reason or "max_steps",
+            "checkpoints": list(self.checkpoints),
             "steps": self.step,
             "policy_version": self.policy_version,
             "rl_seconds": wall,

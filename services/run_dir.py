@@ -51,6 +51,12 @@ class RunDirectory:
         with (self.path / "events.log").open("a") as handle:
             handle.write(f"{stamp} {message}\n")
 
+    def write_json(self, path: str | Path, data: dict[str, Any]) -> None:
+        """`data` as indented JSON at `path` (inside the run directory or a checkpoint of it)."""
+        target = Path(path)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text(json.dumps(_jsonable(data), indent=2, sort_keys=True) + "\n")
+
     def write_summary(self, summary: dict[str, Any]) -> None:
         (self.path / "summary.json").write_text(json.dumps(_jsonable(summary), indent=2, sort_keys=True) + "\n")
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import random
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -197,6 +198,25 @@ class PromptPool:
     @property
     def distributions(self) -> list[str]:
         return sorted({d for source in self.sources for d in source.distributions})
+
+    def distribution_probabilities(self) -> dict[str, float]:
+        """The probability that `sample_train` draws a prompt of each distribution.
+
+        A source is drawn by weight; a procedural source then draws one of its cells uniformly, a
+        listed source one of its prompts uniformly (so its distributions by prompt count).
+        """
+        total = sum(s.weight for s in self.sources)
+        probabilities: dict[str, float] = {}
+        for source in self.sources:
+            share = source.weight / total
+            if isinstance(source, _Procedural):
+                counts = Counter(source.distributions)
+            else:
+                counts = Counter(p.distribution for p in source.train)
+            size = sum(counts.values())
+            for distribution, count in counts.items():
+                probabilities[distribution] = probabilities.get(distribution, 0.0) + share * count / size
+        return dict(sorted(probabilities.items()))
 
     def sample_train(self, count: int, rng: random.Random) -> list[Prompt]:
         """`count` training prompts: a source by weight, then a prompt of it."""

@@ -15,4 +15,5 @@ TINY = [
     "model.tiny.intermediate_size=64",
     "model.tiny.num_layers=2",
     "buffer.backend=memory",
+    "control.port=0",
 ]

@@ -1,0 +1,217 @@
+"""The control plane's REST API (ARCHITECTURE.md §3), on FastAPI. OpenAPI at `/docs`.
+
+Routes hold no logic: each translates HTTP into one call of `ControlService` and its errors into
+status codes (404 unknown run, 409 a request the run's state does not allow, 422 a bad body naming
+the field). Every mutating route depends on `require_token` whenever a token is configured;
+tokens are compared in constant time and never logged. Bodies are limited in size before they are
+parsed.
+"""
+
+from __future__ import annotations
+
+import secrets
+from typing import Annotated, Any
+
+from fastapi import Depends, FastAPI, HTTPException, Request, Response, status
+from fastapi.responses import JSONResponse
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from pydantic import BaseModel, Field
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from orchard.config import ConfigError, RunConfig, apply_overrides, config_from_dict, load_config
+from services.control.run_control import ControlConflict, RunState
+from services.control.service import ControlService, RunNotFound, RunStatus
+
+PROMETHEUS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+_bearer = HTTPBearer(auto_error=False)
+
+
+# ---------------------------------------------------------------------------------- request/response models
+class CreateRunRequest(BaseModel):
+    """A run to create: a config mapping (the embedded demo when omitted) and `--set`-style overrides."""
+
+    config: dict[str, Any] | None = Field(
+        None, description="A RunConfig as JSON (the YAML file's content). Omitted: the embedded demo config."
+    )
+    overrides: list[Annotated[str, Field(max_length=4096)]] = Field(
+        default_factory=list, max_length=256, description="`key.path=value` overrides applied on top."
+    )
+    paused: bool = Field(False, description="Create the run paused: set up, then wait for resume.")
+
+
+class RunAccepted(BaseModel):
+    id: str
+    state: RunState
+
+
+class WeightsRequest(BaseModel):
+    version: int = Field(..., ge=0, description="The new policy version; must exceed the last announced one.")
+    location: str = Field(..., min_length=1, max_length=4096, description="Where the weights can be fetched.")
+
+
+class WeightsAccepted(BaseModel):
+    id: str
+    version: int
+    state: RunState
+
+
+class Health(BaseModel):
+    status: str = "ok"
+
+
+# ---------------------------------------------------------------------------------- body size limit
+class BodySizeLimit:
+    """Refuse request bodies over `max_bytes` with 413, whether or not Content-Length is sent."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope.get("headers") or []).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
+            await self._refuse(send)
+            return
+        received = 0
+
+        async def limited_receive() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_bytes:
+                    raise _BodyTooLarge
+            return message
+
+        try:
+            await self.app(scope, limited_receive, send)
+        except _BodyTooLarge:
+            await self._refuse(send)
+
+    async def _refuse(self, send: Send) -> None:
+        response = JSONResponse(
+            {"detail": f"request body larger than {self.max_bytes} bytes"},
+            status_code=status.HTTP_413_CONTENT_TOO_LARGE,
+        )
+        await response({"type": "http"}, _no_receive, send)
+
+
+class _BodyTooLarge(Exception):
+    pass
+
+
+async def _no_receive() -> Message:
+    return {"type": "http.disconnect"}
+
+
+# ---------------------------------------------------------------------------------- the app
+def create_app(service: ControlService, *, token: str | None = None, max_body_bytes: int = 1 << 20) -> FastAPI:
+    """The control plane over `service`; mutating routes need `Authorization: Bearer <token>` when `token` is set."""
+    app = FastAPI(
+        title="Orchard control plane",
+        summary="Start, pause, resume, stop and checkpoint RL runs; weight versions; Prometheus metrics.",
+        version="1",
+    )
+    expected = token.encode() if token else None
+
+    def require_token(credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]) -> None:
+        if expected is None:
+            return
+        given = credentials.credentials.encode() if credentials is not None else b""
+        if not secrets.compare_digest(given, expected):
+            raise HTTPException(
+                status.HTTP_401_UNAUTHORIZED,
+                detail="missing or wrong bearer token (send 'Authorization: Bearer <token>')",
+                headers={"WWW-Authenticate": "Bearer"},
+            )
+
+    authorized = [Depends(require_token)]
+
+    @app.exception_handler(RunNotFound)
+    async def _not_found(request: Request, error: RunNotFound) -> JSONResponse:
+        return JSONResponse({"detail": str(error)}, status_code=status.HTTP_404_NOT_FOUND)
+
+    @app.exception_handler(ControlConflict)
+    async def _conflict(request: Request, error: ControlConflict) -> JSONResponse:
+        return JSONResponse({"detail": str(error)}, status_code=status.HTTP_409_CONFLICT)
+
+    @app.exception_handler(ConfigError)
+    async def _bad_config(request: Request, error: ConfigError) -> JSONResponse:
+        detail = [
+            {"loc": ["body", "config", *field.split(".")], "field": field, "msg": message, "type": "config"}
+            for field, message in error.problems
+        ]
+        return JSONResponse({"detail": detail}, status_code=status.HTTP_422_UNPROCESSABLE_CONTENT)
+
+    @app.get("/healthz", response_model=Health, tags=["service"])
+    def healthz() -> Health:
+        return Health()
+
+    @app.get("/metrics", response_class=Response, tags=["service"], responses={200: {"content": {"text/plain": {}}}})
+    def metrics() -> Response:
+        return Response(service.render_metrics(), media_type=PROMETHEUS_CONTENT_TYPE)
+
+    @app.post(
+        "/v1/runs",
+        response_model=RunAccepted,
+        status_code=status.HTTP_201_CREATED,
+        dependencies=authorized,
+        tags=["runs"],
+        responses={401: {}, 409: {}, 422: {}},
+    )
+    def create_run(request: CreateRunRequest) -> RunAccepted:
+        config = _config_of(request)
+        handle = service.create_run(config, paused=request.paused)
+        return RunAccepted(id=handle.id, state=handle.control.state)
+
+    @app.get("/v1/runs", response_model=list[RunStatus], tags=["runs"])
+    def list_runs() -> list[RunStatus]:
+        return [run.status() for run in service.runs()]
+
+    @app.get("/v1/runs/{run_id}", response_model=RunStatus, tags=["runs"], responses={404: {}})
+    def get_run(run_id: str) -> RunStatus:
+        return service.get(run_id).status()
+
+    def action(name: str, do: Any) -> None:
+        def route(run_id: str) -> RunAccepted:
+            return RunAccepted(id=run_id, state=do(run_id))
+
+        route.__name__ = f"{name}_run"
+        app.post(
+            f"/v1/runs/{{run_id}}/{name}",
+            response_model=RunAccepted,
+            status_code=status.HTTP_202_ACCEPTED,
+            dependencies=authorized,
+            tags=["runs"],
+            summary=f"{name.capitalize()} a run",
+            responses={401: {}, 404: {}, 409: {}},
+        )(route)
+
+    action("pause", service.pause)
+    action("resume", service.resume)
+    action("stop", service.stop)
+    action("checkpoint", service.checkpoint)
+
+    @app.post(
+        "/v1/runs/{run_id}/weights",
+        response_model=WeightsAccepted,
+        status_code=status.HTTP_202_ACCEPTED,
+        dependencies=authorized,
+        tags=["runs"],
+        responses={401: {}, 404: {}, 409: {}},
+    )
+    def announce_weights(run_id: str, request: WeightsRequest) -> WeightsAccepted:
+        announcement = service.announce_weights(run_id, request.version, request.location)
+        return WeightsAccepted(id=run_id, version=announcement.version, state=service.get(run_id).control.state)
+
+    app.add_middleware(BodySizeLimit, max_bytes=max_body_bytes)
+    return app
+
+
+def _config_of(request: CreateRunRequest) -> RunConfig:
+    if request.config is None:
+        return load_config(None, request.overrides)
+    return config_from_dict(apply_overrides(dict(request.config), request.overrides))

@@ -1,0 +1,154 @@
+"""The REST contract over a real FastAPI app: auth, status codes, bodies, metrics.
+
+Runs are registered but not launched here (the launcher records them), so every route's contract
+is checked in milliseconds; `tests/e2e/test_control_plane.py` drives a real run over HTTP.
+"""
+
+from __future__ import annotations
+
+import pytest
+from fastapi.testclient import TestClient
+
+from services.control.app import create_app
+from services.control.run_control import RunState
+from services.control.service import ControlService, RunHandle
+from services.metrics import RUN_STATES
+
+TOKEN = "s3cret-token"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+TINY_CONFIG = {"name": "api", "max_steps": 3, "buffer": {"backend": "memory"}}
+
+
+@pytest.fixture
+def launched() -> list[RunHandle]:
+    return []
+
+
+@pytest.fixture
+def service(launched, tmp_path, monkeypatch) -> ControlService:
+    monkeypatch.chdir(tmp_path)  # run directories land in the test's own folder
+    return ControlService(launcher=launched.append)
+
+
+@pytest.fixture
+def client(service) -> TestClient:
+    return TestClient(create_app(service, token=TOKEN, max_body_bytes=4096))
+
+
+def create(client: TestClient, **body) -> dict:
+    response = client.post("/v1/runs", json={"config": TINY_CONFIG, **body}, headers=AUTH)
+    assert response.status_code == 201, response.text
+    return response.json()
+
+
+def test_health_and_openapi(client):
+    assert client.get("/healthz").json() == {"status": "ok"}
+    paths = client.get("/openapi.json").json()["paths"]
+    for path in ("/v1/runs", "/v1/runs/{run_id}", "/v1/runs/{run_id}/pause", "/v1/runs/{run_id}/weights"):
+        assert path in paths
+    assert client.get("/docs").status_code == 200
+
+
+def test_create_then_status(client, launched):
+    created = create(client)
+    assert created["state"] == "pending"
+    assert [run.id for run in launched] == [created["id"]]
+    status = client.get(f"/v1/runs/{created['id']}").json()
+    assert status["state"] == "pending" and status["max_steps"] == 3 and status["step"] == 0
+    assert [run["id"] for run in client.get("/v1/runs").json()] == [created["id"]]
+
+
+def test_every_mutating_route_needs_the_token(client, service):
+    run_id = create(client)["id"]
+    calls = [
+        ("/v1/runs", {"config": TINY_CONFIG}),
+        (f"/v1/runs/{run_id}/pause", None),
+        (f"/v1/runs/{run_id}/resume", None),
+        (f"/v1/runs/{run_id}/stop", None),
+        (f"/v1/runs/{run_id}/checkpoint", None),
+        (f"/v1/runs/{run_id}/weights", {"version": 1, "location": "x"}),
+    ]
+    for path, body in calls:
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": f"Basic {TOKEN}"}):
+            response = client.post(path, json=body, headers=headers)
+            assert response.status_code == 401, (path, headers, response.text)
+            assert response.headers["www-authenticate"] == "Bearer"
+            assert TOKEN not in response.text
+    assert service.get(run_id).control.state is RunState.PENDING  # nothing happened
+    assert client.get(f"/v1/runs/{run_id}").status_code == 200  # reading needs no token
+
+
+def test_without_a_configured_token_mutations_are_open():
+    client = TestClient(create_app(ControlService(launcher=lambda handle: None)))
+    assert client.post("/v1/runs", json={"config": TINY_CONFIG}).status_code == 201
+
+
+def test_bad_config_is_422_naming_each_field(client):
+    response = client.post(
+        "/v1/runs", json={"config": {"learner": {"lr": "fast"}, "rollout": {"bogus": 1}}}, headers=AUTH
+    )
+    assert response.status_code == 422
+    fields = {item["field"] for item in response.json()["detail"]}
+    assert fields == {"learner.lr", "rollout.bogus"}
+    response = client.post("/v1/runs", json={"config": TINY_CONFIG, "overrides": ["max_steps=-1"]}, headers=AUTH)
+    assert response.status_code == 422 and response.json()["detail"][0]["field"] == "max_steps"
+
+
+def test_malformed_bodies_are_422(client):
+    run_id = create(client)["id"]
+    assert client.post("/v1/runs", content=b"{not json", headers=AUTH).status_code == 422
+    assert client.post("/v1/runs", json={"config": 5}, headers=AUTH).status_code == 422
+    response = client.post(f"/v1/runs/{run_id}/weights", json={"version": -1, "location": ""}, headers=AUTH)
+    assert response.status_code == 422
+    assert {item["loc"][-1] for item in response.json()["detail"]} == {"version", "location"}
+
+
+def test_oversized_body_is_413(client):
+    response = client.post("/v1/runs", json={"config": {"name": "x" * 5000}}, headers=AUTH)
+    assert response.status_code == 413
+    assert "4096 bytes" in response.json()["detail"]
+
+
+def test_unknown_run_is_404(client):
+    assert client.get("/v1/runs/nope").status_code == 404
+    for action in ("pause", "resume", "stop", "checkpoint"):
+        response = client.post(f"/v1/runs/nope/{action}", headers=AUTH)
+        assert response.status_code == 404 and "nope" in response.json()["detail"]
+    assert client.post("/v1/runs/nope/weights", json={"version": 1, "location": "x"}, headers=AUTH).status_code == 404
+
+
+def test_conflicting_actions_are_409(client, service):
+    run_id = create(client)["id"]
+    assert client.post("/v1/runs", json={"config": TINY_CONFIG}, headers=AUTH).status_code == 409  # one at a time
+    assert client.post(f"/v1/runs/{run_id}/resume", headers=AUTH).status_code == 409  # not paused
+    assert client.post(f"/v1/runs/{run_id}/pause", headers=AUTH).json() == {"id": run_id, "state": "pausing"}
+    assert client.post(f"/v1/runs/{run_id}/pause", headers=AUTH).status_code == 409
+    assert client.post(f"/v1/runs/{run_id}/stop", headers=AUTH).status_code == 202
+    response = client.post(f"/v1/runs/{run_id}/stop", headers=AUTH)
+    assert response.status_code == 409 and "stopping" in response.json()["detail"]
+    service.get(run_id).control.finish(RunState.STOPPED)
+    assert create(client)["state"] == "pending"  # the first run ended: a new one may start
+
+
+def test_weights_announcements(client, service):
+    run_id = create(client)["id"]
+    response = client.post(f"/v1/runs/{run_id}/weights", json={"version": 2, "location": "/ckpt/2"}, headers=AUTH)
+    assert response.status_code == 202 and response.json()["version"] == 2
+    stale = client.post(f"/v1/runs/{run_id}/weights", json={"version": 2, "location": "/ckpt/2"}, headers=AUTH)
+    assert stale.status_code == 409
+    weights = client.get(f"/v1/runs/{run_id}").json()["weights"]
+    assert (weights["version"], weights["location"]) == (2, "/ckpt/2")
+
+
+def test_created_paused(client, service):
+    run_id = create(client, paused=True)["id"]
+    assert service.get(run_id).control.state is RunState.PAUSING
+
+
+def test_metrics_follow_the_run_state(client, service):
+    run_id = create(client)["id"]
+    client.post(f"/v1/runs/{run_id}/pause", headers=AUTH)
+    text = client.get("/metrics").text
+    assert 'orchard_run_state{state="pausing"} 1.0' in text
+    assert all(f'orchard_run_state{{state="{state}"}}' in text for state in RUN_STATES)
+    assert "orchard_learner_step 0.0" in text
