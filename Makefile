@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test test-unit test-integration test-e2e lint format bench system-deps clean
+.PHONY: run test test-unit test-integration test-e2e lint format bench system-deps clean dashboards
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -41,6 +41,11 @@ bench: $(STAMP) system-deps
 	$(BIN)/python bench/weight_sync.py
 	$(BIN)/python bench/engine.py
 	$(BIN)/python bench/async_vs_sync.py
+
+# Prometheus (Debian's `prometheus`, installed when missing and root) scraping a running control
+# plane, in the foreground: `make dashboards [URL=http://127.0.0.1:8470]`. See deploy/dashboards.sh.
+dashboards:
+	bash deploy/dashboards.sh $(URL)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache
