@@ -12,12 +12,16 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
-# redis-server is used by the buffer's integration tests and by the demo when present.
+# redis-server is used by the buffer's integration tests and by the demo when present; prometheus
+# by the test that scrapes a live run (skipped, with the install hint, where it is missing).
+SYSTEM_PACKAGES := redis-server prometheus
 system-deps:
-	@command -v redis-server >/dev/null || { \
+	@missing=""; for binary in $(SYSTEM_PACKAGES); do command -v $$binary >/dev/null || missing="$$missing $$binary"; done; \
+	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
-	    apt-get update -qq && apt-get install -y -qq redis-server >/dev/null; \
-	  else echo "redis-server not found: install it (apt-get install redis-server)" >&2; exit 1; fi; }
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
+	  else echo "missing:$$missing; install them (apt-get install$$missing)" >&2; \
+	    command -v redis-server >/dev/null || exit 1; fi; fi
 
 run: $(STAMP)
 	$(BIN)/orchard run $(ARGS)
