@@ -170,6 +170,7 @@ class Driver:
             initial_accuracy, initial_by_distribution = self._evaluate()
             self.run_dir.event(f"warm-start held-out accuracy {initial_accuracy:.3f}")
             self.initial_eval = (initial_accuracy, initial_by_distribution)
+            self._last_eval = initial_accuracy
             self.metrics.observe_eval(initial_accuracy)
             if self.control.start() is RunState.RUNNING:
                 self.run_dir.event("run running")
