@@ -138,6 +138,52 @@ class LearnerConfig(Section):
     num_cpus: float = Field(1.0, gt=0, description="Ray CPUs reserved for the learner.")
 
 
+class UCBConfig(Section):
+    """DUMP's UCB scheduler over distributions (ALGORITHMS.md §7)."""
+
+    window: int = Field(
+        300, ge=1, description="Recent samples per distribution whose mean |advantage| is its learnability."
+    )
+    exploration: float = Field(1.0, ge=0, description="c: weight of the exploration term sqrt(2 ln(N+1) / (n_d+1)).")
+    temperature: float = Field(0.1, gt=0, description="T of softmax(score / T), the sampling probabilities.")
+
+
+class PCLConfig(Section):
+    """PCL's prompt selection by a value model of the policy's pass rate (ALGORITHMS.md §7)."""
+
+    pool_factor: int = Field(4, ge=1, description="k: candidates drawn per prompt kept (pool of k·B).")
+    target: float = Field(0.5, ge=0, le=1, description="τ: keep the candidates whose predicted pass rate is nearest.")
+    lr: float = Field(0.5, gt=0, description="Value model learning rate.")
+    epochs: int = Field(4, ge=1, description="Gradient passes over each batch of observed pass rates.")
+    dimension: int = Field(4096, ge=16, description="Hashed feature dimension of the value model.")
+
+
+class DifficultyFilterConfig(Section):
+    """Balanced online difficulty filtering (ALGORITHMS.md §7)."""
+
+    enabled: bool = Field(False, description="Drop groups whose pass rate is outside [low, high].")
+    low: float = Field(0.2, ge=0, le=1, description="Lowest pass rate kept.")
+    high: float = Field(0.8, ge=0, le=1, description="Highest pass rate kept.")
+
+    @model_validator(mode="after")
+    def _ordered(self) -> DifficultyFilterConfig:
+        if self.low > self.high:
+            raise ValueError(f"low {self.low} must not exceed high {self.high}")
+        return self
+
+
+class CurriculumConfig(Section):
+    """Which prompts are rolled out and which groups reach the learner; composable."""
+
+    scheduler: Literal["uniform", "ucb"] = Field(
+        "uniform", description="'uniform': distributions by source weight; 'ucb': DUMP's scheduler."
+    )
+    ucb: UCBConfig = Field(default_factory=UCBConfig)
+    selection: Literal["none", "pcl"] = Field("none", description="'pcl': keep the candidates predicted nearest τ.")
+    pcl: PCLConfig = Field(default_factory=PCLConfig)
+    difficulty_filter: DifficultyFilterConfig = Field(default_factory=DifficultyFilterConfig)
+
+
 class WarmStartConfig(Section):
     steps: int = Field(300, ge=0, description="Supervised steps on reference answers before RL (0: none).")
     batch_size: int = Field(64, ge=1)
@@ -193,6 +239,7 @@ class RunConfig(Section):
     rollout: RolloutConfig = Field(default_factory=RolloutConfig)
     buffer: BufferConfig = Field(default_factory=BufferConfig)
     learner: LearnerConfig = Field(default_factory=LearnerConfig)
+    curriculum: CurriculumConfig = Field(default_factory=CurriculumConfig)
     warmstart: WarmStartConfig = Field(default_factory=WarmStartConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     control: ControlConfig = Field(default_factory=ControlConfig)

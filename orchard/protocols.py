@@ -93,6 +93,12 @@ class Buffer(Protocol):
     def record_prompt_stats(self, prompt_id: str, distribution: str, pass_rate: float, policy_version: int) -> None:
         """Count one observed pass rate of a prompt (and of its distribution) under a policy version."""
 
+    def save_state(self, name: str, payload: bytes) -> None:
+        """Keep `payload` under `name` (e.g. the curriculum's state), replacing what was there."""
+
+    def load_state(self, name: str) -> bytes | None:
+        """What `save_state` last kept under `name`, or None."""
+
     def close(self) -> None: ...
 
 

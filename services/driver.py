@@ -38,6 +38,8 @@ from orchard.records import Group
 from rollout.worker import RolloutResult, RolloutWorker, RolloutWorkerCore
 from services.buffer.factory import make_buffer
 from services.control.run_control import RunControl, RunState, WeightVersionConflict
+from services.curriculum.filtering import REASONS as FILTER_REASONS
+from services.curriculum.sampler import PromptSampler
 from services.learner_actor import LearnerActor
 from services.metrics import RunMetrics
 from services.run_dir import RunDirectory
@@ -59,6 +61,7 @@ class Throughput:
     eval_seconds: float = 0.0
     generated_tokens: int = 0
     generated_groups: int = 0
+    signal_groups: int = 0  # generated groups with non-zero advantage (the effective ratio's numerator)
     trained_groups: int = 0
     trained_tokens: int = 0
 
@@ -81,8 +84,8 @@ def evaluate_by_distribution(evaluator: RolloutWorkerCore, prompts: list) -> tup
     return fmean(result.correct), {d: fmean(v) for d, v in sorted(by_distribution.items())}
 
 
-#: Reasons a generated group is dropped before it reaches the buffer (`orchard_filtered_groups_total`).
-FILTER_REASONS = ("zero_advantage",)
+#: Name of the curriculum's state in the buffer's named state (survives a driver restart).
+CURRICULUM_STATE = "curriculum"
 #: How often a paused driver looks for checkpoint requests while it waits.
 PAUSED_POLL_SECONDS = 0.5
 
@@ -123,6 +126,16 @@ class Driver:
             self.run_dir.event(f"skipped prompt line: {problem}")
         self.buffer, self._redis_server = make_buffer(config.buffer, namespace=self.run_dir.run_id)
         self.run_dir.event(f"buffer: {type(self.buffer).__name__}")
+        self.sampler = PromptSampler(
+            self.pool,
+            config.curriculum,
+            advantage_std=config.learner.advantage_std,
+            dynamic_sampling=config.learner.dynamic_sampling,
+        )
+        saved = self.buffer.load_state(CURRICULUM_STATE)
+        if saved is not None:
+            self.sampler.load_bytes(saved)
+            self.run_dir.event("curriculum state restored from the buffer")
 
         state_dict, self.warm_start_info = warm_start(config, self.pool, log=self.run_dir.event)
         from learner.weights import state_dict_to_numpy
@@ -144,7 +157,7 @@ class Driver:
         for worker, version in self.weight_sync.worker_versions.items():
             self.metrics.observe_worker_version(worker, version)
         self.metrics.declare_filter_reasons(FILTER_REASONS)
-        self.metrics.set_distributions(self.pool.distribution_probabilities())
+        self.metrics.set_distributions(self.sampler.probabilities())
         self.metrics.observe_buffer(self.buffer.ready_count(), self.buffer.pending_count())
 
         self.evaluator = RolloutWorkerCore("evaluator", config.model, config.rollout, seed=config.seed)
@@ -237,7 +250,7 @@ class Driver:
                     ready = self.buffer.ready_count(min_policy_version=target - staleness)
                     if ready + inflight_groups >= capacity:
                         break
-                    prompts = self.pool.sample_train(config.rollout.prompts_per_call, self.rng)
+                    prompts = self.sampler.next_prompts(config.rollout.prompts_per_call, self.rng)
                     rollouts[actor.rollout.remote(prompts)] = name
                     inflight_groups += len(prompts)
             pending = list(rollouts) + list(syncs) + ([learner_call[0]] if learner_call else [])
@@ -350,14 +363,17 @@ class Driver:
         self.metrics.observe_rollout(result.worker, result.generated_tokens, len(result.groups))
         for message in result.verifier_errors[:3]:
             self.run_dir.event(f"verifier error on {result.worker}: {message}")
+        self.sampler.observe(result.groups)
         kept = []
         for group in result.groups:
             self.buffer.record_prompt_stats(
                 group.prompt.id, group.prompt.distribution, group.pass_rate, group.policy_version
             )
-            if self.config.learner.dynamic_sampling and not group.has_signal:
-                self.filtered["zero_advantage"] += 1
-                self.metrics.observe_filtered("zero_advantage")
+            self.throughput.signal_groups += group.has_signal
+            reason = self.sampler.filter_reason(group)
+            if reason is not None:
+                self.filtered[reason] += 1
+                self.metrics.observe_filtered(reason)
                 continue
             kept.append(group)
         if kept:
@@ -375,6 +391,12 @@ class Driver:
             rewards_by_distribution[group.prompt.distribution].extend(group.rewards)
         staleness = [learner_version_before - g.policy_version for g in groups]
         self.staleness_seen.extend(staleness)
+        probabilities = self.sampler.on_learner_step()
+        self.metrics.set_distributions(probabilities)
+        value_model_error = self.sampler.value_model_error()
+        if value_model_error is not None:
+            self.metrics.value_model_error.set(value_model_error)
+        self.buffer.save_state(CURRICULUM_STATE, self.sampler.to_bytes())
         wall = self.throughput.wall()
         record: dict[str, Any] = {
             "step": self.step,
@@ -394,6 +416,12 @@ class Driver:
             "staleness_max": max(staleness),
             "buffer": self.buffer.stats(),
             "filtered": dict(self.filtered),
+            "generated_groups": self.throughput.generated_groups,
+            "effective_ratio": self.throughput.signal_groups / max(1, self.throughput.generated_groups),
+            "trained_signal_ratio": sum(g.has_signal for g in groups) / len(groups),
+            "scheduler_probabilities": probabilities,
+            "value_model_abs_error": value_model_error,
+            "selection_seconds": self.sampler.selection_seconds,
             "generated_tokens": self.throughput.generated_tokens,
             "rollout_tokens_per_second": self.throughput.generated_tokens / wall if wall > 0 else 0.0,
             "learner_idle_fraction": self.throughput.learner_idle_fraction(),
@@ -493,6 +521,8 @@ class Driver:
             "weight_sync_seconds_mean": fmean(sync) if sync else None,
             "buffer": self.buffer.stats() if self.buffer else {},
             "filtered": dict(self.filtered),
+            "effective_ratio": self.throughput.signal_groups / max(1, self.throughput.generated_groups),
+            "value_model_abs_error": self.sampler.value_model_error(),
             "max_staleness": self.config.buffer.max_staleness,
             "staleness_mean": fmean(self.staleness_seen) if self.staleness_seen else 0.0,
         }

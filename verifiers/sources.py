@@ -104,6 +104,7 @@ class _Procedural:
                 check_family(family, difficulty)
         self.weight = config.weight
         self.cells = [(f, d) for f in config.families for d in config.difficulties]
+        self.cell_of = {distribution_name(f, d): (f, d) for f, d in self.cells}
         self.held_out_texts: set[str] = set()
 
     @property
@@ -126,8 +127,8 @@ class _Procedural:
             held_out.append(prompt)
         return held_out
 
-    def sample(self, rng: random.Random) -> Prompt:
-        family, difficulty = rng.choice(self.cells)
+    def sample(self, rng: random.Random, distribution: str | None = None) -> Prompt:
+        family, difficulty = rng.choice(self.cells) if distribution is None else self.cell_of[distribution]
         for _ in range(MAX_REDRAWS):
             prompt = generate_prompt(family, difficulty, rng)
             if prompt.text not in self.held_out_texts:
@@ -140,6 +141,7 @@ class _Listed:
         self.weight = weight
         self.name = name
         self.train = list(prompts)
+        self._by_distribution: dict[str, list[Prompt]] | None = None  # built at the first draw by distribution
 
     @property
     def distributions(self) -> list[str]:
@@ -153,8 +155,14 @@ class _Listed:
         self.train = [p for i, p in enumerate(self.train) if i not in chosen]
         return held_out
 
-    def sample(self, rng: random.Random) -> Prompt:
-        return rng.choice(self.train)
+    def sample(self, rng: random.Random, distribution: str | None = None) -> Prompt:
+        if distribution is None:
+            return rng.choice(self.train)
+        if self._by_distribution is None:
+            self._by_distribution = {}
+            for prompt in self.train:
+                self._by_distribution.setdefault(prompt.distribution, []).append(prompt)
+        return rng.choice(self._by_distribution[distribution])
 
 
 @dataclass
@@ -222,6 +230,13 @@ class PromptPool:
         """`count` training prompts: a source by weight, then a prompt of it."""
         weights = [s.weight for s in self.sources]
         return [rng.choices(self.sources, weights)[0].sample(rng) for _ in range(count)]
+
+    def sample_from(self, distribution: str, rng: random.Random) -> Prompt:
+        """A training prompt of `distribution`: a source holding it by weight, then a prompt of it."""
+        sources = [s for s in self.sources if distribution in s.distributions]
+        if not sources:
+            raise KeyError(f"no prompt source has distribution {distribution!r}; known: {self.distributions}")
+        return rng.choices(sources, [s.weight for s in sources])[0].sample(rng, distribution)
 
     def train_examples(self, count: int, rng: random.Random) -> list[Prompt]:
         """Training prompts with their reference answers, for the supervised warm start."""

@@ -45,6 +45,7 @@ class MemoryBuffer:
         self._answers: OrderedDict[str, list[str]] = OrderedDict()  # request token -> ids taken
         self._prompts: dict[str, PassRateStats] = {}
         self._distributions: dict[str, PassRateStats] = {}
+        self._states: dict[str, bytes] = {}
 
     # ----------------------------------------------------------------------------- groups
     def put(self, group: Group) -> None:
@@ -149,6 +150,14 @@ class MemoryBuffer:
     def distribution_stats(self) -> dict[str, PassRateStats]:
         with self._lock:
             return dict(sorted(self._distributions.items()))
+
+    def save_state(self, name: str, payload: bytes) -> None:
+        with self._lock:
+            self._states[name] = bytes(payload)
+
+    def load_state(self, name: str) -> bytes | None:
+        with self._lock:
+            return self._states.get(name)
 
     def close(self) -> None:
         """Nothing to release; present for the `Buffer` protocol."""

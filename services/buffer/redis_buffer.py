@@ -13,6 +13,7 @@ Keys, all under `orchard:{namespace}:`:
 | `take:{token}` | string | msgpack list of the ids one `take` moved, so a retried take returns the same groups |
 | `prompt:{id}`, `distribution:{name}` | hash | count, pass_rate_sum, last_policy_version, distribution |
 | `distributions` | set | distribution names seen |
+| `state:{name}` | string | a named state blob (the curriculum's scheduler and value model) |
 
 The bytes of a group are written once, at put, and deleted once, at ack or when found stale; take
 and requeue move only ids. Each operation is one atomic script, one round trip whatever the number
@@ -372,6 +373,13 @@ class RedisBuffer:
             return {name: row for name, row in zip(names, rows, strict=True) if row is not None}
 
         return self._call("distribution_stats", read)
+
+    # ----------------------------------------------------------------------------- named state
+    def save_state(self, name: str, payload: bytes) -> None:
+        self._call("save_state", lambda: self._client.set(self._prefix + f"state:{name}", payload))
+
+    def load_state(self, name: str) -> bytes | None:
+        return self._call("load_state", lambda: self._client.get(self._prefix + f"state:{name}"))
 
     def close(self) -> None:
         self._client.close()

@@ -206,6 +206,15 @@ def test_prompt_and_distribution_stats_aggregate(buffer):
     assert distributions["addition"].count == 3
 
 
+def test_named_state_is_kept_and_replaced(buffer):
+    assert buffer.load_state("curriculum") is None
+    buffer.save_state("curriculum", b'{"version": 1}')
+    buffer.save_state("other", b"\x00\xff")
+    buffer.save_state("curriculum", b'{"version": 2}')
+    assert buffer.load_state("curriculum") == b'{"version": 2}'
+    assert buffer.load_state("other") == b"\x00\xff"
+
+
 def test_concurrent_producers_and_one_consumer_lose_and_repeat_nothing(buffer):
     producers, per_producer, batch = 4, 40, 7
     expected = producers * per_producer
@@ -313,6 +322,14 @@ def test_a_redis_restart_keeps_unacknowledged_groups_and_calls_during_it_succeed
     buffer.put(acked[0])  # acknowledged before the restart, still known to be finished after it
     assert buffer.ready_count() == 0
     assert buffer.stats()["acked"] == 2
+
+
+def test_named_state_survives_a_redis_restart(start_redis_server):
+    server = start_redis_server(appendonly=True)
+    buffer = RedisBuffer(server.url, "state", max_staleness=1, reconnect_seconds=20)
+    buffer.save_state("curriculum", b"scheduler and value model")
+    server.restart()
+    assert RedisBuffer(server.url, "state", max_staleness=1).load_state("curriculum") == b"scheduler and value model"
     buffer.close()
 
 

@@ -9,6 +9,8 @@ import time
 import pytest
 
 from orchard.config import load_config
+from services.buffer.redis_buffer import RedisBuffer
+from services.curriculum.sampler import PromptSampler
 from services.driver import Driver
 from services.redis_server import RedisServer
 from services.run_dir import RunDirectory
@@ -136,3 +138,42 @@ def test_bad_prompt_lines_are_skipped_and_reported(ray_local, tmp_path, warm_cac
     run_dir = RunDirectory(tmp_path, "bad-lines")
     assert Driver(config, run_dir, show_progress=False).run()["steps"] == 1
     assert f"skipped prompt line: {data}:31: not valid JSON" in (run_dir.path / "events.log").read_text()
+
+
+def test_all_curricula_together_in_a_run_with_redis_state(ray_local, tmp_path, warm_cache):
+    """UCB scheduler + PCL selection + difficulty filter in one run; their state lands in Redis."""
+    server = RedisServer().start()
+    try:
+        config = small_config(
+            tmp_path,
+            warm_cache,
+            "buffer.backend=redis",
+            f"buffer.redis_url={server.url}",
+            "buffer.namespace=curricula",
+            "curriculum.scheduler=ucb",
+            "curriculum.selection=pcl",
+            "curriculum.pcl.dimension=256",
+            "curriculum.difficulty_filter.enabled=true",
+            "curriculum.difficulty_filter.low=0.0",
+            "curriculum.difficulty_filter.high=0.99",
+        )
+        driver = Driver(config, RunDirectory(tmp_path, "curricula"), show_progress=False)
+        summary = driver.run()
+        conservation(summary)
+        records = RunDirectory(tmp_path, "curricula").read_metrics()
+        assert len(records) == 3
+        last = records[-1]
+        assert set(last["scheduler_probabilities"]) == {"d0", "d1"}
+        assert sum(last["scheduler_probabilities"].values()) == pytest.approx(1.0)
+        assert last["value_model_abs_error"] is not None and 0.0 <= last["value_model_abs_error"] <= 1.0
+        assert driver.sampler.candidates_scored >= 4 * driver.throughput.generated_groups
+        text = driver.metrics.render().decode()
+        assert 'orchard_scheduler_probability{distribution="d0"}' in text
+        assert "orchard_value_model_error NaN" not in text
+        # a restarted driver finds the curriculum where this one left it
+        saved = RedisBuffer(server.url, "curricula", max_staleness=1).load_state("curriculum")
+        sampler = PromptSampler(driver.pool, config.curriculum)
+        sampler.load_bytes(saved)
+        assert sampler.probabilities() == pytest.approx(last["scheduler_probabilities"])
+    finally:
+        server.stop()

@@ -1,0 +1,9 @@
+"""Curricula: which prompts are rolled out next, and which groups reach the learner.
+
+- `ucb`: DUMP's UCB scheduler over distributions (learnability = mean |advantage|).
+- `value_model`: PCL's online value model of a prompt's pass rate, and selection near a target.
+- `filtering`: balanced online difficulty filtering by pass rate.
+- `sampler`: composes them into the driver's `PromptSampler`, with state that survives a restart.
+
+The algorithms are plain functions and small classes over numbers and records; the driver feeds them.
+"""

@@ -1,0 +1,150 @@
+"""`PromptSampler`: the driver's one place for choosing prompts and judging groups.
+
+Composes, as the config asks:
+1. a distribution for each prompt: by source weight (`uniform`) or by DUMP's UCB scheduler (`ucb`);
+2. a prompt of it; with PCL selection, `k·B` candidates are drawn and the `B` whose predicted pass
+   rate is nearest `τ` are kept;
+3. after rollout, every group feeds the scheduler (|advantage| of each completion, filtered groups
+   included: a distribution whose groups all pass or all fail must look unlearnable) and the value
+   model (the group's pass rate, before training on it the model's error is measured);
+4. `filter_reason` says which groups are dropped before the buffer (difficulty band, dynamic sampling).
+
+Its whole state is JSON (`state_dict`), which the driver keeps in the buffer's named state, so a
+restarted driver continues the same curriculum.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from collections.abc import Sequence
+from statistics import fmean
+from typing import Any
+
+import torch
+
+from learner.algorithms import group_advantages
+from orchard.config import CurriculumConfig
+from orchard.records import Group, Prompt
+from services.curriculum.filtering import group_filter_reason
+from services.curriculum.ucb import UCBScheduler
+from services.curriculum.value_model import PromptValueModel, nearest_to_target
+from verifiers.sources import PromptPool
+
+STATE_VERSION = 1
+
+
+def absolute_advantages(group: Group, std: str) -> list[float]:
+    """|Â| of each completion of `group`, normalised as the learner will (batch std: group std here)."""
+    rewards = torch.tensor(group.rewards, dtype=torch.float64)
+    index = torch.zeros(len(group.rewards), dtype=torch.long)
+    return group_advantages(rewards, index, std="group" if std == "batch" else std).abs().tolist()
+
+
+class PromptSampler:
+    def __init__(
+        self, pool: PromptPool, config: CurriculumConfig, *, advantage_std: str = "group", dynamic_sampling: bool = True
+    ) -> None:
+        self.pool = pool
+        self.config = config
+        self.advantage_std = advantage_std
+        self.dynamic_sampling = dynamic_sampling
+        self.scheduler = (
+            UCBScheduler(
+                pool.distributions,
+                window=config.ucb.window,
+                exploration=config.ucb.exploration,
+                temperature=config.ucb.temperature,
+            )
+            if config.scheduler == "ucb"
+            else None
+        )
+        self.value_model = (
+            PromptValueModel(dimension=config.pcl.dimension, lr=config.pcl.lr, epochs=config.pcl.epochs)
+            if config.selection == "pcl"
+            else None
+        )
+        band = config.difficulty_filter
+        self.band = (band.low, band.high) if band.enabled else None
+        self.selection_seconds = 0.0  # value-model prediction and training: what PCL pays to choose
+        self.candidates_scored = 0
+        self.value_errors: list[float] = []
+
+    # ------------------------------------------------------------------------------ choosing
+    def probabilities(self) -> dict[str, float]:
+        """Probability of drawing each distribution next."""
+        if self.scheduler is not None:
+            return self.scheduler.probabilities()
+        return self.pool.distribution_probabilities()
+
+    def next_prompts(self, count: int, rng: random.Random) -> list[Prompt]:
+        if self.value_model is None:
+            return [self._draw(rng) for _ in range(count)]
+        candidates = [self._draw(rng) for _ in range(count * self.config.pcl.pool_factor)]
+        started = time.perf_counter()
+        predictions = self.value_model.predict(candidates)
+        chosen = nearest_to_target(predictions.tolist(), self.config.pcl.target, count)
+        self.selection_seconds += time.perf_counter() - started
+        self.candidates_scored += len(candidates)
+        return [candidates[index] for index in chosen]
+
+    def _draw(self, rng: random.Random) -> Prompt:
+        if self.scheduler is None:
+            return self.pool.sample_train(1, rng)[0]
+        return self.pool.sample_from(self.scheduler.sample(rng), rng)
+
+    # ------------------------------------------------------------------------------ learning
+    def observe(self, groups: Sequence[Group]) -> None:
+        """Feed one rollout call's groups (all of them, kept or not) to the scheduler and value model."""
+        if self.scheduler is not None:
+            for group in groups:
+                self.scheduler.observe(group.prompt.distribution, absolute_advantages(group, self.advantage_std))
+        if self.value_model is not None and groups:
+            started = time.perf_counter()
+            error = self.value_model.update([g.prompt for g in groups], [g.pass_rate for g in groups])
+            self.selection_seconds += time.perf_counter() - started
+            self.value_errors.append(error)
+
+    def filter_reason(self, group: Group) -> str | None:
+        return group_filter_reason(group, dynamic_sampling=self.dynamic_sampling, band=self.band)
+
+    def on_learner_step(self) -> dict[str, float]:
+        """Recompute the scheduler's probabilities (DUMP: after every learner step); returns them."""
+        if self.scheduler is not None:
+            self.scheduler.update()
+        return self.probabilities()
+
+    def value_model_error(self, recent: int = 8) -> float | None:
+        """Mean |predicted − observed pass rate| over the last `recent` batches, each measured before training on it."""
+        if not self.value_errors:
+            return None
+        return fmean(self.value_errors[-recent:])
+
+    # ------------------------------------------------------------------------------ state
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "version": STATE_VERSION,
+            "scheduler": self.scheduler.state_dict() if self.scheduler else None,
+            "value_model": self.value_model.state_dict() if self.value_model else None,
+            "value_errors": self.value_errors[-64:],
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("version") != STATE_VERSION:
+            raise ValueError(f"curriculum state version {state.get('version')} is not {STATE_VERSION}")
+        if (state["scheduler"] is None) != (self.scheduler is None) or (state["value_model"] is None) != (
+            self.value_model is None
+        ):
+            raise ValueError("the saved curriculum state was made with another curriculum config")
+        if self.scheduler is not None:
+            self.scheduler.load_state_dict(state["scheduler"])
+        if self.value_model is not None:
+            self.value_model.load_state_dict(state["value_model"])
+        self.value_errors = list(state.get("value_errors", []))
+
+    def to_bytes(self) -> bytes:
+        return json.dumps(self.state_dict()).encode()
+
+    def load_bytes(self, payload: bytes) -> None:
+        self.load_state_dict(json.loads(payload))
