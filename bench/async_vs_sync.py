@@ -14,8 +14,8 @@ import argparse
 import statistics
 import tempfile
 
-from services.cluster import connect_ray
 from orchard.config import load_config
+from services.cluster import connect_ray
 from services.driver import Driver
 from services.run_dir import RunDirectory
 

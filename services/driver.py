@@ -517,6 +517,7 @@ class Driver:
             "rollout_tokens_per_second": self.throughput.generated_tokens / wall if wall > 0 else 0.0,
             "learner_idle_fraction": self.throughput.learner_idle_fraction(),
             "generated_groups": self.throughput.generated_groups,
+            "generated_tokens": self.throughput.generated_tokens,
             "trained_groups": self.throughput.trained_groups,
             "weight_sync_seconds_mean": fmean(sync) if sync else None,
             "buffer": self.buffer.stats() if self.buffer else {},

@@ -61,7 +61,8 @@ class RunDirectory:
         (self.path / "summary.json").write_text(json.dumps(_jsonable(summary), indent=2, sort_keys=True) + "\n")
 
     def plot_rewards(self) -> Path | None:
-        """`reward.png`: batch reward per distribution and held-out accuracy against learner step."""
+        """`reward.png`: batch reward per distribution, held-out accuracy and (when recorded) the
+        scheduler's sampling probability per distribution, against learner step."""
         metrics = self.read_metrics()
         if not metrics:
             return None
@@ -70,7 +71,10 @@ class RunDirectory:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        figure, (reward_axis, eval_axis) = plt.subplots(1, 2, figsize=(11, 4))
+        scheduled = [m for m in metrics if m.get("scheduler_probabilities")]
+        panels = 3 if scheduled else 2
+        figure, axes = plt.subplots(1, panels, figsize=(5.5 * panels, 4))
+        reward_axis, eval_axis = axes[0], axes[1]
         distributions = sorted({d for m in metrics for d in m.get("reward_by_distribution", {})})
         for distribution in distributions:
             points = [
@@ -96,6 +100,19 @@ class RunDirectory:
         eval_axis.set(title="held-out greedy accuracy", xlabel="learner step", ylabel="accuracy", ylim=(0, 1))
         if evaluated:
             eval_axis.legend(fontsize=8)
+        if scheduled:
+            schedule_axis = axes[2]
+            for distribution in sorted({d for m in scheduled for d in m["scheduler_probabilities"]}):
+                points = [
+                    (m["step"], m["scheduler_probabilities"][distribution])
+                    for m in scheduled
+                    if distribution in m["scheduler_probabilities"]
+                ]
+                schedule_axis.plot(*zip(*points, strict=True), label=distribution, linewidth=1)
+            schedule_axis.set(
+                title="sampling probability per distribution", xlabel="learner step", ylabel="probability", ylim=(0, 1)
+            )
+            schedule_axis.legend(fontsize=8)
         figure.tight_layout()
         path = self.path / "reward.png"
         figure.savefig(path, dpi=100)
