@@ -1,8 +1,8 @@
 """Sampling parameters, next-token sampling and stop strings, shared by the engines.
 
 `sample_next` draws from the tempered, top-p truncated distribution and returns the untruncated logprob
-(the one the learner recomputes); `find_stop` finds stop strings without decoding the whole completion
-at every step.
+(the one the learner recomputes); `gumbel_noise` draws its noise ahead, for many steps at once;
+`find_stop` finds stop strings without decoding the whole completion at every step.
 """
 
 from __future__ import annotations
@@ -35,31 +35,50 @@ def validate_params(params: SamplingParams) -> None:
         raise ValueError(f"SamplingParams.seed must be an int or None, got {params.seed!r}")
 
 
+def gumbel_noise(
+    shape: Sequence[int], generator: torch.Generator | None = None, device: torch.device | str | None = None
+) -> torch.Tensor:
+    """Standard Gumbel noise `-log(-log U)`, U ~ U[0, 1), float32: what `sample_next` adds to the logits.
+
+    Values lie in [-inf, 17): U = 0 gives -inf (that token is not drawn), never +inf or NaN. An engine
+    draws it for several steps in one call (`[steps, batch, vocab]`) and passes one step's slice.
+    """
+    return torch.rand(tuple(shape), generator=generator, device=device).log_().neg_().log_().neg_()
+
+
 def sample_next(
-    logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None = None
+    logits: torch.Tensor,
+    temperature: float,
+    top_p: float,
+    generator: torch.Generator | None = None,
+    noise: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Next tokens `[batch]` and their logprobs `[batch]` from float32 `logits` `[batch, vocab]`.
 
     logprob = log_softmax(logits / T)[token] with T = 1 when greedy (`temperature == 0`, argmax). This is
     the untruncated distribution, the one the learner recomputes from the same logits; top-p only
     restricts which tokens may be drawn (Holtzman et al. 2020: keep the smallest prefix of tokens sorted
-    by probability whose mass reaches `top_p`). Drawing uses the exponential race
-    `argmax_i p_i / E_i, E_i ~ Exp(1)`, which picks i with probability p_i / sum(p) (cheaper on CPU than
-    `torch.multinomial` or `Tensor.exponential_`).
+    by probability whose mass reaches `top_p`). Drawing is the Gumbel-max trick, `argmax_i (log p_i + G_i)`
+    with G_i iid standard Gumbel, which picks i with probability p_i / sum(p): no softmax is
+    exponentiated and nothing is sorted unless `top_p < 1`. `noise` (`[batch, vocab]`, from
+    `gumbel_noise`) is drawn here from `generator` when not given; greedy ignores it.
     """
     if temperature == 0:
         tokens = logits.argmax(-1)
         return tokens, F.log_softmax(logits, -1).gather(-1, tokens[:, None]).squeeze(-1)
-    logprobs = F.log_softmax(logits if temperature == 1 else logits / temperature, -1)
-    # E = -log U with U ~ U[0, 1) lies in (0, inf]: never 0, so p / E is never 0/0 = NaN.
-    noise = torch.rand(logprobs.shape, generator=generator, device=logprobs.device).log_().neg_()
+    scaled = logits if temperature == 1 else logits / temperature
+    logprobs = F.log_softmax(scaled, -1)
+    if noise is None:
+        noise = gumbel_noise(logits.shape, generator, logits.device)
     if top_p < 1:
         sorted_logprobs, order = logprobs.sort(-1, descending=True)
         probs = sorted_logprobs.exp()
-        kept = probs.masked_fill(probs.cumsum(-1) - probs >= top_p, 0.0)
-        tokens = order.gather(-1, (kept / noise).argmax(-1, keepdim=True)).squeeze(-1)
+        # The noise is iid, so adding it in sorted order draws from the same distribution.
+        kept = sorted_logprobs.masked_fill(probs.cumsum(-1) - probs >= top_p, float("-inf"))
+        tokens = order.gather(-1, (kept + noise).argmax(-1, keepdim=True)).squeeze(-1)
     else:
-        tokens = (logprobs.exp() / noise).argmax(-1)
+        # log_softmax only shifts each row, so the scaled logits give the same argmax.
+        tokens = (scaled + noise).argmax(-1)
     return tokens, logprobs.gather(-1, tokens[:, None]).squeeze(-1)
 
 

@@ -11,9 +11,14 @@ matmuls. `bench/engine.py` prints both rates and that matmul floor.
 
 Generation: the prompts are left-padded and prefilled in one forward into a preallocated cache
 of `prompt length + max_new_tokens` slots (its last layer computes only the last position, the one
-that is sampled from); then one token per step. Positions count from each
+that is sampled from; a prompt repeated in the batch, as in a rollout's groups, is prefilled once and
+its cache copied to each of its rows); then one token per step. Positions count from each
 prompt's first real token (`position = slot - pad count`), as if the sequence were unpadded, which is
-what the learner sees. Finished rows are dropped from the batch once a quarter of it has finished.
+what the learner sees. Each step's tokens and logprobs go into preallocated tables; rows are checked for
+eos and stop strings every `FINISH_CHECK_INTERVAL` steps (a row that finished in between runs on until
+then and its extra tokens are dropped, so the result is the same), and finished rows are dropped from
+the batch once a quarter of it has finished. Sampling noise is drawn for many steps at once, indexed by
+each row's original position, so a row's draws do not depend on when the batch is compacted.
 
 Stop strings: the completion's `text` ends before the first stop string; its `token_ids` and `logprobs`
 keep every token up to and including the token that completed the stop string (as vLLM does), so the
@@ -34,12 +39,18 @@ import torch.nn.functional as F
 from transformers import PretrainedConfig, Qwen2ForCausalLM
 
 from orchard.protocols import GenerationOutput, SamplingParams
-from rollout.engines.sampling import find_stop, sample_next, validate_params
+from rollout.engines.sampling import find_stop, gumbel_noise, sample_next, validate_params
 from rollout.tokenizer import Tokenizer
 
 #: Compact the batch once this fraction of its rows has finished (a gather of the cache costs about as
 #: much as one decode step, so compacting on every finish would not pay).
 COMPACT_FRACTION = 0.25
+#: Look for finished rows (eos, stop strings) every this many steps rather than after each one; a row
+#: that finished in between runs on until the check, its extra tokens dropped. Saves the per-step host
+#: sync on an accelerator; the finish step found is the same.
+FINISH_CHECK_INTERVAL = 4
+#: Gumbel noise for sampling is drawn for as many steps at once as fit in this many elements.
+NOISE_CHUNK_ELEMENTS = 1 << 20
 
 
 class _Layer(NamedTuple):
@@ -120,8 +131,10 @@ class TorchEngine:
         inv_freq = 1.0 / (rope["rope_theta"] ** (torch.arange(0, self.head_dim, 2, dtype=torch.float) / self.head_dim))
         freqs = torch.arange(self.max_positions, dtype=torch.float)[:, None] * inv_freq
         dtype = next(self.model.parameters()).dtype
-        self._cos = torch.cat((freqs, freqs), dim=-1).cos().to(self.device, dtype)
-        self._signed_sin = torch.cat((-freqs.sin(), freqs.sin()), dim=-1).to(self.device, dtype)
+        cos = torch.cat((freqs, freqs), dim=-1).cos()
+        signed_sin = torch.cat((-freqs.sin(), freqs.sin()), dim=-1)
+        # `[position, 2, head_dim]`: one gather per forward fetches both tables.
+        self._rope_table = torch.stack((cos, signed_sin), dim=1).to(self.device, dtype)
 
     @torch.no_grad()
     def refresh(self) -> None:
@@ -158,7 +171,8 @@ class TorchEngine:
 
     def _rope_tables(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """cos and signed sin at `positions`, shaped to broadcast over the heads of `_rope`."""
-        return self._cos[positions].unsqueeze(-2), self._signed_sin[positions].unsqueeze(-2)
+        table = self._rope_table[positions]  # [..., 2, head_dim]
+        return table[..., 0:1, :], table[..., 1:2, :]
 
     def _rope(self, qkv: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
         """q and k of `qkv` (`[..., (heads + 2 kv_heads) * head_dim]`) rotated, `[..., heads + kv_heads, head_dim]`."""
@@ -249,9 +263,11 @@ class TorchEngine:
         return F.rms_norm(x, (self.hidden_size,), self._final_norm, self.eps)
 
     def _new_cache(self, batch: int, slots: int) -> torch.Tensor:
-        """Keys and values of every layer, `[layers, 2, batch, kv_heads, slots, head_dim]`."""
+        """Keys and values of every layer, `[layers, 2, batch, kv_heads, slots, head_dim]`, uninitialised:
+        the prefill writes every prompt slot (padding included) and each decode step writes its slot
+        before attending to it."""
         shape = (self.num_layers, 2, batch, self.num_kv_heads, slots, self.head_dim)
-        return torch.zeros(shape, dtype=self._embed.dtype, device=self.device)
+        return torch.empty(shape, dtype=self._embed.dtype, device=self.device)
 
     @torch.inference_mode()
     def logits(self, token_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -306,58 +322,121 @@ class TorchEngine:
         slots = prompt_length + steps
         device = self.device
         pad_id = self.tokenizer.pad_id
-        token_ids = torch.tensor([[pad_id] * (prompt_length - len(p)) + p for p in prompts], device=device)
-        pad_counts = torch.tensor([prompt_length - len(p) for p in prompts], device=device)
+        # A rollout repeats each prompt once per completion of its group: prefill each distinct prompt once,
+        # then give every row a copy of its prompt's cache.
+        distinct: dict[tuple[int, ...], int] = {}
+        source = [distinct.setdefault(tuple(prompt), len(distinct)) for prompt in prompts]
+        unique = [list(prompt) for prompt in distinct]
+        token_ids = torch.tensor([[pad_id] * (prompt_length - len(p)) + p for p in unique], device=device)
+        pad_counts = torch.tensor([prompt_length - len(p) for p in unique], device=device)
         prompt_valid = torch.arange(prompt_length, device=device) >= pad_counts[:, None]
         positions = (torch.arange(prompt_length, device=device) - pad_counts[:, None]).clamp(min=0)
-        cache = self._new_cache(batch, slots)
+        cache = self._new_cache(len(unique), slots)
         hidden = self._forward(token_ids, positions, _prefill_mask(prompt_valid), cache, 0, last_only=True)[:, -1]
+        if len(unique) < batch:
+            rows_of = torch.tensor(source, device=device)
+            cache, hidden = cache.index_select(2, rows_of), hidden[rows_of]
+            pad_counts, prompt_valid = pad_counts[rows_of], prompt_valid[rows_of]
         # Additive decode mask, one row per (sequence, kv head) as `_decode` wants it.
         decode_mask = torch.zeros(batch, self.num_kv_heads, 1, slots, dtype=cache.dtype, device=device)
         decode_mask[:, :, 0, :prompt_length].masked_fill_(~prompt_valid[:, None], float("-inf"))
 
-        tokens: list[list[int]] = [[] for _ in prompts]
-        logprobs: list[list[float]] = [[] for _ in prompts]
+        # Tokens and logprobs of every row (original order) and step; a row's entries past its finish
+        # step are dropped. `rows` holds the original index of each row still in the batch.
+        token_table = torch.zeros(batch, steps, dtype=torch.long, device=device)
+        logprob_table = torch.zeros(batch, steps, dtype=torch.float32, device=device)
+        lengths = [steps] * batch
         finish: list[str | None] = [None] * batch
         texts: list[str | None] = [None] * batch
-        eos = set(self.eos_token_ids)
-        rows = list(range(batch))  # original index of each row still in the batch
+        eos = torch.tensor(self.eos_token_ids, dtype=torch.long, device=device)
+        stop_tokens: list[list[int]] = [[] for _ in prompts]  # only filled with stop strings
+        rows = list(range(batch))
+        row_index: slice | torch.Tensor = slice(None)  # indexes the tables at `rows`
+        finished_in_batch = 0
+        checked = 0  # steps before this one have been checked for finished rows
+        sampling = params.temperature > 0
+        noise_steps = max(1, min(steps, NOISE_CHUNK_ELEMENTS // max(1, batch * self.vocab_size)))
+        noise = None
         for step in range(steps):
             logits = F.linear(hidden, self._lm_head).float()
-            sampled, sampled_logprobs = sample_next(logits, params.temperature, params.top_p, generator)
-            for row, token, logprob in zip(rows, sampled.tolist(), sampled_logprobs.tolist(), strict=True):
-                if finish[row] is not None:
-                    continue  # finished, waiting for the batch to be compacted
-                tokens[row].append(token)
-                logprobs[row].append(logprob)
-                if token in eos:
-                    finish[row] = "stop"
-                elif params.stop:
-                    cut = find_stop(self.tokenizer, tokens[row], params.stop)
-                    if cut is not None:
-                        finish[row], texts[row] = "stop", cut
-            if step == steps - 1:
+            step_noise = None
+            if sampling:
+                if step % noise_steps == 0:
+                    shape = (min(noise_steps, steps - step), batch, self.vocab_size)
+                    noise = gumbel_noise(shape, generator, device)
+                step_noise = noise[step % noise_steps, row_index]  # each row's own noise, wherever it sits
+            sampled, sampled_logprobs = sample_next(logits, params.temperature, params.top_p, generator, step_noise)
+            token_table[row_index, step] = sampled
+            logprob_table[row_index, step] = sampled_logprobs
+            last = step == steps - 1
+            if (eos.numel() or params.stop) and (last or step + 1 - checked >= FINISH_CHECK_INTERVAL):
+                new = token_table[row_index, checked : step + 1]
+                for row, finish_step, text in self._finished_rows(new, rows, checked, eos, params, stop_tokens, finish):
+                    finish[row], lengths[row], texts[row] = "stop", finish_step + 1, text
+                    finished_in_batch += 1
+                checked = step + 1
+            if last or finished_in_batch == len(rows):
                 break
-            alive = [finish[row] is None for row in rows]
-            remaining = sum(alive)
-            if remaining == 0:
-                break
-            if len(rows) - remaining >= max(1, COMPACT_FRACTION * len(rows)):
-                keep = torch.tensor([i for i, is_alive in enumerate(alive) if is_alive], device=device)
-                rows = [row for row, is_alive in zip(rows, alive, strict=True) if is_alive]
+            if finished_in_batch >= max(1, COMPACT_FRACTION * len(rows)):
+                keep_list = [i for i, row in enumerate(rows) if finish[row] is None]
+                keep = torch.tensor(keep_list, device=device)
+                rows = [rows[i] for i in keep_list]
+                row_index = torch.tensor(rows, device=device)
+                finished_in_batch = 0
                 cache = cache.index_select(2, keep)
                 decode_mask, pad_counts, sampled = decode_mask[keep], pad_counts[keep], sampled[keep]
             slot = prompt_length + step
             hidden = self._decode(sampled, slot - pad_counts, decode_mask[..., : slot + 1].flatten(0, 1), cache, slot)
-        return [
-            GenerationOutput(
-                token_ids=tokens[row],
-                logprobs=logprobs[row],
-                finish_reason=finish[row] or "length",
-                text=texts[row] if texts[row] is not None else self.tokenizer.decode(tokens[row]),
+        all_tokens, all_logprobs = token_table.tolist(), logprob_table.tolist()
+        outputs = []
+        for row in range(batch):
+            token_ids = all_tokens[row][: lengths[row]]
+            outputs.append(
+                GenerationOutput(
+                    token_ids=token_ids,
+                    logprobs=all_logprobs[row][: lengths[row]],
+                    finish_reason=finish[row] or "length",
+                    text=texts[row] if texts[row] is not None else self.tokenizer.decode(token_ids),
+                )
             )
-            for row in range(batch)
-        ]
+        return outputs
+
+    def _finished_rows(
+        self,
+        new: torch.Tensor,
+        rows: list[int],
+        first_step: int,
+        eos: torch.Tensor,
+        params: SamplingParams,
+        stop_tokens: list[list[int]],
+        finish: list[str | None],
+    ) -> list[tuple[int, int, str | None]]:
+        """Rows of the batch that finished among the tokens `new` (`[rows in the batch, steps]`, from
+        step `first_step` on) and had not finished before: `(row, step, text before the stop string)`,
+        with the step of the eos token (text None) or of the token that completed a stop string."""
+        if not params.stop:
+            hits = torch.isin(new, eos)
+            candidates = hits.any(-1).nonzero().flatten().tolist()
+            if not candidates:
+                return []
+            first_hits = hits.int().argmax(-1).tolist()  # argmax returns the first maximum
+            return [(rows[i], first_step + first_hits[i], None) for i in candidates if finish[rows[i]] is None]
+        eos_ids = set(self.eos_token_ids)
+        done = []
+        for i, tokens in enumerate(new.tolist()):
+            row = rows[i]
+            if finish[row] is not None:
+                continue
+            for offset, token in enumerate(tokens):
+                stop_tokens[row].append(token)
+                if token in eos_ids:
+                    done.append((row, first_step + offset, None))
+                    break
+                cut = find_stop(self.tokenizer, stop_tokens[row], params.stop)
+                if cut is not None:
+                    done.append((row, first_step + offset, cut))
+                    break
+        return done
 
     # ----------------------------------------------------------------------------------------- weights
 

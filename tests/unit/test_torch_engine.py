@@ -16,7 +16,8 @@ from transformers import Qwen2ForCausalLM
 
 from orchard.config import ModelConfig, TinyModelConfig
 from orchard.protocols import Engine, SamplingParams
-from rollout.engines.sampling import find_stop, sample_next
+from rollout.engines import torch_engine
+from rollout.engines.sampling import find_stop, gumbel_noise, sample_next
 from rollout.engines.torch_engine import TorchEngine, _prefill_mask
 from rollout.model import build_model, tiny_qwen2_config
 from rollout.tokenizer import CharTokenizer
@@ -183,6 +184,28 @@ def test_greedy_with_rows_ending_early_equals_hf(model, prompts, tokenizer):
         assert output.finish_reason == ("stop" if output.token_ids[-1] == stop_token else "length")
 
 
+def test_repeated_prompts_are_prefilled_once_and_sampled_independently(model, prompts, tokenizer, monkeypatch):
+    """A rollout batch holds each prompt once per completion of its group."""
+    group = [prompt for prompt in prompts[:3] for _ in range(4)]
+    engine = TorchEngine(model, tokenizer, eos_token_ids=())
+    prefilled = []
+    forward = engine._forward
+    monkeypatch.setattr(
+        engine, "_forward", lambda ids, *args, **kwargs: prefilled.append(len(ids)) or forward(ids, *args, **kwargs)
+    )
+    greedy = engine.generate(group, SamplingParams(temperature=0.0, max_new_tokens=12))
+    assert prefilled == [3]
+    for prompt, output in zip(group, greedy, strict=True):
+        assert output.token_ids == hf_greedy(model, prompt, 12, None)
+    sampled = engine.generate(group, SamplingParams(temperature=1.0, max_new_tokens=12, seed=3))
+    for first in range(0, len(group), 4):
+        assert len({tuple(output.token_ids) for output in sampled[first : first + 4]}) > 1
+    for prompt, output in zip(group, sampled, strict=True):
+        logits = hf_logits(model, prompt + output.token_ids)[len(prompt) - 1 : -1]
+        expected = F.log_softmax(logits, -1).gather(-1, torch.tensor(output.token_ids)[:, None]).squeeze(-1)
+        torch.testing.assert_close(torch.tensor(output.logprobs), expected, atol=ATOL, rtol=0)
+
+
 def test_batches_larger_than_max_batch_size_are_split_without_changing_results(model, prompts, tokenizer):
     params = SamplingParams(temperature=0.0, max_new_tokens=10)
     whole = TorchEngine(model, tokenizer).generate(prompts, params)
@@ -276,6 +299,47 @@ def test_eos_finishes_with_stop_and_is_kept_in_token_ids_but_not_in_text(model, 
             assert output.text == tokenizer.decode(output.token_ids)
 
 
+@pytest.mark.parametrize("stop", [(), ("a", "e1")], ids=["eos", "eos-and-stop-strings"])
+def test_finished_rows_do_not_depend_on_how_often_they_are_checked(model, prompts, tokenizer, monkeypatch, stop):
+    """Rows are checked for eos and stop strings every `FINISH_CHECK_INTERVAL` steps, not after each:
+    a row that finished in between runs on until the check and its extra tokens are dropped. Each row
+    draws the same noise wherever it sits in the (compacted) batch, so every interval gives the same
+    completions."""
+    batch = [prompts[i % len(prompts)] for i in range(24)]
+    params = SamplingParams(temperature=3.0, max_new_tokens=20, seed=5, stop=stop)
+    results = {}
+    for interval in (1, 3, 4, 50):
+        monkeypatch.setattr(torch_engine, "FINISH_CHECK_INTERVAL", interval)
+        results[interval] = TorchEngine(model, tokenizer).generate(batch, params)
+    reference = results[1]
+    lengths = [len(o.token_ids) for o in reference]
+    assert min(lengths) < 20 and len(set(lengths)) > 3, "the test needs rows that finish at different steps"
+    assert {o.finish_reason for o in reference} == {"stop", "length"}
+    for outputs in results.values():
+        assert [(o.token_ids, o.finish_reason, o.text) for o in outputs] == [
+            (o.token_ids, o.finish_reason, o.text) for o in reference
+        ]
+        for output, expected in zip(outputs, reference, strict=True):
+            assert output.logprobs == pytest.approx(expected.logprobs, abs=1e-5)
+    for output in reference:
+        ended_by_eos = tokenizer.eos_id in output.token_ids
+        assert output.finish_reason == ("stop" if ended_by_eos or len(output.token_ids) < 20 else "length")
+        if ended_by_eos:
+            assert output.token_ids.index(tokenizer.eos_id) == len(output.token_ids) - 1
+
+
+def test_a_row_ending_on_the_first_step_of_a_check_window_keeps_one_token(model, prompts, tokenizer, monkeypatch):
+    """The first token of a row as eos: found by the check 4 steps later, the row keeps only it."""
+    monkeypatch.setattr(torch_engine, "FINISH_CHECK_INTERVAL", 4)
+    first = TorchEngine(model, tokenizer, eos_token_ids=()).generate(
+        prompts, SamplingParams(temperature=0.0, max_new_tokens=12)
+    )
+    engine = TorchEngine(model, tokenizer, eos_token_ids=(first[0].token_ids[0],))
+    output = engine.generate(prompts[:1], SamplingParams(temperature=0.0, max_new_tokens=12))[0]
+    assert (output.token_ids, output.finish_reason) == ([first[0].token_ids[0]], "stop")
+    assert output.logprobs == pytest.approx(first[0].logprobs[:1], abs=1e-6)
+
+
 def test_max_new_tokens_finishes_with_length(engine, prompts):
     for output in engine.generate(prompts, SamplingParams(temperature=1.0, max_new_tokens=1, seed=0)):
         if output.token_ids != [engine.tokenizer.eos_id]:
@@ -325,6 +389,35 @@ def test_sample_next_temperature_sharpens_and_greedy_takes_the_argmax():
     tokens, logprobs = sample_next(logits[:2], 0.0, 1.0)
     assert tokens.tolist() == [0, 0]
     torch.testing.assert_close(logprobs, F.log_softmax(logits[0], -1)[[0, 0]])
+
+
+def test_sample_next_with_given_noise_is_the_gumbel_argmax_and_noise_chunks_serve_each_step():
+    logits = torch.randn(8, 30)
+    noise = gumbel_noise((3, 8, 30), torch.Generator().manual_seed(3))
+    assert noise.shape == (3, 8, 30) and not torch.isnan(noise).any() and (noise < 17).all()
+    for step in range(3):
+        tokens, logprobs = sample_next(logits, 0.7, 1.0, noise=noise[step])
+        assert torch.equal(tokens, (logits / 0.7 + noise[step]).argmax(-1))
+        torch.testing.assert_close(logprobs, F.log_softmax(logits / 0.7, -1)[torch.arange(8), tokens])
+    # top-p draws from the kept prefix with the same noise, in sorted order.
+    tokens, _ = sample_next(logits, 1.0, 0.5, noise=noise[0])
+    kept = F.softmax(logits, -1).sort(-1, descending=True)
+    for row, token in enumerate(tokens.tolist()):
+        probs, order = kept.values[row], kept.indices[row]
+        allowed = order[: int((probs.cumsum(0) - probs < 0.5).sum())]
+        assert token in allowed.tolist()
+
+
+def test_noise_drawn_one_step_at_a_time_gives_valid_reproducible_samples(model, prompts, tokenizer, monkeypatch):
+    monkeypatch.setattr(torch_engine, "NOISE_CHUNK_ELEMENTS", 1)  # one step of noise per draw
+    engine = TorchEngine(model, tokenizer, eos_token_ids=())
+    params = SamplingParams(temperature=1.0, max_new_tokens=8, seed=7)
+    first, second = engine.generate(prompts, params), engine.generate(prompts, params)
+    assert [o.token_ids for o in first] == [o.token_ids for o in second]
+    for prompt, output in zip(prompts, first, strict=True):
+        logits = hf_logits(model, prompt + output.token_ids)[len(prompt) - 1 : -1]
+        expected = F.log_softmax(logits, -1).gather(-1, torch.tensor(output.token_ids)[:, None]).squeeze(-1)
+        torch.testing.assert_close(torch.tensor(output.logprobs), expected, atol=ATOL, rtol=0)
 
 
 def test_sample_next_never_picks_a_zero_probability_token():
