@@ -1,11 +1,18 @@
-"""Weight sync through the Ray object store against a plain in-process copy of the same bytes.
+"""Weight sync to every rollout worker against a plain in-process copy of the same bytes.
 
-Measured side by side in one run:
+Measured side by side in one run (the baseline in every round):
 - baseline: `copy_` of every tensor of the state dict into preallocated tensors of one process;
-- sync: `ray.put` of the exported numpy state dict (what the learner actor's return does), then every
-  rollout worker actor's `load_weights(version, ref)` into its engine, until the last one confirms.
+- shared memory (the single-node path): the learner's `SharedWeightStore.write` from its torch tensors
+  (finiteness checked on the way), then every rollout worker actor's `load_weights(version, handle)`,
+  until the last one confirms. With a slot per worker beyond two (the learner actor's sizing) the
+  workers pin the version and view it without a copy; `--copy` gives the store two slots, so that
+  every worker copies the version into its own tensors instead;
+- object store (the multi-node path): `ray.put` of the exported numpy state dict (what the learner
+  actor's return does), then every worker's `load_weights(version, ref)`, until the last one confirms.
 
-Prints the median of several repeats and the ratio (target: sync <= 3x the copy).
+This process plays the learner: each round changes its tensors in place (as a learner step does) and
+the clock starts once the new weights are in them. Prints the median of the rounds, the spread, and
+the ratios (target: sync <= 3x the copy).
 Run: `python bench/weight_sync.py [--workers 2] [--hidden 512 --layers 8]`.
 """
 
@@ -23,6 +30,7 @@ from orchard.config import ModelConfig, RolloutConfig, TinyModelConfig
 from rollout.model import build_model
 from rollout.tokenizer import load_tokenizer
 from rollout.worker import RolloutWorker
+from services.weight_store import SharedWeightStore
 from services.weight_sync import WeightSync
 
 
@@ -31,7 +39,8 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--hidden", type=int, default=512)
     parser.add_argument("--layers", type=int, default=8)
-    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--repeats", type=int, default=9)
+    parser.add_argument("--copy", action="store_true", help="two slots: workers copy instead of pinning")
     args = parser.parse_args()
 
     torch.set_num_threads(1)
@@ -48,14 +57,7 @@ def main() -> None:
     model = build_model(model_config, tokenizer)
     state = {name: tensor.detach().clone() for name, tensor in model.state_dict().items()}
     size_bytes = sum(t.numel() * t.element_size() for t in state.values())
-
     targets = {name: torch.empty_like(tensor) for name, tensor in state.items()}
-    copy_times = []
-    for _ in range(args.repeats):
-        started = time.perf_counter()
-        for name, tensor in state.items():
-            targets[name].copy_(tensor)
-        copy_times.append(time.perf_counter() - started)
 
     ray.init(num_cpus=max(2, args.workers), include_dashboard=False, log_to_driver=False, configure_logging=False)
     rollout_config = RolloutConfig(num_cpus_per_worker=max(2, args.workers) / args.workers)
@@ -67,30 +69,59 @@ def main() -> None:
     }
     ray.get([w.ping.remote() for w in workers.values()])
     sync = WeightSync()
-    sync_times, put_times = [], []
-    for version in range(1, args.repeats + 2):
-        for tensor in state.values():
-            tensor.add_(1e-3)  # new weights every version, as after a learner step
-        started = time.perf_counter()
-        numpy_state = state_dict_to_numpy(state)
-        ref = ray.put(numpy_state)
-        put_seconds = time.perf_counter() - started
-        sync.publish(version, ref)
-        sync.push_and_wait(workers)
-        total = time.perf_counter() - started
-        if version > 1:  # the first push warms up the workers' object store mappings
-            sync_times.append(total)
-            put_times.append(put_seconds)
-        del ref, numpy_state
+    times: dict[str, list[float]] = {"copy": [], "put": [], "object store": [], "write": [], "shared memory": []}
+    version = 0
+    with SharedWeightStore(num_slots=2 if args.copy else args.workers + 2) as store:
+        # One block per path (a worker that pins shared memory must copy its weights back into memory
+        # of its own before an object-store load, which is not what either path costs alone); the
+        # baseline copy is measured in every round of both blocks.
+        for path in ("object store", "shared memory"):
+            for round_index in range(args.repeats + 1):  # round 0 warms up mappings and caches
+                measured: dict[str, float] = {}
+                started = time.perf_counter()
+                for name, tensor in state.items():
+                    targets[name].copy_(tensor)
+                measured["copy"] = time.perf_counter() - started
+
+                version += 1
+                for tensor in state.values():
+                    tensor.add_(1e-3)  # new weights every version, as after a learner step
+                started = time.perf_counter()
+                if path == "object store":
+                    numpy_state = state_dict_to_numpy(state)
+                    weights = ray.put(numpy_state)
+                    measured["put"] = time.perf_counter() - started
+                else:
+                    weights = store.write(version, state)
+                    measured["write"] = time.perf_counter() - started
+                sync.publish(version, weights)
+                sync.push_and_wait(workers)
+                measured[path] = time.perf_counter() - started
+                assert sync.worker_versions == dict.fromkeys(workers, version)
+                del weights
+                if round_index > 0:
+                    for key, seconds in measured.items():
+                        times[key].append(seconds)
     ray.shutdown()
 
-    copy = statistics.median(copy_times)
-    total = statistics.median(sync_times)
-    print(f"weights: {size_bytes / 2**20:.1f} MiB ({len(state)} tensors), {args.workers} rollout workers")
-    print(f"{'in-process copy_':<34}{copy * 1e3:>9.1f} ms  {size_bytes / copy / 2**30:6.2f} GiB/s")
-    print(f"{'object-store put':<34}{statistics.median(put_times) * 1e3:>9.1f} ms")
-    print(f"{'sync to all workers (put+load)':<34}{total * 1e3:>9.1f} ms  {size_bytes / total / 2**30:6.2f} GiB/s")
-    print(f"ratio sync/copy: {total / copy:.2f}x (target <= 3x)")
+    def row(label: str, key: str, rate: bool = False) -> str:
+        values = times[key]
+        median = statistics.median(values)
+        text = f"{label:<40}{median * 1e3:>8.1f} ms  (min {min(values) * 1e3:.1f}, max {max(values) * 1e3:.1f})"
+        return text + (f"  {size_bytes / median / 2**30:5.2f} GiB/s" if rate else "")
+
+    copy = statistics.median(times["copy"])
+    print(
+        f"weights: {size_bytes / 2**20:.1f} MiB ({len(state)} tensors), {args.workers} rollout workers, "
+        f"median of {args.repeats} rounds; workers {'copy' if args.copy else 'pin'} shared-memory versions"
+    )
+    print(row("in-process copy_", "copy", rate=True))
+    print(row("shared memory: learner write", "write"))
+    print(row("shared memory: sync to all workers", "shared memory", rate=True))
+    print(row("object store: put", "put"))
+    print(row("object store: sync to all workers", "object store", rate=True))
+    print(f"ratio object-store sync/copy: {statistics.median(times['object store']) / copy:.2f}x")
+    print(f"ratio shared-memory sync/copy: {statistics.median(times['shared memory']) / copy:.2f}x (target <= 3x)")
 
 
 if __name__ == "__main__":

@@ -87,11 +87,31 @@ class RolloutWorkerCore:
     def policy_version(self) -> int:
         return self.engine.policy_version
 
-    def load_weights(self, version: int, state_dict: Mapping[str, Any]) -> dict[str, float]:
-        """Swap in policy `version`; returns how long the swap took."""
+    def load_weights(self, version: int, state_dict: Mapping[str, Any] | Any) -> dict[str, Any]:
+        """Swap in policy `version`; returns the version now held and how long the swap took.
+
+        `state_dict` is a dict of arrays or tensors (the object-store path) or a weight source such as
+        a shared-memory `WeightHandle`. A weight source whose writer has moved on loads the newest
+        complete version, so the version returned may exceed `version`; a later request for a version
+        this worker already holds or has passed is then answered without a copy (`skipped`).
+        """
         started = time.perf_counter()
-        self.engine.load_weights(state_dict, version)
-        return {"version": version, "seconds": time.perf_counter() - started}
+        if (
+            not isinstance(state_dict, Mapping)
+            and self.engine.weights_valid
+            and self.engine._has_loaded_weights
+            and version <= self.engine.policy_version
+        ):
+            return {"version": self.engine.policy_version, "seconds": 0.0, "skipped": True}
+        loaded = self.engine.load_weights(state_dict, version)
+        return {"version": loaded, "seconds": time.perf_counter() - started, "skipped": False}
+
+    def _check_weights(self) -> None:
+        if not self.engine.weights_valid:
+            raise RuntimeError(
+                f"rollout worker {self.worker_id} holds no consistent weights (its last weight copy was torn); "
+                "it must load weights again before it generates"
+            )
 
     def _verifier(self, prompt: Prompt) -> Verifier:
         name = verifier_name(prompt)
@@ -111,6 +131,7 @@ class RolloutWorkerCore:
 
     def rollout(self, prompts: Sequence[Prompt], group_size: int | None = None) -> RolloutResult:
         """Generate `group_size` completions of every prompt, score them, return one group each."""
+        self._check_weights()
         group_size = group_size or self.config.group_size
         prompt_ids = [encode_prompt(self.tokenizer, p.text) for p in prompts]
         batch = [ids for ids in prompt_ids for _ in range(group_size)]
@@ -160,6 +181,7 @@ class RolloutWorkerCore:
 
     def evaluate(self, prompts: Sequence[Prompt]) -> EvalResult:
         """Greedy answers to `prompts`, checked by their verifiers."""
+        self._check_weights()
         outputs = self.engine.generate(
             [encode_prompt(self.tokenizer, p.text) for p in prompts], self._params(greedy=True)
         )

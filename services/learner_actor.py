@@ -12,6 +12,7 @@ import torch
 
 from orchard.config import RunConfig
 from orchard.records import Group
+from services import weight_store
 
 
 class LearnerCore:
@@ -39,6 +40,11 @@ class LearnerCore:
             max_length=config.rollout.max_new_tokens,
         )
         self.version = initial_version
+        self.weight_transport_setting = config.weight_sync.transport
+        self._num_readers = config.rollout.num_workers + 1
+        self.weight_transport: str | None = None  # resolved at the first export
+        self.weight_transport_error: str | None = None  # why `auto` fell back to the object store
+        self._weight_store = None
 
     def train_step(self, groups: Sequence[Group]) -> dict[str, Any]:
         started = time.perf_counter()
@@ -50,10 +56,56 @@ class LearnerCore:
         record["actor_seconds"] = time.perf_counter() - started
         return record
 
-    def export_weights(self) -> dict[str, Any]:
+    def export_weights(self) -> Any:
+        """The current weights for the rollout workers, by the configured transport.
+
+        Shared memory: the parameters are copied straight into the learner's `SharedWeightStore`
+        (checked finite on the way) and the return value is a small `WeightHandle`; CPU workers view
+        the version it names without copying it (`TorchEngine.load_weights`). Object store: a
+        dict of numpy arrays, which Ray stores once for every reader. Both are accepted by
+        `RolloutWorkerCore.load_weights`. `auto` becomes shared memory on a single-node cluster and
+        falls back to the object store when the segment cannot be created (say, a small /dev/shm).
+        """
         from learner.weights import state_dict_to_numpy
 
+        if self._resolve_weight_transport() == "shared_memory":
+            store = self._weight_store
+            if store.latest is not None and store.latest.version == self.version:
+                return store.latest  # no step since the last export: the same weights
+            try:
+                return store.write(self.version, self._live_weights())
+            except weight_store.WeightStoreError as error:
+                if (
+                    self.weight_transport_setting != "auto"
+                    or store.latest is not None
+                    or isinstance(error, weight_store.NonFiniteWeightsError)
+                ):
+                    raise
+                store.close()
+                self._weight_store, self.weight_transport = None, "object_store"
+                self.weight_transport_error = str(error)
         return state_dict_to_numpy(self.trainer.export_weights())
+
+    def _resolve_weight_transport(self) -> str:
+        if self.weight_transport is None:
+            self.weight_transport = weight_store.resolve_transport(self.weight_transport_setting)
+            if self.weight_transport == "shared_memory":
+                # A slot for each reader that pins a version (the workers and the driver's evaluator) + 2.
+                self._weight_store = weight_store.SharedWeightStore(
+                    num_slots=self._num_readers + 2, node_id=weight_store.current_node_id()
+                )
+        return self.weight_transport
+
+    def _live_weights(self) -> dict[str, torch.Tensor]:
+        """The module's own parameter tensors (no copy), gathered first under ZeRO-3."""
+        if self.trainer.config.zero_stage == 3:
+            return self.trainer.export_weights()
+        return self.trainer.engine.module.state_dict()
+
+    def close(self) -> None:
+        """Remove the shared-memory segment (also done when the process exits or dies)."""
+        if self._weight_store is not None:
+            self._weight_store.close()
 
     def save_checkpoint(self, path: str) -> str:
         self.trainer.save_checkpoint(path)

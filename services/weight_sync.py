@@ -1,10 +1,15 @@
-"""Weight sync through the Ray object store, with a version protocol.
+"""Weight sync with a version protocol, over either transport.
 
-The learner's `export_weights` returns a dict of numpy arrays; Ray stores that return value in the
-object store once, and every worker's `load_weights(version, ref)` reads it zero-copy before
-copying into its engine's tensors. Versions only move forward: publishing an older or equal
-version is refused, and each worker's confirmed version is tracked so that status can show it and
-the driver knows which version produced each sample.
+What is published for a version is a `WeightHandle` to the learner's shared-memory store (one node:
+each CPU worker pins the version and runs on it without a copy, or copies it straight from the
+segment into its engine, see `services/weight_store.py`), a
+dict of numpy arrays in the Ray object store (any number of nodes: Ray stores it once and every
+worker reads it zero-copy before copying into its engine), or an `ObjectRef` of either (what the
+learner actor's `export_weights` returns; `weight_sync.transport` in the config picks which). Every
+worker's `load_weights(version, weights)` takes both. Versions only move forward: publishing an older
+or equal version is refused, and each worker's confirmed version is tracked so that status can show
+it and the driver knows which version produced each sample. A worker that acts on a shared-memory
+handle only after newer versions have taken its slot loads the newest and confirms that version.
 """
 
 from __future__ import annotations
@@ -16,6 +21,8 @@ from typing import Any
 
 import ray
 
+from services.weight_store import WeightHandle
+
 
 class WeightVersionError(ValueError):
     """A version was published or confirmed out of order."""
@@ -24,9 +31,18 @@ class WeightVersionError(ValueError):
 @dataclass
 class Publication:
     version: int
-    ref: Any  # ray.ObjectRef of dict[str, np.ndarray]
+    ref: Any  # WeightHandle, dict[str, np.ndarray], or a ray.ObjectRef of either
+
+    @property
+    def transport(self) -> str:
+        """'shared_memory' or 'object_store' when known here; 'ref' for an unresolved ObjectRef."""
+        if isinstance(self.ref, WeightHandle):
+            return "shared_memory"
+        return "ref" if isinstance(self.ref, ray.ObjectRef) else "object_store"
+
     published_at: float
     confirmed: dict[str, float] = field(default_factory=dict)  # worker -> seconds from publish to loaded
+    completed: bool = False  # every worker holds this version (or a newer one)
 
 
 class WeightSync:
@@ -47,6 +63,8 @@ class WeightSync:
             raise WeightVersionError(
                 f"cannot publish policy version {version}: version {self.latest.version} is already published"
             )
+        if isinstance(ref, WeightHandle) and ref.version != version:
+            raise WeightVersionError(f"cannot publish policy version {version} with a handle to version {ref.version}")
         self.latest = Publication(version=version, ref=ref, published_at=time.perf_counter())
         return self.latest
 
@@ -59,16 +77,23 @@ class WeightSync:
         }
 
     def confirm(self, worker: str, version: int) -> float | None:
-        """Record that `worker` loaded `version`; returns the full sync time once every worker has it."""
+        """Record that `worker` loaded `version`; returns the full sync time once every worker has it.
+
+        A worker may confirm a newer version than the one it was sent (shared memory: the writer had
+        moved on) or the same one twice. A confirmation older than one already recorded is a late
+        reply (the replies to one worker's loads can reach the caller out of order; its engine never
+        goes back, it refuses older versions) and changes nothing.
+        """
         previous = self.worker_versions.get(worker, -1)
         if version < previous:
-            raise WeightVersionError(f"worker {worker} went back from version {previous} to {version}")
+            return None
         self.worker_versions[worker] = version
         publication = self.latest
-        if publication is None or version != publication.version:
+        if publication is None or version < publication.version:
             return None
-        publication.confirmed[worker] = time.perf_counter() - publication.published_at
-        if all(v >= publication.version for v in self.worker_versions.values()):
+        publication.confirmed.setdefault(worker, time.perf_counter() - publication.published_at)
+        if not publication.completed and all(v >= publication.version for v in self.worker_versions.values()):
+            publication.completed = True
             seconds = max(publication.confirmed.values())
             self.sync_seconds.append(seconds)
             return seconds
