@@ -29,6 +29,15 @@ def _run_directory(config: RunConfig, run_dir: str | None):
 
 def command_run(args: argparse.Namespace) -> int:
     """Serve the control plane, create the run, execute it here, exit when it ends."""
+    if args.resume:
+        resumed = Path(args.resume)
+        if args.config or args.run_dir:
+            raise ConfigError(
+                [("--resume", "takes the config and run directory of the run it resumes; drop CONFIG and --run-dir")]
+            )
+        if not (resumed / "config.yaml").is_file():
+            raise ConfigError([("--resume", f"{resumed} is not a run directory (no config.yaml)")])
+        args.config, args.run_dir = str(resumed / "config.yaml"), str(resumed)
     config = _load(args)
     from services.buffer.redis_buffer import BufferUnavailable
     from services.cluster import connect_ray
@@ -46,7 +55,9 @@ def command_run(args: argparse.Namespace) -> int:
     except ControlPlaneError as error:
         print(f"orchard: {error}", file=sys.stderr)
         return EXIT_BAD_CONFIG
-    run = service.create_run(config, run_dir=_run_directory(config, args.run_dir), paused=args.paused, launch=False)
+    run = service.create_run(
+        config, run_dir=_run_directory(config, args.run_dir), paused=args.paused, launch=False, resume=bool(args.resume)
+    )
     print(f"orchard: run {run.id} in {run.run_dir.path}", flush=True)
     server.start()
     print(f"orchard: control plane at {server.url}", flush=True)
@@ -131,6 +142,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--run-dir", help="directory of this run (default: <runs_dir>/<run-id>)")
     run.add_argument("--quiet", action="store_true", help="no progress bar")
     run.add_argument("--paused", action="store_true", help="set up, then wait for `orchard resume`")
+    run.add_argument(
+        "--resume", metavar="RUN_DIR", help="continue runs/<id> from its newest checkpoint (with its config and --set)"
+    )
     run.set_defaults(handler=command_run)
 
     serve = commands.add_parser("serve", help="serve the control plane alone; create runs over REST")

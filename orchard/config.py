@@ -91,6 +91,86 @@ class DataConfig(Section):
     seed: int = Field(1234, description="Seed of prompt generation and the held-out split.")
 
 
+class SolutionCacheConfig(Section):
+    """DeepSearch's adaptive replay: correct tree-found solutions kept per prompt (ALGORITHMS.md §8)."""
+
+    enabled: bool = Field(True, description="Cache correct tree-found solutions and mix them into later groups.")
+    max_per_prompt: int = Field(4, ge=1, description="Solutions kept per prompt; the oldest policy versions go first.")
+    register_threshold: float = Field(
+        0.25,
+        ge=0,
+        le=1,
+        description="buffer_register_threshold: a solution is admitted while the policy's own pass rate on the prompt"
+        " is at most this; once a plain group's pass rate exceeds it, the prompt's entries retire (the reference's"
+        " register_replay_buffer.py default).",
+    )
+    max_version_lag: int | None = Field(
+        None, ge=0, description="Entries older than this many policy versions retire at lookup (None: never)."
+    )
+    mix_per_group: int = Field(1, ge=0, description="Cached solutions substituted into each later group of the prompt.")
+
+
+class MCTSConfig(Section):
+    """DeepSearch tree search (Wu et al., 2025; smiles724/DeepSearch, `deepsearch/utils/mcts.py` and
+    `deepsearch/rollout/sglang_mcts_wrapper.py`): defaults are the reference code's unless noted."""
+
+    chunk_tokens: int = Field(
+        2, ge=1, description="Tokens per reasoning step (fixed chunks; the reference's step_response_length)."
+    )
+    step_delimiter: str | None = Field(
+        None, description="When set, a step also ends at this string (e.g. a newline), at most chunk_tokens long."
+    )
+    max_depth: int | None = Field(
+        None, ge=1, description="Steps in the deepest path; None: ceil(rollout.max_new_tokens / chunk_tokens)."
+    )
+    expansion_width: int = Field(8, ge=1, description="W: children generated per expanded node (reference run: 8).")
+    min_width: int = Field(1, ge=1, description="Lowest width when the width decays with depth.")
+    width_decay: int = Field(
+        0, ge=0, description="W_d = max(min_width, W − ⌊d / ⌊max_depth/W⌋⌋·decay); 0 keeps W (the reference's default)."
+    )
+    lambda_puct: float = Field(2.0, ge=0, description="λ_puct of local UCT selection Q + λ·sqrt(ln N_parent / N).")
+    lambda_parent_value: float = Field(0.4, description="λ1: weight of tanh(Q(parent)) in the frontier priority.")
+    lambda_entropy: float = Field(0.4, description="λ2: weight of the step's entropy H(s) in the frontier priority.")
+    lambda_depth: float = Field(0.01, description="λ3: weight of the depth bonus in the frontier priority.")
+    lambda_value: float = Field(0.0, description="λ4: weight of tanh(Q(s)) in the frontier priority.")
+    depth_bonus: Literal["constant", "log", "sqrt"] = Field(
+        "sqrt", description="depth_bonus(s): 'constant' = depth, 'log' = log(depth+1), 'sqrt' = sqrt(depth/max_depth)."
+    )
+    entropy_bonus: bool = Field(
+        True,
+        description="Include λ2·H(s) in the frontier priority (the paper's formula; the reference code's switch"
+        " involve_uncertainty_bonus defaults to off).",
+    )
+    merge_duplicates: bool = Field(
+        True,
+        description="A step identical to a sibling joins it instead of becoming a second node (not in the reference,"
+        " whose long steps rarely repeat; short answers repeat often and would be expanded twice).",
+    )
+    widen_when_exhausted: bool = Field(
+        True,
+        description="When no node is left to expand but budget is, allow W_d more draws per node (not in the"
+        " reference, where budget runs out first; a short answer's tree is small).",
+    )
+    backup_threshold: float = Field(0.1, ge=0, le=1, description="Lowest backup weight max((d+1)/L, threshold).")
+    incomplete_score: float = Field(-1.0, description="Terminal value of a path cut at max_depth without an answer.")
+    terminate_num: int | None = Field(
+        None, ge=1, description="Trajectories recorded per prompt before the search ends; None: rollout.group_size."
+    )
+    budget_tokens: int | None = Field(
+        None,
+        ge=1,
+        description="Generated tokens a prompt's search may spend; None: 4 × group_size × max_new_tokens"
+        " (what four plain groups may spend).",
+    )
+    normalise_std: bool = Field(
+        True, description="Sibling advantages divide by the population std of the final scores (else mean only)."
+    )
+    advantage_temperature: float = Field(
+        1.0, gt=0, description="Non-final step values enter token scores as tanh(value / T) (adv_temperature)."
+    )
+    cache: SolutionCacheConfig = Field(default_factory=SolutionCacheConfig)
+
+
 class RolloutConfig(Section):
     engine: Literal["torch", "vllm"] = Field("torch", description="Generation engine of the workers.")
     num_workers: int = Field(1, ge=1, description="RolloutWorker actors.")
@@ -100,9 +180,14 @@ class RolloutConfig(Section):
     top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling mass.")
     max_new_tokens: int = Field(16, ge=1, description="Longest completion.")
     stop: list[str] = Field(default_factory=lambda: ["\n"], description="Stop strings (not included in the text).")
-    strategy: Literal["sample"] = Field("sample", description="Rollout strategy.")
+    strategy: Literal["sample", "mcts"] = Field(
+        "sample",
+        description="Rollout strategy: 'sample' draws group_size completions per prompt; 'mcts' runs DeepSearch's"
+        " tree search (section `mcts`) on the prompts routed to it.",
+    )
     num_cpus_per_worker: float = Field(1.0, gt=0, description="Ray CPUs reserved per worker.")
     torch_threads: int = Field(1, ge=1, description="Intra-op threads of each worker's torch engine.")
+    mcts: MCTSConfig = Field(default_factory=MCTSConfig, description="DeepSearch tree search (strategy 'mcts').")
 
 
 class BufferConfig(Section):
@@ -184,6 +269,16 @@ class CurriculumConfig(Section):
     difficulty_filter: DifficultyFilterConfig = Field(default_factory=DifficultyFilterConfig)
 
 
+class CheckpointConfig(Section):
+    every_steps: int = Field(
+        50,
+        ge=0,
+        description="Checkpoint every this many learner steps (0: only on request and at the end). Trained "
+        "groups are acknowledged in the buffer only at a checkpoint, so a run resumed from its last checkpoint "
+        "trains again exactly the groups trained after it.",
+    )
+
+
 class WarmStartConfig(Section):
     steps: int = Field(300, ge=0, description="Supervised steps on reference answers before RL (0: none).")
     batch_size: int = Field(64, ge=1)
@@ -240,6 +335,7 @@ class RunConfig(Section):
     buffer: BufferConfig = Field(default_factory=BufferConfig)
     learner: LearnerConfig = Field(default_factory=LearnerConfig)
     curriculum: CurriculumConfig = Field(default_factory=CurriculumConfig)
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     warmstart: WarmStartConfig = Field(default_factory=WarmStartConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     control: ControlConfig = Field(default_factory=ControlConfig)

@@ -22,10 +22,12 @@ recorded in the run's `RunMetrics`, which the control plane serves at `/metrics`
 
 from __future__ import annotations
 
+import json
 import random
 import time
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
+from pathlib import Path
 from statistics import fmean
 from typing import Any
 
@@ -46,6 +48,16 @@ from services.run_dir import RunDirectory
 from services.warmstart import warm_start
 from services.weight_sync import WeightSync
 from verifiers.sources import PromptPool
+
+
+def latest_checkpoint(run_dir: RunDirectory) -> Path | None:
+    """The complete checkpoint (one with `driver.json`) of the highest step, or None."""
+    complete = [
+        path
+        for path in (run_dir.path / "checkpoints").glob("step-*")
+        if path.name.removeprefix("step-").isdigit() and (path / "driver.json").exists()
+    ]
+    return max(complete, key=lambda path: int(path.name.removeprefix("step-")), default=None)
 
 
 class DriverError(RuntimeError):
@@ -99,8 +111,11 @@ class Driver:
         show_progress: bool = True,
         control: RunControl | None = None,
         metrics: RunMetrics | None = None,
+        resume: bool = False,
     ) -> None:
+        """`resume`: continue `run_dir` from its newest checkpoint instead of starting afresh."""
         self.config = config
+        self.resume = resume
         self.run_dir = run_dir
         self.show_progress = show_progress
         self.control = control or RunControl()
@@ -115,6 +130,8 @@ class Driver:
         self.stopped_reason: str | None = None
         self.checkpoints: list[str] = []
         self._last_record: dict[str, Any] | None = None
+        self._unacknowledged: list[str] = []  # trained since the last checkpoint; acknowledged by the next
+        self.resumed_from: str | None = None
 
     # ----------------------------------------------------------------------------- set-up
     def _setup(self) -> None:
@@ -124,7 +141,14 @@ class Driver:
         self.run_dir.event(f"prompt pool: distributions {self.pool.distributions}, {len(self.pool.held_out)} held out")
         for problem in self.pool.problems:
             self.run_dir.event(f"skipped prompt line: {problem}")
-        self.buffer, self._redis_server = make_buffer(config.buffer, namespace=self.run_dir.run_id)
+        checkpoint = latest_checkpoint(self.run_dir) if self.resume else None
+        if self.resume and checkpoint is None:
+            raise DriverError(
+                f"cannot resume {self.run_dir.path}: it has no checkpoint (checkpoints/step-N/driver.json)"
+            )
+        self.buffer, self._redis_server = make_buffer(
+            config.buffer, namespace=self.run_dir.run_id, directory=self.run_dir.path / "redis"
+        )
         self.run_dir.event(f"buffer: {type(self.buffer).__name__}")
         self.sampler = PromptSampler(
             self.pool,
@@ -137,20 +161,35 @@ class Driver:
             self.sampler.load_bytes(saved)
             self.run_dir.event("curriculum state restored from the buffer")
 
-        state_dict, self.warm_start_info = warm_start(config, self.pool, log=self.run_dir.event)
+        if checkpoint is not None:
+            state_dict = self._restore(checkpoint)
+        else:
+            state_dict, self.warm_start_info = warm_start(config, self.pool, log=self.run_dir.event)
         from learner.weights import state_dict_to_numpy
 
         initial_ref = ray.put(state_dict_to_numpy(state_dict))
         self.learner = LearnerActor.options(num_cpus=config.learner.num_cpus).remote(config, initial_ref)
+        if checkpoint is not None:
+            version = self._get(self.learner.load_checkpoint.remote(str(checkpoint)), "learner checkpoint load")
+            if version != self.policy_version:
+                raise DriverError(
+                    f"checkpoint {checkpoint} is inconsistent: the learner's state holds policy version {version}, "
+                    f"driver.json says {self.policy_version}"
+                )
+            requeued = self.buffer.requeue_pending()
+            self.run_dir.event(
+                f"resumed from {checkpoint}: step {self.step}, policy version {self.policy_version}; "
+                f"{requeued} groups trained after it are back in the buffer"
+            )
         self.workers = {
             f"worker-{index}": RolloutWorker.options(num_cpus=config.rollout.num_cpus_per_worker).remote(
                 f"worker-{index}", config.model, config.rollout, seed=config.seed * 1000 + index
             )
             for index in range(config.rollout.num_workers)
         }
-        self.weight_sync = WeightSync()
-        self.weight_sync.publish(0, initial_ref)
-        self._announce(0, initial_ref)
+        self.weight_sync = WeightSync(initial_version=self.policy_version)
+        self.weight_sync.publish(self.policy_version, initial_ref)
+        self._announce(self.policy_version, initial_ref)
         self.weight_sync.push_and_wait(self.workers)
         ray.get(self.learner.ping.remote())
         self.metrics.declare_workers(self.workers)
@@ -161,7 +200,7 @@ class Driver:
         self.metrics.observe_buffer(self.buffer.ready_count(), self.buffer.pending_count())
 
         self.evaluator = RolloutWorkerCore("evaluator", config.model, config.rollout, seed=config.seed)
-        self.evaluator.load_weights(0, state_dict)
+        self.evaluator.load_weights(self.policy_version, state_dict)
         self.held_out = self.pool.held_out[: config.eval.num_prompts]
 
     def _evaluate(self, weights_ref: Any | None = None) -> tuple[float, dict[str, float]]:
@@ -180,9 +219,11 @@ class Driver:
         try:
             self._setup()
             self.throughput = Throughput()
-            initial_accuracy, initial_by_distribution = self._evaluate()
-            self.run_dir.event(f"warm-start held-out accuracy {initial_accuracy:.3f}")
-            self.initial_eval = (initial_accuracy, initial_by_distribution)
+            if self.resumed_from is None:
+                initial_accuracy, initial_by_distribution = self._evaluate()
+                self.run_dir.event(f"warm-start held-out accuracy {initial_accuracy:.3f}")
+                self.initial_eval = (initial_accuracy, initial_by_distribution)
+            initial_accuracy = self.initial_eval[0]
             self._last_eval = initial_accuracy
             self.metrics.observe_eval(initial_accuracy)
             if self.control.start() is RunState.RUNNING:
@@ -287,7 +328,7 @@ class Driver:
                 learner_call = None
                 result = self._get(ref, "learner")
                 self.throughput.learner_busy_seconds += time.perf_counter() - started
-                self.buffer.ack([g.id for g in groups])
+                self._unacknowledged.extend(g.id for g in groups)
                 if not result["skipped"]:
                     weights_ref = self.learner.export_weights.remote()
                     self.weight_sync.publish(result["policy_version"], weights_ref)
@@ -299,6 +340,8 @@ class Driver:
                 self._on_learner_step(result, groups, last_weights_ref)
                 if self.control.take_checkpoint_request():
                     self._checkpoint("requested")
+                elif config.checkpoint.every_steps and self.step % config.checkpoint.every_steps == 0:
+                    self._checkpoint("periodic")
                 if progress is not None:
                     progress.update(1)
                     progress.set_postfix(self._postfix(), refresh=False)
@@ -331,7 +374,13 @@ class Driver:
             self.run_dir.event(f"weight announcement of version {version} refused: {conflict}")
 
     def _checkpoint(self, why: str) -> str:
-        """Learner state (DeepSpeed checkpoint and Hugging Face model) and the driver's counters."""
+        """Commit the run at this step boundary (the learner is idle here).
+
+        Writes the learner's state (DeepSpeed checkpoint and Hugging Face model) and the driver's
+        counters, then acknowledges the groups trained since the last checkpoint: a run resumed from
+        here gets back, from the buffer's pending set, exactly the groups trained after it.
+        `driver.json` is written last; a checkpoint without it is incomplete and never resumed from.
+        """
         path = self.run_dir.path / "checkpoints" / f"step-{self.step}"
         if str(path) in self.checkpoints:
             return str(path)
@@ -342,14 +391,39 @@ class Driver:
             {
                 "step": self.step,
                 "policy_version": self.policy_version,
-                "buffer": self.buffer.stats(),
                 "filtered": dict(self.filtered),
                 "rng_state": self.rng.getstate(),
+                "initial_eval": list(self.initial_eval),
+                "warm_start": self.warm_start_info,
             },
         )
+        self.buffer.ack(self._unacknowledged)
+        acknowledged, self._unacknowledged = len(self._unacknowledged), []
         self.checkpoints.append(str(path))
-        self.run_dir.event(f"checkpoint ({why}) at step {self.step}: {path} in {time.perf_counter() - started:.1f} s")
+        self.run_dir.event(
+            f"checkpoint ({why}) at step {self.step}: {path} in {time.perf_counter() - started:.1f} s, "
+            f"{acknowledged} trained groups acknowledged"
+        )
         return str(path)
+
+    def _restore(self, checkpoint: Path) -> dict[str, torch.Tensor]:
+        """The driver's state at `checkpoint`; returns the policy weights saved there."""
+        from safetensors.torch import load_file
+
+        saved = json.loads((checkpoint / "driver.json").read_text())
+        self.step = int(saved["step"])
+        self.policy_version = int(saved["policy_version"])
+        self.filtered = Counter(saved["filtered"])
+        version, internal, gauss = saved["rng_state"]
+        self.rng.setstate((version, tuple(internal), gauss))
+        accuracy, by_distribution = saved["initial_eval"]
+        self.initial_eval = (accuracy, by_distribution)
+        self.warm_start_info = saved.get("warm_start") or {}
+        self.checkpoints = [str(checkpoint)]
+        self.resumed_from = str(checkpoint)
+        kept = self.run_dir.truncate_metrics(self.step)
+        self.run_dir.event(f"metrics.jsonl kept its {kept} records up to step {self.step}")
+        return load_file(str(checkpoint / "model" / "model.safetensors"))
 
     def _get(self, ref: Any, what: str) -> Any:
         try:
@@ -502,6 +576,7 @@ class Driver:
             "state": str(state),
             "stopped_reason": self.stopped_reason or "max_steps",
             "checkpoints": list(self.checkpoints),
+            "resumed_from": self.resumed_from,
             "steps": self.step,
             "policy_version": self.policy_version,
             "rl_seconds": wall,

@@ -8,7 +8,9 @@ directory — brings back exactly what was acknowledged.
 
 from __future__ import annotations
 
+import os
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
@@ -24,6 +26,7 @@ from redis.retry import Retry
 INSTALL_HINT = "install it (Debian/Ubuntu: apt-get install redis-server; macOS: brew install redis)"
 LOG_NAME = "redis-server.log"
 CONFIG_NAME = "redis-server.conf"
+PID_NAME = "redis-server.pid"
 
 
 class RedisServerError(RuntimeError):
@@ -115,6 +118,7 @@ class RedisServer:
         if self.directory is None:
             self.directory = Path(tempfile.mkdtemp(prefix="orchard-redis-"))
         self.directory.mkdir(parents=True, exist_ok=True)
+        _stop_orphan(self.directory / PID_NAME)
         config_path = self.directory / CONFIG_NAME
         config_path.write_text(self._config_text())
         self._log = open(self.directory / LOG_NAME, "ab")  # closed in _stop_process()
@@ -172,6 +176,7 @@ class RedisServer:
             "daemonize no",
             'logfile ""',
             f"dir {_quote(str(self.directory))}",
+            f"pidfile {_quote(str(self.directory / PID_NAME))}",
             f"save {_quote(self.save)}",
             f"appendonly {'yes' if self.appendonly else 'no'}",
         ]
@@ -233,3 +238,21 @@ class RedisServer:
             self._log.close()
             self._log = None
         self._process = None
+
+
+def _stop_orphan(pid_file: Path) -> None:
+    """Stop a redis-server still running on this directory (its driver was killed), so that its
+    append-only file is closed cleanly before a new server replays it."""
+    try:
+        pid = int(pid_file.read_text().strip())
+        name = Path(f"/proc/{pid}/comm").read_text().strip()  # redis rewrites its cmdline, not its name
+    except (OSError, ValueError):
+        return
+    if name != "redis-server":
+        return  # the pid was reused by another program
+    os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and Path(f"/proc/{pid}").exists():
+        time.sleep(0.05)
+    if Path(f"/proc/{pid}").exists():
+        os.kill(pid, signal.SIGKILL)

@@ -46,6 +46,15 @@ class RunDirectory:
             return []
         return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
+    def truncate_metrics(self, last_step: int) -> int:
+        """Keep only the records of steps up to `last_step` (a resumed run repeats the later ones)."""
+        kept = [record for record in self.read_metrics() if record.get("step", 0) <= last_step]
+        lines = "".join(json.dumps(record, sort_keys=True) + "\n" for record in kept)
+        temporary = self.path / "metrics.jsonl.tmp"
+        temporary.write_text(lines)
+        temporary.replace(self.path / "metrics.jsonl")
+        return len(kept)
+
     def event(self, message: str) -> None:
         stamp = time.strftime("%Y-%m-%dT%H:%M:%S")
         with (self.path / "events.log").open("a") as handle:

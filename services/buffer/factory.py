@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from orchard.config import BufferConfig
 from orchard.protocols import Buffer
 from services.buffer.memory import MemoryBuffer
@@ -9,12 +11,15 @@ from services.buffer.redis_buffer import RedisBuffer
 from services.redis_server import INSTALL_HINT, RedisServer, find_redis_server
 
 
-def make_buffer(config: BufferConfig, namespace: str) -> tuple[Buffer, RedisServer | None]:
+def make_buffer(
+    config: BufferConfig, namespace: str, *, directory: Path | None = None
+) -> tuple[Buffer, RedisServer | None]:
     """Build the buffer for a run; `config.namespace` wins over `namespace` (the run id).
 
     - `memory`: an in-process `MemoryBuffer`.
     - `redis`: a `RedisBuffer` on `redis_url`, or, without one, on a private redis-server started
-      here with the append-only file on (an error if redis-server is not installed).
+      here with the append-only file on (an error if redis-server is not installed), its data in
+      `directory` when given (a run's `redis/`, so that a resumed run finds its buffer again).
     - `auto`: `redis_url` if given, else a private redis-server if installed, else memory.
 
     The second value is the private server, or None; the caller stops it after closing the buffer.
@@ -31,7 +36,7 @@ def make_buffer(config: BufferConfig, namespace: str) -> tuple[Buffer, RedisServ
             f"buffer.backend 'redis' without buffer.redis_url needs a redis-server executable, and none is on PATH; "
             f"{INSTALL_HINT}, or set buffer.redis_url, or buffer.backend: memory"
         )
-    server = RedisServer(appendonly=True).start()
+    server = RedisServer(appendonly=True, directory=directory).start()
     try:
         return _redis_buffer(config, server.url, namespace), server
     except BaseException:

@@ -72,8 +72,9 @@ class RunStatus(BaseModel):
 class RunHandle:
     """One run: what it was created from, its control and metrics, and its driver once launched."""
 
-    def __init__(self, config: RunConfig, run_dir: RunDirectory) -> None:
+    def __init__(self, config: RunConfig, run_dir: RunDirectory, *, resume: bool = False) -> None:
         self.id = run_dir.run_id
+        self.resume = resume
         self.config = config
         self.run_dir = run_dir
         self.metrics = RunMetrics()
@@ -91,7 +92,12 @@ class RunHandle:
         from services.driver import Driver
 
         self.driver = Driver(
-            self.config, self.run_dir, show_progress=show_progress, control=self.control, metrics=self.metrics
+            self.config,
+            self.run_dir,
+            show_progress=show_progress,
+            control=self.control,
+            metrics=self.metrics,
+            resume=self.resume,
         )
         self.summary = self.driver.run()
         return self.summary
@@ -143,6 +149,7 @@ class ControlService:
         run_dir: RunDirectory | None = None,
         paused: bool = False,
         launch: bool = True,
+        resume: bool = False,
     ) -> RunHandle:
         """Register a run (paused before its first step if asked) and launch it unless `launch` is False."""
         with self._lock:
@@ -155,7 +162,7 @@ class ControlService:
             run_dir = run_dir or RunDirectory(config.runs_dir, new_run_id(config.name))
             if run_dir.run_id in self._runs:
                 raise ControlConflict(f"a run with id {run_dir.run_id} exists already")
-            handle = RunHandle(config, run_dir)
+            handle = RunHandle(config, run_dir, resume=resume)
             if paused:
                 handle.control.request_pause()
             self._runs[handle.id] = handle
