@@ -108,8 +108,18 @@ class LearnerCore:
             self._weight_store.close()
 
     def save_checkpoint(self, path: str) -> str:
+        """DeepSpeed state (weights, optimizer, counters) under `path`, the policy as a Hugging Face model
+        under `path/model` (loadable with `from_pretrained`)."""
         self.trainer.save_checkpoint(path)
+        self.trainer.engine.module.save_pretrained(f"{path}/model", state_dict=self.trainer.export_weights())
         return path
+
+    def load_checkpoint(self, path: str) -> int:
+        """Restore what `save_checkpoint` wrote under `path` (weights, optimizer, counters); returns the
+        policy version it holds."""
+        self.trainer.load_checkpoint(path)
+        self.version = self.trainer.policy_version
+        return self.version
 
     def ping(self) -> int:
         return self.version
