@@ -319,7 +319,7 @@ class Driver:
                 worker = syncs.pop(ref)
                 confirmed = self._get(ref, f"weight sync to {worker}")
                 seconds = self.weight_sync.confirm(worker, confirmed["version"])
-                self.metrics.observe_worker_version(worker, confirmed["version"])
+                self.metrics.observe_worker_version(worker, self.weight_sync.worker_versions[worker])
                 if seconds is not None:
                     self._last_sync_seconds = seconds
                     self.metrics.observe_weight_sync(seconds)
@@ -604,7 +604,13 @@ class Driver:
         }
 
     def _shutdown(self) -> None:
-        for actor in [*getattr(self, "workers", {}).values(), getattr(self, "learner", None)]:
+        learner = getattr(self, "learner", None)
+        if learner is not None:
+            try:  # removes the shared-memory weight segment at once (else: when this process exits)
+                ray.get(learner.close.remote(), timeout=30)
+            except Exception as error:  # a dead or stuck learner must not keep the rest from stopping
+                self.run_dir.event(f"learner close failed: {type(error).__name__}: {error}")
+        for actor in [*getattr(self, "workers", {}).values(), learner]:
             if actor is not None:
                 ray.kill(actor)
         if self.buffer is not None:
