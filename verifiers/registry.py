@@ -31,6 +31,10 @@ def _builtin(name: str) -> Verifier | None:
         from verifiers.math_answer import MathVerifier
 
         return MathVerifier()
+    if name == "code":
+        from verifiers.code import CodeVerifier
+
+        return CodeVerifier()
     return None
 
 
@@ -59,7 +63,7 @@ def _import(path: str) -> Any:
         module_name, _, attribute = path.rpartition(".")
     if not module_name or not attribute:
         raise VerifierError(
-            f"unknown verifier {path!r}: not a built-in (procedural, math) and not a dotted path"
+            f"unknown verifier {path!r}: not a built-in (procedural, math, code) and not a dotted path"
             " 'package.module:attribute'"
         )
     try:
