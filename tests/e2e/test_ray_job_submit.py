@@ -105,8 +105,13 @@ def test_ray_job_submit_runs_the_demo(ray_head, tmp_path):
         "--quiet",
         *[x for s in sets for x in ("--set", s)],
     ]
-    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-    output = result.stdout + result.stderr
+    # The head answers before its job agent is up; Ray then refuses with "No available agent".
+    for _attempt in range(12):
+        result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+        output = result.stdout + result.stderr
+        if "No available agent to submit job" not in output:
+            break
+        time.sleep(5)
     assert result.returncode == 0, output[-4000:]
     assert "succeeded" in output
     assert "held-out accuracy" in output

@@ -308,7 +308,12 @@ def test_the_learner_actor_core_trains_and_exports_numpy():
 
     threads = torch.get_num_threads()
     try:
-        config = RunConfig(model=MODEL_CONFIG, learner=LearnerConfig(micro_batch_size=4), seed=0)
+        config = RunConfig(
+            model=MODEL_CONFIG,
+            learner=LearnerConfig(micro_batch_size=4),
+            seed=0,
+            weight_sync={"transport": "object_store"},
+        )
         initial = state_dict_to_numpy(tiny_model(seed=5).state_dict())
         core = LearnerCore(config, initial, initial_version=3)
         exported = core.export_weights()

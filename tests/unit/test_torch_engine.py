@@ -337,7 +337,7 @@ def test_a_row_ending_on_the_first_step_of_a_check_window_keeps_one_token(model,
     engine = TorchEngine(model, tokenizer, eos_token_ids=(first[0].token_ids[0],))
     output = engine.generate(prompts[:1], SamplingParams(temperature=0.0, max_new_tokens=12))[0]
     assert (output.token_ids, output.finish_reason) == ([first[0].token_ids[0]], "stop")
-    assert output.logprobs == pytest.approx(first[0].logprobs[:1], abs=1e-6)
+    assert output.logprobs == pytest.approx(first[0].logprobs[:1], abs=1e-5)
 
 
 def test_max_new_tokens_finishes_with_length(engine, prompts):
