@@ -124,9 +124,13 @@ class MCTSConfig(Section):
         None, ge=1, description="Steps in the deepest path; None: ceil(rollout.max_new_tokens / chunk_tokens)."
     )
     expansion_width: int = Field(8, ge=1, description="W: children generated per expanded node (reference run: 8).")
-    min_width: int = Field(1, ge=1, description="Lowest width when the width decays with depth.")
+    min_width: int = Field(2, ge=1, description="Lowest width when the width decays with depth (reference: 1).")
     width_decay: int = Field(
-        0, ge=0, description="W_d = max(min_width, W − ⌊d / ⌊max_depth/W⌋⌋·decay); 0 keeps W (the reference's default)."
+        4,
+        ge=0,
+        description="W_d = max(min_width, W − ⌊d / ⌊max_depth/W⌋⌋·decay); 0 keeps W (the reference's default)."
+        " The default narrows the demo's short answers below the first step (bench/deepsearch.py --sweep:"
+        " 33.9% of the hard prompts solved against 30.7% with a constant width).",
     )
     lambda_puct: float = Field(2.0, ge=0, description="λ_puct of local UCT selection Q + λ·sqrt(ln N_parent / N).")
     lambda_parent_value: float = Field(0.4, description="λ1: weight of tanh(Q(parent)) in the frontier priority.")
@@ -137,9 +141,9 @@ class MCTSConfig(Section):
         "sqrt", description="depth_bonus(s): 'constant' = depth, 'log' = log(depth+1), 'sqrt' = sqrt(depth/max_depth)."
     )
     entropy_bonus: bool = Field(
-        True,
-        description="Include λ2·H(s) in the frontier priority (the paper's formula; the reference code's switch"
-        " involve_uncertainty_bonus defaults to off).",
+        False,
+        description="Include λ2·H(s) in the frontier priority (the paper's formula); off by default as in the"
+        " reference code (involve_uncertainty_bonus), which solves as many or more demo prompts (bench/deepsearch.py).",
     )
     merge_duplicates: bool = Field(
         True,

@@ -20,6 +20,7 @@ from orchard.protocols import SamplingParams, Verifier
 from orchard.records import Completion, Group, Prompt
 from rollout.engines.torch_engine import TorchEngine
 from rollout.model import build_model
+from rollout.strategies.mcts import SearchSettings, TreeSearch, run_searches
 from rollout.tokenizer import load_tokenizer
 from verifiers.registry import get_verifier, safe_verify
 
@@ -49,6 +50,15 @@ class RolloutResult:
     generate_seconds: float
     verify_seconds: float
     verifier_errors: list[str] = field(default_factory=list)
+    #: "sample" (`rollout`) or "mcts" (`search`).
+    strategy: str = "sample"
+    #: Tree search only: nodes expanded (one generate request each) over all prompts of the call.
+    nodes_expanded: int = 0
+    #: Tree search only: per group id, each completion's token-level advantages from the tree's node
+    #: values, sibling-normalised (ALGORITHMS.md §8); the learner may use them instead of group advantages.
+    token_advantages: dict[str, list[list[float]]] = field(default_factory=dict)
+    #: Tree search only: ids of the prompts searched that recorded no trajectory (no group returned).
+    unsearched_prompts: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -188,6 +198,114 @@ class RolloutWorkerCore:
         texts = [o.text or self.tokenizer.decode(o.token_ids) for o in outputs]
         correct = [safe_verify(self._verifier(p), p, t).correct for p, t in zip(prompts, texts, strict=True)]
         return EvalResult(correct=correct, policy_version=self.engine.policy_version, completions=texts)
+
+    def search(
+        self,
+        prompts: Sequence[Prompt],
+        *,
+        budget_tokens: int | None = None,
+        terminate_num: int | None = None,
+    ) -> RolloutResult:
+        """DeepSearch tree search (`rollout.strategies.mcts`, settings from `rollout.mcts`) on every prompt,
+        all trees advanced in lockstep through the engine; one group per prompt of its recorded
+        trajectories, stamped with the policy version and carrying their behaviour logprobs.
+
+        `budget_tokens` (generated tokens per prompt) and `terminate_num` (trajectories per prompt)
+        override the config. A completion's `reward` is its verifier reward, as in `rollout`, so group
+        advantages are group-relative over the tree's trajectories; `token_advantages` holds the
+        tree's step-wise alternative. A prompt whose search recorded nothing gets no group.
+        """
+        self._check_weights()
+        settings = SearchSettings.from_config(
+            self.config.mcts,
+            max_new_tokens=self.config.max_new_tokens,
+            group_size=self.config.group_size,
+            budget_tokens=budget_tokens,
+            terminate_num=terminate_num,
+        )
+        prompt_ids = [encode_prompt(self.tokenizer, p.text) for p in prompts]
+        version = self.engine.policy_version
+        errors: list[str] = []
+        verify_seconds = 0.0
+
+        def verifier_of(prompt: Prompt):
+            verifier = self._verifier(prompt)
+
+            def verify(text: str):
+                nonlocal verify_seconds
+                started = time.perf_counter()
+                result = safe_verify(verifier, prompt, text)
+                verify_seconds += time.perf_counter() - started
+                if result.error:
+                    errors.append(f"{prompt.id}: {result.error}")
+                return result
+
+            return verify
+
+        trees = [
+            TreeSearch(
+                ids,
+                verifier_of(prompt),
+                settings,
+                decode=self.tokenizer.decode,
+                eos_token_ids=self.engine.eos_token_ids,
+            )
+            for prompt, ids in zip(prompts, prompt_ids, strict=True)
+        ]
+        started = time.perf_counter()
+        results = run_searches(trees, self.engine.generate, self._params(greedy=False))
+        elapsed = time.perf_counter() - started
+        groups, token_advantages, unsearched = [], {}, []
+        for prompt, ids, result in zip(prompts, prompt_ids, results, strict=True):
+            if not result.trajectories:
+                unsearched.append(prompt.id)
+                continue
+            completions = [
+                Completion(
+                    text=t.text,
+                    token_ids=list(t.token_ids),
+                    logprobs=list(t.logprobs),
+                    policy_version=version,
+                    finish_reason="stop" if t.finished else "length",
+                    reward=t.reward,
+                    correct=t.correct,
+                )
+                for t in result.trajectories
+            ]
+            group = Group(
+                prompt=prompt,
+                prompt_token_ids=ids,
+                completions=completions,
+                worker=self.worker_id,
+                created_at=time.time(),
+            )
+            token_advantages[group.id] = [t.token_advantages for t in result.trajectories]
+            groups.append(group)
+        return RolloutResult(
+            groups=groups,
+            worker=self.worker_id,
+            policy_version=version,
+            generated_tokens=sum(r.tokens_generated for r in results),
+            generate_seconds=elapsed - verify_seconds,
+            verify_seconds=verify_seconds,
+            verifier_errors=errors,
+            strategy="mcts",
+            nodes_expanded=sum(r.nodes_expanded for r in results),
+            token_advantages=token_advantages,
+            unsearched_prompts=unsearched,
+        )
+
+    def token_logprobs(self, prompt_token_ids: Sequence[int], completion_token_ids: Sequence[int]) -> list[float]:
+        """The current policy's logprob of each completion token at the sampling temperature, as the
+        engine reports them when it samples; re-scores a cached solution before it joins a group
+        (`services.solution_cache.mix_into_group`'s `logprobs_of`)."""
+        self._check_weights()
+        ids = torch.tensor([list(prompt_token_ids) + list(completion_token_ids)])
+        with torch.inference_mode():
+            logits = self.engine.logits(ids)[0, len(prompt_token_ids) - 1 : -1]
+        temperature = self.config.temperature if self.config.temperature > 0 else 1.0
+        logprobs = torch.log_softmax(logits / temperature, dim=-1)
+        return logprobs.gather(-1, torch.tensor(list(completion_token_ids))[:, None]).squeeze(-1).tolist()
 
     def ping(self) -> str:
         return self.worker_id

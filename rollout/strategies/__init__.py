@@ -1,0 +1,1 @@
+"""Rollout strategies beyond plain sampling: DeepSearch's tree search (`mcts`)."""

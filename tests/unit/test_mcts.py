@@ -1,0 +1,310 @@
+"""DeepSearch tree search: the pure rules by hand-computed values, and whole searches on a fake generator."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from orchard.config import MCTSConfig
+from orchard.protocols import GenerationOutput, SamplingParams, VerifierResult
+from rollout.strategies.mcts import (
+    Node,
+    SearchSettings,
+    TreeSearch,
+    backup,
+    backup_weight,
+    choose_terminal,
+    depth_bonus,
+    expansion_width,
+    frontier,
+    frontier_priority,
+    run_searches,
+    search,
+    select_child,
+    select_frontier,
+    step_scores,
+    terminal_score,
+    token_advantages,
+    trajectory_advantages,
+    uct_score,
+    update_value,
+)
+
+
+def chain(depth: int) -> list[Node]:
+    """root and a path of `depth` steps below it."""
+    nodes = [Node()]
+    for d in range(1, depth + 1):
+        node = Node(token_ids=[d], logprobs=[-0.5], depth=d, parent=nodes[-1])
+        nodes[-1].children.append(node)
+        nodes.append(node)
+    return nodes
+
+
+def leaf_under(parent: Node, *, logprob: float = -0.5, terminal: bool = True) -> Node:
+    node = Node(token_ids=[99], logprobs=[logprob], depth=parent.depth + 1, parent=parent, terminal=terminal)
+    parent.children.append(node)
+    return node
+
+
+# ------------------------------------------------------------------------------------------ expansion
+
+
+def test_expansion_width_decays_with_depth_down_to_min_width():
+    # W = 4, max_depth 8: step ⌊8/4⌋ = 2, so the width drops by `decay` every 2 levels.
+    widths = [expansion_width(d, width=4, max_depth=8, min_width=2, decay=1) for d in range(8)]
+    assert widths == [4, 4, 3, 3, 2, 2, 2, 2]
+    assert [expansion_width(d, width=4, max_depth=8) for d in range(8)] == [4] * 8  # no decay by default
+    assert expansion_width(5, width=8, max_depth=4, min_width=1, decay=1) == 3  # step size 0 counts as 1
+
+
+def test_terminal_scores():
+    assert terminal_score(correct=True, finished=True, incomplete_score=-1.0) == 1.0
+    assert terminal_score(correct=False, finished=True, incomplete_score=-0.5) == -1.0
+    assert terminal_score(correct=False, finished=False, incomplete_score=-0.5) == -0.5
+    assert terminal_score(correct=True, finished=False, incomplete_score=-0.5) == 1.0
+
+
+def test_one_terminal_is_kept_correct_then_wrong_then_incomplete_lowest_entropy():
+    root = Node()
+    confident_wrong = leaf_under(root, logprob=-0.1)
+    confident_wrong.finished = True
+    unsure_correct = leaf_under(root, logprob=-2.0)
+    unsure_correct.finished, unsure_correct.correct = True, True
+    sure_correct = leaf_under(root, logprob=-0.3)
+    sure_correct.finished, sure_correct.correct = True, True
+    incomplete = leaf_under(root, logprob=-0.01)
+    intermediate = leaf_under(root, logprob=-0.001, terminal=False)
+    assert choose_terminal(root.children) is sure_correct
+    assert choose_terminal([confident_wrong, incomplete, intermediate]) is confident_wrong
+    assert choose_terminal([incomplete, intermediate]) is incomplete
+    assert choose_terminal([intermediate]) is None
+
+
+# --------------------------------------------------------------------------------------------- backup
+
+
+def test_backup_weights_and_values_by_hand():
+    root, a, b, leaf = chain(3)
+    leaf.terminal = True
+    assert [backup_weight(d, 4, 0.1) for d in range(4)] == [0.25, 0.5, 0.75, 1.0]
+    assert backup_weight(0, 20, 0.1) == 0.1  # (0+1)/20 = 0.05 is below the threshold
+    backup(leaf, -1.0, backup_threshold=0.1)
+    assert [n.value for n in (root, a, b, leaf)] == [-0.25, -0.5, -0.75, -1.0]
+    assert [n.visits for n in (root, a, b, leaf)] == [1, 1, 1, 1]
+
+    # A success below negative nodes overrides their past failures: value = w·v.
+    success = leaf_under(b)
+    backup(success, 1.0, backup_threshold=0.1)
+    assert [n.value for n in (root, a, b, success)] == [0.25, 0.5, 0.75, 1.0]
+    assert [n.visits for n in (root, a, b)] == [2, 2, 2]
+    assert math.isclose(a.q, 0.25)
+
+    # A failure below positive nodes leaves their values; visits still count.
+    failure = leaf_under(b)
+    backup(failure, -1.0, backup_threshold=0.1)
+    assert [n.value for n in (root, a, b)] == [0.25, 0.5, 0.75]
+    assert [n.visits for n in (root, a, b)] == [3, 3, 3]
+    assert failure.value == -1.0
+
+    # Same sign accumulates.
+    assert update_value(0.5, 1.0, 0.25) == 0.75
+    assert update_value(-0.5, -1.0, 0.25) == -0.75
+    assert update_value(0.0, -1.0, 0.5) == -0.5
+
+
+# ------------------------------------------------------------------------------------------ selection
+
+
+def test_local_uct_selection():
+    parent = Node(visits=4)
+    low = Node(depth=1, parent=parent, visits=2, value=-0.2)
+    high = Node(depth=1, parent=parent, visits=1, value=0.1)
+    done = Node(depth=1, parent=parent, visits=1, value=5.0, terminal=True)
+    parent.children = [low, high, done]
+    assert uct_score(high, 4, 2.0) == pytest.approx(0.1 + 2.0 * math.sqrt(math.log(4) / 1))
+    assert uct_score(low, 4, 2.0) == pytest.approx(-0.1 + 2.0 * math.sqrt(math.log(4) / 2))
+    assert select_child(parent, 2.0) is high  # the terminal child is never selected
+    assert uct_score(Node(visits=0), 4, 2.0) == 0.0  # no exploration term before a visit
+    for child in (low, high):
+        child.terminal = True
+    assert select_child(parent, 2.0) is None
+
+
+def test_frontier_priority_and_global_selection():
+    root = Node(visits=2, value=-0.5)
+    a = Node(token_ids=[1], logprobs=[-0.2], depth=1, parent=root, visits=2, value=0.6, samples=2)
+    b = Node(token_ids=[2], logprobs=[-1.5, -0.5], depth=1, parent=root, visits=1)
+    a_child = Node(token_ids=[3], logprobs=[-0.1], depth=2, parent=a, visits=1)
+    a_done = Node(token_ids=[4], logprobs=[-0.1], depth=2, parent=a, terminal=True)
+    root.children, a.children = [a, b], [a_child, a_done]
+    root.samples = 2
+    weights = dict(
+        lambda_parent_value=0.4,
+        lambda_entropy=0.4,
+        lambda_depth=0.01,
+        lambda_value=0.0,
+        depth_bonus_kind="sqrt",
+        max_depth=4,
+    )
+    # b: 0.4·tanh(Q(root) = −0.25) + 0.4·H(= 1.0) + 0.01·sqrt(1/4)
+    assert frontier_priority(b, **weights) == pytest.approx(0.4 * math.tanh(-0.25) + 0.4 * 1.0 + 0.01 * 0.5)
+    # a_child: 0.4·tanh(Q(a) = 0.3) + 0.4·0.1 + 0.01·sqrt(2/4)
+    assert frontier_priority(a_child, **weights) == pytest.approx(
+        0.4 * math.tanh(0.3) + 0.4 * 0.1 + 0.01 * math.sqrt(0.5)
+    )
+    assert frontier_priority(b, **weights, entropy_bonus=False) == pytest.approx(0.4 * math.tanh(-0.25) + 0.005)
+    # The whole tree's frontier: non-terminal nodes with fewer than W_d draws (a is full at W = 2).
+    nodes = frontier(root, lambda depth: 2)
+    assert nodes == [a_child, b]
+    assert select_frontier(nodes, **weights) is b  # its uncertainty outweighs a_child's better parent
+    assert select_frontier(nodes, **{**weights, "lambda_entropy": 0.0}) is a_child
+    assert frontier(root, lambda depth: 2, widening=2) == [root, a, a_child, b]
+    assert select_frontier([], **weights) is None
+    assert [depth_bonus(3, kind, 12) for kind in ("constant", "log", "sqrt")] == [3.0, math.log(4), 0.5]
+
+
+# ----------------------------------------------------------------------------------------- advantages
+
+
+def test_sibling_mean_std_advantages():
+    assert trajectory_advantages([1.0]) == [1.0]  # one trajectory: no normalisation
+    assert trajectory_advantages([]) == []
+    advantages = trajectory_advantages([1.0, -1.0, -1.0, -1.0])
+    mean, std = -0.5, math.sqrt(0.75)  # population std
+    assert advantages == pytest.approx([(1.0 - mean) / std, *[(-1.0 - mean) / std] * 3], rel=1e-5)
+    assert trajectory_advantages([1.0, -1.0], normalise_std=False) == [1.0, -1.0]
+
+
+def test_step_scores_and_token_advantages():
+    root, a, leaf = chain(2)
+    leaf.terminal = True
+    backup(leaf, 1.0, backup_threshold=0.1)  # L = 3: a gets 2/3, leaf 1
+    assert step_scores(leaf) == pytest.approx([math.tanh(2 / 3), 1.0])
+    tokens = token_advantages([[0.5, 1.0], [-0.2, -1.0]], [[2, 1], [1, 2]])
+    assert tokens[0] == pytest.approx([0.5, 0.5, 1.0], rel=1e-5)  # mean 0, std 1 of the finals (1, −1)
+    assert tokens[1] == pytest.approx([-0.2, -1.0, -1.0], rel=1e-5)
+    assert token_advantages([[0.3, -1.0]], [[1, 1]])[0] == pytest.approx([0.3, -1.0])
+    assert token_advantages([], []) == []
+
+
+# ------------------------------------------------------------------------------------- whole searches
+
+EOS = 9
+ANSWER = [5, 6, 7]
+
+
+class FakeEngine:
+    """Deterministic: the n-th row of a prefix in a call draws 5 + (n + k) % 3 as its k-th token, so three
+    rows of one-token steps reach every digit string of 5, 6, 7; a completion ends (eos) after three tokens. Logprobs are −0.1·token so tests can check them."""
+
+    def __init__(self, prompt_length: int) -> None:
+        self.prompt_length = prompt_length
+        self.calls: list[tuple[int, int]] = []
+
+    def generate(self, prefixes, params: SamplingParams) -> list[GenerationOutput]:
+        self.calls.append((len(prefixes), params.max_new_tokens))
+        outputs, row_of = [], {}
+        for prefix in prefixes:
+            row = row_of[tuple(prefix)] = row_of.get(tuple(prefix), -1) + 1
+            done = len(prefix) - self.prompt_length
+            tokens = []
+            for k in range(params.max_new_tokens):
+                if done + k >= 3:
+                    tokens.append(EOS)
+                    break
+                tokens.append(5 + (row + k) % 3)
+            finished = tokens[-1] == EOS
+            text = "".join(str(t) for t in tokens if t != EOS)
+            outputs.append(
+                GenerationOutput(
+                    token_ids=tokens,
+                    logprobs=[-0.1 * t for t in tokens],
+                    finish_reason="stop" if finished else "length",
+                    text=text,
+                )
+            )
+        return outputs
+
+
+def verify(text: str) -> VerifierResult:
+    correct = text == "".join(map(str, ANSWER))
+    return VerifierResult(reward=float(correct), correct=correct)
+
+
+def settings(**overrides) -> SearchSettings:
+    config = MCTSConfig(chunk_tokens=1, expansion_width=3, width_decay=0, **overrides)
+    return SearchSettings.from_config(config, max_new_tokens=4, group_size=20, budget_tokens=200)
+
+
+def test_full_search_records_trajectories_with_their_tokens_and_logprobs():
+    engine = FakeEngine(prompt_length=2)
+    result = search([1, 2], engine.generate, verify, settings(), SamplingParams(seed=3))
+    assert result.stopped == "terminate_num"
+    assert len(result.trajectories) == 20
+    assert result.solved
+    for trajectory in result.trajectories:
+        assert trajectory.logprobs == [-0.1 * t for t in trajectory.token_ids]
+        assert sum(trajectory.step_lengths) == len(trajectory.token_ids)
+        assert len(trajectory.token_advantages) == len(trajectory.token_ids)
+        assert trajectory.correct == (trajectory.text == "567")
+        assert trajectory.score == (1.0 if trajectory.correct else -1.0)
+    texts = [t.text for t in result.trajectories]
+    assert len(set(texts)) == len(texts)  # identical steps are merged, so no path is recorded twice
+    # Every expansion is one generate call of W rows at the chunk length.
+    assert all(rows <= 3 and length == 1 for rows, length in engine.calls)
+    assert result.generate_calls == result.nodes_expanded == len(engine.calls)
+    assert result.tokens_generated <= 200
+    scores = [t.score for t in result.trajectories]
+    assert [t.advantage for t in result.trajectories] == pytest.approx(trajectory_advantages(scores))
+
+
+def test_search_stops_within_its_token_budget():
+    engine = FakeEngine(prompt_length=2)
+    tight = SearchSettings.from_config(
+        MCTSConfig(chunk_tokens=2, expansion_width=4, width_decay=0), max_new_tokens=4, group_size=16, budget_tokens=13
+    )
+    result = search([1, 2], engine.generate, lambda text: VerifierResult(0.0, False), tight, SamplingParams())
+    assert result.stopped == "budget"
+    assert result.tokens_generated <= 13
+    assert not result.solved
+
+
+def test_lockstep_searches_share_generate_calls():
+    engine = FakeEngine(prompt_length=2)
+    trees = [TreeSearch([1, p], verify, settings()) for p in (2, 3, 4)]
+    results = run_searches(trees, engine.generate, SamplingParams(seed=1))
+    assert len(engine.calls) == max(r.generate_calls for r in results)  # one call per round serves every tree
+    assert sum(r.generate_calls for r in results) > len(engine.calls)
+    assert all(r.solved for r in results)
+
+
+def test_step_delimiter_ends_a_step_but_not_the_answer():
+    prompt = [1]
+
+    def generate(prefixes, params):
+        outputs = []
+        for prefix in prefixes:
+            if len(prefix) == 1:  # first step: "5" then the delimiter token 0
+                outputs.append(GenerationOutput([5, 0], [-0.1, -0.2], "stop", "5"))
+            else:
+                outputs.append(GenerationOutput([6, EOS], [-0.3, -0.4], "stop", "6"))
+        return outputs
+
+    decode = lambda ids: "".join("|" if t == 0 else str(t) for t in ids)  # noqa: E731
+    config = MCTSConfig(chunk_tokens=4, expansion_width=1, min_width=1, step_delimiter="|")
+    tree_settings = SearchSettings.from_config(config, max_new_tokens=8, group_size=1, budget_tokens=50)
+    result = search(
+        prompt,
+        generate,
+        lambda text: VerifierResult(float(text == "5|6"), text == "5|6"),
+        tree_settings,
+        SamplingParams(stop=("|",)),
+        decode=decode,
+        eos_token_ids=(EOS,),
+    )
+    assert [t.text for t in result.trajectories] == ["5|6"]
+    assert result.trajectories[0].token_ids == [5, 0, 6, EOS]
+    assert result.trajectories[0].step_lengths == [2, 2]
+    assert result.solved
