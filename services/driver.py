@@ -34,7 +34,7 @@ from typing import Any
 import ray
 import torch
 
-from orchard.config import RunConfig
+from orchard.config import ConfigError, RunConfig
 from orchard.protocols import Buffer
 from orchard.records import Group
 from rollout.worker import RolloutResult, RolloutWorker, RolloutWorkerCore
@@ -114,6 +114,16 @@ class Driver:
         resume: bool = False,
     ) -> None:
         """`resume`: continue `run_dir` from its newest checkpoint instead of starting afresh."""
+        if config.rollout.strategy == "mcts":
+            raise ConfigError(
+                [
+                    (
+                        "rollout.strategy",
+                        "'mcts' runs in RolloutWorkerCore.search and bench/deepsearch.py, but the driver does not "
+                        "route prompts to tree search yet; use 'sample'",
+                    )
+                ]
+            )
         self.config = config
         self.resume = resume
         self.run_dir = run_dir

@@ -92,3 +92,12 @@ def test_cli_check_prints_the_resolved_config(capsys):
     resolved = yaml.safe_load(capsys.readouterr().out)
     assert resolved["learner"]["lr"] == 0.5
     assert RunConfig.model_validate(resolved).learner.lr == 0.5
+
+
+def test_a_run_refuses_the_tree_search_strategy_it_cannot_route_yet(tmp_path):
+    from services.driver import Driver
+    from services.run_dir import RunDirectory
+
+    config = config_from_dict({"rollout": {"strategy": "mcts"}})
+    with pytest.raises(ConfigError, match="rollout.strategy"):
+        Driver(config, RunDirectory(tmp_path, "mcts"))
