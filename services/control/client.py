@@ -91,7 +91,7 @@ def format_status(run: dict[str, Any]) -> str:
     lines.append(f"  workers: {workers or '-'}")
     buffer = run.get("buffer", {})
     lines.append(
-        f"  buffer: ready {buffer.get('ready', '-')}, pending {buffer.get('pending', '-')}  "
+        f"  buffer: ready {buffer.get('ready', '-')}, unacknowledged {buffer.get('pending', '-')}  "
         f"staleness {number(run.get('staleness_mean'), '{:.2f}')}  "
         f"{number(run.get('rollout_tokens_per_second'), '{:,.0f}')} tok/s  "
         f"{number(run.get('learner_steps_per_second'), '{:.2f}')} steps/s  "
