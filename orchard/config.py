@@ -282,6 +282,7 @@ class CheckpointConfig(Section):
         "groups are acknowledged in the buffer only at a checkpoint, so a run resumed from its last checkpoint "
         "trains again exactly the groups trained after it.",
     )
+    keep_last: int = Field(3, ge=0, description="Newest checkpoints kept on disk (0: keep every one).")
 
 
 class WarmStartConfig(Section):

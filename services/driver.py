@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import random
+import shutil
 import time
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
@@ -410,11 +411,31 @@ class Driver:
         self.buffer.ack(self._unacknowledged)
         acknowledged, self._unacknowledged = len(self._unacknowledged), []
         self.checkpoints.append(str(path))
+        self._prune_checkpoints()
         self.run_dir.event(
             f"checkpoint ({why}) at step {self.step}: {path} in {time.perf_counter() - started:.1f} s, "
             f"{acknowledged} trained groups acknowledged"
         )
         return str(path)
+
+    def _prune_checkpoints(self) -> None:
+        """Delete all but the newest `checkpoint.keep_last` complete checkpoints (and incomplete older ones)."""
+        keep = self.config.checkpoint.keep_last
+        if not keep:
+            return
+        directories = sorted(
+            (p for p in (self.run_dir.path / "checkpoints").glob("step-*") if p.name.removeprefix("step-").isdigit()),
+            key=lambda p: int(p.name.removeprefix("step-")),
+        )
+        complete = [p for p in directories if (p / "driver.json").exists()]
+        if len(complete) <= keep:
+            return
+        oldest_kept = int(complete[-keep].name.removeprefix("step-"))
+        for directory in directories:
+            if int(directory.name.removeprefix("step-")) < oldest_kept:
+                shutil.rmtree(directory, ignore_errors=True)
+                if str(directory) in self.checkpoints:
+                    self.checkpoints.remove(str(directory))
 
     def _restore(self, checkpoint: Path) -> dict[str, torch.Tensor]:
         """The driver's state at `checkpoint`; returns the policy weights saved there."""

@@ -57,10 +57,15 @@ def conservation(summary):
 
 @pytest.mark.parametrize("backend", ["memory", "redis"])
 def test_short_run_writes_the_run_directory(ray_local, tmp_path, warm_cache, backend):
-    config = small_config(tmp_path, warm_cache, f"buffer.backend={backend}")
+    config = small_config(
+        tmp_path, warm_cache, f"buffer.backend={backend}", "checkpoint.every_steps=1", "checkpoint.keep_last=2"
+    )
     run_dir = RunDirectory(tmp_path, f"run-{backend}")
     summary = Driver(config, run_dir, show_progress=False).run()
     assert summary["steps"] == 3 and summary["policy_version"] == 3
+    # a checkpoint at every step, the older ones pruned
+    assert sorted(p.name for p in (run_dir.path / "checkpoints").iterdir()) == ["step-2", "step-3"]
+    assert summary["checkpoints"] == [str(run_dir.path / "checkpoints" / name) for name in ("step-2", "step-3")]
     for name in ("config.yaml", "metrics.jsonl", "summary.json", "reward.png", "events.log"):
         assert (run_dir.path / name).exists(), name
     metrics = run_dir.read_metrics()
