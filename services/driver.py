@@ -51,14 +51,25 @@ from services.weight_sync import WeightSync
 from verifiers.sources import PromptPool
 
 
+def checkpoint_directories(run_dir: RunDirectory) -> list[tuple[int, Path]]:
+    """`(step, directory)` of every `checkpoints/step-N/` of the run, oldest first."""
+    found = []
+    for path in (run_dir.path / "checkpoints").glob("step-*"):
+        step = path.name.removeprefix("step-")
+        if step.isdigit():
+            found.append((int(step), path))
+    return sorted(found)
+
+
+def is_complete(checkpoint: Path) -> bool:
+    """`driver.json` is written last: a checkpoint without it was cut short and is never resumed from."""
+    return (checkpoint / "driver.json").exists()
+
+
 def latest_checkpoint(run_dir: RunDirectory) -> Path | None:
-    """The complete checkpoint (one with `driver.json`) of the highest step, or None."""
-    complete = [
-        path
-        for path in (run_dir.path / "checkpoints").glob("step-*")
-        if path.name.removeprefix("step-").isdigit() and (path / "driver.json").exists()
-    ]
-    return max(complete, key=lambda path: int(path.name.removeprefix("step-")), default=None)
+    """The complete checkpoint of the highest step, or None."""
+    complete = [path for _, path in checkpoint_directories(run_dir) if is_complete(path)]
+    return complete[-1] if complete else None
 
 
 class DriverError(RuntimeError):
@@ -406,6 +417,7 @@ class Driver:
                 "rng_state": self.rng.getstate(),
                 "initial_eval": list(self.initial_eval),
                 "warm_start": self.warm_start_info,
+                "curriculum": self.sampler.state_dict(),
             },
         )
         self.buffer.ack(self._unacknowledged)
@@ -421,24 +433,19 @@ class Driver:
     def _prune_checkpoints(self) -> None:
         """Delete all but the newest `checkpoint.keep_last` complete checkpoints (and incomplete older ones)."""
         keep = self.config.checkpoint.keep_last
-        if not keep:
+        directories = checkpoint_directories(self.run_dir)
+        complete = [step for step, path in directories if is_complete(path)]
+        if not keep or len(complete) <= keep:
             return
-        directories = sorted(
-            (p for p in (self.run_dir.path / "checkpoints").glob("step-*") if p.name.removeprefix("step-").isdigit()),
-            key=lambda p: int(p.name.removeprefix("step-")),
-        )
-        complete = [p for p in directories if (p / "driver.json").exists()]
-        if len(complete) <= keep:
-            return
-        oldest_kept = int(complete[-keep].name.removeprefix("step-"))
-        for directory in directories:
-            if int(directory.name.removeprefix("step-")) < oldest_kept:
+        oldest_kept = complete[-keep]
+        for step, directory in directories:
+            if step < oldest_kept:
                 shutil.rmtree(directory, ignore_errors=True)
                 if str(directory) in self.checkpoints:
                     self.checkpoints.remove(str(directory))
 
     def _restore(self, checkpoint: Path) -> dict[str, torch.Tensor]:
-        """The driver's state at `checkpoint`; returns the policy weights saved there."""
+        """The driver's and the curriculum's state at `checkpoint`; returns the policy weights saved there."""
         from safetensors.torch import load_file
 
         saved = json.loads((checkpoint / "driver.json").read_text())
@@ -450,6 +457,7 @@ class Driver:
         accuracy, by_distribution = saved["initial_eval"]
         self.initial_eval = (accuracy, by_distribution)
         self.warm_start_info = saved.get("warm_start") or {}
+        self.sampler.load_state_dict(saved["curriculum"])  # as it was at the checkpoint, not later
         self.checkpoints = [str(checkpoint)]
         self.resumed_from = str(checkpoint)
         kept = self.run_dir.truncate_metrics(self.step)
@@ -500,7 +508,7 @@ class Driver:
         self.metrics.set_distributions(probabilities)
         value_model_error = self.sampler.value_model_error()
         if value_model_error is not None:
-            self.metrics.value_model_error.set(value_model_error)
+            self.metrics.observe_value_model_error(value_model_error)
         self.buffer.save_state(CURRICULUM_STATE, self.sampler.to_bytes())
         wall = self.throughput.wall()
         record: dict[str, Any] = {

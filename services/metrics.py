@@ -183,6 +183,9 @@ class RunMetrics:
             self.sample_staleness.observe(value)
         self.learner_idle_fraction.set(learner_idle_fraction)
 
+    def observe_value_model_error(self, mean_absolute_error: float) -> None:
+        self.value_model_error.set(mean_absolute_error)
+
     def observe_eval(self, accuracy: float) -> None:
         self.eval_accuracy.set(accuracy)
 
