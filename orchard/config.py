@@ -285,6 +285,12 @@ class CheckpointConfig(Section):
     keep_last: int = Field(3, ge=0, description="Newest checkpoints kept on disk (0: keep every one).")
 
 
+class SupervisionConfig(Section):
+    max_worker_restarts: int = Field(
+        3, ge=0, description="Restarts of one rollout worker that died before the run gives up and fails."
+    )
+
+
 class WarmStartConfig(Section):
     steps: int = Field(300, ge=0, description="Supervised steps on reference answers before RL (0: none).")
     batch_size: int = Field(64, ge=1)
@@ -342,6 +348,7 @@ class RunConfig(Section):
     learner: LearnerConfig = Field(default_factory=LearnerConfig)
     curriculum: CurriculumConfig = Field(default_factory=CurriculumConfig)
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+    supervision: SupervisionConfig = Field(default_factory=SupervisionConfig)
     warmstart: WarmStartConfig = Field(default_factory=WarmStartConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     control: ControlConfig = Field(default_factory=ControlConfig)

@@ -7,6 +7,7 @@ method at a time, so a swap never lands in the middle of a generation.
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -309,6 +310,10 @@ class RolloutWorkerCore:
 
     def ping(self) -> str:
         return self.worker_id
+
+    def pid(self) -> int:
+        """The process this worker runs in (for supervision and fault tests)."""
+        return os.getpid()
 
 
 #: The Ray actor. Restarts are the driver's decision, so the actor itself does not auto-restart.

@@ -204,11 +204,9 @@ class Driver:
                 f"{requeued} groups trained after it are back in the buffer"
             )
         self.workers = {
-            f"worker-{index}": RolloutWorker.options(num_cpus=config.rollout.num_cpus_per_worker).remote(
-                f"worker-{index}", config.model, config.rollout, seed=config.seed * 1000 + index
-            )
-            for index in range(config.rollout.num_workers)
+            f"worker-{index}": self._new_worker(f"worker-{index}") for index in range(config.rollout.num_workers)
         }
+        self.worker_restarts: Counter[str] = Counter()
         self.weight_sync = WeightSync(initial_version=self.policy_version)
         self.weight_sync.publish(self.policy_version, initial_ref)
         self._announce(self.policy_version, initial_ref)
@@ -279,11 +277,11 @@ class Driver:
         staleness = config.buffer.max_staleness
         capacity = batch_groups if staleness == 0 else max(config.buffer.capacity_groups, batch_groups)
         deadline = time.perf_counter() + config.max_minutes * 60 if config.max_minutes else None
-        scheduled_version = dict.fromkeys(self.workers, 0)
-        rollouts: dict[Any, str] = {}  # ref -> worker
+        scheduled_version = dict.fromkeys(self.workers, self.policy_version)
+        rollouts: dict[Any, tuple[str, Any, list]] = {}  # ref -> (worker, its actor, the prompts it was given)
         inflight_groups = 0
         learner_call: tuple[Any, list[Group], float] | None = None
-        syncs: dict[Any, str] = {}
+        syncs: dict[Any, tuple[str, Any]] = {}  # ref -> (worker, its actor)
         progress = self._progress_bar()
         last_weights_ref = self.weight_sync.latest.ref
 
@@ -305,8 +303,9 @@ class Driver:
                     learner_call = (self.learner.train_step.remote(groups), groups, time.perf_counter())
             if working:
                 target = self.policy_version + (1 if learner_call else 0)
+                busy = {name for name, _, _ in rollouts.values()}
                 for name, actor in self.workers.items():
-                    if name in rollouts.values():
+                    if name in busy:
                         continue
                     if scheduled_version[name] < target - staleness:
                         continue
@@ -314,7 +313,7 @@ class Driver:
                     if ready + inflight_groups >= capacity:
                         break
                     prompts = self.sampler.next_prompts(config.rollout.prompts_per_call, self.rng)
-                    rollouts[actor.rollout.remote(prompts)] = name
+                    rollouts[actor.rollout.remote(prompts)] = (name, actor, prompts)
                     inflight_groups += len(prompts)
             pending = list(rollouts) + list(syncs) + ([learner_call[0]] if learner_call else [])
             if not pending:
@@ -334,12 +333,29 @@ class Driver:
             ready_refs, _ = ray.wait(pending, num_returns=1)
             ref = ready_refs[0]
             if ref in rollouts:
-                worker = rollouts.pop(ref)
-                inflight_groups -= config.rollout.prompts_per_call
-                self._on_rollout(self._get(ref, f"rollout worker {worker}"))
+                worker, actor, prompts = rollouts.pop(ref)
+                try:
+                    result = ray.get(ref)
+                except ray.exceptions.RayActorError as error:
+                    # the worker died: a new one gets the newest weights and the same prompts again
+                    actor = self._replace_worker(worker, actor, error)
+                    scheduled_version[worker] = self.weight_sync.worker_versions[worker]
+                    rollouts[actor.rollout.remote(prompts)] = (worker, actor, prompts)
+                    continue
+                except ray.exceptions.RayError as error:
+                    raise DriverError(f"rollout worker {worker} failed: {error}") from error
+                inflight_groups -= len(prompts)
+                self._on_rollout(result)
             elif ref in syncs:
-                worker = syncs.pop(ref)
-                confirmed = self._get(ref, f"weight sync to {worker}")
+                worker, actor = syncs.pop(ref)
+                try:
+                    confirmed = ray.get(ref)
+                except ray.exceptions.RayActorError as error:
+                    self._replace_worker(worker, actor, error)
+                    scheduled_version[worker] = self.weight_sync.worker_versions[worker]
+                    continue
+                except ray.exceptions.RayError as error:
+                    raise DriverError(f"weight sync to {worker} failed: {error}") from error
                 seconds = self.weight_sync.confirm(worker, confirmed["version"])
                 self.metrics.observe_worker_version(worker, self.weight_sync.worker_versions[worker])
                 if seconds is not None:
@@ -356,7 +372,7 @@ class Driver:
                     self.weight_sync.publish(result["policy_version"], weights_ref)
                     self._announce(result["policy_version"], weights_ref)
                     for sync_ref, worker in self.weight_sync.push(self.workers).items():
-                        syncs[sync_ref] = worker
+                        syncs[sync_ref] = (worker, self.workers[worker])
                         scheduled_version[worker] = result["policy_version"]
                     last_weights_ref = weights_ref
                 self._on_learner_step(result, groups, last_weights_ref)
@@ -369,6 +385,37 @@ class Driver:
                     progress.set_postfix(self._postfix(), refresh=False)
         if progress is not None:
             progress.close()
+
+    def _new_worker(self, name: str, incarnation: int = 0) -> Any:
+        index = int(name.removeprefix("worker-"))
+        return RolloutWorker.options(num_cpus=self.config.rollout.num_cpus_per_worker).remote(
+            name, self.config.model, self.config.rollout, seed=self.config.seed * 1000 + index + 7919 * incarnation
+        )
+
+    def _replace_worker(self, name: str, dead: Any, error: BaseException) -> Any:
+        """Start a new actor for a rollout worker that died and load the newest weights into it.
+
+        Gives up, failing the run, after `supervision.max_worker_restarts` restarts of one worker. A
+        second failure report about the same dead actor (a rollout and a weight sync both in flight)
+        restarts nothing.
+        """
+        if self.workers[name] is not dead:
+            return self.workers[name]
+        limit = self.config.supervision.max_worker_restarts
+        if self.worker_restarts[name] >= limit:
+            raise DriverError(
+                f"rollout worker {name} died again after {self.worker_restarts[name]} restarts "
+                f"(supervision.max_worker_restarts={limit}); giving up: {error}"
+            )
+        self.worker_restarts[name] += 1
+        self.run_dir.event(f"rollout worker {name} died ({type(error).__name__}); restart {self.worker_restarts[name]}")
+        actor = self.workers[name] = self._new_worker(name, self.worker_restarts[name])
+        latest = self.weight_sync.latest
+        confirmed = self._get(actor.load_weights.remote(latest.version, latest.ref), f"weights for restarted {name}")
+        self.weight_sync.confirm(name, confirmed["version"])
+        self.metrics.observe_worker_version(name, confirmed["version"])
+        self.metrics.worker_restarts.labels(worker=name).inc()
+        return actor
 
     def _wait_while_paused(self, progress: Any) -> None:
         """Nothing is in flight and the run is paused: wait for resume or stop, taking checkpoints."""

@@ -107,6 +107,9 @@ class RunMetrics:
         self.mcts_nodes_expanded = Counter(
             "orchard_mcts_nodes_expanded", "Tree-search nodes expanded by rollout workers.", registry=registry
         )
+        self.worker_restarts = Counter(
+            "orchard_worker_restarts", "Rollout worker actors restarted after they died.", ["worker"], registry=registry
+        )
         self.learner_idle_fraction = Gauge(
             "orchard_learner_idle_fraction",
             "Share of the run's wall time the learner was not training.",
@@ -138,6 +141,7 @@ class RunMetrics:
     def declare_workers(self, workers: Iterable[str]) -> None:
         for worker in workers:
             self.rollout_tokens.labels(worker=worker).inc(0)
+            self.worker_restarts.labels(worker=worker).inc(0)
             self.worker_policy_version.labels(worker=worker).set(0)
 
     def observe_rollout(self, worker: str, tokens: int, groups: int) -> None:
