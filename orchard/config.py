@@ -289,6 +289,12 @@ class SupervisionConfig(Section):
     max_worker_restarts: int = Field(
         3, ge=0, description="Restarts of one rollout worker that died before the run gives up and fails."
     )
+    max_nonfinite_steps: int = Field(
+        3,
+        ge=0,
+        description="Consecutive learner steps skipped for non-finite loss or gradients before the run fails "
+        "(0: never give up). Each is logged with its batch's group ids.",
+    )
 
 
 class WarmStartConfig(Section):

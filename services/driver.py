@@ -46,6 +46,7 @@ from services.curriculum.sampler import PromptSampler
 from services.learner_actor import LearnerActor
 from services.metrics import RunMetrics
 from services.run_dir import RunDirectory
+from services.supervision import NonFiniteGuard, is_non_finite
 from services.warmstart import warm_start
 from services.weight_sync import WeightSync
 from verifiers.sources import PromptPool
@@ -207,6 +208,7 @@ class Driver:
             f"worker-{index}": self._new_worker(f"worker-{index}") for index in range(config.rollout.num_workers)
         }
         self.worker_restarts: Counter[str] = Counter()
+        self.non_finite = NonFiniteGuard(config.supervision.max_nonfinite_steps)
         self.weight_sync = WeightSync(initial_version=self.policy_version)
         self.weight_sync.publish(self.policy_version, initial_ref)
         self._announce(self.policy_version, initial_ref)
@@ -376,6 +378,7 @@ class Driver:
                         scheduled_version[worker] = result["policy_version"]
                     last_weights_ref = weights_ref
                 self._on_learner_step(result, groups, last_weights_ref)
+                self._guard_non_finite(result, groups)
                 if self.control.take_checkpoint_request():
                     self._checkpoint("requested")
                 elif config.checkpoint.every_steps and self.step % config.checkpoint.every_steps == 0:
@@ -385,6 +388,19 @@ class Driver:
                     progress.set_postfix(self._postfix(), refresh=False)
         if progress is not None:
             progress.close()
+
+    def _guard_non_finite(self, result: dict[str, Any], groups: list[Group]) -> None:
+        """Log a step skipped for non-finite values with its batch; fail the run after too many in a row."""
+        if is_non_finite(result.get("skip_reason")):
+            ids = ", ".join(g.id for g in groups)
+            self.run_dir.event(f"learner step {self.step} skipped: {result['skip_reason']}; batch: {ids}")
+            self.metrics.skipped_steps.labels(reason="non_finite").inc()
+        if self.non_finite.observe(result.get("skip_reason")):
+            raise DriverError(
+                f"{self.non_finite.consecutive} learner steps in a row had non-finite loss or gradients "
+                f"(supervision.max_nonfinite_steps={self.non_finite.limit}); the weights were left unchanged; "
+                f"last: {result['skip_reason']}"
+            )
 
     def _new_worker(self, name: str, incarnation: int = 0) -> Any:
         index = int(name.removeprefix("worker-"))

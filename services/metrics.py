@@ -110,6 +110,12 @@ class RunMetrics:
         self.worker_restarts = Counter(
             "orchard_worker_restarts", "Rollout worker actors restarted after they died.", ["worker"], registry=registry
         )
+        self.skipped_steps = Counter(
+            "orchard_skipped_steps",
+            "Learner steps skipped (weights unchanged), by reason.",
+            ["reason"],
+            registry=registry,
+        )
         self.learner_idle_fraction = Gauge(
             "orchard_learner_idle_fraction",
             "Share of the run's wall time the learner was not training.",
@@ -118,6 +124,7 @@ class RunMetrics:
         self.value_model_error.set(math.nan)
         self.eval_accuracy.set(math.nan)
         self.rollout_groups.inc(0)
+        self.skipped_steps.labels(reason="non_finite").inc(0)
         self.mcts_nodes_expanded.inc(0)
         self.set_state("pending")
 

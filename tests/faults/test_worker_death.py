@@ -73,3 +73,21 @@ def test_the_run_fails_with_the_reason_once_restarts_are_used_up(ray_local, tmp_
     assert "supervision.max_worker_restarts=0" in str(error) and "worker-0" in str(error)
     assert driver.control.state == "failed" and "giving up" in driver.control.reason
     assert "run failed: DriverError" in (run_dir.path / "events.log").read_text()
+
+
+def test_repeated_non_finite_steps_fail_the_run_without_publishing_them(ray_local, tmp_path, warm_cache):
+    """A learning rate of 1e30 blows the weights up; the steps after it are non-finite and skipped."""
+    config = small_config(
+        tmp_path, warm_cache, "max_steps=1000", "buffer.backend=memory", "learner.lr=1e30", "learner.grad_clip=1e30"
+    )
+    run_dir = RunDirectory(tmp_path, "non-finite")
+    driver = Driver(config, run_dir, show_progress=False)
+    thread, outcome = run_in_thread(driver)
+    thread.join(300)
+    error = outcome.get("error")
+    assert isinstance(error, DriverError), error
+    assert "supervision.max_nonfinite_steps=3" in str(error)
+    events = (run_dir.path / "events.log").read_text()
+    assert events.count("skipped: non-finite") >= 3 and "batch: " in events
+    assert driver.control.state == "failed"
+    assert driver.step < 1000
