@@ -289,6 +289,9 @@ class SupervisionConfig(Section):
     max_worker_restarts: int = Field(
         3, ge=0, description="Restarts of one rollout worker that died before the run gives up and fails."
     )
+    max_learner_restarts: int = Field(
+        2, ge=0, description="Restarts of a learner that died (from the last checkpoint) before the run fails."
+    )
     max_nonfinite_steps: int = Field(
         3,
         ge=0,

@@ -191,7 +191,9 @@ class Driver:
         from learner.weights import state_dict_to_numpy
 
         initial_ref = ray.put(state_dict_to_numpy(state_dict))
+        self._initial_weights_ref = initial_ref  # a learner that dies before any checkpoint starts again from these
         self.learner = LearnerActor.options(num_cpus=config.learner.num_cpus).remote(config, initial_ref)
+        self.learner_restarts = 0
         if checkpoint is not None:
             version = self._get(self.learner.load_checkpoint.remote(str(checkpoint)), "learner checkpoint load")
             if version != self.policy_version:
@@ -283,7 +285,7 @@ class Driver:
         rollouts: dict[Any, tuple[str, Any, list]] = {}  # ref -> (worker, its actor, the prompts it was given)
         inflight_groups = 0
         learner_call: tuple[Any, list[Group], float] | None = None
-        syncs: dict[Any, tuple[str, Any]] = {}  # ref -> (worker, its actor)
+        syncs: dict[Any, tuple[str, Any, int]] = {}  # ref -> (worker, its actor, the version sent)
         progress = self._progress_bar()
         last_weights_ref = self.weight_sync.latest.ref
 
@@ -349,14 +351,18 @@ class Driver:
                 inflight_groups -= len(prompts)
                 self._on_rollout(result)
             elif ref in syncs:
-                worker, actor = syncs.pop(ref)
+                worker, actor, version = syncs.pop(ref)
                 try:
                     confirmed = ray.get(ref)
-                except ray.exceptions.RayActorError as error:
-                    self._replace_worker(worker, actor, error)
-                    scheduled_version[worker] = self.weight_sync.worker_versions[worker]
-                    continue
                 except ray.exceptions.RayError as error:
+                    if not self._alive(actor):
+                        self._replace_worker(worker, actor, error)
+                        scheduled_version[worker] = self.weight_sync.worker_versions[worker]
+                        continue
+                    if version < self.weight_sync.latest.version:
+                        # the weights of a learner that died before handing them over, superseded since
+                        self.run_dir.event(f"weight sync of superseded version {version} to {worker} failed: {error}")
+                        continue
                     raise DriverError(f"weight sync to {worker} failed: {error}") from error
                 seconds = self.weight_sync.confirm(worker, confirmed["version"])
                 self.metrics.observe_worker_version(worker, self.weight_sync.worker_versions[worker])
@@ -366,7 +372,18 @@ class Driver:
             else:
                 _, groups, started = learner_call
                 learner_call = None
-                result = self._get(ref, "learner")
+                try:
+                    result = ray.get(ref)
+                except ray.exceptions.RayActorError as error:
+                    # the learner died: a new one from the last checkpoint; what it trained since comes back
+                    weights_ref = self._replace_learner(error)
+                    for sync_ref, worker in self.weight_sync.push(self.workers).items():
+                        syncs[sync_ref] = (worker, self.workers[worker], self.policy_version)
+                        scheduled_version[worker] = self.policy_version
+                    last_weights_ref = weights_ref
+                    continue
+                except ray.exceptions.RayError as error:
+                    raise DriverError(f"learner failed: {error}") from error
                 self.throughput.learner_busy_seconds += time.perf_counter() - started
                 self._unacknowledged.extend(g.id for g in groups)
                 if not result["skipped"]:
@@ -374,7 +391,7 @@ class Driver:
                     self.weight_sync.publish(result["policy_version"], weights_ref)
                     self._announce(result["policy_version"], weights_ref)
                     for sync_ref, worker in self.weight_sync.push(self.workers).items():
-                        syncs[sync_ref] = (worker, self.workers[worker])
+                        syncs[sync_ref] = (worker, self.workers[worker], result["policy_version"])
                         scheduled_version[worker] = result["policy_version"]
                     last_weights_ref = weights_ref
                 self._on_learner_step(result, groups, last_weights_ref)
@@ -388,6 +405,52 @@ class Driver:
                     progress.set_postfix(self._postfix(), refresh=False)
         if progress is not None:
             progress.close()
+
+    @staticmethod
+    def _alive(actor: Any) -> bool:
+        try:
+            ray.get(actor.ping.remote(), timeout=60)
+        except ray.exceptions.RayActorError:
+            return False
+        return True
+
+    def _replace_learner(self, error: BaseException) -> Any:
+        """Start a new learner from the last checkpoint (the warm start before the first) after one died.
+
+        The groups trained since that checkpoint were never acknowledged: they go back to the buffer
+        and are trained again, and the step counter and `metrics.jsonl` go back to the checkpoint.
+        The restored weights are published under a new policy version, larger than any the dead
+        learner published. Gives up after `supervision.max_learner_restarts` restarts.
+        """
+        limit = self.config.supervision.max_learner_restarts
+        if self.learner_restarts >= limit:
+            raise DriverError(
+                f"the learner died again after {self.learner_restarts} restarts "
+                f"(supervision.max_learner_restarts={limit}); giving up: {error}"
+            )
+        self.learner_restarts += 1
+        checkpoint = latest_checkpoint(self.run_dir)
+        self.learner = LearnerActor.options(num_cpus=self.config.learner.num_cpus).remote(
+            self.config, self._initial_weights_ref
+        )
+        step = 0
+        if checkpoint is not None:
+            self._get(self.learner.load_checkpoint.remote(str(checkpoint)), "learner checkpoint load")
+            step = json.loads((checkpoint / "driver.json").read_text())["step"]
+        version = self._get(self.learner.renumber.remote(self.weight_sync.version + 1), "learner renumber")
+        requeued = self.buffer.requeue_pending()
+        self._unacknowledged = []
+        self.step, self.policy_version = step, version
+        self.run_dir.truncate_metrics(step)
+        self.run_dir.event(
+            f"learner died ({type(error).__name__}); restart {self.learner_restarts} from "
+            f"{checkpoint or 'the warm start'} at step {step} as policy version {version}; {requeued} groups requeued"
+        )
+        self.metrics.learner_restarts.inc()
+        weights_ref = self.learner.export_weights.remote()
+        self.weight_sync.publish(version, weights_ref)
+        self._announce(version, weights_ref)
+        return weights_ref
 
     def _guard_non_finite(self, result: dict[str, Any], groups: list[Group]) -> None:
         """Log a step skipped for non-finite values with its batch; fail the run after too many in a row."""

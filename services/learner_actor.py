@@ -121,6 +121,22 @@ class LearnerCore:
         self.version = self.trainer.policy_version
         return self.version
 
+    def renumber(self, version: int) -> int:
+        """Carry on as policy `version` (> any version published before), keeping the weights.
+
+        After a learner restarted from a checkpoint, versions published by the dead learner after
+        that checkpoint exist already; the restored weights get a new, larger number so that
+        versions only move forward for the workers, the buffer and the control plane.
+        """
+        if version < self.version:
+            raise ValueError(f"renumber to {version}: versions only move forward (this learner is at {self.version})")
+        self.version = self.trainer.policy_version = version
+        return self.version
+
+    def pid(self) -> int:
+        """The process the learner runs in (for supervision and fault tests)."""
+        return os.getpid()
+
     def ping(self) -> int:
         return self.version
 

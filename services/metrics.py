@@ -110,6 +110,11 @@ class RunMetrics:
         self.worker_restarts = Counter(
             "orchard_worker_restarts", "Rollout worker actors restarted after they died.", ["worker"], registry=registry
         )
+        self.learner_restarts = Counter(
+            "orchard_learner_restarts",
+            "Learners restarted from the last checkpoint after they died.",
+            registry=registry,
+        )
         self.skipped_steps = Counter(
             "orchard_skipped_steps",
             "Learner steps skipped (weights unchanged), by reason.",
@@ -125,6 +130,7 @@ class RunMetrics:
         self.eval_accuracy.set(math.nan)
         self.rollout_groups.inc(0)
         self.skipped_steps.labels(reason="non_finite").inc(0)
+        self.learner_restarts.inc(0)
         self.mcts_nodes_expanded.inc(0)
         self.set_state("pending")
 

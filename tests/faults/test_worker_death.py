@@ -91,3 +91,31 @@ def test_repeated_non_finite_steps_fail_the_run_without_publishing_them(ray_loca
     assert events.count("skipped: non-finite") >= 3 and "batch: " in events
     assert driver.control.state == "failed"
     assert driver.step < 1000
+
+
+def test_a_killed_learner_restarts_from_its_checkpoint_and_trains_the_lost_steps_again(ray_local, tmp_path, warm_cache):
+    config = small_config(tmp_path, warm_cache, "max_steps=10", "buffer.backend=memory", "checkpoint.every_steps=3")
+    run_dir = RunDirectory(tmp_path, "learner-dies")
+    driver = Driver(config, run_dir, show_progress=False)
+    thread, outcome = run_in_thread(driver)
+    deadline = time.monotonic() + 240
+    while not (driver.step >= 5 and driver.step % 3 != 0):  # past a checkpoint, with steps it does not cover
+        assert time.monotonic() < deadline, "the run did not reach step 5"
+        time.sleep(0.01)
+    os.kill(ray.get(driver.learner.pid.remote()), signal.SIGKILL)
+    thread.join(300)
+    assert "error" not in outcome, outcome.get("error")
+    summary = outcome["summary"]
+    assert summary["steps"] == 10 and summary["state"] == "finished"
+    assert driver.learner_restarts == 1
+    events = (run_dir.path / "events.log").read_text()
+    assert "learner died" in events and "groups requeued" in events
+    steps = [record["step"] for record in run_dir.read_metrics()]
+    assert steps == list(range(1, 11)), "the curve repeats or skips steps"
+    buffer = summary["buffer"]
+    assert (
+        buffer["put"] - buffer["duplicates"] == buffer["ready"] + buffer["pending"] + buffer["acked"] + buffer["stale"]
+    )
+    assert buffer["pending"] == 0 and buffer["acked"] == 4 * 10  # each trained step's groups acknowledged once
+    versions = [record["policy_version"] for record in run_dir.read_metrics()]
+    assert versions == sorted(versions), "policy versions went back"
