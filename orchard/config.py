@@ -80,7 +80,11 @@ class JsonlSource(Section):
     path: str = Field(..., description="JSONL file with fields prompt, answer, distribution.")
     verifier: str = Field("math", description="Verifier name or dotted path `module:callable`.")
     weight: float = Field(1.0, gt=0, description="Relative weight of this source when prompts are drawn.")
-    on_bad_line: Literal["skip", "error"] = Field("skip", description="What to do with a malformed line.")
+    on_bad_line: Literal["skip", "error"] = Field(
+        "skip", description="A malformed or oversized line: 'skip' it (reported as file:line) or stop with an 'error'."
+    )
+    max_prompt_chars: int = Field(32_000, ge=1, description="Longest prompt accepted from the file.")
+    max_answer_chars: int = Field(4_000, ge=1, description="Longest answer accepted from the file.")
 
 
 class DataConfig(Section):

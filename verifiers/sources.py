@@ -180,7 +180,11 @@ class PromptPool:
         for source in data.sources:
             if isinstance(source, JsonlSource):
                 prompts, found = load_jsonl_prompts(
-                    source.path, verifier=source.verifier, on_bad_line=source.on_bad_line
+                    source.path,
+                    verifier=source.verifier,
+                    on_bad_line=source.on_bad_line,
+                    max_prompt_chars=source.max_prompt_chars,
+                    max_answer_chars=source.max_answer_chars,
                 )
                 problems.extend(found)
                 sources.append(_Listed(prompts, source.weight, source.path))

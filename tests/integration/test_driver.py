@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import threading
-import time
 
 import pytest
 
@@ -84,30 +82,6 @@ def test_synchronous_mode_trains_only_on_policy(ray_local, tmp_path, warm_cache)
     assert all(m["staleness_max"] == 0 for m in metrics)
     assert summary["staleness_mean"] == 0
     conservation(summary)
-
-
-def test_redis_restart_mid_run_loses_no_acknowledged_group(ray_local, tmp_path, warm_cache):
-    with RedisServer(appendonly=True) as server:
-        config = small_config(
-            tmp_path, warm_cache, "max_steps=8", "buffer.backend=redis", f"buffer.redis_url={server.url}"
-        )
-        run_dir = RunDirectory(tmp_path, "restart")
-        restarted = threading.Event()
-
-        def restart_when_training_started():
-            deadline = time.time() + 300
-            while time.time() < deadline and len(run_dir.read_metrics()) < 2:
-                time.sleep(0.2)
-            server.restart()
-            restarted.set()
-
-        thread = threading.Thread(target=restart_when_training_started, daemon=True)
-        thread.start()
-        summary = Driver(config, run_dir, show_progress=False).run()
-        thread.join(timeout=60)
-        assert restarted.is_set()
-        assert summary["steps"] == 8
-        conservation(summary)
 
 
 def test_a_raising_user_verifier_does_not_stop_the_run(ray_local, tmp_path, warm_cache):

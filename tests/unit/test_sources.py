@@ -104,3 +104,24 @@ def test_a_small_file_cannot_spare_its_held_out_set(tmp_path):
     data = DataConfig.model_validate({"held_out_size": 5, "sources": [{"kind": "jsonl", "path": str(path)}]})
     with pytest.raises(SourceError, match="cannot spare 5"):
         PromptPool.from_config(data)
+
+
+def test_size_limits_come_from_the_source_config(tmp_path):
+    from orchard.config import JsonlSource
+
+    path = tmp_path / "sized.jsonl"
+    lines = [
+        {"prompt": "q" * 50, "answer": "1", "distribution": "d"},
+        {"prompt": "ok", "answer": "2" * 20, "distribution": "d"},
+    ]
+    lines += [{"prompt": f"p{i}", "answer": str(i), "distribution": "d"} for i in range(10)]
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    source = JsonlSource(path=str(path), max_prompt_chars=40, max_answer_chars=10)
+    pool = PromptPool.from_config(DataConfig(sources=[source], held_out_size=2))
+    assert [problem.split(": ", 1)[0] for problem in pool.problems] == [f"{path}:1", f"{path}:2"]
+    assert "prompt has 50 characters (limit 40)" in pool.problems[0]
+    assert "answer has 20 characters (limit 10)" in pool.problems[1]
+    with pytest.raises(SourceError, match=r"sized.jsonl:1"):
+        PromptPool.from_config(
+            DataConfig(sources=[source.model_copy(update={"on_bad_line": "error"})], held_out_size=2)
+        )
