@@ -77,6 +77,10 @@ class DriverError(RuntimeError):
     """The run cannot continue; the message says which component failed and why."""
 
 
+class LearnerDied(DriverError):
+    """The learner actor's process died (the loop restarts it from the last checkpoint)."""
+
+
 @dataclass
 class Throughput:
     """Counters over the RL phase, from which the summary's rates are derived."""
@@ -230,7 +234,15 @@ class Driver:
     def _evaluate(self, weights_ref: Any | None = None) -> tuple[float, dict[str, float]]:
         started = time.perf_counter()
         if weights_ref is not None and self.policy_version > self.evaluator.policy_version:
-            self.evaluator.load_weights(self.policy_version, ray.get(weights_ref))
+            try:
+                weights = ray.get(weights_ref)
+            except ray.exceptions.RayActorError as error:
+                # the learner died before exporting these weights; its restart publishes new ones
+                self.run_dir.event(
+                    f"evaluation at step {self.step} used version {self.evaluator.policy_version}: {error}"
+                )
+            else:
+                self.evaluator.load_weights(self.policy_version, weights)
         accuracy, by_distribution = evaluate_by_distribution(self.evaluator, self.held_out)
         self.throughput.eval_seconds += time.perf_counter() - started
         return accuracy, by_distribution
@@ -288,6 +300,14 @@ class Driver:
         syncs: dict[Any, tuple[str, Any, int]] = {}  # ref -> (worker, its actor, the version sent)
         progress = self._progress_bar()
         last_weights_ref = self.weight_sync.latest.ref
+
+        def restart_learner(error: BaseException) -> Any:
+            """The learner died: a new one from the last checkpoint, its weights pushed to every worker."""
+            weights_ref = self._replace_learner(error)
+            for sync_ref, worker in self.weight_sync.push(self.workers).items():
+                syncs[sync_ref] = (worker, self.workers[worker], self.policy_version)
+                scheduled_version[worker] = self.policy_version
+            return weights_ref
 
         def done() -> bool:
             if self.step >= config.max_steps:
@@ -359,9 +379,10 @@ class Driver:
                         self._replace_worker(worker, actor, error)
                         scheduled_version[worker] = self.weight_sync.worker_versions[worker]
                         continue
-                    if version < self.weight_sync.latest.version:
-                        # the weights of a learner that died before handing them over, superseded since
-                        self.run_dir.event(f"weight sync of superseded version {version} to {worker} failed: {error}")
+                    if version < self.weight_sync.latest.version or not self._alive(self.learner):
+                        # the weights of a learner that died before handing them over: superseded, or
+                        # about to be, once its failed step brings up a new learner
+                        self.run_dir.event(f"weight sync of version {version} to {worker} failed: {error}")
                         continue
                     raise DriverError(f"weight sync to {worker} failed: {error}") from error
                 seconds = self.weight_sync.confirm(worker, confirmed["version"])
@@ -375,12 +396,7 @@ class Driver:
                 try:
                     result = ray.get(ref)
                 except ray.exceptions.RayActorError as error:
-                    # the learner died: a new one from the last checkpoint; what it trained since comes back
-                    weights_ref = self._replace_learner(error)
-                    for sync_ref, worker in self.weight_sync.push(self.workers).items():
-                        syncs[sync_ref] = (worker, self.workers[worker], self.policy_version)
-                        scheduled_version[worker] = self.policy_version
-                    last_weights_ref = weights_ref
+                    last_weights_ref = restart_learner(error)
                     continue
                 except ray.exceptions.RayError as error:
                     raise DriverError(f"learner failed: {error}") from error
@@ -396,10 +412,13 @@ class Driver:
                     last_weights_ref = weights_ref
                 self._on_learner_step(result, groups, last_weights_ref)
                 self._guard_non_finite(result, groups)
-                if self.control.take_checkpoint_request():
-                    self._checkpoint("requested")
-                elif config.checkpoint.every_steps and self.step % config.checkpoint.every_steps == 0:
-                    self._checkpoint("periodic")
+                try:
+                    if self.control.take_checkpoint_request():
+                        self._checkpoint("requested")
+                    elif config.checkpoint.every_steps and self.step % config.checkpoint.every_steps == 0:
+                        self._checkpoint("periodic")
+                except LearnerDied as error:
+                    last_weights_ref = restart_learner(error)
                 if progress is not None:
                     progress.update(1)
                     progress.set_postfix(self._postfix(), refresh=False)
@@ -533,7 +552,12 @@ class Driver:
         if str(path) in self.checkpoints:
             return str(path)
         started = time.perf_counter()
-        self._get(self.learner.save_checkpoint.remote(str(path)), "learner checkpoint")
+        try:
+            ray.get(self.learner.save_checkpoint.remote(str(path)))
+        except ray.exceptions.RayActorError as error:
+            raise LearnerDied(f"the learner died while checkpointing step {self.step}: {error}") from error
+        except ray.exceptions.RayError as error:
+            raise DriverError(f"learner checkpoint failed: {error}") from error
         self.run_dir.write_json(
             path / "driver.json",
             {
