@@ -53,6 +53,12 @@ def ray_head():
             f"--port={gcs_port}",
             f"--dashboard-port={dashboard_port}",
             "--dashboard-host=127.0.0.1",
+            # Free ports for the agents too: Ray's fixed defaults (e.g. 52365) may still be held by a
+            # cluster another test just shut down, and a head whose job agent cannot bind takes no jobs.
+            f"--dashboard-agent-listen-port={free_port()}",
+            f"--dashboard-agent-grpc-port={free_port()}",
+            f"--runtime-env-agent-port={free_port()}",
+            f"--metrics-export-port={free_port()}",
             "--include-dashboard=true",
             f"--temp-dir={temp_dir}",
         ],
