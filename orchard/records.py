@@ -14,7 +14,15 @@ from typing import Any
 import msgpack
 
 #: Bumped whenever the wire layout of `Group` changes; readers refuse versions they do not know.
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+#: Older layouts this build still reads (their records lack fields added since; defaults apply).
+READABLE_SCHEMAS = (1, 2)
+
+#: Where a completion came from. "sample": plain sampling from the prompt; "hint": sampled with a
+#: hint in context but trained as if the context had none (its logprobs are the hinted behaviour
+#: policy's, so the importance ratio corrects for the hint); "tree": a trajectory recorded by tree
+#: search; "cache": a cached solution mixed back into a later group.
+COMPLETION_SOURCES = ("sample", "hint", "tree", "cache")
 
 
 class RecordError(ValueError):
@@ -30,6 +38,10 @@ class Prompt:
     answer: str
     distribution: str
     metadata: dict[str, Any] = field(default_factory=dict)
+    #: A reference solution, written as the model should write it (for SFT signals such as HPT).
+    solution: str | None = None
+    #: Hints from abstract to concrete, for prompts whose every sample fails (Guide, Scaf-GRPO).
+    hints: tuple[str, ...] = ()
 
 
 @dataclass
@@ -44,12 +56,22 @@ class Completion:
     reward: float = 0.0
     correct: bool = False
     verifier_error: str | None = None
+    source: str = "sample"  # one of COMPLETION_SOURCES
+    #: Per-token scores of a tree trajectory (the value of the step each token belongs to); None
+    #: for outcome-rewarded completions, whose every token gets the completion's advantage.
+    token_values: list[float] | None = None
 
     def __post_init__(self) -> None:
         if len(self.token_ids) != len(self.logprobs):
             raise RecordError(
                 f"completion has {len(self.token_ids)} token ids but {len(self.logprobs)} logprobs;"
                 " the engine must return one logprob per generated token"
+            )
+        if self.source not in COMPLETION_SOURCES:
+            raise RecordError(f"completion source {self.source!r} is not one of {COMPLETION_SOURCES}")
+        if self.token_values is not None and len(self.token_values) != len(self.token_ids):
+            raise RecordError(
+                f"completion has {len(self.token_ids)} token ids but {len(self.token_values)} token values"
             )
 
 
@@ -100,6 +122,8 @@ class Group:
                 "answer": prompt.answer,
                 "distribution": prompt.distribution,
                 "metadata": prompt.metadata,
+                "solution": prompt.solution,
+                "hints": list(prompt.hints),
             },
             "prompt_token_ids": self.prompt_token_ids,
             "completions": [
@@ -112,6 +136,8 @@ class Group:
                     "reward": c.reward,
                     "correct": c.correct,
                     "verifier_error": c.verifier_error,
+                    "source": c.source,
+                    "token_values": c.token_values,
                 }
                 for c in self.completions
             ],
@@ -130,10 +156,11 @@ class Group:
         if not isinstance(payload, dict):
             raise RecordError(f"group payload must be a map, got {type(payload).__name__}")
         schema = payload.pop("schema", None)
-        if schema != SCHEMA_VERSION:
-            raise RecordError(f"group schema version {schema!r} is not supported (this build reads {SCHEMA_VERSION})")
+        if schema not in READABLE_SCHEMAS:
+            raise RecordError(f"group schema version {schema!r} is not supported (this build reads {READABLE_SCHEMAS})")
         try:
-            prompt = Prompt(**payload.pop("prompt"))
+            prompt_fields = payload.pop("prompt")
+            prompt = Prompt(**{**prompt_fields, "hints": tuple(prompt_fields.get("hints", ()))})
             completions = [Completion(**c) for c in payload.pop("completions")]
             return cls(prompt=prompt, completions=completions, **payload)
         except (KeyError, TypeError) as error:

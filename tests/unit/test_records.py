@@ -57,3 +57,31 @@ def test_unknown_schema_and_garbage_are_refused():
     payload["schema"] = 1
     with pytest.raises(RecordError, match="malformed"):
         Group.from_bytes(msgpack.packb(payload))
+
+
+def test_hints_solution_source_and_token_values_round_trip():
+    group = make_group()
+    prompt = Prompt(id="p", text="1+2=", answer="3", distribution="addition", solution="3", hints=("add", "1+2 is 3"))
+    group.prompt = prompt
+    group.completions[0].source = "tree"
+    group.completions[0].token_values = [0.5, 1.0]
+    assert Group.from_bytes(group.to_bytes()) == group
+
+
+def test_schema_1_records_still_read_with_defaults():
+    payload = msgpack.unpackb(make_group().to_bytes())
+    payload["schema"] = 1
+    for name in ("solution", "hints"):
+        del payload["prompt"][name]
+    for completion in payload["completions"]:
+        del completion["source"], completion["token_values"]
+    group = Group.from_bytes(msgpack.packb(payload))
+    assert group.prompt.hints == () and group.prompt.solution is None
+    assert all(c.source == "sample" and c.token_values is None for c in group.completions)
+
+
+def test_bad_source_and_token_values_are_refused():
+    with pytest.raises(RecordError, match="source 'guess'"):
+        Completion(text="x", token_ids=[1], logprobs=[-0.5], policy_version=0, source="guess")
+    with pytest.raises(RecordError, match="1 token ids but 2 token values"):
+        Completion(text="x", token_ids=[1], logprobs=[-0.5], policy_version=0, token_values=[0.1, 0.2])
