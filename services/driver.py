@@ -22,9 +22,7 @@ recorded in the run's `RunMetrics`, which the control plane serves at `/metrics`
 
 from __future__ import annotations
 
-import json
 import random
-import shutil
 import time
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
@@ -40,37 +38,18 @@ from orchard.protocols import Buffer
 from orchard.records import Group
 from rollout.worker import RolloutResult, RolloutWorker, RolloutWorkerCore
 from services.buffer.factory import make_buffer
+from services.checkpoints import DriverState, checkpoint_path, latest_checkpoint, prune_checkpoints, read_step
 from services.control.run_control import RunControl, RunState, WeightVersionConflict
 from services.curriculum.filtering import REASONS as FILTER_REASONS
 from services.curriculum.sampler import PromptSampler
 from services.learner_actor import LearnerActor
 from services.metrics import RunMetrics
+from services.rescue import RescueQueue, build_rescues
 from services.run_dir import RunDirectory
 from services.supervision import NonFiniteGuard, is_non_finite
 from services.warmstart import warm_start
 from services.weight_sync import WeightSync
 from verifiers.sources import PromptPool
-
-
-def checkpoint_directories(run_dir: RunDirectory) -> list[tuple[int, Path]]:
-    """`(step, directory)` of every `checkpoints/step-N/` of the run, oldest first."""
-    found = []
-    for path in (run_dir.path / "checkpoints").glob("step-*"):
-        step = path.name.removeprefix("step-")
-        if step.isdigit():
-            found.append((int(step), path))
-    return sorted(found)
-
-
-def is_complete(checkpoint: Path) -> bool:
-    """`driver.json` is written last: a checkpoint without it was cut short and is never resumed from."""
-    return (checkpoint / "driver.json").exists()
-
-
-def latest_checkpoint(run_dir: RunDirectory) -> Path | None:
-    """The complete checkpoint of the highest step, or None."""
-    complete = [path for _, path in checkpoint_directories(run_dir) if is_complete(path)]
-    return complete[-1] if complete else None
 
 
 class DriverError(RuntimeError):
@@ -223,6 +202,7 @@ class Driver:
         self.metrics.declare_workers(self.workers)
         for worker, version in self.weight_sync.worker_versions.items():
             self.metrics.observe_worker_version(worker, version)
+        self.rescue = RescueQueue(build_rescues(config))
         self.metrics.declare_filter_reasons(FILTER_REASONS)
         self.metrics.set_distributions(self.sampler.probabilities())
         self.metrics.observe_buffer(self.buffer.ready_count(), self.buffer.pending_count())
@@ -294,7 +274,8 @@ class Driver:
         capacity = batch_groups if staleness == 0 else max(config.buffer.capacity_groups, batch_groups)
         deadline = time.perf_counter() + config.max_minutes * 60 if config.max_minutes else None
         scheduled_version = dict.fromkeys(self.workers, self.policy_version)
-        rollouts: dict[Any, tuple[str, Any, list]] = {}  # ref -> (worker, its actor, the prompts it was given)
+        # ref -> (worker, its actor, the prompts it was given, "sample" or the name of the rescue)
+        rollouts: dict[Any, tuple[str, Any, list, str]] = {}
         inflight_groups = 0
         learner_call: tuple[Any, list[Group], float] | None = None
         syncs: dict[Any, tuple[str, Any, int]] = {}  # ref -> (worker, its actor, the version sent)
@@ -327,7 +308,7 @@ class Driver:
                     learner_call = (self.learner.train_step.remote(groups), groups, time.perf_counter())
             if working:
                 target = self.policy_version + (1 if learner_call else 0)
-                busy = {name for name, _, _ in rollouts.values()}
+                busy = {name for name, *_ in rollouts.values()}
                 for name, actor in self.workers.items():
                     if name in busy:
                         continue
@@ -336,8 +317,8 @@ class Driver:
                     ready = self.buffer.ready_count(min_policy_version=target - staleness)
                     if ready + inflight_groups >= capacity:
                         break
-                    prompts = self.sampler.next_prompts(config.rollout.prompts_per_call, self.rng)
-                    rollouts[actor.rollout.remote(prompts)] = (name, actor, prompts)
+                    kind, prompts = self._next_rollout()
+                    rollouts[self._submit(kind, actor, prompts)] = (name, actor, prompts, kind)
                     inflight_groups += len(prompts)
             pending = list(rollouts) + list(syncs) + ([learner_call[0]] if learner_call else [])
             if not pending:
@@ -357,19 +338,19 @@ class Driver:
             ready_refs, _ = ray.wait(pending, num_returns=1)
             ref = ready_refs[0]
             if ref in rollouts:
-                worker, actor, prompts = rollouts.pop(ref)
+                worker, actor, prompts, kind = rollouts.pop(ref)
                 try:
                     result = ray.get(ref)
                 except ray.exceptions.RayActorError as error:
                     # the worker died: a new one gets the newest weights and the same prompts again
                     actor = self._replace_worker(worker, actor, error)
                     scheduled_version[worker] = self.weight_sync.worker_versions[worker]
-                    rollouts[actor.rollout.remote(prompts)] = (worker, actor, prompts)
+                    rollouts[self._submit(kind, actor, prompts)] = (worker, actor, prompts, kind)
                     continue
                 except ray.exceptions.RayError as error:
                     raise DriverError(f"rollout worker {worker} failed: {error}") from error
                 inflight_groups -= len(prompts)
-                self._on_rollout(result)
+                self._on_rollout(result, kind)
             elif ref in syncs:
                 worker, actor, version = syncs.pop(ref)
                 try:
@@ -455,7 +436,7 @@ class Driver:
         step = 0
         if checkpoint is not None:
             self._get(self.learner.load_checkpoint.remote(str(checkpoint)), "learner checkpoint load")
-            step = json.loads((checkpoint / "driver.json").read_text())["step"]
+            step = read_step(checkpoint)
         version = self._get(self.learner.renumber.remote(self.weight_sync.version + 1), "learner renumber")
         requeued = self.buffer.requeue_pending()
         self._unacknowledged = []
@@ -548,7 +529,7 @@ class Driver:
         here gets back, from the buffer's pending set, exactly the groups trained after it.
         `driver.json` is written last; a checkpoint without it is incomplete and never resumed from.
         """
-        path = self.run_dir.path / "checkpoints" / f"step-{self.step}"
+        path = checkpoint_path(self.run_dir, self.step)
         if str(path) in self.checkpoints:
             return str(path)
         started = time.perf_counter()
@@ -558,18 +539,15 @@ class Driver:
             raise LearnerDied(f"the learner died while checkpointing step {self.step}: {error}") from error
         except ray.exceptions.RayError as error:
             raise DriverError(f"learner checkpoint failed: {error}") from error
-        self.run_dir.write_json(
-            path / "driver.json",
-            {
-                "step": self.step,
-                "policy_version": self.policy_version,
-                "filtered": dict(self.filtered),
-                "rng_state": self.rng.getstate(),
-                "initial_eval": list(self.initial_eval),
-                "warm_start": self.warm_start_info,
-                "curriculum": self.sampler.state_dict(),
-            },
-        )
+        DriverState(
+            step=self.step,
+            policy_version=self.policy_version,
+            filtered=self.filtered,
+            rng_state=self.rng.getstate(),
+            initial_eval=self.initial_eval,
+            warm_start=self.warm_start_info,
+            curriculum=self.sampler.state_dict(),
+        ).write(self.run_dir, path)
         self.buffer.ack(self._unacknowledged)
         acknowledged, self._unacknowledged = len(self._unacknowledged), []
         self.checkpoints.append(str(path))
@@ -582,32 +560,22 @@ class Driver:
 
     def _prune_checkpoints(self) -> None:
         """Delete all but the newest `checkpoint.keep_last` complete checkpoints (and incomplete older ones)."""
-        keep = self.config.checkpoint.keep_last
-        directories = checkpoint_directories(self.run_dir)
-        complete = [step for step, path in directories if is_complete(path)]
-        if not keep or len(complete) <= keep:
-            return
-        oldest_kept = complete[-keep]
-        for step, directory in directories:
-            if step < oldest_kept:
-                shutil.rmtree(directory, ignore_errors=True)
-                if str(directory) in self.checkpoints:
-                    self.checkpoints.remove(str(directory))
+        for directory in prune_checkpoints(self.run_dir, self.config.checkpoint.keep_last):
+            if str(directory) in self.checkpoints:
+                self.checkpoints.remove(str(directory))
 
     def _restore(self, checkpoint: Path) -> dict[str, torch.Tensor]:
         """The driver's and the curriculum's state at `checkpoint`; returns the policy weights saved there."""
         from safetensors.torch import load_file
 
-        saved = json.loads((checkpoint / "driver.json").read_text())
-        self.step = int(saved["step"])
-        self.policy_version = int(saved["policy_version"])
-        self.filtered = Counter(saved["filtered"])
-        version, internal, gauss = saved["rng_state"]
-        self.rng.setstate((version, tuple(internal), gauss))
-        accuracy, by_distribution = saved["initial_eval"]
-        self.initial_eval = (accuracy, by_distribution)
-        self.warm_start_info = saved.get("warm_start") or {}
-        self.sampler.load_state_dict(saved["curriculum"])  # as it was at the checkpoint, not later
+        saved = DriverState.read(checkpoint)
+        self.step = saved.step
+        self.policy_version = saved.policy_version
+        self.filtered = saved.filtered
+        self.rng.setstate(saved.rng_state)
+        self.initial_eval = saved.initial_eval
+        self.warm_start_info = saved.warm_start
+        self.sampler.load_state_dict(saved.curriculum)  # as it was at the checkpoint, not later
         self.checkpoints = [str(checkpoint)]
         self.resumed_from = str(checkpoint)
         kept = self.run_dir.truncate_metrics(self.step)
@@ -620,18 +588,37 @@ class Driver:
         except ray.exceptions.RayError as error:
             raise DriverError(f"{what} failed: {error}") from error
 
-    def _on_rollout(self, result: RolloutResult) -> None:
+    def _next_rollout(self) -> tuple[str, list]:
+        """The next call for an idle worker: all-fail prompts waiting for a rescue first, else sampled prompts."""
+        size = self.config.rollout.prompts_per_call
+        rescue = self.rescue.take(size)
+        if rescue is not None:
+            return rescue[0].name, rescue[1]
+        return "sample", self.sampler.next_prompts(size, self.rng)
+
+    def _submit(self, kind: str, actor: Any, prompts: list) -> Any:
+        if kind == "sample":
+            return actor.rollout.remote(prompts)
+        return self.rescue.by_name(kind).submit(actor, prompts)
+
+    def _on_rollout(self, result: RolloutResult, kind: str = "sample") -> None:
+        """Groups of a finished call: statistics, all-fail prompts offered for rescue, the rest filtered
+        and put in the buffer. Only plain samples inform the curriculum and the prompt statistics (a
+        rescue's groups are not the policy's own pass rate on the prompt)."""
         self.throughput.generated_tokens += result.generated_tokens
         self.throughput.generated_groups += len(result.groups)
         self.metrics.observe_rollout(result.worker, result.generated_tokens, len(result.groups))
         for message in result.verifier_errors[:3]:
             self.run_dir.event(f"verifier error on {result.worker}: {message}")
-        self.sampler.observe(result.groups)
+        if kind == "sample":
+            self.sampler.observe(result.groups)
+            for group in result.groups:
+                self.buffer.record_prompt_stats(
+                    group.prompt.id, group.prompt.distribution, group.pass_rate, group.policy_version
+                )
+            self.rescue.offer(result.groups)
         kept = []
         for group in result.groups:
-            self.buffer.record_prompt_stats(
-                group.prompt.id, group.prompt.distribution, group.pass_rate, group.policy_version
-            )
             self.throughput.signal_groups += group.has_signal
             reason = self.sampler.filter_reason(group)
             if reason is not None:

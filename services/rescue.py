@@ -1,0 +1,95 @@
+"""Second chances for prompts whose every sampled completion failed.
+
+A group whose completions all fail carries no signal for group-relative losses: it is filtered out
+and the prompt teaches nothing. A `Rescue` takes such prompts and has an idle rollout worker try
+them another way — tree search (DeepSearch) or sampling with a hint in context (Guide, Scaf-GRPO).
+Its groups go to the buffer like any others. The driver owns one `RescueQueue`; each rescue says
+which prompts it takes and how it calls the worker.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from orchard.config import RunConfig
+from orchard.records import Group, Prompt
+
+
+class Rescue(Protocol):
+    """One way of retrying all-fail prompts on a rollout worker."""
+
+    #: Names the kind of call in events and metrics, e.g. "search" or "hint".
+    name: str
+
+    def wants(self, group: Group) -> bool:
+        """Whether this all-fail group's prompt should be retried this way."""
+        ...
+
+    def submit(self, worker: Any, prompts: Sequence[Prompt]) -> Any:
+        """Issue the call on `worker` (a `RolloutWorker` actor); returns the Ray ref of a `RolloutResult`."""
+        ...
+
+
+def is_all_fail(group: Group) -> bool:
+    return bool(group.completions) and not any(c.correct for c in group.completions)
+
+
+@dataclass
+class RescueQueue:
+    """All-fail prompts waiting for a rescue, first come first served, at most `capacity` in all.
+
+    A prompt already waiting is not queued twice; when the queue is full, new prompts are dropped
+    (they come back through the prompt sampler like any other prompt).
+    """
+
+    rescues: list[Rescue]
+    capacity: int = 256
+    waiting: dict[str, deque[Prompt]] = field(default_factory=dict)
+    queued_ids: set[str] = field(default_factory=set)
+    dropped: int = 0
+
+    def __post_init__(self) -> None:
+        for rescue in self.rescues:
+            self.waiting.setdefault(rescue.name, deque())
+
+    def __len__(self) -> int:
+        return sum(len(prompts) for prompts in self.waiting.values())
+
+    def offer(self, groups: Sequence[Group]) -> int:
+        """Queue the prompts of the all-fail groups that a rescue wants; returns how many were queued."""
+        queued = 0
+        for group in groups:
+            if not is_all_fail(group) or group.prompt.id in self.queued_ids:
+                continue
+            rescue = next((r for r in self.rescues if r.wants(group)), None)
+            if rescue is None:
+                continue
+            if len(self) >= self.capacity:
+                self.dropped += 1
+                continue
+            self.waiting[rescue.name].append(group.prompt)
+            self.queued_ids.add(group.prompt.id)
+            queued += 1
+        return queued
+
+    def take(self, size: int) -> tuple[Rescue, list[Prompt]] | None:
+        """Up to `size` waiting prompts of the rescue with the most waiting, or None when none wait."""
+        rescue = max(self.rescues, key=lambda r: len(self.waiting[r.name]), default=None)
+        if rescue is None or not self.waiting[rescue.name]:
+            return None
+        waiting = self.waiting[rescue.name]
+        prompts = [waiting.popleft() for _ in range(min(size, len(waiting)))]
+        self.queued_ids.difference_update(p.id for p in prompts)
+        return rescue, prompts
+
+    def by_name(self, name: str) -> Rescue:
+        return next(r for r in self.rescues if r.name == name)
+
+
+def build_rescues(config: RunConfig) -> list[Rescue]:
+    """The rescues a run's config asks for, in order of preference (the first that wants a prompt gets it)."""
+    rescues: list[Rescue] = []
+    return rescues
