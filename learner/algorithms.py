@@ -1,8 +1,9 @@
-"""Pure RLVR algorithm functions on tensors: advantages, the PPO-clip policy loss, KL estimators.
+"""Pure RLVR algorithm functions on tensors: advantages, reward shaping, the PPO-clip policy loss,
+KL estimators, Lp-Reg, hinted-sample clipping and HPT's SFT/RL switch.
 
-Every function here is side-effect free and documented with its formula and source (see
-/work/shared/ALGORITHMS.md §1-2). Functions are registered by name in `ADVANTAGE_ESTIMATORS`,
-`AGGREGATIONS` and `KL_ESTIMATORS` so a config string picks one.
+Every function here is side-effect free and documented with its formula and source (ALGORITHMS.md
+§1-6 and §8). Functions are registered by name in `ADVANTAGE_ESTIMATORS`, `AGGREGATIONS` and
+`KL_ESTIMATORS` so a config string picks one.
 
 Notation: `N` sequences, `T` token positions, `m` the 0/1 mask of completion tokens,
 `ρ = exp(log π_θ − log π_old)` the importance ratio, `Â` the advantage.
@@ -10,6 +11,7 @@ Notation: `N` sequences, `T` token positions, `m` the 0/1 mask of completion tok
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -112,10 +114,98 @@ def rloo_advantages(rewards: Tensor, group_index: Tensor) -> Tensor:
 
 ADVANTAGE_ESTIMATORS: dict[str, Callable[[Tensor, Tensor], Tensor]] = {
     "grpo": lambda r, g: group_advantages(r, g, std="group"),
-    "lite-ppo": lambda r, g: group_advantages(r, g, std="batch"),
-    "dr-grpo": lambda r, g: group_advantages(r, g, std="none"),
+    "lite_ppo": lambda r, g: group_advantages(r, g, std="batch"),
+    "dr_grpo": lambda r, g: group_advantages(r, g, std="none"),
     "rloo": rloo_advantages,
 }
+
+
+def outcome_advantages(rewards: Tensor, group_index: Tensor, estimator: str = "grpo") -> Tensor:
+    """One advantage per sequence by the named estimator of `ADVANTAGE_ESTIMATORS` (ALGORITHMS.md §1):
+    `grpo` (group std), `dr_grpo` (no std), `lite_ppo` (group mean, batch std), `rloo` (leave-one-out)."""
+    if estimator not in ADVANTAGE_ESTIMATORS:
+        raise ValueError(f"advantage estimator {estimator!r} is unknown; choose one of {sorted(ADVANTAGE_ESTIMATORS)}")
+    return ADVANTAGE_ESTIMATORS[estimator](rewards, group_index)
+
+
+def tree_advantages(token_values: Tensor, value_mask: Tensor, group_index: Tensor, *, eps: float = 1e-6) -> Tensor:
+    """Token-level advantages of tree-search trajectories (DeepSearch, Wu et al., 2025, ALGORITHMS.md §8).
+
+    `token_values[i, t]` is the score of the tree step that token t of trajectory i belongs to
+    (`Completion.token_values`), `value_mask` is 1 on those tokens. A trajectory's final score `s_i`
+    is its last token's value (the terminal node's value). Per group g ("sibling mean-std"):
+    `Â_{i,t} = (v_{i,t} − mean_g(s)) / (std_g(s) + eps)` with the population std over the group's
+    trajectories. A group of one trajectory is not normalised at all (mean 0, std 1: `Â = v`), as
+    the reference code (`compute_mcts_outcome_advantage`) and `rollout.strategies.mcts.token_advantages`
+    do. Rows without values (an all-zero mask row) take no part and get 0.
+    """
+    if token_values.dim() != 2 or token_values.shape != value_mask.shape:
+        raise ValueError(
+            f"token_values and value_mask must both be [N, T], got {tuple(token_values.shape)}"
+            f" and {tuple(value_mask.shape)}"
+        )
+    if group_index.shape != token_values.shape[:1]:
+        raise ValueError(f"group_index must be [N] = [{token_values.shape[0]}], got {tuple(group_index.shape)}")
+    if eps <= 0:
+        raise ValueError(f"eps must be positive, got {eps}")
+    mask = value_mask.to(torch.bool)
+    values = token_values.to(torch.float64)
+    has_values = mask.any(-1)
+    advantages = torch.zeros_like(values)
+    if not bool(has_values.any()):
+        return advantages.to(_result_dtype(token_values))
+    positions = torch.arange(values.shape[1]).expand_as(values)
+    last = torch.where(mask, positions, torch.full_like(positions, -1)).max(-1).values.clamp(min=0)
+    finals = values.gather(1, last.unsqueeze(-1)).squeeze(-1)
+    for group in torch.unique(group_index[has_values]):
+        rows = has_values & (group_index == group)
+        scores = finals[rows]
+        if scores.numel() == 1:
+            mean, sigma = 0.0, 1.0 - eps
+        else:
+            mean = scores.mean()
+            sigma = ((scores - mean) ** 2).mean().sqrt()
+        advantages[rows] = (values[rows] - mean) / (sigma + eps)
+    return torch.where(mask, advantages, torch.zeros_like(advantages)).to(_result_dtype(token_values))
+
+
+# ------------------------------------------------------------------------------------------ reward shaping
+
+
+def overlong_penalty(lengths: Tensor, *, max_length: int, cache_length: int) -> Tensor:
+    """DAPO's soft overlong punishment (Yu et al., 2025, arXiv:2503.14476, eq. 13), added to the reward.
+
+    With `L_max = max_length`, `L_cache = cache_length` and `|o|` the completion's length in tokens:
+    `0` if `|o| ≤ L_max − L_cache`; `((L_max − L_cache) − |o|) / L_cache` if `L_max − L_cache < |o| ≤ L_max`
+    (from 0 down to −1 across the soft zone); `−1` beyond `L_max`.
+    """
+    if cache_length <= 0 or max_length <= cache_length:
+        raise ValueError(
+            f"need 0 < cache_length < max_length, got cache_length {cache_length}, max_length {max_length}"
+        )
+    expected = max_length - cache_length
+    lengths = lengths.to(torch.float32)
+    soft = (expected - lengths) / cache_length
+    penalty = torch.where(lengths <= expected, torch.zeros_like(lengths), soft)
+    return torch.where(lengths > max_length, torch.full_like(lengths, -1.0), penalty)
+
+
+def truncation_rewards(rewards: Tensor, lengths: Tensor, truncated: Tensor, *, target_length: int) -> Tensor:
+    """DLER's truncation length penalty ("DLER: Doing Length pEnalty Right", NVIDIA, 2025, arXiv:2510.15110):
+    a completion longer than the target length `L_T`, or cut off by the generation limit before it
+    finished, gets reward 0 (it is treated as truncated); every other reward is kept.
+    `r'_i = 0 if |o_i| > L_T or truncated_i else r_i`. DLER pairs it with batch-wise reward
+    normalisation (the `lite_ppo` estimator), which the config enforces.
+    """
+    if target_length <= 0:
+        raise ValueError(f"target_length must be a positive number of tokens, got {target_length}")
+    if not rewards.shape == lengths.shape == truncated.shape:
+        raise ValueError(
+            f"rewards, lengths and truncated must have one shape, got {tuple(rewards.shape)},"
+            f" {tuple(lengths.shape)} and {tuple(truncated.shape)}"
+        )
+    cut = (lengths > target_length) | truncated.to(torch.bool)
+    return torch.where(cut, torch.zeros_like(rewards), rewards)
 
 
 # ------------------------------------------------------------------------------------------ aggregation
@@ -164,14 +254,61 @@ def aggregate(values: Tensor, mask: Tensor, aggregation: str = "token-mean", max
 # ------------------------------------------------------------------------------------------ losses
 
 
+def _per_sequence(value: float | Tensor, rows: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """A clip bound as a [N, 1] column (a float for every row, or one value per row)."""
+    if isinstance(value, Tensor):
+        if value.shape != (rows,):
+            raise ValueError(f"a per-sequence clip bound must be [N] = [{rows}], got {tuple(value.shape)}")
+        return value.to(device=device, dtype=dtype).unsqueeze(-1)
+    return torch.full((rows, 1), float(value), dtype=dtype, device=device)
+
+
+def policy_loss_terms(
+    logprobs: Tensor,
+    old_logprobs: Tensor,
+    advantages: Tensor,
+    mask: Tensor,
+    *,
+    clip_low: float | Tensor = 0.2,
+    clip_high: float | Tensor = 0.2,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-token PPO-clip loss `ℓ_{i,t}` [N, T], the ratio `ρ` and whether the clipped term is active.
+
+    `ℓ_{i,t} = −min(ρ_{i,t} Â_{i,t}, clip(ρ_{i,t}, 1−ε_low, 1+ε_high) Â_{i,t})`, see `policy_loss`.
+    `clip_low` and `clip_high` are floats, or [N] tensors for a clip range per sequence (hinted
+    samples, `hint_clip_ranges`). `advantages` is [N] (broadcast) or [N, T]; `mask` only checks shape here.
+    """
+    if logprobs.dim() != 2:
+        raise ValueError(f"logprobs must be [N, T], got shape {tuple(logprobs.shape)}")
+    for name, tensor in (("old_logprobs", old_logprobs), ("mask", mask)):
+        if tensor.shape != logprobs.shape:
+            raise ValueError(f"{name} shape {tuple(tensor.shape)} must equal logprobs shape {tuple(logprobs.shape)}")
+    if advantages.dim() == 1 and advantages.shape[0] == logprobs.shape[0]:
+        advantages = advantages.unsqueeze(-1)
+    elif advantages.shape != logprobs.shape:
+        raise ValueError(
+            f"advantages must be [N] or [N, T] matching logprobs {tuple(logprobs.shape)}, got {tuple(advantages.shape)}"
+        )
+    rows, dtype, device = logprobs.shape[0], logprobs.dtype, logprobs.device
+    low = _per_sequence(clip_low, rows, dtype, device)
+    high = _per_sequence(clip_high, rows, dtype, device)
+    if bool((low < 0).any()) or bool((low >= 1).any()) or bool((high < 0).any()):
+        raise ValueError(f"clip_low must be in [0, 1) and clip_high >= 0, got {clip_low} and {clip_high}")
+    log_ratio = (logprobs - old_logprobs).clamp(-MAX_LOG_RATIO, MAX_LOG_RATIO)
+    ratio = torch.exp(log_ratio)
+    unclipped = -ratio * advantages
+    clipped = -torch.minimum(torch.maximum(ratio, 1.0 - low), 1.0 + high) * advantages
+    return torch.maximum(unclipped, clipped), ratio, clipped > unclipped
+
+
 def policy_loss(
     logprobs: Tensor,
     old_logprobs: Tensor,
     advantages: Tensor,
     mask: Tensor,
     *,
-    clip_low: float = 0.2,
-    clip_high: float = 0.2,
+    clip_low: float | Tensor = 0.2,
+    clip_high: float | Tensor = 0.2,
     aggregation: str = "token-mean",
     max_length: int | None = None,
 ) -> tuple[Tensor, dict[str, float]]:
@@ -186,32 +323,170 @@ def policy_loss(
     Returns the aggregated loss and stats over masked tokens: `clip_fraction` (share of tokens
     whose clipped term is the active one, i.e. whose gradient is zero) and `ratio_mean`.
     """
-    if logprobs.dim() != 2:
-        raise ValueError(f"logprobs must be [N, T], got shape {tuple(logprobs.shape)}")
-    for name, tensor in (("old_logprobs", old_logprobs), ("mask", mask)):
-        if tensor.shape != logprobs.shape:
-            raise ValueError(f"{name} shape {tuple(tensor.shape)} must equal logprobs shape {tuple(logprobs.shape)}")
-    if advantages.dim() == 1 and advantages.shape[0] == logprobs.shape[0]:
-        advantages = advantages.unsqueeze(-1)
-    elif advantages.shape != logprobs.shape:
-        raise ValueError(
-            f"advantages must be [N] or [N, T] matching logprobs {tuple(logprobs.shape)}, got {tuple(advantages.shape)}"
-        )
-    if clip_low < 0 or clip_high < 0 or clip_low >= 1:
-        raise ValueError(f"clip_low must be in [0, 1) and clip_high >= 0, got {clip_low} and {clip_high}")
-    log_ratio = (logprobs - old_logprobs).clamp(-MAX_LOG_RATIO, MAX_LOG_RATIO)
-    ratio = torch.exp(log_ratio)
-    unclipped = -ratio * advantages
-    clipped = -ratio.clamp(1.0 - clip_low, 1.0 + clip_high) * advantages
-    per_token = torch.maximum(unclipped, clipped)
+    per_token, ratio, clipped = policy_loss_terms(
+        logprobs, old_logprobs, advantages, mask, clip_low=clip_low, clip_high=clip_high
+    )
     loss = aggregate(per_token, mask, aggregation, max_length)
     with torch.no_grad():
         float_mask = mask.to(per_token.dtype)
         stats = {
-            "clip_fraction": float(masked_mean((clipped > unclipped).to(per_token.dtype), float_mask)),
+            "clip_fraction": float(masked_mean(clipped.to(per_token.dtype), float_mask)),
             "ratio_mean": float(masked_mean(ratio.detach(), float_mask)),
         }
     return loss, stats
+
+
+def hint_clip_ranges(
+    is_hinted: Tensor,
+    *,
+    clip_low: float,
+    clip_high: float,
+    hint_clip_low: float | None = None,
+    hint_clip_high: float | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Per-sequence clip bounds [N]: hinted samples get their own range, the rest the learner's.
+
+    A hinted completion (Guide, "Adaptive Guidance Accelerates Reinforcement Learning of Reasoning
+    Models", Nath et al., 2025, arXiv:2506.13923; Scaf-GRPO, arXiv:2510.19807) was sampled with a hint
+    `h` in context and is trained against the unhinted prompt, so its importance ratio is the
+    off-policy correction `ρ = π_θ(o_t | q, o_<t) / π_old(o_t | q, h, o_<t)` and the PPO clip
+    `clip(ρ, 1−ε_low, 1+ε_high)` applies to it as to any ratio. Guide-GRPO clips this ratio with the
+    same ε as on-policy samples (our reading of the paper; its abstract describes only "adjusting the
+    importance sampling ratio"), so `hint_clip_low/high = None` keep the learner's ε; set them to
+    widen or narrow the range for hinted samples alone. With `ρ < 1` typical (the hint made the
+    completion likelier than the bare prompt does), a positive advantage keeps its gradient (the
+    unclipped term is the smaller) and a negative one is cut at `1 − ε_low`.
+    """
+    if is_hinted.dim() != 1:
+        raise ValueError(f"is_hinted must be [N], got shape {tuple(is_hinted.shape)}")
+    hinted = is_hinted.to(torch.bool)
+    low = hint_clip_low if hint_clip_low is not None else clip_low
+    high = hint_clip_high if hint_clip_high is not None else clip_high
+    lows = torch.where(hinted, torch.tensor(float(low)), torch.tensor(float(clip_low)))
+    highs = torch.where(hinted, torch.tensor(float(high)), torch.tensor(float(clip_high)))
+    return lows, highs
+
+
+# ------------------------------------------------------------------------------------------ Lp-Reg
+
+
+def lp_reg_proxy_logprobs(logits: Tensor, targets: Tensor, *, min_p: float) -> Tensor:
+    """`log π_proxy(target)` at each position, the proxy distribution of Lp-Reg (ALGORITHMS.md §5).
+
+    "Low-probability Tokens Sustain Exploration in Reinforcement Learning with Verifiable Reward"
+    (Huang et al., 2025, arXiv:2510.03222; code CarlanLark/Lp-Reg-dev, `apply_min_p` in
+    `verl/workers/actor/dp_actor.py`): the proxy keeps the tokens whose probability under `π_θ` is at
+    least `τ = min_p · max_v π_θ(v)` — a min-p cut relative to the position's most likely token, so
+    `min_p` (κ) is a fraction of the max probability, not an absolute probability — and renormalises
+    over them: `π_proxy(v) = π_θ(v)·1[π_θ(v) ≥ τ] / Σ_u π_θ(u)·1[π_θ(u) ≥ τ]`. A target below the cut
+    (presumed noise) gets `−inf`. `logits` [..., V] (already divided by the sampling temperature),
+    `targets` [...]; computed without gradient (the proxy is a fixed target).
+    """
+    if not 0 < min_p <= 1:
+        raise ValueError(f"min_p must be in (0, 1], got {min_p}")
+    if logits.shape[:-1] != targets.shape:
+        raise ValueError(f"logits {tuple(logits.shape)} must be targets {tuple(targets.shape)} plus a vocabulary axis")
+    with torch.no_grad():
+        log_probabilities = torch.log_softmax(logits.detach().float(), dim=-1)
+        cut = log_probabilities.max(-1, keepdim=True).values + math.log(min_p)
+        kept = torch.where(log_probabilities >= cut, log_probabilities, torch.full_like(log_probabilities, -math.inf))
+        proxy = kept - torch.logsumexp(kept, dim=-1, keepdim=True)
+        return proxy.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+
+
+def lp_reg_loss(
+    per_token_loss: Tensor,
+    logprobs: Tensor,
+    old_logprobs: Tensor,
+    proxy_logprobs: Tensor,
+    advantages: Tensor,
+    mask: Tensor,
+    *,
+    coef: float = 1.0,
+    low_fraction: float = 0.01,
+) -> tuple[Tensor, Tensor]:
+    """Lp-Reg's regularised per-token loss and the mask of the tokens it regularised.
+
+    Following the paper (arXiv:2510.03222) and its code (`compute_policy_loss_lp_reg`): among the
+    masked tokens with negative advantage, take the `low_fraction` with the lowest `log π_θ`
+    (at least one), and of those the ones the proxy keeps with more mass than the policy gives them
+    (`log π_θ < log π_proxy`, i.e. not cut as noise). For these "reasoning sparks" the PPO term is
+    replaced by its unclipped form plus the KL penalty towards the proxy:
+    `ℓ_{i,t} = −ρ_{i,t} Â_{i,t} + β_lp · k3(δ)`, `δ = log π_proxy − log π_θ`, `k3 = exp(δ) − δ − 1`
+    (the reference's `low_var_kl`, an estimate of the KL between proxy and policy on the sampled
+    token); every other token keeps `per_token_loss`. Defaults are the reference recipe's
+    (`ppo_kl_coef=1`, `logp_neg_k_percent=0.01`). The reference applies the penalty only when two or
+    more tokens are selected; here one selected token is regularised too.
+    """
+    if not 0 < low_fraction <= 1:
+        raise ValueError(f"low_fraction must be in (0, 1], got {low_fraction}")
+    if coef < 0:
+        raise ValueError(f"coef must be non-negative, got {coef}")
+    for name, tensor in (("logprobs", logprobs), ("old_logprobs", old_logprobs), ("proxy_logprobs", proxy_logprobs)):
+        if tensor.shape != per_token_loss.shape:
+            raise ValueError(
+                f"{name} shape {tuple(tensor.shape)} must equal the loss shape {tuple(per_token_loss.shape)}"
+            )
+    if advantages.dim() == 1:
+        advantages = advantages.unsqueeze(-1).expand_as(per_token_loss)
+    negative = (mask > 0) & (advantages < 0)
+    selected = torch.zeros_like(negative)
+    count = int(negative.sum())
+    if count == 0 or coef == 0:
+        return per_token_loss, selected
+    with torch.no_grad():
+        candidates = torch.where(negative, logprobs.detach(), torch.full_like(logprobs, math.inf)).flatten()
+        lowest = torch.topk(candidates, max(1, int(count * low_fraction)), largest=False).indices
+        selected.view(-1)[lowest] = True
+        selected &= logprobs.detach() < proxy_logprobs
+    if not bool(selected.any()):
+        return per_token_loss, selected
+    ratio = torch.exp((logprobs - old_logprobs).clamp(-MAX_LOG_RATIO, MAX_LOG_RATIO))
+    delta = (proxy_logprobs - logprobs).clamp(-MAX_LOG_RATIO, MAX_LOG_RATIO)
+    regularised = -ratio * advantages + coef * (torch.expm1(delta) - delta)
+    return torch.where(selected, regularised, per_token_loss), selected
+
+
+# ------------------------------------------------------------------------------------------ HPT and SFT
+
+
+def hpt_weights(
+    pass_rates: Tensor,
+    has_solution: Tensor,
+    *,
+    threshold: float = 0.0,
+    rl_coef: float = 1.0,
+    sft_coef: float = 1.0,
+    mix: bool = False,
+) -> tuple[Tensor, Tensor]:
+    """Per-group weights `(α_g, β_g)` of the RL and SFT losses, switched by pass rate (HPT).
+
+    "Towards a Unified View of Large Language Model Post-Training" (Lv et al., 2025, arXiv:2509.04419;
+    code TsinghuaC3I/Unify-Post-Training, `unify_strategy=switch`, `switch_gate=0`,
+    `sft_loss_coef=1.0`): a prompt whose pass rate over its rollouts is at most `threshold` and that
+    has a reference solution trains on the SFT loss of that solution instead of the RL loss:
+    `(α, β) = (0, sft_coef)` if `p_g ≤ threshold` and a solution exists, else `(rl_coef, 0)`.
+    The paper's gate counts correct rollouts (0 of 8 by default), i.e. `threshold = 0`. With
+    `mix=True` a switched group keeps its RL loss too, `(rl_coef, sft_coef)` — the `α·L_RL + β·L_SFT`
+    mixture the paper's unified estimator allows.
+    """
+    if pass_rates.dim() != 1 or has_solution.shape != pass_rates.shape:
+        raise ValueError(
+            f"pass_rates and has_solution must both be [G], got {tuple(pass_rates.shape)} and {tuple(has_solution.shape)}"
+        )
+    if not 0 <= threshold <= 1:
+        raise ValueError(f"threshold must be a pass rate in [0, 1], got {threshold}")
+    if rl_coef < 0 or sft_coef < 0:
+        raise ValueError(f"rl_coef and sft_coef must be non-negative, got {rl_coef} and {sft_coef}")
+    switched = (pass_rates <= threshold) & has_solution.to(torch.bool)
+    rl = torch.where(switched & (not mix), torch.tensor(0.0), torch.tensor(float(rl_coef)))
+    sft = torch.where(switched, torch.tensor(float(sft_coef)), torch.tensor(0.0))
+    return rl, sft
+
+
+def sft_loss(logprobs: Tensor, mask: Tensor) -> Tensor:
+    """Token-mean negative log-likelihood of the target tokens: `−Σ m·log π_θ / Σ m` (0 when empty)."""
+    return -masked_mean(logprobs, mask.to(logprobs.dtype))
 
 
 def _k1(delta: Tensor) -> Tensor:

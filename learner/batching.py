@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from learner.algorithms import token_entropy
+from learner.algorithms import lp_reg_proxy_logprobs, token_entropy
 from orchard.records import Group
 
 
@@ -28,6 +28,11 @@ class TrainingTensors:
     old_logprobs: Tensor  # [N, L] float, behaviour logprob of token t at position t (0 elsewhere)
     rewards: Tensor  # [N] float
     group_index: Tensor  # [N] long, which group (0..len(groups)-1) each sequence belongs to
+    lengths: Tensor | None = None  # [N] long, completion tokens
+    truncated: Tensor | None = None  # [N] bool, cut off by the length limit (finish_reason "length")
+    hinted: Tensor | None = None  # [N] bool, sampled with a hint in context (source "hint")
+    token_values: Tensor | None = None  # [N, L] float, tree trajectories' per-token scores at their positions
+    value_mask: Tensor | None = None  # [N, L] float, 1 where token_values holds a score
 
     @property
     def num_sequences(self) -> int:
@@ -41,6 +46,13 @@ class TrainingTensors:
     def select(self, indices: Tensor) -> TrainingTensors:
         """The rows `indices`, trimmed to their own longest sequence (a micro-batch)."""
         length = max(int(self.attention_mask[indices].sum(-1).max()), 1) if len(indices) else 1
+
+        def rows(tensor: Tensor | None) -> Tensor | None:
+            return None if tensor is None else tensor[indices]
+
+        def cells(tensor: Tensor | None) -> Tensor | None:
+            return None if tensor is None else tensor[indices, :length]
+
         return TrainingTensors(
             input_ids=self.input_ids[indices, :length],
             attention_mask=self.attention_mask[indices, :length],
@@ -48,19 +60,28 @@ class TrainingTensors:
             old_logprobs=self.old_logprobs[indices, :length],
             rewards=self.rewards[indices],
             group_index=self.group_index[indices],
+            lengths=rows(self.lengths),
+            truncated=rows(self.truncated),
+            hinted=rows(self.hinted),
+            token_values=cells(self.token_values),
+            value_mask=cells(self.value_mask),
         )
 
 
 def build_training_tensors(groups: Sequence[Group], pad_id: int) -> TrainingTensors:
     """Stack every completion of `groups` as `prompt_token_ids + completion.token_ids`.
 
-    Rewards are copied as they are (a non-finite reward is the trainer's to refuse, not ours).
+    Rewards are copied as they are (a non-finite reward is the trainer's to refuse, not ours). A hinted
+    completion (source "hint") is stacked after the group's prompt tokens, which are the unhinted
+    prompt's, with the logprobs it was sampled with in the hinted context. A tree trajectory's
+    `token_values` land at its completion positions (`value_mask` 1 there).
     """
     if pad_id < 0:
         raise ValueError(f"pad_id must be a non-negative token id, got {pad_id}")
     if not groups:
         raise ValueError("build_training_tensors needs at least one group, got none")
     rows: list[tuple[list[int], int, list[float], float, int]] = []
+    completions = []
     for index, group in enumerate(groups):
         if not group.completions:
             raise ValueError(f"group {group.id} (prompt {group.prompt.id}) has no completions")
@@ -72,17 +93,24 @@ def build_training_tensors(groups: Sequence[Group], pad_id: int) -> TrainingTens
         for completion in group.completions:
             ids = list(group.prompt_token_ids) + list(completion.token_ids)
             rows.append((ids, len(group.prompt_token_ids), completion.logprobs, completion.reward, index))
+            completions.append(completion)
     width = max(len(ids) for ids, *_ in rows)
     count = len(rows)
     input_ids = torch.full((count, width), pad_id, dtype=torch.long)
     attention_mask = torch.zeros((count, width), dtype=torch.long)
     completion_mask = torch.zeros((count, width), dtype=torch.float32)
     old_logprobs = torch.zeros((count, width), dtype=torch.float32)
+    token_values = torch.zeros((count, width), dtype=torch.float32)
+    value_mask = torch.zeros((count, width), dtype=torch.float32)
     for row, (ids, prompt_length, logprobs, _, _) in enumerate(rows):
         input_ids[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
         attention_mask[row, : len(ids)] = 1
         completion_mask[row, prompt_length : len(ids)] = 1.0
         old_logprobs[row, prompt_length : len(ids)] = torch.tensor(logprobs, dtype=torch.float32)
+        values = completions[row].token_values
+        if values is not None and values:
+            token_values[row, prompt_length : len(ids)] = torch.tensor(values, dtype=torch.float32)
+            value_mask[row, prompt_length : len(ids)] = 1.0
     return TrainingTensors(
         input_ids=input_ids,
         attention_mask=attention_mask,
@@ -90,12 +118,72 @@ def build_training_tensors(groups: Sequence[Group], pad_id: int) -> TrainingTens
         old_logprobs=old_logprobs,
         rewards=torch.tensor([reward for *_, reward, _ in rows], dtype=torch.float32),
         group_index=torch.tensor([index for *_, index in rows], dtype=torch.long),
+        lengths=torch.tensor([len(c.token_ids) for c in completions], dtype=torch.long),
+        truncated=torch.tensor([c.finish_reason == "length" for c in completions], dtype=torch.bool),
+        hinted=torch.tensor([c.source == "hint" for c in completions], dtype=torch.bool),
+        token_values=token_values,
+        value_mask=value_mask,
+    )
+
+
+def build_sft_tensors(examples: Sequence[tuple[Sequence[int], Sequence[int]]], pad_id: int) -> TrainingTensors:
+    """Stack `(prompt_ids, target_ids)` pairs for a supervised loss on the targets (HPT's SFT signal):
+    `completion_mask` is 1 on the target tokens; rewards and behaviour logprobs are 0 (unused)."""
+    if pad_id < 0:
+        raise ValueError(f"pad_id must be a non-negative token id, got {pad_id}")
+    if not examples:
+        raise ValueError("build_sft_tensors needs at least one example, got none")
+    for index, (prompt, target) in enumerate(examples):
+        if not prompt or not target:
+            raise ValueError(
+                f"SFT example {index} has {len(prompt)} prompt and {len(target)} target tokens; both must be non-empty"
+            )
+    width = max(len(prompt) + len(target) for prompt, target in examples)
+    count = len(examples)
+    input_ids = torch.full((count, width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((count, width), dtype=torch.long)
+    target_mask = torch.zeros((count, width), dtype=torch.float32)
+    for row, (prompt, target) in enumerate(examples):
+        ids = list(prompt) + list(target)
+        input_ids[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+        attention_mask[row, : len(ids)] = 1
+        target_mask[row, len(prompt) : len(ids)] = 1.0
+    return TrainingTensors(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        completion_mask=target_mask,
+        old_logprobs=torch.zeros((count, width), dtype=torch.float32),
+        rewards=torch.zeros(count, dtype=torch.float32),
+        group_index=torch.arange(count, dtype=torch.long),
     )
 
 
 def sequence_logprobs(
     model: torch.nn.Module, input_ids: Tensor, attention_mask: Tensor, temperature: float = 1.0
 ) -> tuple[Tensor, Tensor]:
+    """Token logprobs and entropies of `model` at `temperature`, aligned with `input_ids` (see
+    `sequence_scores`)."""
+    scores = sequence_scores(model, input_ids, attention_mask, temperature)
+    return scores.logprobs, scores.entropy
+
+
+@dataclass
+class TokenScores:
+    """What one forward pass says about each token, aligned with `input_ids` (position 0 holds 0)."""
+
+    logprobs: Tensor  # [N, L] log π(x_t | x_<t), with gradient
+    entropy: Tensor  # [N, L] entropy of the distribution that predicted x_t, no gradient
+    proxy_logprobs: Tensor | None = None  # [N, L] Lp-Reg's log π_proxy(x_t), no gradient; −inf where cut
+
+
+def sequence_scores(
+    model: torch.nn.Module,
+    input_ids: Tensor,
+    attention_mask: Tensor,
+    temperature: float = 1.0,
+    *,
+    proxy_min_p: float | None = None,
+) -> TokenScores:
     """Token logprobs and entropies of `model` at `temperature`, aligned with `input_ids`.
 
     `logits[:, :-1] / temperature` predict `input_ids[:, 1:]`; the results are shifted right by one
@@ -121,4 +209,11 @@ def sequence_logprobs(
     with torch.no_grad():
         entropy = token_entropy(logits.detach())
     padding = token_logprobs.new_zeros((input_ids.shape[0], 1))
-    return torch.cat([padding, token_logprobs], dim=1), torch.cat([padding, entropy], dim=1)
+    proxy = None
+    if proxy_min_p is not None:
+        proxy = torch.cat([padding, lp_reg_proxy_logprobs(logits, targets, min_p=proxy_min_p)], dim=1)
+    return TokenScores(
+        logprobs=torch.cat([padding, token_logprobs], dim=1),
+        entropy=torch.cat([padding, entropy], dim=1),
+        proxy_logprobs=proxy,
+    )

@@ -1,15 +1,19 @@
 """The GRPO-family learner: one DeepSpeed optimizer step per batch of groups.
 
-`GRPOTrainer.train_step(groups)` turns groups into padded tensors (`learner.batching`), computes
-group-relative advantages and the PPO-clip loss (`learner.algorithms`), accumulates gradients over
-micro-batches and takes one optimizer step through a real `deepspeed.initialize` engine (ZeRO stage
-0-3 from `LearnerConfig`). On a machine without CUDA DeepSpeed runs on its CPU accelerator as a
-single-rank process group; with CUDA it trains in bf16.
+`GRPOTrainer.train_step(groups)` turns groups into padded tensors (`learner.batching`), shapes the
+rewards (DAPO overlong punishment, DLER truncation), computes advantages with the configured
+estimator (per-token ones for tree trajectories) and the PPO-clip loss with its options (Lp-Reg,
+hinted samples' clip range, KL to a reference), adds HPT's SFT loss for the groups it switches
+(`learner.algorithms`), accumulates gradients over micro-batches and takes one optimizer step
+through a real `deepspeed.initialize` engine (ZeRO stage 0-3 from `LearnerConfig`). On a machine
+without CUDA DeepSpeed runs on its CPU accelerator as a single-rank process group; with CUDA it
+trains in bf16.
 
 Micro-batching never changes the result: micro-batch `j` contributes `loss_j · w_j` with
 `w_j = tokens_j / tokens` (token-mean) or `w_j = sequences_j / sequences` (the per-sequence
 aggregations), so the accumulated gradient is the gradient of the loss aggregated over the whole
-batch, whatever `micro_batch_size` is.
+batch, whatever `micro_batch_size` is. HPT's SFT examples form their own micro-batches weighted by
+their share of the SFT tokens, so the step's loss is `Σ α·L_RL + β·L_SFT`.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ import math
 import os
 import socket
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,8 +31,27 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from learner.algorithms import aggregate, group_advantages, kl_penalty, policy_loss
-from learner.batching import TrainingTensors, build_training_tensors, sequence_logprobs
+from learner.algorithms import (
+    aggregate,
+    hint_clip_ranges,
+    hpt_weights,
+    kl_penalty,
+    lp_reg_loss,
+    masked_mean,
+    outcome_advantages,
+    overlong_penalty,
+    policy_loss_terms,
+    sft_loss,
+    tree_advantages,
+    truncation_rewards,
+)
+from learner.batching import (
+    TrainingTensors,
+    build_sft_tensors,
+    build_training_tensors,
+    sequence_logprobs,
+    sequence_scores,
+)
 from orchard.config import LearnerConfig
 from orchard.records import Group
 
@@ -52,6 +75,12 @@ class StepResult:
     seconds: float
     skipped: bool
     skip_reason: str | None = None
+    sft_loss: float = 0.0  # HPT: token-mean NLL of the switched groups' solutions (0.0 when none)
+    sft_groups: int = 0  # HPT: groups trained on their reference solution
+    lp_reg_tokens: int = 0  # Lp-Reg: tokens regularised towards the proxy
+    masked_truncated: int = 0  # overlong filtering: truncated completions left out of the loss
+    hinted_sequences: int = 0  # completions sampled with a hint in context
+    tree_sequences: int = 0  # completions trained with per-token tree advantages
 
 
 def _finite_or_zero(value: float) -> float:
@@ -113,8 +142,10 @@ class GRPOTrainer:
 
     `temperature` must be the sampler's: the current policy's logprobs are computed from
     `logits / temperature`, as the behaviour logprobs were. `max_length` is Dr. GRPO's constant
-    `L_max` (`seq-mean-token-sum-norm`), normally the longest completion. The model stays in eval
-    mode (no dropout), so on-policy importance ratios are exactly 1.
+    `L_max` (`seq-mean-token-sum-norm`) and the default length of the overlong and truncation
+    options, normally the longest completion (rollout.max_new_tokens). `solution_tokens` encodes a
+    reference solution as the completion tokens the model should produce (HPT needs it). The model
+    stays in eval mode (no dropout), so on-policy importance ratios are exactly 1.
 
     Counters: `step` counts `train_step` calls, `policy_version` the optimizer updates applied.
     """
@@ -128,12 +159,19 @@ class GRPOTrainer:
         seed: int,
         temperature: float,
         max_length: int,
+        solution_tokens: Callable[[str], list[int]] | None = None,
     ) -> None:
         if temperature <= 0:
             raise ValueError(f"temperature must be positive (use 1.0 for greedy rollouts), got {temperature}")
         if max_length <= 0:
             raise ValueError(f"max_length must be a positive number of tokens, got {max_length}")
+        problems = config.problems(max_length)
+        if problems:
+            raise ValueError("; ".join(f"learner.{path}: {message}" for path, message in problems))
+        if config.hpt.enabled and solution_tokens is None:
+            raise ValueError("learner.hpt needs solution_tokens, the tokenizer's encoding of a reference solution")
         self.config = config
+        self.solution_tokens = solution_tokens
         self.pad_id = pad_id
         self.temperature = temperature
         self.max_length = max_length
@@ -168,12 +206,19 @@ class GRPOTrainer:
         started = time.perf_counter()
         _check_rewards(groups)
         tensors = build_training_tensors(groups, self.pad_id)
-        advantages = group_advantages(tensors.rewards, tensors.group_index, std=self.config.advantage_std)
+        rewards = self._shaped_rewards(tensors)
+        advantages = self._token_advantages(tensors, rewards)
+        sequence_advantages = outcome_advantages(rewards, tensors.group_index, self.config.advantage)
         self.step += 1
+        keep, rl_weights, sft_examples = self._select_signals(groups, tensors)
         summary = {
             "num_sequences": tensors.num_sequences,
             "num_tokens": tensors.num_tokens,
-            "advantages_abs_mean": float(advantages.abs().mean()),
+            "advantages_abs_mean": float(sequence_advantages.abs().mean()),
+            "sft_groups": len(sft_examples),
+            "masked_truncated": int((tensors.truncated & ~keep).sum()) if self.config.overlong.mask_truncated else 0,
+            "hinted_sequences": int(tensors.hinted.sum()),
+            "tree_sequences": int(tensors.value_mask.any(-1).sum()),
         }
 
         def skipped(reason: str, **stats: float) -> StepResult:
@@ -183,38 +228,60 @@ class GRPOTrainer:
                 **values, **summary, seconds=time.perf_counter() - started, skipped=True, skip_reason=reason
             )
 
-        if not bool((advantages != 0).any()):
-            return skipped("no signal")
-        if tensors.num_tokens == 0:
-            return skipped("no completion tokens")
+        rows = keep.nonzero().squeeze(-1)
+        rl = tensors.select(rows) if len(rows) else None
+        rl_signal = rl is not None and rl.num_tokens > 0 and bool((advantages[rows] != 0).any())
+        if not rl_signal and not sft_examples:
+            return skipped("no signal" if tensors.num_tokens else "no completion tokens")
 
-        totals = {"loss": 0.0, "kl": 0.0, "entropy": 0.0, "clipped": 0.0}
+        totals = {"loss": 0.0, "kl": 0.0, "entropy": 0.0, "clipped": 0.0, "sft": 0.0, "lp_reg": 0}
+        jobs: list[tuple[str, TrainingTensors, Tensor, float]] = []  # (kind, micro-batch, its advantages, weight)
+        if rl_signal:
+            rl_advantages, rl_row_weights = advantages[rows], rl_weights[rows]
+            for chunk in self._micro_batches(rl):
+                micro = rl.select(chunk)
+                if self.config.aggregation == "token-mean":
+                    weight = micro.num_tokens / rl.num_tokens
+                else:
+                    weight = len(chunk) / rl.num_sequences
+                width = micro.input_ids.shape[1]
+                scaled_advantages = rl_advantages[chunk, :width] * rl_row_weights[chunk].unsqueeze(-1)
+                jobs.append(("rl", micro, scaled_advantages, weight))
+        if sft_examples:
+            sft = build_sft_tensors([(prompt, solution) for prompt, solution, _ in sft_examples], self.pad_id)
+            sft_weights = torch.tensor([weight for *_, weight in sft_examples])
+            for chunk in self._micro_batches(sft):
+                micro = sft.select(chunk)
+                jobs.append(("sft", micro, sft_weights[chunk], micro.num_tokens / sft.num_tokens))
         nonfinite_loss: str | None = None
-        chunks = self._micro_batches(tensors)
-        for index, chunk in enumerate(chunks):
-            micro = tensors.select(chunk)
-            if self.config.aggregation == "token-mean":
-                weight = micro.num_tokens / tensors.num_tokens
+        rl_tokens = rl.num_tokens if rl_signal else 0
+        for index, (kind, micro, micro_advantages, weight) in enumerate(jobs):
+            if kind == "rl":
+                loss, stats = self._micro_batch_loss(micro, micro_advantages)
             else:
-                weight = len(chunk) / tensors.num_sequences
-            loss, stats = self._micro_batch_loss(micro, advantages[chunk])
+                loss, stats = self._sft_micro_batch_loss(micro, micro_advantages)
             scaled = loss * weight
             if not torch.isfinite(scaled):
-                nonfinite_loss = f"non-finite loss ({float(loss.detach())}) in micro-batch {index}"
+                what = "loss" if kind == "rl" else "SFT loss"
+                nonfinite_loss = f"non-finite {what} ({float(loss.detach())}) in micro-batch {index}"
                 # NaN gradients make DeepSpeed's own overflow check discard everything accumulated so
                 # far (ZeRO) and the stage-0 norm check below refuse the step.
                 self.engine.set_gradient_accumulation_boundary(True)
                 self.engine.backward(scaled * math.nan, scale_wrt_gas=False)
                 break
-            self.engine.set_gradient_accumulation_boundary(index == len(chunks) - 1)
+            self.engine.set_gradient_accumulation_boundary(index == len(jobs) - 1)
             self.engine.backward(scaled, scale_wrt_gas=False)
             totals["loss"] += float(scaled.detach())
-            totals["kl"] += stats["kl_sum"]
-            totals["entropy"] += stats["entropy_sum"]
-            totals["clipped"] += stats["clip_fraction"] * micro.num_tokens
+            if kind == "rl":
+                totals["kl"] += stats["kl_sum"]
+                totals["entropy"] += stats["entropy_sum"]
+                totals["clipped"] += stats["clip_fraction"] * micro.num_tokens
+                totals["lp_reg"] += stats["lp_reg_tokens"]
+            else:
+                totals["sft"] += stats["sft_loss"] * weight
 
         applied, grad_norm = self._optimizer_step()
-        tokens = tensors.num_tokens
+        tokens = max(rl_tokens, 1)
         stats = {
             "loss": totals["loss"],
             "kl": totals["kl"] / tokens,
@@ -222,12 +289,66 @@ class GRPOTrainer:
             "clip_fraction": totals["clipped"] / tokens,
             "grad_norm": grad_norm,
         }
+        summary["sft_loss"] = totals["sft"]
+        summary["lp_reg_tokens"] = totals["lp_reg"]
         if nonfinite_loss is not None:
             return skipped(nonfinite_loss, grad_norm=grad_norm)
         if not applied:
             return skipped(f"non-finite gradient norm ({grad_norm})", **stats)
         self.policy_version += 1
         return StepResult(**stats, **summary, seconds=time.perf_counter() - started, skipped=False)
+
+    # ------------------------------------------------------------------------------------ signals
+
+    def _shaped_rewards(self, tensors: TrainingTensors) -> Tensor:
+        """The verifier's rewards with DAPO's overlong punishment added and DLER's truncation applied."""
+        rewards = tensors.rewards
+        overlong, length_penalty = self.config.overlong, self.config.length_penalty
+        if overlong.enabled:
+            max_length, cache_length = overlong.resolved_lengths(self.max_length)
+            rewards = rewards + overlong_penalty(tensors.lengths, max_length=max_length, cache_length=cache_length)
+        if length_penalty.enabled:
+            target = length_penalty.target_length if length_penalty.target_length is not None else self.max_length
+            rewards = truncation_rewards(rewards, tensors.lengths, tensors.truncated, target_length=target)
+        return rewards
+
+    def _token_advantages(self, tensors: TrainingTensors, rewards: Tensor) -> Tensor:
+        """[N, L]: the outcome advantage on every token, or a tree trajectory's own per-token advantages."""
+        outcome = outcome_advantages(rewards, tensors.group_index, self.config.advantage)
+        advantages = outcome.unsqueeze(-1).expand_as(tensors.old_logprobs).clone()
+        tree_rows = tensors.value_mask.any(-1)
+        if bool(tree_rows.any()):
+            tree = tree_advantages(tensors.token_values, tensors.value_mask, tensors.group_index)
+            advantages[tree_rows] = tree[tree_rows]
+        return advantages * tensors.completion_mask
+
+    def _select_signals(
+        self, groups: Sequence[Group], tensors: TrainingTensors
+    ) -> tuple[Tensor, Tensor, list[tuple[list[int], list[int], float]]]:
+        """Rows kept for the RL loss [N] bool, their weight α [N], and HPT's SFT examples
+        (prompt tokens, solution tokens, β)."""
+        keep = torch.ones(tensors.num_sequences, dtype=torch.bool)
+        if self.config.overlong.mask_truncated:
+            keep &= ~tensors.truncated
+        row_weights = torch.ones(tensors.num_sequences)
+        examples: list[tuple[list[int], list[int], float]] = []
+        hpt = self.config.hpt
+        if hpt.enabled:
+            rl, sft = hpt_weights(
+                torch.tensor([group.pass_rate for group in groups]),
+                torch.tensor([bool(group.prompt.solution) for group in groups]),
+                threshold=hpt.pass_rate_threshold,
+                rl_coef=hpt.rl_coef,
+                sft_coef=hpt.sft_coef,
+                mix=hpt.mix,
+            )
+            row_weights = rl[tensors.group_index]
+            keep &= row_weights > 0
+            for group, weight in zip(groups, sft.tolist(), strict=True):
+                if weight > 0:
+                    solution = self.solution_tokens(group.prompt.solution)
+                    examples.append((list(group.prompt_token_ids), solution, weight))
+        return keep, row_weights, examples
 
     def _micro_batches(self, tensors: TrainingTensors) -> list[Tensor]:
         """Row indices of each micro-batch, longest sequences first so each one pads little."""
@@ -236,33 +357,75 @@ class GRPOTrainer:
         return list(order.split(self.config.micro_batch_size))
 
     def _micro_batch_loss(self, micro: TrainingTensors, advantages: Tensor) -> tuple[Tensor, dict[str, float]]:
-        """The micro-batch's loss aggregated over itself alone, and sums for the step's statistics."""
+        """The micro-batch's RL loss aggregated over itself alone, and sums for the step's statistics.
+
+        `advantages` is [n, width], already multiplied by each row's HPT weight α."""
+        config = self.config
         input_ids = micro.input_ids.to(self.device)
         attention_mask = micro.attention_mask.to(self.device)
         mask = micro.completion_mask.to(self.device)
-        logprobs, entropy = sequence_logprobs(self.engine, input_ids, attention_mask, self.temperature)
-        loss, stats = policy_loss(
-            logprobs,
-            micro.old_logprobs.to(self.device),
-            advantages.to(self.device),
-            mask,
-            clip_low=self.config.clip_low,
-            clip_high=self.config.clip_high,
-            aggregation=self.config.aggregation,
-            max_length=self.max_length,
+        advantages = advantages.to(self.device)
+        old_logprobs = micro.old_logprobs.to(self.device)
+        scores = sequence_scores(
+            self.engine,
+            input_ids,
+            attention_mask,
+            self.temperature,
+            proxy_min_p=config.lp_reg.min_p if config.lp_reg.enabled else None,
         )
+        logprobs = scores.logprobs
+        clip_low, clip_high = hint_clip_ranges(
+            micro.hinted,
+            clip_low=config.clip_low,
+            clip_high=config.clip_high,
+            hint_clip_low=config.hints.clip_low,
+            hint_clip_high=config.hints.clip_high,
+        )
+        per_token, _, clipped = policy_loss_terms(
+            logprobs,
+            old_logprobs,
+            advantages,
+            mask,
+            clip_low=clip_low.to(self.device),
+            clip_high=clip_high.to(self.device),
+        )
+        lp_reg_tokens = 0
+        if config.lp_reg.enabled:
+            per_token, selected = lp_reg_loss(
+                per_token,
+                logprobs,
+                old_logprobs,
+                scores.proxy_logprobs,
+                advantages,
+                mask,
+                coef=config.lp_reg.coef,
+                low_fraction=config.lp_reg.low_fraction,
+            )
+            lp_reg_tokens = int(selected.sum())
+        loss = aggregate(per_token, mask, config.aggregation, self.max_length)
         kl_sum = 0.0
         if self.reference is not None:
             with torch.no_grad():
                 reference_logprobs, _ = sequence_logprobs(self.reference, input_ids, attention_mask, self.temperature)
-            kl = kl_penalty(logprobs, reference_logprobs, self.config.kl_kind)
-            loss = loss + self.config.kl_coef * aggregate(kl, mask, self.config.aggregation, self.max_length)
+            kl = kl_penalty(logprobs, reference_logprobs, config.kl_kind)
+            loss = loss + config.kl_coef * aggregate(kl, mask, config.aggregation, self.max_length)
             kl_sum = float((kl.detach() * mask).sum())
         return loss, {
             "kl_sum": kl_sum,
-            "entropy_sum": float((entropy * mask).sum()),
-            "clip_fraction": stats["clip_fraction"],
+            "entropy_sum": float((scores.entropy * mask).sum()),
+            "clip_fraction": float(masked_mean(clipped.to(per_token.dtype), mask)),
+            "lp_reg_tokens": lp_reg_tokens,
         }
+
+    def _sft_micro_batch_loss(self, micro: TrainingTensors, weights: Tensor) -> tuple[Tensor, dict[str, float]]:
+        """HPT: β-weighted token-mean NLL of the reference solutions in the micro-batch."""
+        mask = micro.completion_mask.to(self.device)
+        logprobs, _ = sequence_logprobs(
+            self.engine, micro.input_ids.to(self.device), micro.attention_mask.to(self.device), self.temperature
+        )
+        plain = sft_loss(logprobs, mask)
+        weighted = -masked_mean(logprobs * weights.to(self.device).unsqueeze(-1), mask)
+        return weighted, {"sft_loss": float(plain.detach())}
 
     def _optimizer_step(self) -> tuple[bool, float]:
         """Apply the accumulated gradients unless their norm is non-finite; (applied, norm before clipping)."""

@@ -171,13 +171,37 @@ class MCTSConfig(Section):
         description="Generated tokens a prompt's search may spend; None: 4 × group_size × max_new_tokens"
         " (what four plain groups may spend).",
     )
-    normalise_std: bool = Field(
-        True, description="Sibling advantages divide by the population std of the final scores (else mean only)."
-    )
     advantage_temperature: float = Field(
         1.0, gt=0, description="Non-final step values enter token scores as tanh(value / T) (adv_temperature)."
     )
-    cache: SolutionCacheConfig = Field(default_factory=SolutionCacheConfig)
+    search_token_share: float = Field(
+        0.5,
+        gt=0,
+        le=1,
+        description="In a run, all-fail prompts are routed to tree search only while the search's generated tokens"
+        " are at most this share of all generated tokens (a search costs several groups' tokens; at 1 the"
+        " search may crowd plain sampling out). Not in the reference, which searches a fixed hard subset.",
+    )
+    cache: SolutionCacheConfig = Field(
+        default_factory=SolutionCacheConfig, description="Solutions found by tree search, replayed into later groups."
+    )
+
+
+class VLLMConfig(Section):
+    """vLLM engine settings (rollout.engine 'vllm'); passed to `vllm.LLM` as named."""
+
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
+        "auto", description="Weight and activation dtype of the engine; 'auto': model.dtype."
+    )
+    gpu_memory_utilization: float = Field(
+        0.85, gt=0, le=1, description="Share of each engine GPU's memory vLLM may take (weights + KV cache)."
+    )
+    tensor_parallel_size: int = Field(1, ge=1, description="GPUs per engine (one bundle of this many GPUs each).")
+    enable_prefix_caching: bool = Field(
+        True, description="Reuse the KV cache of shared prefixes (a group's completions share their prompt)."
+    )
+    max_model_len: int | None = Field(None, ge=16, description="Longest prompt + completion; None: the model's.")
+    enforce_eager: bool = Field(False, description="Skip CUDA graph capture (faster start, slower decode).")
 
 
 class RolloutConfig(Section):
@@ -197,6 +221,7 @@ class RolloutConfig(Section):
     num_cpus_per_worker: float = Field(1.0, gt=0, description="Ray CPUs reserved per worker.")
     torch_threads: int = Field(1, ge=1, description="Intra-op threads of each worker's torch engine.")
     mcts: MCTSConfig = Field(default_factory=MCTSConfig, description="DeepSearch tree search (strategy 'mcts').")
+    vllm: VLLMConfig = Field(default_factory=VLLMConfig, description="vLLM engine settings (engine 'vllm').")
 
 
 class BufferConfig(Section):
@@ -212,6 +237,107 @@ class BufferConfig(Section):
     )
 
 
+class OverlongConfig(Section):
+    """DAPO's overlong reward shaping and overlong filtering (ALGORITHMS.md §3)."""
+
+    enabled: bool = Field(
+        False,
+        description="Add DAPO's soft overlong punishment to each reward: 0 up to max_length − cache_length tokens,"
+        " then linearly down to −1 at max_length, −1 beyond.",
+    )
+    max_length: int | None = Field(
+        None, ge=2, description="L_max in tokens; None: rollout.max_new_tokens (DAPO: the generation limit)."
+    )
+    cache_length: int | None = Field(
+        None,
+        ge=1,
+        description="L_cache, the soft zone before L_max; None: a fifth of L_max (DAPO: 4096 of 20480), at least 1.",
+    )
+    mask_truncated: bool = Field(
+        False,
+        description="Overlong filtering: completions cut off by the length limit (finish_reason 'length') are left"
+        " out of the loss; they still count in their group's advantages.",
+    )
+
+    def resolved_lengths(self, max_new_tokens: int) -> tuple[int, int]:
+        """(L_max, L_cache) with the defaults filled in."""
+        max_length = self.max_length if self.max_length is not None else max_new_tokens
+        cache_length = self.cache_length if self.cache_length is not None else max(1, max_length // 5)
+        return max_length, cache_length
+
+
+class LengthPenaltyConfig(Section):
+    """DLER's truncation length penalty (ALGORITHMS.md §4)."""
+
+    enabled: bool = Field(
+        False,
+        description="Reward 0 for a completion longer than target_length or cut off before it finished. DLER pairs it"
+        " with batch-wise normalisation, so it needs learner.advantage 'lite_ppo'.",
+    )
+    target_length: int | None = Field(None, ge=1, description="L_T in tokens; None: rollout.max_new_tokens.")
+
+
+class LpRegConfig(Section):
+    """Lp-Reg, low-probability regularisation (Huang et al., 2025, arXiv:2510.03222; ALGORITHMS.md §5).
+
+    Defaults are the reference recipe's (CarlanLark/Lp-Reg-dev, recipe/lp_reg: minp_p_threshold 0.02,
+    logp_neg_k_percent 0.01, ppo_kl_coef 1)."""
+
+    enabled: bool = Field(False, description="Regularise low-probability negative-advantage tokens towards π_proxy.")
+    coef: float = Field(1.0, ge=0, description="β_lp: weight of the KL term towards the proxy on regularised tokens.")
+    min_p: float = Field(
+        0.02,
+        gt=0,
+        le=1,
+        description="κ: the proxy keeps tokens with probability ≥ κ · (the position's largest probability), a min-p cut"
+        " relative to the max, and renormalises; tokens below are presumed noise and never regularised.",
+    )
+    low_fraction: float = Field(
+        0.01,
+        gt=0,
+        le=1,
+        description="ρ: share of a micro-batch's negative-advantage tokens, those with the lowest probability, that are"
+        " candidates (at least one).",
+    )
+
+
+class HintsConfig(Section):
+    """Hinted completions for all-fail prompts (Guide, arXiv:2506.13923; Scaf-GRPO, arXiv:2510.19807)."""
+
+    clip_low: float | None = Field(
+        None,
+        ge=0,
+        lt=1,
+        description="ε_low for the off-policy ratio π_θ(o|q)/π_old(o|q,h) of hinted samples; None: learner.clip_low.",
+    )
+    clip_high: float | None = Field(
+        None, ge=0, description="ε_high for hinted samples' ratio; None: learner.clip_high (Guide clips it as usual)."
+    )
+
+
+class HPTConfig(Section):
+    """HPT: per prompt, the SFT loss of its reference solution instead of the RL loss when its pass rate is low
+    (Lv et al., 2025, arXiv:2509.04419; ALGORITHMS.md §6)."""
+
+    enabled: bool = Field(
+        False,
+        description="Switch groups at or below pass_rate_threshold to the SFT loss when the prompt has a solution.",
+    )
+    pass_rate_threshold: float = Field(
+        0.0, ge=0, le=1, description="γ as a pass rate: switch when p ≤ γ (the paper's gate: 0 correct of 8)."
+    )
+    sft_coef: float = Field(1.0, ge=0, description="β: weight of the SFT loss (token-mean NLL of the solution).")
+    rl_coef: float = Field(1.0, ge=0, description="α: weight of the RL loss of the groups that are not switched.")
+    mix: bool = Field(
+        False,
+        description="Keep the RL loss (weight α) on switched groups too, α·L_RL + β·L_SFT, instead of replacing it.",
+    )
+
+
+#: Advantage estimators of `learner.advantage` and the `advantage_std` each implies (ALGORITHMS.md §1).
+ADVANTAGE_STD = {"grpo": "group", "dr_grpo": "none", "lite_ppo": "batch", "rloo": "none"}
+
+
 class LearnerConfig(Section):
     zero_stage: Literal[0, 1, 2, 3] = Field(0, description="DeepSpeed ZeRO stage.")
     lr: float = Field(1e-4, gt=0, description="Adam learning rate.")
@@ -219,17 +345,69 @@ class LearnerConfig(Section):
     grad_clip: float = Field(1.0, gt=0, description="Gradient norm clip.")
     groups_per_step: int = Field(16, ge=1, description="Groups per learner step (B).")
     micro_batch_size: int = Field(64, ge=1, description="Sequences per forward/backward micro-batch.")
-    advantage_std: Literal["group", "batch", "none"] = Field("group", description="Advantage normalisation.")
-    clip_low: float = Field(0.2, ge=0, description="PPO clip ε_low.")
+    advantage: Literal["grpo", "dr_grpo", "lite_ppo", "rloo"] = Field(
+        "grpo",
+        description="Advantage estimator: 'grpo' (r − group mean) / group std; 'dr_grpo' r − group mean (no std; needs"
+        " aggregation 'seq-mean-token-sum-norm', Dr. GRPO's constant length normaliser); 'lite_ppo' (r − group"
+        " mean) / batch std; 'rloo' r − mean of the group's other rewards.",
+    )
+    clip_low: float = Field(0.2, ge=0, lt=1, description="PPO clip ε_low.")
     clip_high: float = Field(0.28, ge=0, description="PPO clip ε_high (DAPO clip-higher; 0.2 = GRPO).")
     aggregation: Literal["token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm"] = Field(
         "token-mean", description="Loss aggregation over tokens and sequences."
     )
-    kl_coef: float = Field(0.0, ge=0, description="β of the KL penalty to the reference (0: no reference kept).")
-    kl_kind: Literal["k1", "k2", "k3"] = Field("k3", description="KL estimator.")
+    kl_coef: float = Field(
+        0.0, ge=0, description="β of the KL penalty to the reference (0: no KL and no reference model kept)."
+    )
+    kl_kind: Literal["k1", "k2", "k3"] = Field(
+        "k3", description="KL estimator with δ = log π_ref − log π_θ: k1 −δ, k2 ½δ², k3 exp(δ) − δ − 1."
+    )
     dynamic_sampling: bool = Field(True, description="DAPO: drop groups whose rewards are all equal.")
+    overlong: OverlongConfig = Field(default_factory=OverlongConfig, description="DAPO overlong shaping and filtering.")
+    length_penalty: LengthPenaltyConfig = Field(
+        default_factory=LengthPenaltyConfig, description="DLER truncation length penalty."
+    )
+    lp_reg: LpRegConfig = Field(default_factory=LpRegConfig, description="Lp-Reg low-probability regularisation.")
+    hints: HintsConfig = Field(default_factory=HintsConfig, description="Training on hinted completions.")
+    hpt: HPTConfig = Field(default_factory=HPTConfig, description="HPT switch between SFT and RL signals.")
     torch_threads: int = Field(1, ge=1, description="Intra-op threads of the learner.")
     num_cpus: float = Field(1.0, gt=0, description="Ray CPUs reserved for the learner.")
+
+    @property
+    def advantage_std(self) -> str:
+        """The normalisation the estimator implies ('group', 'batch' or 'none'), for |Â| outside the learner."""
+        return ADVANTAGE_STD[self.advantage]
+
+    def problems(self, max_new_tokens: int) -> list[tuple[str, str]]:
+        """Combinations of options that do not fit, as `(path inside learner, message)`; empty when fine.
+        `max_new_tokens` is rollout.max_new_tokens, the default of the length options."""
+        found: list[tuple[str, str]] = []
+        if self.advantage == "dr_grpo" and self.aggregation != "seq-mean-token-sum-norm":
+            found.append(
+                (
+                    "aggregation",
+                    f"advantage 'dr_grpo' removes the length normalisation too: set aggregation to"
+                    f" 'seq-mean-token-sum-norm' (got {self.aggregation!r}), or choose another advantage",
+                )
+            )
+        if self.overlong.enabled:
+            max_length, cache_length = self.overlong.resolved_lengths(max_new_tokens)
+            if cache_length >= max_length:
+                found.append(
+                    (
+                        "overlong.cache_length",
+                        f"the soft zone L_cache ({cache_length}) must be shorter than L_max ({max_length})",
+                    )
+                )
+        if self.length_penalty.enabled and self.advantage != "lite_ppo":
+            found.append(
+                (
+                    "advantage",
+                    f"DLER's length_penalty normalises rewards batch-wise: set advantage to 'lite_ppo'"
+                    f" (got {self.advantage!r})",
+                )
+            )
+        return found
 
 
 class UCBConfig(Section):
@@ -335,14 +513,53 @@ class ControlConfig(Section):
 
 
 class WeightSyncConfig(Section):
-    transport: Literal["auto", "shared_memory", "object_store"] = Field(
+    transport: Literal["auto", "shared_memory", "object_store", "nccl"] = Field(
         "auto",
         description=(
             "How the learner's new weights reach the rollout workers. 'shared_memory': a segment in /dev/shm"
             " written once per version and copied from by every reader (one node only); 'object_store': the"
-            " Ray object store (works across nodes); 'auto': shared memory when the Ray cluster is a single"
+            " Ray object store (works across nodes); 'nccl': a bucketed broadcast from the learner into every"
+            " worker over a torch.distributed group of their own (NCCL on GPUs, gloo on CPUs;"
+            " services/weight_broadcast.py); 'auto': shared memory when the Ray cluster is a single"
             " node and /dev/shm exists, else the object store."
         ),
+    )
+    bucket_mb: float = Field(
+        256.0,
+        gt=0,
+        description="Transport 'nccl': bytes per broadcast bucket in MiB; each side holds one bucket besides the weights.",
+    )
+    timeout_seconds: float = Field(
+        600.0, gt=0, description="Transport 'nccl': how long a member waits for the others in a broadcast."
+    )
+
+    @property
+    def bucket_bytes(self) -> int:
+        return max(1, int(self.bucket_mb * 2**20))
+
+
+class ClusterConfig(Section):
+    """Ray placement groups for the rollout engines and the learner (services/placement.py)."""
+
+    placement_groups: bool = Field(
+        False,
+        description="Reserve a placement group for the rollout workers (a bundle each) and one for the learner"
+        " before creating them; the run waits until the cluster can hold both.",
+    )
+    rollout_gpus_per_worker: int = Field(
+        0,
+        ge=0,
+        description="GPUs in each rollout worker's bundle (0: CPU only; vLLM: rollout.vllm.tensor_parallel_size).",
+    )
+    learner_gpus: int = Field(0, ge=0, le=1, description="GPUs of the learner's bundle (0: CPU; one learner rank).")
+    rollout_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
+        "PACK", description="Ray placement strategy of the rollout bundles."
+    )
+    learner_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
+        "STRICT_PACK", description="Ray placement strategy of the learner's bundles (STRICT_PACK: one node)."
+    )
+    ready_timeout_seconds: float = Field(
+        600.0, gt=0, description="How long to wait for the cluster to hold the placement groups."
     )
 
 
@@ -366,6 +583,20 @@ class RunConfig(Section):
     eval: EvalConfig = Field(default_factory=EvalConfig)
     control: ControlConfig = Field(default_factory=ControlConfig)
     weight_sync: WeightSyncConfig = Field(default_factory=WeightSyncConfig)
+    cluster: ClusterConfig = Field(default_factory=ClusterConfig)
+
+    @model_validator(mode="after")
+    def _gpu_settings_agree(self) -> RunConfig:
+        if self.rollout.engine == "vllm" and self.model.kind != "hf":
+            raise ValueError("rollout.engine 'vllm' needs model.kind 'hf' (a Hugging Face checkpoint at model.path)")
+        tensor_parallel = self.rollout.vllm.tensor_parallel_size
+        gpus = self.cluster.rollout_gpus_per_worker
+        if self.rollout.engine == "vllm" and self.cluster.placement_groups and gpus != tensor_parallel:
+            raise ValueError(
+                f"cluster.rollout_gpus_per_worker ({gpus}) must equal rollout.vllm.tensor_parallel_size"
+                f" ({tensor_parallel}): each vLLM engine gets one bundle of that many GPUs"
+            )
+        return self
 
     @field_validator("name")
     @classmethod
@@ -432,9 +663,15 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 
 def config_from_dict(data: dict[str, Any]) -> RunConfig:
     try:
-        return RunConfig.model_validate(data)
+        config = RunConfig.model_validate(data)
     except ValidationError as error:
         raise ConfigError(_problems(error)) from None
+    problems = [
+        (f"learner.{path}", message) for path, message in config.learner.problems(config.rollout.max_new_tokens)
+    ]
+    if problems:
+        raise ConfigError(problems)
+    return config
 
 
 def dump_config(config: RunConfig) -> str:

@@ -38,6 +38,7 @@ class LearnerCore:
             seed=config.seed,
             temperature=temperature,
             max_length=config.rollout.max_new_tokens,
+            solution_tokens=lambda solution: tokenizer.encode(solution) + [tokenizer.eos_id],
         )
         self.version = initial_version
         self.weight_transport_setting = config.weight_sync.transport

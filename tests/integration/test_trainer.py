@@ -251,14 +251,16 @@ def test_a_non_finite_loss_skips_the_step(stage):
 def test_a_non_finite_gradient_skips_the_step(stage, monkeypatch):
     trainer = make_trainer(zero_stage=stage, micro_batch_size=4)
     before = trainer.export_weights()
-    finite_logprobs = trainer_module.sequence_logprobs
+    finite_scores = trainer_module.sequence_scores
 
-    def nan_gradient(model, input_ids, attention_mask, temperature=1.0):
-        logprobs, entropy = finite_logprobs(model, input_ids, attention_mask, temperature)
+    def nan_gradient(model, input_ids, attention_mask, temperature=1.0, **options):
+        scores = finite_scores(model, input_ids, attention_mask, temperature, **options)
+        logprobs = scores.logprobs
         # same values forward; backward goes through sqrt at 0, whose derivative is inf, times 0: NaN
-        return torch.where(torch.ones_like(logprobs, dtype=torch.bool), logprobs, (logprobs * 0).sqrt()), entropy
+        scores.logprobs = torch.where(torch.ones_like(logprobs, dtype=torch.bool), logprobs, (logprobs * 0).sqrt())
+        return scores
 
-    monkeypatch.setattr(trainer_module, "sequence_logprobs", nan_gradient)
+    monkeypatch.setattr(trainer_module, "sequence_scores", nan_gradient)
     result = trainer.train_step(random_groups())
     assert result.skipped and result.skip_reason.startswith("non-finite gradient norm")
     assert math.isfinite(result.loss) and result.loss != 0.0

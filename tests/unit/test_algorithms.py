@@ -102,8 +102,8 @@ def test_rloo_subtracts_the_mean_of_the_others():
 
 
 def test_estimator_registry_names():
-    assert set(ADVANTAGE_ESTIMATORS) == {"grpo", "lite-ppo", "dr-grpo", "rloo"}
-    close(ADVANTAGE_ESTIMATORS["dr-grpo"](REWARDS, GROUPS), [-1.0, -2.0, 0.0, 2.0, 1.0])
+    assert set(ADVANTAGE_ESTIMATORS) == {"grpo", "lite_ppo", "dr_grpo", "rloo"}
+    close(ADVANTAGE_ESTIMATORS["dr_grpo"](REWARDS, GROUPS), [-1.0, -2.0, 0.0, 2.0, 1.0])
     close(ADVANTAGE_ESTIMATORS["rloo"](REWARDS, GROUPS), [-1.5, -4.0, 0.0, 4.0, 1.5])
 
 

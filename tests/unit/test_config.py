@@ -94,10 +94,57 @@ def test_cli_check_prints_the_resolved_config(capsys):
     assert RunConfig.model_validate(resolved).learner.lr == 0.5
 
 
-def test_a_run_refuses_the_tree_search_strategy_it_cannot_route_yet(tmp_path):
-    from services.driver import Driver
-    from services.run_dir import RunDirectory
+def test_learner_algorithm_defaults_keep_plain_grpo():
+    learner = RunConfig().learner
+    assert learner.advantage == "grpo" and learner.advantage_std == "group"
+    assert not (learner.overlong.enabled or learner.overlong.mask_truncated)
+    assert not (learner.length_penalty.enabled or learner.lp_reg.enabled or learner.hpt.enabled)
+    assert learner.kl_coef == 0.0
+    assert learner.hints.clip_low is None and learner.hints.clip_high is None
 
-    config = config_from_dict({"rollout": {"strategy": "mcts"}})
-    with pytest.raises(ConfigError, match="rollout.strategy"):
-        Driver(config, RunDirectory(tmp_path, "mcts"))
+
+@pytest.mark.parametrize(
+    ("learner", "path", "words"),
+    [
+        ({"advantage": "dr_grpo"}, "learner.aggregation", "seq-mean-token-sum-norm"),
+        ({"length_penalty": {"enabled": True}}, "learner.advantage", "lite_ppo"),
+        ({"overlong": {"enabled": True, "max_length": 8, "cache_length": 8}}, "learner.overlong.cache_length", "L_max"),
+        ({"lp_reg": {"min_p": 0}}, "learner.lp_reg.min_p", "greater than 0"),
+        ({"hpt": {"pass_rate_threshold": 1.5}}, "learner.hpt.pass_rate_threshold", "less than or equal to 1"),
+        ({"hints": {"clip_low": 1.0}}, "learner.hints.clip_low", "less than 1"),
+        ({"advantage": "ppo"}, "learner.advantage", "'grpo'"),
+        ({"advantage_std": "group"}, "learner.advantage_std", "Extra inputs"),
+    ],
+)
+def test_algorithm_options_are_checked_by_dotted_path(learner, path, words):
+    problems = problems_of({"learner": learner})
+    assert list(problems) == [path]
+    assert words in problems[path]
+
+
+def test_overlong_defaults_follow_the_generation_limit():
+    config = config_from_dict({"rollout": {"max_new_tokens": 20}, "learner": {"overlong": {"enabled": True}}})
+    assert config.learner.overlong.resolved_lengths(config.rollout.max_new_tokens) == (20, 4)
+    # a generation limit of 1 leaves no room for a soft zone
+    problems = problems_of({"rollout": {"max_new_tokens": 1}, "learner": {"overlong": {"enabled": True}}})
+    assert list(problems) == ["learner.overlong.cache_length"]
+
+
+def test_valid_algorithm_combinations_load():
+    config = config_from_dict(
+        {"learner": {"advantage": "dr_grpo", "aggregation": "seq-mean-token-sum-norm", "kl_coef": 0.01}}
+    )
+    assert config.learner.advantage_std == "none"
+    config = config_from_dict({"learner": {"advantage": "lite_ppo", "length_penalty": {"enabled": True}}})
+    assert config.learner.advantage_std == "batch"
+
+
+@pytest.mark.parametrize("recipe", sorted((DEMO_CONFIG.parent / "algorithms").glob("*.yaml")), ids=lambda p: p.stem)
+def test_algorithm_recipes_pass_orchard_check(recipe, capsys):
+    assert main(["check", str(recipe)]) == 0
+    assert "learner:" in capsys.readouterr().out
+
+
+def test_every_algorithm_has_a_recipe():
+    recipes = {path.stem for path in (DEMO_CONFIG.parent / "algorithms").glob("*.yaml")}
+    assert {"dr_grpo", "lite_ppo", "rloo", "dapo", "dler", "lp_reg", "hpt_hints"} <= recipes
