@@ -55,9 +55,6 @@ class RolloutResult:
     strategy: str = "sample"
     #: Tree search only: nodes expanded (one generate request each) over all prompts of the call.
     nodes_expanded: int = 0
-    #: Tree search only: per group id, each completion's token-level advantages from the tree's node
-    #: values, sibling-normalised (ALGORITHMS.md §8); the learner may use them instead of group advantages.
-    token_advantages: dict[str, list[list[float]]] = field(default_factory=dict)
     #: Tree search only: ids of the prompts searched that recorded no trajectory (no group returned).
     unsearched_prompts: list[str] = field(default_factory=list)
 
@@ -212,9 +209,10 @@ class RolloutWorkerCore:
         trajectories, stamped with the policy version and carrying their behaviour logprobs.
 
         `budget_tokens` (generated tokens per prompt) and `terminate_num` (trajectories per prompt)
-        override the config. A completion's `reward` is its verifier reward, as in `rollout`, so group
-        advantages are group-relative over the tree's trajectories; `token_advantages` holds the
-        tree's step-wise alternative. A prompt whose search recorded nothing gets no group.
+        override the config. A completion's `reward` is its verifier reward, as in `rollout`; its
+        source is "tree" and its `token_values` are the scores of the tree steps its tokens belong to
+        (from the final tree's node values, unnormalised: the learner normalises them per prompt,
+        ALGORITHMS.md §8). A prompt whose search recorded nothing gets no group.
         """
         self._check_weights()
         settings = SearchSettings.from_config(
@@ -256,7 +254,7 @@ class RolloutWorkerCore:
         started = time.perf_counter()
         results = run_searches(trees, self.engine.generate, self._params(greedy=False))
         elapsed = time.perf_counter() - started
-        groups, token_advantages, unsearched = [], {}, []
+        groups, unsearched = [], []
         for prompt, ids, result in zip(prompts, prompt_ids, results, strict=True):
             if not result.trajectories:
                 unsearched.append(prompt.id)
@@ -270,6 +268,8 @@ class RolloutWorkerCore:
                     finish_reason="stop" if t.finished else "length",
                     reward=t.reward,
                     correct=t.correct,
+                    source="tree",
+                    token_values=t.token_values,
                 )
                 for t in result.trajectories
             ]
@@ -280,7 +280,6 @@ class RolloutWorkerCore:
                 worker=self.worker_id,
                 created_at=time.time(),
             )
-            token_advantages[group.id] = [t.token_advantages for t in result.trajectories]
             groups.append(group)
         return RolloutResult(
             groups=groups,
@@ -292,7 +291,6 @@ class RolloutWorkerCore:
             verifier_errors=errors,
             strategy="mcts",
             nodes_expanded=sum(r.nodes_expanded for r in results),
-            token_advantages=token_advantages,
             unsearched_prompts=unsearched,
         )
 

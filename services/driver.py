@@ -33,7 +33,7 @@ from typing import Any
 import ray
 import torch
 
-from orchard.config import ConfigError, RunConfig
+from orchard.config import RunConfig
 from orchard.protocols import Buffer
 from orchard.records import Group
 from rollout.worker import RolloutResult, RolloutWorker, RolloutWorkerCore
@@ -42,6 +42,7 @@ from services.checkpoints import DriverState, checkpoint_path, latest_checkpoint
 from services.control.run_control import RunControl, RunState, WeightVersionConflict
 from services.curriculum.filtering import REASONS as FILTER_REASONS
 from services.curriculum.sampler import PromptSampler
+from services.deepsearch import RescoreFailed, SearchRescue, is_tree_group
 from services.learner_actor import LearnerActor
 from services.metrics import RunMetrics
 from services.rescue import RescueQueue, build_rescues
@@ -110,16 +111,6 @@ class Driver:
         resume: bool = False,
     ) -> None:
         """`resume`: continue `run_dir` from its newest checkpoint instead of starting afresh."""
-        if config.rollout.strategy == "mcts":
-            raise ConfigError(
-                [
-                    (
-                        "rollout.strategy",
-                        "'mcts' runs in RolloutWorkerCore.search and bench/deepsearch.py, but the driver does not "
-                        "route prompts to tree search yet; use 'sample'",
-                    )
-                ]
-            )
         self.config = config
         self.resume = resume
         self.run_dir = run_dir
@@ -138,6 +129,7 @@ class Driver:
         self._last_record: dict[str, Any] | None = None
         self._unacknowledged: list[str] = []  # trained since the last checkpoint; acknowledged by the next
         self.resumed_from: str | None = None
+        self.deepsearch: SearchRescue | None = None  # rollout.strategy 'mcts'
 
     # ----------------------------------------------------------------------------- set-up
     def _setup(self) -> None:
@@ -203,6 +195,13 @@ class Driver:
         for worker, version in self.weight_sync.worker_versions.items():
             self.metrics.observe_worker_version(worker, version)
         self.rescue = RescueQueue(build_rescues(config))
+        self.deepsearch = next((r for r in self.rescue.rescues if isinstance(r, SearchRescue)), None)
+        if self.deepsearch is not None:
+            cache = self.deepsearch.open_cache(self.buffer)
+            self.run_dir.event(
+                f"tree search for all-fail prompts; solution cache in {type(cache.store).__name__} "
+                f"({len(cache.prompt_ids())} prompts cached)"
+            )
         self.metrics.declare_filter_reasons(FILTER_REASONS)
         self.metrics.set_distributions(self.sampler.probabilities())
         self.metrics.observe_buffer(self.buffer.ready_count(), self.buffer.pending_count())
@@ -610,17 +609,25 @@ class Driver:
         self.metrics.observe_rollout(result.worker, result.generated_tokens, len(result.groups))
         for message in result.verifier_errors[:3]:
             self.run_dir.event(f"verifier error on {result.worker}: {message}")
+        groups = result.groups
         if kind == "sample":
-            self.sampler.observe(result.groups)
-            for group in result.groups:
+            self.sampler.observe(groups)
+            for group in groups:
                 self.buffer.record_prompt_stats(
                     group.prompt.id, group.prompt.distribution, group.pass_rate, group.policy_version
                 )
-            self.rescue.offer(result.groups)
+            if self.deepsearch is not None:
+                groups = self._replay_solutions(result)
+            self.rescue.offer(groups)
+        elif self.deepsearch is not None and kind == self.deepsearch.name:
+            self._on_search(result)
         kept = []
-        for group in result.groups:
+        for group in groups:
             self.throughput.signal_groups += group.has_signal
-            reason = self.sampler.filter_reason(group)
+            if self.deepsearch is not None and is_tree_group(group):
+                reason = self.deepsearch.filter_reason(group)
+            else:
+                reason = self.sampler.filter_reason(group)
             if reason is not None:
                 self.filtered[reason] += 1
                 self.metrics.observe_filtered(reason)
@@ -629,6 +636,52 @@ class Driver:
         if kept:
             self.buffer.put_many(kept)
         self.metrics.observe_buffer(self.buffer.ready_count(), self.buffer.pending_count())
+
+    def _replay_solutions(self, result: RolloutResult) -> list[Group]:
+        """Plain groups with the solution cache applied: retirement observed, cached solutions mixed in
+        (re-scored by the worker that sampled the group)."""
+        actor = self.workers.get(result.worker)
+
+        def logprobs_of(prompt_ids, token_ids) -> list[float]:
+            try:
+                return ray.get(actor.token_logprobs.remote(list(prompt_ids), list(token_ids)), timeout=60)
+            except (ray.exceptions.RayError, TimeoutError) as error:
+                raise RescoreFailed(f"{result.worker}: {type(error).__name__}") from error
+
+        retired = self.deepsearch.counts.entries_retired
+        groups, events = self.deepsearch.replay(
+            result.groups, result.generated_tokens, logprobs_of=logprobs_of if actor is not None else None
+        )
+        for message in events:
+            self.run_dir.event(message)
+        self.metrics.observe_solution_cache(
+            served=sum(c.source == "cache" for g in groups for c in g.completions),
+            retired=self.deepsearch.counts.entries_retired - retired,
+        )
+        return groups
+
+    def _on_search(self, result: RolloutResult) -> None:
+        """A tree-search call: its cost metered, its solutions offered to the cache, one event line."""
+        searched = len(result.groups) + len(result.unsearched_prompts)
+        solved = sum(any(c.correct for c in g.completions) for g in result.groups)
+        admitted = self.deepsearch.on_search(
+            result.groups, prompts=searched, nodes_expanded=result.nodes_expanded, tokens=result.generated_tokens
+        )
+        self.metrics.observe_search(
+            nodes_expanded=result.nodes_expanded,
+            tokens=result.generated_tokens,
+            solved=solved,
+            unsolved=searched - solved,
+        )
+        self.metrics.observe_solution_cache(admitted=admitted)
+        counts = self.deepsearch.counts
+        self.run_dir.event(
+            f"tree search on {result.worker} at policy version {result.policy_version}: {searched} prompts, "
+            f"{solved} solved, {sum(len(g.completions) for g in result.groups)} trajectories, "
+            f"{result.nodes_expanded} nodes expanded, {result.generated_tokens} tokens in "
+            f"{result.generate_seconds + result.verify_seconds:.1f} s; {admitted} solutions cached; "
+            f"search share of generated tokens {counts.tokens / max(1, counts.tokens + counts.plain_tokens):.2f}"
+        )
 
     def _on_learner_step(self, result: dict[str, Any], groups: list[Group], weights_ref: Any) -> None:
         learner_version_before = self.policy_version
@@ -679,6 +732,9 @@ class Driver:
             "worker_versions": dict(self.weight_sync.worker_versions),
             "eval_accuracy": None,
         }
+        if self.deepsearch is not None:
+            record["deepsearch"] = self.deepsearch.counts.as_dict()
+            record["tree_groups_trained"] = sum(is_tree_group(g) for g in groups)
         if self.step % self.config.eval.every_steps == 0:
             accuracy, by_distribution = self._evaluate(weights_ref)
             record["eval_accuracy"] = accuracy
@@ -777,6 +833,7 @@ class Driver:
             "value_model_abs_error": self.sampler.value_model_error(),
             "max_staleness": self.config.buffer.max_staleness,
             "staleness_mean": fmean(self.staleness_seen) if self.staleness_seen else 0.0,
+            "deepsearch": self.deepsearch.summary() if self.deepsearch is not None else None,
         }
 
     def _shutdown(self) -> None:
@@ -789,6 +846,8 @@ class Driver:
         for actor in [*getattr(self, "workers", {}).values(), learner]:
             if actor is not None:
                 ray.kill(actor)
+        if self.deepsearch is not None:
+            self.deepsearch.close()
         if self.buffer is not None:
             self.buffer.close()
         if self._redis_server is not None:

@@ -92,4 +92,8 @@ class RescueQueue:
 def build_rescues(config: RunConfig) -> list[Rescue]:
     """The rescues a run's config asks for, in order of preference (the first that wants a prompt gets it)."""
     rescues: list[Rescue] = []
+    if config.rollout.strategy == "mcts":  # DeepSearch: tree search, its solutions cached and replayed
+        from services.deepsearch import SearchRescue
+
+        rescues.append(SearchRescue(config))
     return rescues

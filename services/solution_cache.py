@@ -77,6 +77,7 @@ class CachedSolution:
             finish_reason=self.finish_reason,
             reward=self.reward,
             correct=True,
+            source="cache",
         )
 
 

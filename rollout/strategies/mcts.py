@@ -3,8 +3,8 @@
 Source: Wu et al., 2025, "DeepSearch: Overcome the Bottleneck of Reinforcement Learning with Verifiable
 Rewards via Monte Carlo Tree Search"; reference code smiles724/DeepSearch, `deepsearch/utils/mcts.py`
 (`MCTSNode.update`, `MCTSAgent.backup_and_selection`, `select_global_best_node`) and
-`deepsearch/rollout/sglang_mcts_wrapper.py` (defaults, step-wise scores), `advantage_fn.py`
-(sibling mean-std). Defaults (in `orchard.config.MCTSConfig`) are that code's: λ_puct 2.0,
+`deepsearch/rollout/sglang_mcts_wrapper.py` (defaults, step-wise scores); the sibling mean-std
+normalisation of those scores (`advantage_fn.py`) is the learner's (`learner.algorithms.tree_advantages`). Defaults (in `orchard.config.MCTSConfig`) are that code's: λ_puct 2.0,
 backup_threshold 0.1, incomplete_score −1.0, λ1 0.4, λ2 0.4, λ3 0.01, λ4 0.0, depth bonus 'sqrt',
 frontier restricted to nodes with fewer than W_d children (force_to_frontier), argmax selection
 (deterministic_sample), backtrack 'global' (the alternative, UCT from the root, is not implemented),
@@ -255,23 +255,6 @@ def select_frontier(nodes: Sequence[Node], **priority: object) -> Node | None:
     return best
 
 
-def trajectory_advantages(
-    final_scores: Sequence[float], *, normalise_std: bool = True, eps: float = 1e-6
-) -> list[float]:
-    """Sibling mean-std: (s_i − mean(s)) / (std(s) + eps) with the population std over the prompt's
-    trajectories (mean only when `normalise_std` is False); a lone trajectory keeps its score
-    (mean 0, std 1), as `compute_mcts_outcome_advantage` does."""
-    if not final_scores:
-        return []
-    if len(final_scores) == 1:
-        return [float(final_scores[0])]
-    mean = sum(final_scores) / len(final_scores)
-    if not normalise_std:
-        return [s - mean for s in final_scores]
-    std = math.sqrt(sum((s - mean) ** 2 for s in final_scores) / len(final_scores))
-    return [(s - mean) / (std + eps) for s in final_scores]
-
-
 def step_scores(leaf: Node, *, temperature: float = 1.0) -> list[float]:
     """Per-step scores of a recorded path from the tree's node values (root excluded): tanh(value / T)
     for every step but the last, the terminal's own value for the last (`use_step_wise_score` with
@@ -280,27 +263,10 @@ def step_scores(leaf: Node, *, temperature: float = 1.0) -> list[float]:
     return [math.tanh(v / temperature) for v in values[:-1]] + values[-1:]
 
 
-def token_advantages(
-    step_values: Sequence[Sequence[float]],
-    step_lengths: Sequence[Sequence[int]],
-    *,
-    normalise_std: bool = True,
-    eps: float = 1e-6,
-) -> list[list[float]]:
-    """Token-level advantages of a prompt's trajectories: each step's score on each of its tokens,
-    normalised by the mean and population std of the trajectories' final scores (`advantage_fn.py`)."""
-    finals = [values[-1] for values in step_values]
-    if not finals:
-        return []
-    if len(finals) == 1:
-        mean, std = 0.0, 1.0 - eps
-    else:
-        mean = sum(finals) / len(finals)
-        std = math.sqrt(sum((s - mean) ** 2 for s in finals) / len(finals)) if normalise_std else 1.0 - eps
-    return [
-        [(value - mean) / (std + eps) for value, length in zip(values, lengths, strict=True) for _ in range(length)]
-        for values, lengths in zip(step_values, step_lengths, strict=True)
-    ]
+def token_values(step_values: Sequence[float], step_lengths: Sequence[int]) -> list[float]:
+    """Each step's score on each of its tokens: the per-token values a tree trajectory carries to the
+    learner (`Completion.token_values`), which normalises them per prompt (`learner.algorithms.tree_advantages`)."""
+    return [value for value, length in zip(step_values, step_lengths, strict=True) for _ in range(length)]
 
 
 # ------------------------------------------------------------------------------------------ the search
@@ -319,8 +285,11 @@ class Trajectory:
     finished: bool  # ended with eos or a stop string (else cut at max_depth)
     step_lengths: list[int]
     step_values: list[float] = field(default_factory=list)  # `step_scores` once the search ended
-    advantage: float = 0.0  # sibling mean-std of the final scores
-    token_advantages: list[float] = field(default_factory=list)
+
+    @property
+    def token_values(self) -> list[float]:
+        """The step scores spread over the tokens of their steps."""
+        return token_values(self.step_values, self.step_lengths)
 
     @property
     def entropy(self) -> float:
@@ -364,7 +333,6 @@ class SearchSettings:
     incomplete_score: float
     terminate_num: int
     budget_tokens: int
-    normalise_std: bool
     advantage_temperature: float
     step_delimiter: str | None = None
     merge_duplicates: bool = True
@@ -401,7 +369,6 @@ class SearchSettings:
             incomplete_score=config.incomplete_score,
             terminate_num=terminate_num or config.terminate_num or group_size,
             budget_tokens=budget_tokens or config.budget_tokens or 4 * group_size * max_new_tokens,
-            normalise_std=config.normalise_std,
             advantage_temperature=config.advantage_temperature,
             step_delimiter=config.step_delimiter,
             merge_duplicates=config.merge_duplicates,
@@ -423,7 +390,7 @@ class TreeSearch:
 
     `request()` says what to generate next (None when the search is over); `receive(outputs)` adds
     those outputs as children, scores terminals, backs up and selects the next node. `run_searches`
-    is the loop; `result()` the trajectories with their advantages.
+    is the loop; `result()` the trajectories with their per-step scores.
 
     `decode` turns token ids into text; it is only needed with a step delimiter (to tell a step that
     ended at the delimiter from one that ended the answer) and defaults to the outputs' own text.
@@ -590,7 +557,7 @@ class TreeSearch:
 
     def result(self) -> SearchResult:
         """The recorded trajectories (in recording order) with step scores from the final tree and
-        sibling-normalised advantages."""
+        token values (raw; the learner normalises them per prompt)."""
         s = self.settings
         trajectories = []
         for leaf in self.recorded:
@@ -608,14 +575,6 @@ class TreeSearch:
                     step_values=step_scores(leaf, temperature=s.advantage_temperature),
                 )
             )
-        advantages = trajectory_advantages([t.score for t in trajectories], normalise_std=s.normalise_std)
-        per_token = token_advantages(
-            [t.step_values for t in trajectories],
-            [t.step_lengths for t in trajectories],
-            normalise_std=s.normalise_std,
-        )
-        for trajectory, advantage, tokens in zip(trajectories, advantages, per_token, strict=True):
-            trajectory.advantage, trajectory.token_advantages = advantage, tokens
         return SearchResult(
             trajectories=trajectories,
             nodes_expanded=self.nodes_expanded,

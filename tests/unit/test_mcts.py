@@ -25,8 +25,7 @@ from rollout.strategies.mcts import (
     select_frontier,
     step_scores,
     terminal_score,
-    token_advantages,
-    trajectory_advantages,
+    token_values,
     uct_score,
     update_value,
 )
@@ -168,25 +167,18 @@ def test_frontier_priority_and_global_selection():
 # ----------------------------------------------------------------------------------------- advantages
 
 
-def test_sibling_mean_std_advantages():
-    assert trajectory_advantages([1.0]) == [1.0]  # one trajectory: no normalisation
-    assert trajectory_advantages([]) == []
-    advantages = trajectory_advantages([1.0, -1.0, -1.0, -1.0])
-    mean, std = -0.5, math.sqrt(0.75)  # population std
-    assert advantages == pytest.approx([(1.0 - mean) / std, *[(-1.0 - mean) / std] * 3], rel=1e-5)
-    assert trajectory_advantages([1.0, -1.0], normalise_std=False) == [1.0, -1.0]
-
-
-def test_step_scores_and_token_advantages():
+def test_step_scores_and_token_values():
     root, a, leaf = chain(2)
     leaf.terminal = True
     backup(leaf, 1.0, backup_threshold=0.1)  # L = 3: a gets 2/3, leaf 1
     assert step_scores(leaf) == pytest.approx([math.tanh(2 / 3), 1.0])
-    tokens = token_advantages([[0.5, 1.0], [-0.2, -1.0]], [[2, 1], [1, 2]])
-    assert tokens[0] == pytest.approx([0.5, 0.5, 1.0], rel=1e-5)  # mean 0, std 1 of the finals (1, −1)
-    assert tokens[1] == pytest.approx([-0.2, -1.0, -1.0], rel=1e-5)
-    assert token_advantages([[0.3, -1.0]], [[1, 1]])[0] == pytest.approx([0.3, -1.0])
-    assert token_advantages([], []) == []
+    assert step_scores(leaf, temperature=2.0) == pytest.approx([math.tanh(1 / 3), 1.0])
+    # each step's score on each of its tokens, unnormalised (the learner normalises per prompt)
+    assert token_values([0.5, 1.0], [2, 1]) == [0.5, 0.5, 1.0]
+    assert token_values([-0.2, -1.0], [1, 2]) == [-0.2, -1.0, -1.0]
+    assert token_values([], []) == []
+    with pytest.raises(ValueError):
+        token_values([0.5], [1, 2])
 
 
 # ------------------------------------------------------------------------------------- whole searches
@@ -247,7 +239,8 @@ def test_full_search_records_trajectories_with_their_tokens_and_logprobs():
     for trajectory in result.trajectories:
         assert trajectory.logprobs == [-0.1 * t for t in trajectory.token_ids]
         assert sum(trajectory.step_lengths) == len(trajectory.token_ids)
-        assert len(trajectory.token_advantages) == len(trajectory.token_ids)
+        assert len(trajectory.token_values) == len(trajectory.token_ids)
+        assert trajectory.token_values[-1] == trajectory.step_values[-1]
         assert trajectory.correct == (trajectory.text == "567")
         assert trajectory.score == (1.0 if trajectory.correct else -1.0)
     texts = [t.text for t in result.trajectories]
@@ -256,8 +249,8 @@ def test_full_search_records_trajectories_with_their_tokens_and_logprobs():
     assert all(rows <= 3 and length == 1 for rows, length in engine.calls)
     assert result.generate_calls == result.nodes_expanded == len(engine.calls)
     assert result.tokens_generated <= 200
-    scores = [t.score for t in result.trajectories]
-    assert [t.advantage for t in result.trajectories] == pytest.approx(trajectory_advantages(scores))
+    # the final step's value of a recorded terminal is its backed-up value: +1 or −1 after one visit
+    assert all(t.step_values[-1] == pytest.approx(t.score) for t in result.trajectories if t.step_lengths)
 
 
 def test_search_stops_within_its_token_budget():
