@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import subprocess
 import sys
 import time
@@ -19,6 +18,7 @@ import httpx
 import pytest
 
 from tests.e2e.tiny_run import TINY
+from tests.processes import read_control_url
 
 REPO = Path(__file__).resolve().parents[2]
 ORCHARD = [sys.executable, "-m", "orchard.cli"]
@@ -36,20 +36,6 @@ def wait_for(condition: Callable[[], object], what: str, timeout: float = 240.0,
     raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
-def read_url(process: subprocess.Popen, lines: list[str]) -> str:
-    """The control plane URL the process prints; its other output is kept in `lines`."""
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        line = process.stdout.readline()
-        if not line:
-            break
-        lines.append(line)
-        found = re.search(r"control plane at (http://[0-9.]+:\d+)", line)
-        if found:
-            return found.group(1)
-    raise AssertionError(f"no control plane URL in the output: {''.join(lines)}")
-
-
 @pytest.fixture
 def serve(tmp_path) -> Iterator[tuple[str, Path]]:
     environment = {**os.environ, "ORCHARD_TOKEN": TOKEN, "PYTHONPATH": str(REPO)}
@@ -63,7 +49,7 @@ def serve(tmp_path) -> Iterator[tuple[str, Path]]:
     )
     lines: list[str] = []
     try:
-        yield read_url(process, lines), tmp_path
+        yield read_control_url(process, lines), tmp_path
     finally:
         process.terminate()
         try:
@@ -153,7 +139,7 @@ def test_run_created_paused_waits_for_resume(tmp_path):
     )
     lines: list[str] = []
     try:
-        url = read_url(process, lines)
+        url = read_control_url(process, lines)
         http = httpx.Client(base_url=url, timeout=30)
         wait_for(lambda: http.get("/v1/runs").json()[0]["state"] == "paused", "the run to settle paused")
         time.sleep(2)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -21,6 +20,7 @@ import pytest
 
 from services.redis_server import find_redis_server
 from tests.e2e.tiny_run import TINY
+from tests.processes import read_control_url
 
 REPO = Path(__file__).resolve().parents[2]
 ORCHARD = [sys.executable, "-m", "orchard.cli"]
@@ -43,16 +43,6 @@ def redis_servers_in(directory: Path) -> list[int]:
     return found
 
 
-def wait_for_url(process: subprocess.Popen) -> str:
-    lines = []
-    for line in process.stdout:
-        lines.append(line)
-        found = re.search(r"control plane at (http://[0-9.]+:\d+)", line)
-        if found:
-            return found.group(1)
-    raise AssertionError("no control plane URL in: " + "".join(lines))
-
-
 @pytest.mark.skipif(find_redis_server() is None, reason="needs redis-server (apt-get install redis-server)")
 def test_a_killed_run_resumes_from_its_checkpoint_losing_and_repeating_nothing(tmp_path):
     run_path = tmp_path / "runs" / "killed"
@@ -66,7 +56,7 @@ def test_a_killed_run_resumes_from_its_checkpoint_losing_and_repeating_nothing(t
         start_new_session=True,
     )
     try:
-        url = wait_for_url(process)
+        url = read_control_url(process)
 
         def status() -> dict:
             runs = httpx.get(f"{url}/v1/runs", timeout=10).json()
