@@ -1,0 +1,266 @@
+"""Every learner algorithm option through the real trainer: DeepSpeed on its CPU accelerator, a tiny
+Qwen2, one or two optimizer steps each. Each test sets up a batch in which the option decides the
+outcome (a step taken or skipped, a count, a loss that differs), so a trainer ignoring it fails."""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Iterator
+
+import pytest
+import torch
+
+from learner.batching import build_sft_tensors, sequence_logprobs
+from learner.trainer import GRPOTrainer
+from orchard.config import LearnerConfig, ModelConfig, TinyModelConfig
+from orchard.records import Completion, Group, Prompt
+from rollout.model import build_model
+from rollout.tokenizer import CharTokenizer
+
+TOKENIZER = CharTokenizer()
+MODEL_CONFIG = ModelConfig(
+    tiny=TinyModelConfig(hidden_size=32, num_layers=2, num_heads=2, num_kv_heads=1, intermediate_size=64)
+)
+TEMPERATURE = 1.0
+MAX_LENGTH = 8
+
+
+@pytest.fixture(scope="module", autouse=True)
+def restore_environment() -> Iterator[None]:
+    saved = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
+
+
+def solution_tokens(solution: str) -> list[int]:
+    return TOKENIZER.encode(solution) + [TOKENIZER.eos_id]
+
+
+def make_trainer(**learner: object) -> GRPOTrainer:
+    return GRPOTrainer(
+        build_model(MODEL_CONFIG, TOKENIZER, seed=0),
+        LearnerConfig(**{"lr": 1e-2, "micro_batch_size": 4, **learner}),
+        pad_id=TOKENIZER.pad_id,
+        seed=0,
+        temperature=TEMPERATURE,
+        max_length=MAX_LENGTH,
+        solution_tokens=solution_tokens,
+    )
+
+
+def completion(text: str, reward: float, **fields: object) -> Completion:
+    return Completion(
+        text=text,
+        token_ids=TOKENIZER.encode(text),
+        logprobs=[-2.0] * len(text),
+        policy_version=0,
+        reward=reward,
+        correct=reward >= 1.0,
+        **fields,
+    )
+
+
+def group(name: str, completions: list[Completion], *, prompt: str = "12+34=", solution: str | None = None) -> Group:
+    return Group(
+        prompt=Prompt(id=name, text=prompt, answer="46", distribution="test", solution=solution),
+        prompt_token_ids=[TOKENIZER.bos_id, *TOKENIZER.encode(prompt)],
+        completions=completions,
+        id=name,
+    )
+
+
+def signal_group(name: str = "signal") -> Group:
+    return group(name, [completion("46", 1.0), completion("45", 0.0), completion("4", 0.0), completion("466", 1.0)])
+
+
+def weights(trainer: GRPOTrainer) -> dict[str, torch.Tensor]:
+    return trainer.export_weights()
+
+
+def changed(before: dict[str, torch.Tensor], after: dict[str, torch.Tensor]) -> float:
+    return max(float((before[name] - after[name]).abs().max()) for name in before)
+
+
+# ------------------------------------------------------------------------------------------ advantages
+
+
+@pytest.mark.parametrize(
+    ("advantage", "aggregation"),
+    [
+        ("grpo", "token-mean"),
+        ("dr_grpo", "seq-mean-token-sum-norm"),
+        ("lite_ppo", "token-mean"),
+        ("rloo", "seq-mean-token-mean"),
+    ],
+)
+def test_each_advantage_estimator_trains(advantage, aggregation):
+    trainer = make_trainer(advantage=advantage, aggregation=aggregation)
+    before = weights(trainer)
+    result = trainer.train_step([signal_group("a"), signal_group("b")])
+    assert not result.skipped and math.isfinite(result.loss)
+    assert changed(before, weights(trainer)) > 0
+
+
+def test_estimators_give_different_steps():
+    # grpo scales group 1's advantages by 1/std, dr_grpo does not: the losses differ
+    losses = {}
+    for advantage, aggregation in (("grpo", "token-mean"), ("dr_grpo", "seq-mean-token-sum-norm")):
+        batch = [signal_group("a"), group("b", [completion("46", 3.0), completion("4", 0.0)])]
+        losses[advantage] = make_trainer(advantage=advantage, aggregation=aggregation).train_step(batch).loss
+    assert losses["grpo"] != pytest.approx(losses["dr_grpo"])
+
+
+def test_a_trainer_refuses_an_inconsistent_config():
+    with pytest.raises(ValueError, match="learner.aggregation"):
+        make_trainer(advantage="dr_grpo")
+
+
+# ------------------------------------------------------------------------------------------ reward shaping
+
+
+def length_only_group() -> Group:
+    """Every completion correct; only their lengths (2, 4, 6, 8 tokens) differ."""
+    return group("lengths", [completion(text, 1.0) for text in ("46", "46  ", "46    ", "46      ")])
+
+
+def test_overlong_punishment_turns_length_into_signal():
+    assert make_trainer().train_step([length_only_group()]).skip_reason == "no signal"
+    # L_max 8, L_cache 4: lengths 6 and 8 get −0.5 and −1, so the group has signal
+    trainer = make_trainer(overlong={"enabled": True, "cache_length": 4})
+    before = weights(trainer)
+    result = trainer.train_step([length_only_group()])
+    assert not result.skipped
+    assert changed(before, weights(trainer)) > 0
+
+
+def test_truncated_completions_can_be_masked_out_of_the_loss():
+    truncated = group(
+        "cut", [completion("4646", 1.0, finish_reason="length"), completion("0000", 0.0, finish_reason="length")]
+    )
+    flat = group("flat", [completion("46", 1.0), completion("46", 1.0)])
+    assert not make_trainer().train_step([truncated, flat]).skipped
+    result = make_trainer(overlong={"mask_truncated": True}).train_step([truncated, flat])
+    assert result.skip_reason == "no signal" and result.masked_truncated == 2
+
+
+def test_dler_truncation_zeroes_long_completions():
+    assert make_trainer(advantage="lite_ppo").train_step([length_only_group()]).skip_reason == "no signal"
+    # L_T = 4: the 6- and 8-token completions get reward 0
+    trainer = make_trainer(advantage="lite_ppo", length_penalty={"enabled": True, "target_length": 4})
+    result = trainer.train_step([length_only_group()])
+    assert not result.skipped and result.advantages_abs_mean > 0
+
+
+# ------------------------------------------------------------------------------------------ Lp-Reg and KL
+
+
+def test_lp_reg_regularises_tokens_and_changes_the_loss():
+    plain = make_trainer().train_step([signal_group()])
+    # the untrained model is near uniform: a proxy that cuts at half the max probability removes some
+    # tokens, so the sampled ones it keeps get more mass than the policy gives them
+    regularised = make_trainer(lp_reg={"enabled": True, "min_p": 0.5, "low_fraction": 1.0, "coef": 5.0})
+    result = regularised.train_step([signal_group()])
+    assert not result.skipped and result.lp_reg_tokens > 0
+    assert result.loss != pytest.approx(plain.loss)
+    assert plain.lp_reg_tokens == 0
+
+
+@pytest.mark.parametrize("kind", ["k1", "k2", "k3"])
+def test_kl_to_the_reference_with_each_estimator(kind):
+    trainer = make_trainer(kl_coef=0.5, kl_kind=kind)
+    assert trainer.reference is not None
+    first = trainer.train_step([signal_group()])
+    second = trainer.train_step([signal_group()])
+    assert first.kl == pytest.approx(0.0, abs=1e-6)  # the policy is still the reference
+    assert second.kl != pytest.approx(0.0, abs=1e-6)
+    if kind != "k1":
+        assert second.kl > 0
+    assert make_trainer(kl_coef=0.0).reference is None
+
+
+# ------------------------------------------------------------------------------------------ hints
+
+
+def hinted_group(behaviour_logprob: float) -> Group:
+    completions = [completion("46", 1.0, source="hint"), completion("45", 0.0, source="hint")]
+    for hinted in completions:
+        hinted.logprobs = [behaviour_logprob] * len(hinted.token_ids)
+    return group("hinted", completions)
+
+
+def test_hinted_samples_train_against_the_bare_prompt_with_their_own_clip():
+    # behaviour logprob −12 under the hinted context: the bare-prompt ratio is far above 1 + ε
+    wide = make_trainer(hints={"clip_high": 1e6}).train_step([hinted_group(-12.0)])
+    usual = make_trainer().train_step([hinted_group(-12.0)])
+    assert wide.hinted_sequences == usual.hinted_sequences == 2
+    assert not wide.skipped and not usual.skipped
+    assert usual.clip_fraction > 0 and wide.clip_fraction < usual.clip_fraction
+    assert wide.loss < usual.loss  # the positive sample's ratio is no longer cut at 1.28
+
+
+# ------------------------------------------------------------------------------------------ HPT
+
+
+def all_fail_group(name: str = "hard", solution: str | None = "46") -> Group:
+    return group(name, [completion("45", 0.0), completion("44", 0.0)], solution=solution)
+
+
+def solution_logprob(trainer: GRPOTrainer) -> float:
+    tensors = build_sft_tensors([([TOKENIZER.bos_id, *TOKENIZER.encode("12+34=")], solution_tokens("46"))], 0)
+    with torch.no_grad():
+        logprobs, _ = sequence_logprobs(trainer.engine.module, tensors.input_ids, tensors.attention_mask)
+    return float((logprobs * tensors.completion_mask).sum())
+
+
+def test_hpt_trains_all_fail_prompts_on_their_solution():
+    assert make_trainer().train_step([all_fail_group()]).skip_reason == "no signal"
+    trainer = make_trainer(hpt={"enabled": True})
+    before = solution_logprob(trainer)
+    result = trainer.train_step([all_fail_group(), signal_group()])
+    assert not result.skipped and result.sft_groups == 1 and result.sft_loss > 0
+    second = trainer.train_step([all_fail_group()])
+    assert not second.skipped and second.sft_groups == 1
+    assert solution_logprob(trainer) > before
+    assert second.sft_loss < result.sft_loss
+
+
+def test_hpt_leaves_prompts_without_solution_or_above_threshold_to_rl():
+    trainer = make_trainer(hpt={"enabled": True, "pass_rate_threshold": 0.25})
+    result = trainer.train_step(
+        [all_fail_group(solution=None), group("easy", signal_group().completions, solution="46")]
+    )
+    assert result.sft_groups == 0 and not result.skipped
+    # with the gate at 0.5 the half-solved group switches to SFT too
+    trainer = make_trainer(hpt={"enabled": True, "pass_rate_threshold": 0.5})
+    assert trainer.train_step([group("easy", signal_group().completions, solution="46")]).sft_groups == 1
+
+
+def test_hpt_needs_a_solution_encoder():
+    with pytest.raises(ValueError, match="solution_tokens"):
+        GRPOTrainer(
+            build_model(MODEL_CONFIG, TOKENIZER, seed=0),
+            LearnerConfig(hpt={"enabled": True}),
+            pad_id=TOKENIZER.pad_id,
+            seed=0,
+            temperature=1.0,
+            max_length=MAX_LENGTH,
+        )
+
+
+# ------------------------------------------------------------------------------------------ tree trajectories
+
+
+def test_tree_trajectories_train_on_their_token_values():
+    # equal outcome rewards: no outcome signal, but the steps' values differ
+    trajectories = [
+        completion("46", 1.0, source="tree", token_values=[0.5, 1.0]),
+        completion("47", 1.0, source="tree", token_values=[0.5, -1.0]),
+    ]
+    assert make_trainer().train_step([group("plain", [completion("46", 1.0), completion("47", 1.0)])]).skipped
+    trainer = make_trainer()
+    before = weights(trainer)
+    result = trainer.train_step([group("tree", trajectories)])
+    assert not result.skipped and result.tree_sequences == 2
+    assert changed(before, weights(trainer)) > 0
