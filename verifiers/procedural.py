@@ -12,7 +12,9 @@ character-level model whose answer is one line:
 | counting | `count a:abaab=` → `3` over 6 letters of "ab" | 9 letters of "abc" | 12 letters of "abcd" |
 
 Generators are pure functions of a `random.Random`, so a seed reproduces a prompt set. Prompt ids
-are derived from the text, so the same task always has the same id.
+are derived from the text, so the same task always has the same id. Every prompt carries its
+reference solution (the answer, as the model should write it) and three tiers of hints from
+abstract to concrete (`answer_hints`) for prompts the policy cannot solve yet.
 """
 
 from __future__ import annotations
@@ -82,6 +84,20 @@ def check_family(family: str, difficulty: int) -> None:
         raise ValueError(f"difficulty {difficulty} of {family!r} must be one of {DIFFICULTIES}")
 
 
+def answer_hints(answer: str) -> tuple[str, str, str]:
+    """Hints for a one-line answer, abstract to concrete (Scaf-GRPO's tiers), short enough for the demo's
+    character model to read in its context:
+
+    1. its length (`len 3`) — what shape the answer has;
+    2. its length and first character (`len 3, starts 1`) — where to begin;
+    3. its first half, at least one character (`starts 12`) — a concrete partial step.
+    """
+    if not answer:
+        raise ValueError("answer_hints needs a non-empty answer")
+    half = answer[: max(1, (len(answer) + 1) // 2)]
+    return (f"len {len(answer)}", f"len {len(answer)}, starts {answer[0]}", f"starts {half}")
+
+
 def make_prompt(family: str, difficulty: int, text: str, answer: str) -> Prompt:
     return Prompt(
         id=f"{family}-d{difficulty}:{text}",
@@ -89,6 +105,8 @@ def make_prompt(family: str, difficulty: int, text: str, answer: str) -> Prompt:
         answer=answer,
         distribution=distribution_name(family, difficulty),
         metadata={"verifier": "procedural", "family": family, "difficulty": difficulty},
+        solution=answer,
+        hints=answer_hints(answer),
     )
 
 

@@ -45,6 +45,18 @@ def _line_problem(record: object, max_prompt_chars: int, max_answer_chars: int) 
     for key in ("distribution", "id"):
         if key in record and not isinstance(record[key], str):
             return f"field {key!r} must be a string"
+    solution = record.get("solution")
+    if solution is not None and (not isinstance(solution, str) or not solution.strip()):
+        return "field 'solution' must be a non-empty string"
+    if solution is not None and len(solution) > max_prompt_chars:
+        return f"solution has {len(solution)} characters (limit {max_prompt_chars})"
+    hints = record.get("hints")
+    if hints is not None and (
+        not isinstance(hints, list) or not all(isinstance(hint, str) and hint.strip() for hint in hints)
+    ):
+        return "field 'hints' must be a list of non-empty strings, abstract to concrete"
+    if hints is not None and sum(len(hint) for hint in hints) > max_prompt_chars:
+        return f"hints have {sum(len(hint) for hint in hints)} characters (limit {max_prompt_chars})"
     return None
 
 
@@ -56,7 +68,8 @@ def load_jsonl_prompts(
     max_prompt_chars: int = MAX_PROMPT_CHARS,
     max_answer_chars: int = MAX_ANSWER_CHARS,
 ) -> tuple[list[Prompt], list[str]]:
-    """Prompts of a JSONL file (fields prompt, answer, optional distribution and id), and the
+    """Prompts of a JSONL file (fields prompt, answer, optional distribution, id, solution — a reference
+    solution as the model should write it — and hints, a list from abstract to concrete), and the
     problems found as `file:line: reason`. With `on_bad_line="error"` the first problem raises."""
     path = Path(path)
     if not path.is_file():
@@ -90,6 +103,8 @@ def load_jsonl_prompts(
                     answer=str(record["answer"]),
                     distribution=record.get("distribution", path.stem),
                     metadata={"verifier": verifier, "source": str(path), "line": number},
+                    solution=record.get("solution"),
+                    hints=tuple(record.get("hints") or ()),
                 )
             )
     if not prompts:
