@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from transformers import PretrainedConfig, Qwen2ForCausalLM
 
 from orchard.protocols import GenerationOutput, SamplingParams
+from rollout.engines.kernels import forward_tokens_kernel
 from rollout.engines.sampling import find_stop, gumbel_noise, sample_next, validate_params
 from rollout.tokenizer import Tokenizer
 
@@ -77,8 +78,12 @@ class TorchEngine:
         max_batch_size: int = 256,
         eos_token_ids: Sequence[int] | None = None,
         policy_version: int = 0,
+        fused_kernel: bool = True,
     ) -> None:
-        """`eos_token_ids`: tokens that end a completion (default: the tokenizer's eos; `()` for none)."""
+        """`eos_token_ids`: tokens that end a completion (default: the tokenizer's eos; `()` for none).
+        `fused_kernel`: generate with a float32 model on the CPU through the compiled forward pass of
+        `rollout/engines/kernels.py` when it builds (False: always plain torch; the same results to
+        float32 rounding)."""
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
         self.device = torch.device(device)
@@ -95,6 +100,7 @@ class TorchEngine:
         if any(name.endswith(("o_proj.bias", "mlp.gate_proj.bias", "mlp.down_proj.bias")) for name in self._parameters):
             raise ValueError("TorchEngine cannot run this model: biases outside q/k/v are not implemented")
         self.refresh()
+        self._kernel = forward_tokens_kernel() if fused_kernel else None
 
     @classmethod
     def from_state_dict(
@@ -228,13 +234,62 @@ class TorchEngine:
         return F.rms_norm(x, (self.hidden_size,), self._final_norm, self.eps)
 
     def _decode(
-        self, token_ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor, cache: torch.Tensor, slot: int
+        self, token_ids: torch.Tensor, pad_counts: torch.Tensor, mask: torch.Tensor, cache: torch.Tensor, slot: int
     ) -> torch.Tensor:
         """`_forward` for one new token per row at cache `slot`: hidden states `[batch, hidden]`.
 
-        `mask` is additive, `[batch * kv_heads, 1, slot + 1]` (0 to attend, -inf for padding). Attention
-        is two batched matmuls over `[batch * kv_heads]` with the query heads of a group as rows, so
-        grouped-query attention needs no repeated keys.
+        Row `b` attends to slots `pad_counts[b]` to `slot` (its earlier slots are left padding), at
+        position `slot - pad_counts[b]`. The compiled kernel does the whole step in one call when it is
+        available for this model (`_kernel_weights`); otherwise `_decode_torch`.
+        """
+        weights = self._kernel_weights()
+        if weights is None:
+            return self._decode_torch(token_ids, slot - pad_counts, mask[..., : slot + 1].flatten(0, 1), cache, slot)
+        batch = token_ids.shape[0]
+        rows = torch.arange(batch, device=self.device)
+        slots = torch.full((batch,), slot, device=self.device)
+        return self._kernel(
+            token_ids, rows, slots, pad_counts, _EVERY_TOKEN, self._embed, weights, self._rope_table, cache,
+            self.num_heads, self.num_kv_heads, self.eps,
+        )  # fmt: skip
+
+    def _prefill(
+        self, token_ids: torch.Tensor, valid: torch.Tensor, pad_counts: torch.Tensor, cache: torch.Tensor
+    ) -> torch.Tensor:
+        """Hidden states `[batch, hidden]` of the last position of left-padded `token_ids` (`valid` marks
+        the real tokens, `pad_counts` their number per row), every position's keys and values written
+        into `cache` from slot 0. The compiled kernel skips the padding positions altogether."""
+        weights = self._kernel_weights()
+        if weights is None:
+            positions = (torch.arange(token_ids.shape[1], device=self.device) - pad_counts[:, None]).clamp(min=0)
+            return self._forward(token_ids, positions, _prefill_mask(valid), cache, 0, last_only=True)[:, -1]
+        rows, slots = valid.nonzero(as_tuple=True)  # row-major: each row's tokens in increasing slots
+        last_tokens = valid.sum(-1).cumsum(0) - 1
+        return self._kernel(
+            token_ids[valid], rows, slots, pad_counts, last_tokens, self._embed, weights, self._rope_table, cache,
+            self.num_heads, self.num_kv_heads, self.eps,
+        )  # fmt: skip
+
+    def _kernel_weights(self) -> list[torch.Tensor] | None:
+        """The weights in the compiled kernel's order (each `_Layer`'s fields, an empty tensor for a
+        missing bias, then the final norm), rebuilt when the layers change; None when the kernel is
+        not built or cannot run this model (float32 on the CPU only)."""
+        if self._kernel is None or self.device.type != "cpu" or self._embed.dtype != torch.float32:
+            return None
+        if self._kernel_layers is not self._layers:
+            no_bias = torch.empty(0, device=self.device)
+            self._kernel_weight_list = [
+                no_bias if tensor is None else tensor for layer in self._layers for tensor in layer
+            ] + [self._final_norm]
+            self._kernel_layers = self._layers
+        return self._kernel_weight_list
+
+    def _decode_torch(
+        self, token_ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor, cache: torch.Tensor, slot: int
+    ) -> torch.Tensor:
+        """`_decode` in plain torch. `mask` is additive, `[batch * kv_heads, 1, slot + 1]` (0 to attend,
+        -inf for padding). Attention is two batched matmuls over `[batch * kv_heads]` with the query
+        heads of a group as rows, so grouped-query attention needs no repeated keys.
         """
         batch = token_ids.shape[0]
         heads, kv_heads, head_dim = self.num_heads, self.num_kv_heads, self.head_dim
@@ -330,9 +385,8 @@ class TorchEngine:
         token_ids = torch.tensor([[pad_id] * (prompt_length - len(p)) + p for p in unique], device=device)
         pad_counts = torch.tensor([prompt_length - len(p) for p in unique], device=device)
         prompt_valid = torch.arange(prompt_length, device=device) >= pad_counts[:, None]
-        positions = (torch.arange(prompt_length, device=device) - pad_counts[:, None]).clamp(min=0)
         cache = self._new_cache(len(unique), slots)
-        hidden = self._forward(token_ids, positions, _prefill_mask(prompt_valid), cache, 0, last_only=True)[:, -1]
+        hidden = self._prefill(token_ids, prompt_valid, pad_counts, cache)
         if len(unique) < batch:
             rows_of = torch.tensor(source, device=device)
             cache, hidden = cache.index_select(2, rows_of), hidden[rows_of]
@@ -386,7 +440,7 @@ class TorchEngine:
                 cache = cache.index_select(2, keep)
                 decode_mask, pad_counts, sampled = decode_mask[keep], pad_counts[keep], sampled[keep]
             slot = prompt_length + step
-            hidden = self._decode(sampled, slot - pad_counts, decode_mask[..., : slot + 1].flatten(0, 1), cache, slot)
+            hidden = self._decode(sampled, pad_counts, decode_mask, cache, slot)
         all_tokens, all_logprobs = token_table.tolist(), logprob_table.tolist()
         outputs = []
         for row in range(batch):
@@ -444,6 +498,7 @@ class TorchEngine:
     #: versions), until a load succeeds.
     weights_valid: bool = True
     _shared_layers: list[_Layer] | None = None  # the `_layers` whose fused tensors the parameters view
+    _kernel_layers: list[_Layer] | None = None  # the `_layers` that `_kernel_weight_list` holds
     _pinned: Any = None  # the pinned shared-memory version the engine's tensors view, if any
 
     def load_weights(self, state_dict: Mapping[str, torch.Tensor | np.ndarray] | Any, version: int) -> int:
@@ -709,6 +764,10 @@ def _read_only_tensor(array: np.ndarray) -> torch.Tensor:
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
         return torch.from_numpy(array)
+
+
+#: `forward_tokens`'s `outputs` for the hidden states of every token.
+_EVERY_TOKEN = torch.empty(0, dtype=torch.long)
 
 
 def _prefill_mask(valid: torch.Tensor) -> torch.Tensor:

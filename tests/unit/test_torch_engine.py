@@ -189,10 +189,8 @@ def test_repeated_prompts_are_prefilled_once_and_sampled_independently(model, pr
     group = [prompt for prompt in prompts[:3] for _ in range(4)]
     engine = TorchEngine(model, tokenizer, eos_token_ids=())
     prefilled = []
-    forward = engine._forward
-    monkeypatch.setattr(
-        engine, "_forward", lambda ids, *args, **kwargs: prefilled.append(len(ids)) or forward(ids, *args, **kwargs)
-    )
+    prefill = engine._prefill
+    monkeypatch.setattr(engine, "_prefill", lambda ids, *args: prefilled.append(len(ids)) or prefill(ids, *args))
     greedy = engine.generate(group, SamplingParams(temperature=0.0, max_new_tokens=12))
     assert prefilled == [3]
     for prompt, output in zip(group, greedy, strict=True):
