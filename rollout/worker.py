@@ -40,6 +40,11 @@ def encode_prompt(tokenizer: Any, text: str) -> list[int]:
     return ids
 
 
+def hinted_prompt_text(text: str, hint: str) -> str:
+    """The context a hinted sample is generated from: the hint on its own line, then the prompt."""
+    return f"{hint}\n{text}"
+
+
 @dataclass
 class RolloutResult:
     """What one `rollout` call produced, with the cost of producing it."""
@@ -51,12 +56,14 @@ class RolloutResult:
     generate_seconds: float
     verify_seconds: float
     verifier_errors: list[str] = field(default_factory=list)
-    #: "sample" (`rollout`) or "mcts" (`search`).
+    #: "sample" (`rollout`), "mcts" (`search`) or "hint" (`rollout_with_hints`).
     strategy: str = "sample"
     #: Tree search only: nodes expanded (one generate request each) over all prompts of the call.
     nodes_expanded: int = 0
     #: Tree search only: ids of the prompts searched that recorded no trajectory (no group returned).
     unsearched_prompts: list[str] = field(default_factory=list)
+    #: Hinted rollouts only: per group id, the hint tier (0 = most abstract) whose samples the group holds.
+    hint_tiers: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass
@@ -185,6 +192,88 @@ class RolloutWorkerCore:
             generate_seconds=generated - started,
             verify_seconds=time.perf_counter() - generated,
             verifier_errors=errors,
+        )
+
+    def rollout_with_hints(self, prompts: Sequence[Prompt], group_size: int | None = None) -> RolloutResult:
+        """Sample prompts whose plain samples all failed again with a hint in context (Guide, Scaf-GRPO).
+
+        Tiers go from the prompt's most abstract hint to its most concrete; a prompt moves to the next
+        tier only while every sample of the current one fails, and its group holds the samples of the
+        lowest tier that produced a success (else of its last tier). Completions are recorded against
+        the bare prompt's tokens with the logprobs they were sampled with in the hinted context
+        (source "hint"), so the learner's ratio is π_θ(o|q) / π_old(o|q,h). Prompts without hints get
+        no group.
+        """
+        self._check_weights()
+        group_size = group_size or self.config.group_size
+        version = self.engine.policy_version
+        chosen: dict[str, tuple[int, list[Completion]]] = {}
+        errors: list[str] = []
+        generated_tokens, generate_seconds, verify_seconds = 0, 0.0, 0.0
+        tiers = max((len(p.hints) for p in prompts), default=0)
+        for tier in range(tiers):
+            todo = [
+                p
+                for p in prompts
+                if tier < len(p.hints) and not (p.id in chosen and any(c.correct for c in chosen[p.id][1]))
+            ]
+            if not todo:
+                break
+            contexts = [encode_prompt(self.tokenizer, hinted_prompt_text(p.text, p.hints[tier])) for p in todo]
+            started = time.perf_counter()
+            outputs = self.engine.generate(
+                [ids for ids in contexts for _ in range(group_size)], self._params(greedy=False)
+            )
+            generated = time.perf_counter()
+            generate_seconds += generated - started
+            generated_tokens += sum(len(o.token_ids) for o in outputs)
+            for index, prompt in enumerate(todo):
+                verifier = self._verifier(prompt)
+                completions = []
+                for output in outputs[index * group_size : (index + 1) * group_size]:
+                    text = output.text or self.tokenizer.decode(output.token_ids)
+                    result = safe_verify(verifier, prompt, text)
+                    if result.error:
+                        errors.append(f"{prompt.id}: {result.error}")
+                    completions.append(
+                        Completion(
+                            text=text,
+                            token_ids=list(output.token_ids),
+                            logprobs=list(output.logprobs),
+                            policy_version=version,
+                            finish_reason=output.finish_reason,
+                            reward=result.reward,
+                            correct=result.correct,
+                            verifier_error=result.error,
+                            source="hint",
+                        )
+                    )
+                chosen[prompt.id] = (tier, completions)
+            verify_seconds += time.perf_counter() - generated
+        groups, hint_tiers = [], {}
+        for prompt in prompts:
+            if prompt.id not in chosen:
+                continue
+            tier, completions = chosen.pop(prompt.id)
+            group = Group(
+                prompt=prompt,
+                prompt_token_ids=encode_prompt(self.tokenizer, prompt.text),
+                completions=completions,
+                worker=self.worker_id,
+                created_at=time.time(),
+            )
+            hint_tiers[group.id] = tier
+            groups.append(group)
+        return RolloutResult(
+            groups=groups,
+            worker=self.worker_id,
+            policy_version=version,
+            generated_tokens=generated_tokens,
+            generate_seconds=generate_seconds,
+            verify_seconds=verify_seconds,
+            verifier_errors=errors,
+            strategy="hint",
+            hint_tiers=hint_tiers,
         )
 
     def evaluate(self, prompts: Sequence[Prompt]) -> EvalResult:
