@@ -520,7 +520,7 @@ class WeightSyncConfig(Section):
             " written once per version and copied from by every reader (one node only); 'object_store': the"
             " Ray object store (works across nodes); 'nccl': a bucketed broadcast from the learner into every"
             " worker over a torch.distributed group of their own (NCCL on GPUs, gloo on CPUs;"
-            " services/weight_broadcast.py); 'auto': shared memory when the Ray cluster is a single"
+            " rollout/weight_broadcast.py); 'auto': shared memory when the Ray cluster is a single"
             " node and /dev/shm exists, else the object store."
         ),
     )

@@ -23,6 +23,7 @@ from rollout.engines.torch_engine import TorchEngine
 from rollout.model import build_model
 from rollout.strategies.mcts import SearchSettings, TreeSearch, run_searches
 from rollout.tokenizer import load_tokenizer
+from rollout.weight_broadcast import BroadcastTicket
 from verifiers.registry import get_verifier, safe_verify
 
 
@@ -89,11 +90,8 @@ class RolloutWorkerCore:
         self.worker_id = worker_id
         self.config = rollout_config
         self.tokenizer = load_tokenizer(model_config)
-        if rollout_config.engine != "torch":
-            raise ValueError(
-                f"rollout.engine {rollout_config.engine!r} is not available in this worker; use 'torch' on CPU"
-            )
-        self.engine = TorchEngine(build_model(model_config, self.tokenizer), self.tokenizer)
+        self.engine = build_engine(model_config, rollout_config, self.tokenizer, seed=seed)
+        self._broadcast: tuple[Any, tuple, int] | None = None  # (group, layout, bucket bytes): transport 'nccl'
         self._verifiers: dict[str, Verifier] = {}
         self._calls = 0
         self._seed = seed
@@ -111,6 +109,8 @@ class RolloutWorkerCore:
         this worker already holds or has passed is then answered without a copy (`skipped`).
         """
         started = time.perf_counter()
+        if isinstance(state_dict, BroadcastTicket):
+            return self._receive_broadcast(state_dict.version, started)
         if (
             not isinstance(state_dict, Mapping)
             and self.engine.weights_valid
@@ -119,6 +119,50 @@ class RolloutWorkerCore:
         ):
             return {"version": self.engine.policy_version, "seconds": 0.0, "skipped": True}
         loaded = self.engine.load_weights(state_dict, version)
+        return {"version": loaded, "seconds": time.perf_counter() - started, "skipped": False}
+
+    def join_weight_broadcast(
+        self,
+        host: str,
+        port: int,
+        first_rank: int,
+        world_size: int,
+        layout: tuple,
+        bucket_bytes: int,
+        *,
+        backend: str,
+        timeout_s: float,
+    ) -> list[int]:
+        """Join the learner's weight-broadcast group (`rollout/weight_broadcast.py`); returns the ranks
+        taken: one for the torch engine, one per tensor-parallel GPU worker for vLLM."""
+        from rollout.weight_broadcast import BroadcastGroup
+
+        if self._broadcast is not None:
+            self._broadcast[0].close()
+        if hasattr(self.engine, "join_broadcast"):
+            ranks = self.engine.join_broadcast(host, port, first_rank, world_size, timeout_s)
+            self._broadcast = (None, tuple(layout), bucket_bytes)
+            return ranks
+        group = BroadcastGroup.join(host, port, first_rank, world_size, backend=backend, timeout_s=timeout_s)
+        self._broadcast = (group, tuple(layout), bucket_bytes)
+        return [first_rank]
+
+    def _receive_broadcast(self, version: int, started: float) -> dict[str, Any]:
+        """Take `version` from the broadcast the learner is sending. Always takes part, even when the
+        engine refuses the version, so the learner and the other workers are not left waiting."""
+        from rollout.weight_broadcast import BroadcastSource
+
+        if self._broadcast is None:
+            raise RuntimeError(f"rollout worker {self.worker_id} got a broadcast version but joined no broadcast group")
+        group, layout, bucket_bytes = self._broadcast
+        if group is None:  # vLLM: its GPU workers receive it themselves
+            loaded = self.engine.receive_broadcast(version, layout, bucket_bytes)
+        else:
+            source = BroadcastSource(group, version, layout, bucket_bytes)
+            try:
+                loaded = self.engine.load_weights(source, version)
+            finally:
+                source.drain()
         return {"version": loaded, "seconds": time.perf_counter() - started, "skipped": False}
 
     def _check_weights(self) -> None:
@@ -401,6 +445,28 @@ class RolloutWorkerCore:
     def pid(self) -> int:
         """The process this worker runs in (for supervision and fault tests)."""
         return os.getpid()
+
+
+def build_engine(model_config: ModelConfig, rollout_config: RolloutConfig, tokenizer: Any, *, seed: int) -> Any:
+    """The worker's engine: vLLM (`rollout.engine: vllm`, a Hugging Face checkpoint on GPUs) or the
+    torch engine, on the GPU when this process was given one, else on the CPU."""
+    if rollout_config.engine == "vllm":
+        from rollout.engines.vllm import VLLMEngine
+
+        settings = rollout_config.vllm
+        return VLLMEngine(
+            str(model_config.path),
+            dtype=model_config.dtype if settings.dtype == "auto" else settings.dtype,
+            gpu_memory_utilization=settings.gpu_memory_utilization,
+            tensor_parallel_size=settings.tensor_parallel_size,
+            enable_prefix_caching=settings.enable_prefix_caching,
+            max_model_len=settings.max_model_len,
+            enforce_eager=settings.enforce_eager,
+            seed=seed,
+            eos_token_ids=(tokenizer.eos_id,),
+        )
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    return TorchEngine(build_model(model_config, tokenizer), tokenizer, device=device)
 
 
 #: The Ray actor. Restarts are the driver's decision, so the actor itself does not auto-restart.

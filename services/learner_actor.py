@@ -42,6 +42,7 @@ class LearnerCore:
         )
         self.version = initial_version
         self.weight_transport_setting = config.weight_sync.transport
+        self._weight_sync_settings = config.weight_sync
         self._num_readers = config.rollout.num_workers + 1
         self.weight_transport: str | None = None  # resolved at the first export
         self.weight_transport_error: str | None = None  # why `auto` fell back to the object store
@@ -87,9 +88,56 @@ class LearnerCore:
                 self.weight_transport_error = str(error)
         return state_dict_to_numpy(self.trainer.export_weights())
 
+    # ------------------------------------------------------------------ transport 'nccl': broadcast
+
+    def open_weight_broadcast(self, world_size: int) -> dict[str, Any]:
+        """Open the broadcast group's rendezvous on this node: its address and the weights' layout,
+        for every member's `join_weight_broadcast` (all called at once; see `rollout/weight_broadcast.py`)."""
+        from rollout.weight_broadcast import layout_of, open_store
+
+        settings = self._weight_sync_settings
+        self._broadcast_store, host = open_store(world_size, timeout_s=settings.timeout_seconds)
+        self._broadcast_layout = layout_of(self._live_weights())
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        return {"host": host, "port": self._broadcast_store.port, "layout": self._broadcast_layout, "backend": backend}
+
+    def join_weight_broadcast(self, world_size: int, backend: str) -> int:
+        """Join the group as rank 0 (the sender); blocks until every worker has joined."""
+        from rollout.weight_broadcast import BroadcastGroup
+
+        if getattr(self, "_broadcast", None) is not None:
+            self._broadcast.close()
+        self._broadcast = BroadcastGroup.join(
+            "",
+            self._broadcast_store.port,
+            0,
+            world_size,
+            backend=backend,  # type: ignore[arg-type]
+            timeout_s=self._weight_sync_settings.timeout_seconds,
+            store=self._broadcast_store,
+        )
+        return 0
+
+    def broadcast_weights(self) -> dict[str, Any]:
+        """Send the current weights as `self.version` to every worker of the group (they must be
+        receiving: the driver sends each a `BroadcastTicket`); returns what was sent and how fast."""
+        stats = self._broadcast.send(
+            self._live_weights(), self.version, self._broadcast_layout, self._weight_sync_settings.bucket_bytes
+        )
+        return {"version": stats.version, "bytes": stats.bytes, "buckets": stats.buckets, "seconds": stats.seconds}
+
+    def export_weights_object_store(self) -> Any:
+        """The current weights as numpy arrays for the object store, whatever the transport (the
+        driver's evaluator and restarted workers under transport 'nccl')."""
+        from learner.weights import state_dict_to_numpy
+
+        return state_dict_to_numpy(self.trainer.export_weights())
+
     def _resolve_weight_transport(self) -> str:
         if self.weight_transport is None:
-            self.weight_transport = weight_store.resolve_transport(self.weight_transport_setting)
+            # 'nccl' broadcasts through `broadcast_weights`; what `export_weights` returns then goes through the object store
+            setting = "object_store" if self.weight_transport_setting == "nccl" else self.weight_transport_setting
+            self.weight_transport = weight_store.resolve_transport(setting)
             if self.weight_transport == "shared_memory":
                 # A slot for each reader that pins a version (the workers and the driver's evaluator) + 2.
                 self._weight_store = weight_store.SharedWeightStore(

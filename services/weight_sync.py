@@ -6,7 +6,10 @@ segment into its engine, see `services/weight_store.py`), a
 dict of numpy arrays in the Ray object store (any number of nodes: Ray stores it once and every
 worker reads it zero-copy before copying into its engine), or an `ObjectRef` of either (what the
 learner actor's `export_weights` returns; `weight_sync.transport` in the config picks which). Every
-worker's `load_weights(version, weights)` takes both. Versions only move forward: publishing an older
+worker's `load_weights(version, weights)` takes both. With transport 'nccl' what is published is a
+`BroadcastTicket`: the learner broadcasts the version (`broadcast_weights`) while every worker,
+handed the ticket, receives it (`rollout/weight_broadcast.py`; the group is formed by
+`form_broadcast_group`). Versions only move forward: publishing an older
 or equal version is refused, and each worker's confirmed version is tracked so that status can show
 it and the driver knows which version produced each sample. A worker that acts on a shared-memory
 handle only after newer versions have taken its slot loads the newest and confirms that version.
@@ -21,6 +24,7 @@ from typing import Any
 
 import ray
 
+from rollout.weight_broadcast import BroadcastTicket
 from services.weight_store import WeightHandle
 
 
@@ -35,9 +39,11 @@ class Publication:
 
     @property
     def transport(self) -> str:
-        """'shared_memory' or 'object_store' when known here; 'ref' for an unresolved ObjectRef."""
+        """'shared_memory', 'broadcast' or 'object_store' when known here; 'ref' for an unresolved ObjectRef."""
         if isinstance(self.ref, WeightHandle):
             return "shared_memory"
+        if isinstance(self.ref, BroadcastTicket):
+            return "broadcast"
         return "ref" if isinstance(self.ref, ray.ObjectRef) else "object_store"
 
     published_at: float
@@ -105,3 +111,33 @@ class WeightSync:
         for ref, name in pending.items():
             self.confirm(name, ray.get(ref)["version"])
         return max(self.latest.confirmed.values()) if self.latest and self.latest.confirmed else 0.0
+
+
+def form_broadcast_group(
+    learner: Any, workers: Mapping[str, Any], *, ranks_per_worker: int, bucket_bytes: int, timeout_s: float
+) -> dict[str, Any]:
+    """Transport 'nccl': put the learner (rank 0) and every worker in a new weight-broadcast group.
+
+    Every member joins at once (the group forms only when all have joined); a worker running a
+    rollout joins when that call returns. A vLLM worker takes `ranks_per_worker` ranks, one per
+    tensor-parallel GPU. Called at the start and again after any member was replaced. Returns the
+    group's address, backend ('nccl' when the learner has a GPU, else 'gloo') and size.
+    """
+    world_size = 1 + ranks_per_worker * len(workers)
+    info = ray.get(learner.open_weight_broadcast.remote(world_size))
+    calls = [learner.join_weight_broadcast.remote(world_size, info["backend"])]
+    for index, actor in enumerate(workers.values()):
+        calls.append(
+            actor.join_weight_broadcast.remote(
+                info["host"],
+                info["port"],
+                1 + index * ranks_per_worker,
+                world_size,
+                info["layout"],
+                bucket_bytes,
+                backend=info["backend"],
+                timeout_s=timeout_s,
+            )
+        )
+    ray.get(calls)
+    return {"host": info["host"], "port": info["port"], "backend": info["backend"], "world_size": world_size}
