@@ -137,7 +137,9 @@ def tree_advantages(token_values: Tensor, value_mask: Tensor, group_index: Tenso
     `Â_{i,t} = (v_{i,t} − mean_g(s)) / (std_g(s) + eps)` with the population std over the group's
     trajectories. A group of one trajectory is not normalised at all (mean 0, std 1: `Â = v`), as
     the reference code (`compute_mcts_outcome_advantage`) and `rollout.strategies.mcts.token_advantages`
-    do. Rows without values (an all-zero mask row) take no part and get 0.
+    do. Siblings whose final scores are all equal (std 0) are centred only, so their step values are
+    not divided by ~0 (the driver drops such groups anyway, `services.deepsearch.tree_filter_reason`).
+    Rows without values (an all-zero mask row) take no part and get 0.
     """
     if token_values.dim() != 2 or token_values.shape != value_mask.shape:
         raise ValueError(
@@ -165,6 +167,8 @@ def tree_advantages(token_values: Tensor, value_mask: Tensor, group_index: Tenso
         else:
             mean = scores.mean()
             sigma = ((scores - mean) ** 2).mean().sqrt()
+            if float(sigma) == 0.0:
+                sigma = 1.0 - eps  # equal final scores: centre only, never divide step values by ~0
         advantages[rows] = (values[rows] - mean) / (sigma + eps)
     return torch.where(mask, advantages, torch.zeros_like(advantages)).to(_result_dtype(token_values))
 

@@ -304,6 +304,12 @@ class LpRegConfig(Section):
 class HintsConfig(Section):
     """Hinted completions for all-fail prompts (Guide, arXiv:2506.13923; Scaf-GRPO, arXiv:2510.19807)."""
 
+    enabled: bool = Field(
+        False,
+        description="Sample a prompt whose plain group failed every sample again with its hints in context, most"
+        " abstract first (the lowest tier with a success is kept), and train on those completions against the bare"
+        " prompt; prompts without hints are left alone.",
+    )
     clip_low: float | None = Field(
         None,
         ge=0,

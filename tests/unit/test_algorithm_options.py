@@ -74,6 +74,12 @@ def test_tree_advantages_normalise_by_the_siblings_final_scores():
     close(advantages[4], [0.0, 0.0, 0.0])
 
 
+def test_tree_siblings_with_equal_final_scores_are_centred_not_blown_up():
+    values = torch.tensor([[0.4, 1.0], [-0.2, 1.0]])
+    advantages = tree_advantages(values, torch.ones(2, 2), torch.tensor([0, 0]), eps=1e-9)
+    close(advantages, [[0.4 - 1.0, 0.0], [-0.2 - 1.0, 0.0]])
+
+
 def test_tree_advantages_errors():
     with pytest.raises(ValueError, match="both be"):
         tree_advantages(torch.zeros(2, 3), torch.zeros(2, 2), torch.tensor([0, 0]))

@@ -1,0 +1,34 @@
+"""Hints for all-fail prompts in a run (Guide, arXiv:2506.13923; Scaf-GRPO, arXiv:2510.19807; ALGORITHMS.md §6).
+
+`HintRescue` is the `Rescue` of `learner.hints.enabled`: a prompt whose plain group failed every
+sample and that carries hints (procedural tasks do; JSONL lines may) is queued, and an idle worker
+samples it again with its hints in context, most abstract first (`RolloutWorkerCore.rollout_with_hints`).
+The hinted completions are recorded against the bare prompt with their hinted behaviour logprobs,
+so the learner trains them as if the context had no hint, the importance ratio
+`π_θ(o|q) / π_old(o|q,h)` correcting for it (`learner.algorithms.hint_clip_ranges`). A hinted group
+then goes through the same filters as any group (dynamic sampling drops one that still failed
+everywhere).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from orchard.config import RunConfig
+from orchard.records import Group, Prompt
+
+
+@dataclass
+class HintRescue:
+    """Sampling with hints in context for all-fail prompts that have hints."""
+
+    config: RunConfig
+    name: str = "hint"
+
+    def wants(self, group: Group) -> bool:
+        return bool(group.prompt.hints)
+
+    def submit(self, worker: Any, prompts: Sequence[Prompt]) -> Any:
+        return worker.rollout_with_hints.remote(list(prompts))

@@ -1,0 +1,40 @@
+"""The hint rescue: which all-fail prompts it takes and the call it makes."""
+
+from __future__ import annotations
+
+from orchard.config import RunConfig
+from orchard.records import Completion, Group, Prompt
+from services.hints import HintRescue
+from services.rescue import RescueQueue
+
+
+def all_fail(prompt_id: str, hints: tuple[str, ...]) -> Group:
+    prompt = Prompt(id=prompt_id, text="1+1=", answer="2", distribution="test", hints=hints)
+    completion = Completion(text="3", token_ids=[5], logprobs=[-1.0], policy_version=0, correct=False)
+    return Group(prompt=prompt, prompt_token_ids=[1, 2], completions=[completion])
+
+
+class Worker:
+    """Stands in for a RolloutWorker actor handle: records the remote call."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, list[Prompt]]] = []
+        outer = self
+
+        class Method:
+            def remote(self, prompts):
+                outer.calls.append(("rollout_with_hints", prompts))
+                return "ref"
+
+        self.rollout_with_hints = Method()
+
+
+def test_it_wants_all_fail_prompts_that_have_hints():
+    rescue = HintRescue(RunConfig())
+    queue = RescueQueue([rescue])
+    assert queue.offer([all_fail("with", ("len 1", "starts 2")), all_fail("without", ())]) == 1
+    taken = queue.take(4)
+    assert taken is not None and taken[0] is rescue and [p.id for p in taken[1]] == ["with"]
+    worker = Worker()
+    assert rescue.submit(worker, taken[1]) == "ref"
+    assert worker.calls == [("rollout_with_hints", taken[1])]
