@@ -36,6 +36,7 @@ import torch
 from orchard.config import RunConfig
 from orchard.protocols import Buffer
 from orchard.records import Group
+from rollout.weight_broadcast import BroadcastTicket
 from rollout.worker import RolloutResult, RolloutWorker, RolloutWorkerCore
 from services.buffer.factory import make_buffer
 from services.checkpoints import DriverState, checkpoint_path, latest_checkpoint, prune_checkpoints, read_step
@@ -45,11 +46,12 @@ from services.curriculum.sampler import PromptSampler
 from services.deepsearch import RescoreFailed, SearchRescue, is_tree_group
 from services.learner_actor import LearnerActor
 from services.metrics import RunMetrics
+from services.placement import learner_options, reserve, rollout_options
 from services.rescue import RescueQueue, build_rescues
 from services.run_dir import RunDirectory
 from services.supervision import NonFiniteGuard, is_non_finite
 from services.warmstart import warm_start
-from services.weight_sync import WeightSync
+from services.weight_sync import WeightSync, form_broadcast_group
 from verifiers.sources import PromptPool
 
 
@@ -167,7 +169,8 @@ class Driver:
 
         initial_ref = ray.put(state_dict_to_numpy(state_dict))
         self._initial_weights_ref = initial_ref  # a learner that dies before any checkpoint starts again from these
-        self.learner = LearnerActor.options(num_cpus=config.learner.num_cpus).remote(config, initial_ref)
+        self.placement = reserve(config) if config.cluster.placement_groups else None
+        self.learner = LearnerActor.options(**learner_options(config, self.placement)).remote(config, initial_ref)
         self.learner_restarts = 0
         if checkpoint is not None:
             version = self._get(self.learner.load_checkpoint.remote(str(checkpoint)), "learner checkpoint load")
@@ -190,6 +193,7 @@ class Driver:
         self.weight_sync.publish(self.policy_version, initial_ref)
         self._announce(self.policy_version, initial_ref)
         self.weight_sync.push_and_wait(self.workers)
+        self._form_broadcast_group()
         ray.get(self.learner.ping.remote())
         self.metrics.declare_workers(self.workers)
         for worker, version in self.weight_sync.worker_versions.items():
@@ -213,6 +217,8 @@ class Driver:
     def _evaluate(self, weights_ref: Any | None = None) -> tuple[float, dict[str, float]]:
         started = time.perf_counter()
         if weights_ref is not None and self.policy_version > self.evaluator.policy_version:
+            if isinstance(weights_ref, BroadcastTicket):  # transport 'nccl': the evaluator reads a copy
+                weights_ref = self.learner.export_weights_object_store.remote()
             try:
                 weights = ray.get(weights_ref)
             except ray.exceptions.RayActorError as error:
@@ -383,7 +389,7 @@ class Driver:
                 self.throughput.learner_busy_seconds += time.perf_counter() - started
                 self._unacknowledged.extend(g.id for g in groups)
                 if not result["skipped"]:
-                    weights_ref = self.learner.export_weights.remote()
+                    weights_ref = self._export_weights(result["policy_version"])
                     self.weight_sync.publish(result["policy_version"], weights_ref)
                     self._announce(result["policy_version"], weights_ref)
                     for sync_ref, worker in self.weight_sync.push(self.workers).items():
@@ -429,7 +435,7 @@ class Driver:
             )
         self.learner_restarts += 1
         checkpoint = latest_checkpoint(self.run_dir)
-        self.learner = LearnerActor.options(num_cpus=self.config.learner.num_cpus).remote(
+        self.learner = LearnerActor.options(**learner_options(self.config, self.placement)).remote(
             self.config, self._initial_weights_ref
         )
         step = 0
@@ -446,7 +452,8 @@ class Driver:
             f"{checkpoint or 'the warm start'} at step {step} as policy version {version}; {requeued} groups requeued"
         )
         self.metrics.learner_restarts.inc()
-        weights_ref = self.learner.export_weights.remote()
+        self._form_broadcast_group()
+        weights_ref = self._export_weights(version)
         self.weight_sync.publish(version, weights_ref)
         self._announce(version, weights_ref)
         return weights_ref
@@ -464,9 +471,35 @@ class Driver:
                 f"last: {result['skip_reason']}"
             )
 
+    def _export_weights(self, version: int) -> Any:
+        """What to publish for the learner's `version`: the learner's export (shared memory or object
+        store), or with transport 'nccl' a ticket, the learner broadcasting meanwhile."""
+        if self.config.weight_sync.transport != "nccl":
+            return self.learner.export_weights.remote()
+        self._broadcast_call = self.learner.broadcast_weights.remote()
+        return BroadcastTicket(version)
+
+    def _form_broadcast_group(self) -> None:
+        """Transport 'nccl': (re)form the broadcast group of the learner and the current workers."""
+        if self.config.weight_sync.transport != "nccl":
+            return
+        settings = self.config.weight_sync
+        vllm = self.config.rollout.engine == "vllm"
+        group = form_broadcast_group(
+            self.learner,
+            self.workers,
+            ranks_per_worker=self.config.rollout.vllm.tensor_parallel_size if vllm else 1,
+            bucket_bytes=settings.bucket_bytes,
+            timeout_s=settings.timeout_seconds,
+        )
+        self.run_dir.event(
+            f"weight broadcast group formed: {group['world_size']} ranks over {group['backend']} "
+            f"at {group['host']}:{group['port']}, buckets of {settings.bucket_mb} MiB"
+        )
+
     def _new_worker(self, name: str, incarnation: int = 0) -> Any:
         index = int(name.removeprefix("worker-"))
-        return RolloutWorker.options(num_cpus=self.config.rollout.num_cpus_per_worker).remote(
+        return RolloutWorker.options(**rollout_options(self.config, self.placement, index)).remote(
             name, self.config.model, self.config.rollout, seed=self.config.seed * 1000 + index + 7919 * incarnation
         )
 
@@ -489,7 +522,11 @@ class Driver:
         self.run_dir.event(f"rollout worker {name} died ({type(error).__name__}); restart {self.worker_restarts[name]}")
         actor = self.workers[name] = self._new_worker(name, self.worker_restarts[name])
         latest = self.weight_sync.latest
-        confirmed = self._get(actor.load_weights.remote(latest.version, latest.ref), f"weights for restarted {name}")
+        weights = latest.ref
+        if isinstance(weights, BroadcastTicket):  # a copy for the new worker, then a group with it in
+            weights = self.learner.export_weights_object_store.remote()
+        confirmed = self._get(actor.load_weights.remote(latest.version, weights), f"weights for restarted {name}")
+        self._form_broadcast_group()
         self.weight_sync.confirm(name, confirmed["version"])
         self.metrics.observe_worker_version(name, confirmed["version"])
         self.metrics.worker_restarts.labels(worker=name).inc()
