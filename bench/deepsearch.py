@@ -14,22 +14,42 @@ solved by either and by tree search only. `--sweep` adds rows with the entropy t
 the reference's constant width, with 1-token steps, and without merging duplicate steps or widening.
 Tokens are generated tokens (prompt and prefix tokens the engine prefills are not counted).
 Each repeat draws fresh plain samples (and so a fresh budget) and a fresh search for every prompt.
-Run: `python bench/deepsearch.py [--seed 0] [--prompts 40] [--repeats 3] [--sweep]`.
+
+Training comparison (`--train`): GRPO (the demo's learner: GRPO with DAPO's clip-higher and dynamic
+sampling) against the same plus DeepSearch (`rollout.strategy: mcts`: all-fail prompts tree-searched
+within a share of the generated tokens, found solutions cached and mixed into later groups, tree
+trajectories trained on with their per-token values), on a mix with a hard tail, the same seeds and
+the same budget of generated tokens (the search's tokens count; a run stops at the first rollout
+that reaches the budget, so each overshoots by at most one call, and the tokens each run generated
+are printed). Printed per arm and seed: greedy held-out accuracy on the hard tail and overall at the
+end, learner steps, tree-search figures; then the mean over seeds. Run directories go to
+`bench/out/deepsearch/`.
+
+Run: `python bench/deepsearch.py [--seed 0] [--prompts 40] [--repeats 3] [--sweep]` (tree search
+against plain sampling) or `python bench/deepsearch.py --train [--seeds 1 2 3] [--tokens 500000]`.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import random
+import shutil
+import statistics
 import time
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import torch
 
 from orchard.config import load_config
 from orchard.records import Prompt
 from rollout.strategies.mcts import SearchSettings, TreeSearch, run_searches
-from rollout.worker import RolloutWorkerCore, encode_prompt
+from rollout.worker import RolloutResult, RolloutWorkerCore, encode_prompt
+from services.cluster import connect_ray
+from services.driver import Driver
+from services.run_dir import RunDirectory
 from services.warmstart import warm_start
 from verifiers.procedural import generate_prompt
 from verifiers.registry import safe_verify
@@ -37,6 +57,14 @@ from verifiers.sources import PromptPool
 
 PLAIN_FILTER = 16
 PLAIN_BUDGET = 64
+OUT = Path(__file__).resolve().parent / "out" / "deepsearch"
+#: The training mix: learnable distributions, and a hard tail the warm start almost never solves.
+EASY = [("reversal", 1), ("sorting", 1), ("counting", 1)]
+HARD_TAIL = [("addition", 1), ("multiplication", 1)]
+ARMS: dict[str, list[str]] = {
+    "grpo": [],
+    "grpo+deepsearch": ["rollout.strategy=mcts"],
+}
 
 
 @dataclass
@@ -138,6 +166,140 @@ def print_table(rows: list[Row]) -> None:
         )
 
 
+# ------------------------------------------------------------------------------ training comparison
+
+
+class TokenBudgetDriver(Driver):
+    """A run that stops once its rollouts (plain and tree search together) generated `budget` tokens."""
+
+    def __init__(self, *args: Any, budget: int, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.budget = budget
+
+    def _on_rollout(self, result: RolloutResult, kind: str = "sample") -> None:
+        super()._on_rollout(result, kind)
+        if self.throughput.generated_tokens >= self.budget and self.control.may_start_work():
+            self.control.request_stop(f"token budget {self.budget:,} reached")
+
+
+def train_overrides(args: argparse.Namespace) -> list[str]:
+    cells = EASY + HARD_TAIL
+    sources = ", ".join(
+        f"{{kind: procedural, families: [{family}], difficulties: [{level}]}}" for family, level in cells
+    )
+    return [
+        f"data.sources=[{sources}]",
+        f"data.held_out_size={args.held_out}",
+        f"eval.num_prompts={args.held_out}",
+        "eval.every_steps=1000000",
+        "max_steps=1000000",
+        "max_minutes=null",
+        f"rollout.mcts.terminate_num={args.terminate_num}",
+        "checkpoint.every_steps=0",
+    ]
+
+
+def train_one(arm: str, seed: int, args: argparse.Namespace) -> dict[str, Any]:
+    config = load_config(None, [*train_overrides(args), f"seed={seed}", *ARMS[arm], *args.overrides])
+    connect_ray(config)
+    run_dir = RunDirectory(OUT, f"{arm}-seed{seed}")
+    if run_dir.path.exists():
+        shutil.rmtree(run_dir.path)
+    run_dir = RunDirectory(OUT, f"{arm}-seed{seed}")
+    started = time.perf_counter()
+    summary = TokenBudgetDriver(config, run_dir, show_progress=False, budget=args.tokens).run()
+    hard = [f"{family}/d{level}" for family, level in HARD_TAIL]
+    by_distribution = summary["held_out_by_distribution_final"]
+    initial = summary["held_out_by_distribution_initial"]
+    search = summary.get("deepsearch") or {}
+    result = {
+        "arm": arm,
+        "seed": seed,
+        "steps": summary["steps"],
+        "generated_tokens": summary["generated_tokens"],
+        "overall_initial": summary["held_out_accuracy_initial"],
+        "overall": summary["held_out_accuracy_final"],
+        # the held-out split is even across distributions, so the tail's accuracy is their plain mean
+        "hard_initial": statistics.fmean(initial[d] for d in hard),
+        "hard": statistics.fmean(by_distribution[d] for d in hard),
+        "by_distribution": by_distribution,
+        "searched": search.get("prompts_searched", 0),
+        "solved": search.get("prompts_solved", 0),
+        "cache_hits": search.get("cache_hits", 0),
+        "search_share": search.get("search_token_share", 0.0),
+        "tree_groups_kept": search.get("tree_groups_kept", 0),
+        "seconds": time.perf_counter() - started,
+    }
+    (run_dir.path / "bench.json").write_text(json.dumps(result, indent=2))
+    print(
+        f"  {arm:<16} seed {seed}: {result['steps']} steps, {result['generated_tokens']:,} tokens,"
+        f" hard tail {result['hard_initial']:.3f} -> {result['hard']:.3f},"
+        f" overall {result['overall_initial']:.3f} -> {result['overall']:.3f}"
+        + (
+            f", searched {result['searched']} (solved {result['solved']}), cache hits {result['cache_hits']},"
+            f" search share {result['search_share']:.2f}"
+            if arm != "grpo"
+            else ""
+        )
+        + f", {result['seconds']:.0f} s",
+        flush=True,
+    )
+    return result
+
+
+def per_seed(results: list[dict[str, Any]], key: str) -> str:
+    return ", ".join(f"{result[key]:.3f}" for result in results)
+
+
+def report_training(results: list[dict[str, Any]], args: argparse.Namespace) -> None:
+    header = (
+        f"{'arm':<16} {'hard tail (per seed)':<30} {'overall (per seed)':<30} {'steps':>6} {'tokens':>10}"
+        f" {'searched':>9} {'solved':>7} {'cache hits':>10} {'search share':>12}"
+    )
+    print("\n" + header)
+    print("-" * len(header))
+    means = {}
+    for arm in ARMS:
+        mine = [r for r in results if r["arm"] == arm]
+        if not mine:
+            continue
+        hard = statistics.fmean(r["hard"] for r in mine)
+        overall = statistics.fmean(r["overall"] for r in mine)
+        means[arm] = hard
+        hard_cell = f"{hard:.3f} ({per_seed(mine, 'hard')})"
+        overall_cell = f"{overall:.3f} ({per_seed(mine, 'overall')})"
+        print(
+            f"{arm:<16} {hard_cell:<30} {overall_cell:<30} {statistics.fmean(r['steps'] for r in mine):>6.0f}"
+            f" {statistics.fmean(r['generated_tokens'] for r in mine):>10,.0f}"
+            f" {statistics.fmean(r['searched'] for r in mine):>9.0f} {statistics.fmean(r['solved'] for r in mine):>7.0f}"
+            f" {statistics.fmean(r['cache_hits'] for r in mine):>10.0f}"
+            f" {statistics.fmean(r['search_share'] for r in mine):>12.2f}"
+        )
+    initial = statistics.fmean(r["hard_initial"] for r in results)
+    print(f"\nwarm-start hard-tail accuracy (mean over seeds) {initial:.3f}; hard tail = {HARD_TAIL}")
+    if len(means) == 2:
+        difference = means["grpo+deepsearch"] - means["grpo"]
+        print(
+            f"GRPO + DeepSearch minus GRPO on the hard tail, mean of seeds {args.seeds}: {difference:+.3f}"
+            f" at {args.tokens:,} generated tokens per run"
+        )
+
+
+def train_main(args: argparse.Namespace) -> None:
+    started = time.perf_counter()
+    print(
+        f"training comparison: {', '.join(ARMS)}; seeds {args.seeds}; {args.tokens:,} generated tokens per run;"
+        f" mix {EASY + HARD_TAIL}, hard tail {HARD_TAIL}; {args.held_out} held-out prompts",
+        flush=True,
+    )
+    results = []
+    for seed in args.seeds:
+        for arm in args.arms:
+            results.append(train_one(arm, seed, args))
+    report_training(results, args)
+    print(f"{time.perf_counter() - started:.0f} s in all")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--seed", type=int, default=0)
@@ -146,7 +308,17 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3, help="Fresh plain samples and searches per prompt.")
     parser.add_argument("--sweep", action="store_true", help="Also the entropy term, other widths and step sizes.")
+    parser.add_argument("--train", action="store_true", help="The training comparison instead of the search one.")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3], help="Training: seeds of both arms.")
+    parser.add_argument("--tokens", type=int, default=500_000, help="Training: generated tokens per run.")
+    parser.add_argument("--held-out", type=int, default=500, help="Training: held-out prompts (evenly split).")
+    parser.add_argument("--terminate-num", type=int, default=16, help="Training: trajectories per tree search.")
+    parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE")
     args = parser.parse_args()
+    if args.train:
+        train_main(args)
+        return
     started = time.perf_counter()
     torch.manual_seed(args.seed)
     config = load_config(None)

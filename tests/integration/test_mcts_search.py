@@ -63,10 +63,11 @@ def test_worker_search_respects_the_token_budget(worker, budget):
     assert result.nodes_expanded > 0
     for group in result.groups:
         assert group.policy_version == worker.policy_version
-        assert len(result.token_advantages[group.id]) == len(group.completions)
         prompt_ids = group.prompt_token_ids
         for completion in group.completions:
             assert len(completion.token_ids) == len(completion.logprobs) <= worker.config.max_new_tokens
+            assert completion.source == "tree" and len(completion.token_values) == len(completion.token_ids)
+            assert completion.token_values[-1] in (1.0, -1.0)  # the terminal's value after its one backup
             assert completion.logprobs == pytest.approx(
                 engine_logprobs(worker, prompt_ids, completion.token_ids), abs=1e-4
             )
