@@ -6,8 +6,9 @@ estimator (per-token ones for tree trajectories) and the PPO-clip loss with its 
 hinted samples' clip range, KL to a reference), adds HPT's SFT loss for the groups it switches
 (`learner.algorithms`), accumulates gradients over micro-batches and takes one optimizer step
 through a real `deepspeed.initialize` engine (ZeRO stage 0-3 from `LearnerConfig`). On a machine
-without CUDA DeepSpeed runs on its CPU accelerator as a single-rank process group; with CUDA it
-trains in bf16.
+without CUDA DeepSpeed runs on its CPU accelerator as a single-rank process group. A model built in
+bfloat16 (`model.dtype: bfloat16`, the GPU recipes) trains in DeepSpeed's bf16 mode (fp32 master
+weights and optimizer state, bf16 forward and backward); any other dtype trains in that dtype.
 
 Micro-batching never changes the result: micro-batch `j` contributes `loss_j · w_j` with
 `w_j = tokens_j / tokens` (token-mean) or `w_j = sequences_j / sequences` (the per-sequence
@@ -183,7 +184,7 @@ class GRPOTrainer:
 
         self._deepspeed = deepspeed
         torch.manual_seed(seed)
-        bf16 = torch.cuda.is_available()
+        bf16 = next(model.parameters()).dtype == torch.bfloat16
         # The reference is copied before DeepSpeed takes the model (ZeRO-3 partitions it in place).
         reference = copy.deepcopy(model) if config.kl_coef > 0 else None
         self.engine, _, _, _ = deepspeed.initialize(
