@@ -12,7 +12,7 @@ Prints the calibration inputs, a check against the demo's measured async/sync sp
 scaling table of docs/scaling.md. Runs in a few seconds; it is a model, not a measurement (see
 docs/scaling.md for what it leaves out).
 
-Run: `python bench/simulate.py [--steps 10] [--seed 0]`; `--calibrate` re-measures the two
+Run: `python bench/simulate.py [--steps 5] [--seed 0]`; `--calibrate` re-measures the two
 inputs measured on this machine (Redis cost per byte, math-verify cost per answer).
 """
 
@@ -309,6 +309,9 @@ class Result:
         weight_sync = max(self.engine_pause_share, self.learner_publish_share)
         if weight_sync >= 0.3:
             return "weight sync"
+        # A single FIFO server half busy already makes the learner's take wait behind the puts.
+        if self.redis_busy >= 0.5:
+            return "redis"
         shares = {
             "learner": self.learner_busy,
             "rollout": self.rollout_utilisation,
@@ -706,7 +709,7 @@ TABLE_HEADER = (
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=6, help="learner steps measured after the warm-up")
+    parser.add_argument("--steps", type=int, default=5, help="learner steps measured after the warm-up")
     parser.add_argument("--warmup", type=int, default=5, help="learner steps simulated before measuring")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--calibrate", action="store_true", help="re-measure the inputs measured on this machine")
@@ -790,12 +793,27 @@ def main() -> None:
     )
     print(f"\nC. Short answers: {small.name}, {small.groups_per_step} groups per step, async s=4, NCCL")
     print(TABLE_HEADER)
-    for gpus in (1024,):
+    for gpus in (256, 1024):
         rollout, learner = balanced_split(calibration, small, gpus)
         layout = Layout(rollout, learner, max_staleness=4)
         result = simulate(gpu_costs(calibration, small, layout), steps=args.steps, warmup=args.warmup, seed=args.seed)
         events += result.events
         print(format_row(gpus, small.groups_per_step, layout, result, None).replace("| 1.00x |", "| – |"), flush=True)
+    slow = replace(calibration, hbm_efficiency=calibration.hbm_efficiency / 4)
+    print(
+        f"\nD. Sensitivity: decoding 4x slower than the roofline (hbm_efficiency {slow.hbm_efficiency:.3f}), "
+        f"{workload.name}, {workload.groups_per_step} groups per step, split rebalanced"
+    )
+    print(TABLE_HEADER)
+    for gpus in (64, 256):
+        sync = None
+        layouts = layouts_for(slow, workload, gpus)
+        for layout in (layouts[0], layouts[2]):
+            result = simulate(gpu_costs(slow, workload, layout), steps=args.steps, warmup=args.warmup, seed=args.seed)
+            events += result.events
+            print(format_row(gpus, workload.groups_per_step, layout, result, sync), flush=True)
+            if layout.colocated:
+                sync = result
     print(f"\n{events:,} events simulated in {time.perf_counter() - started:.1f} s")
 
 
