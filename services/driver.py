@@ -716,7 +716,7 @@ class Driver:
             f"tree search on {result.worker} at policy version {result.policy_version}: {searched} prompts, "
             f"{solved} solved, {sum(len(g.completions) for g in result.groups)} trajectories, "
             f"{result.nodes_expanded} nodes expanded, {result.generated_tokens} tokens in "
-            f"{result.generate_seconds + result.verify_seconds:.1f} s; {admitted} solutions cached; "
+            f"{result.generate_seconds + result.verify_seconds:.2f} s; {admitted} solutions cached; "
             f"search share of generated tokens {counts.tokens / max(1, counts.tokens + counts.plain_tokens):.2f}"
         )
 
