@@ -53,7 +53,9 @@ def tree_filter_reason(group: Group) -> str | None:
     are all equal that std is 0: the group has no outcome contrast and its step values divided by
     ~0 would blow up, so it is dropped as `zero_advantage` — whether or not dynamic sampling is on.
     A tree group with differing final scores is kept even when its rewards are all equal (a wrong
-    answer and an incomplete path may both score reward 0), which dynamic sampling would drop.
+    answer and an incomplete path may both score reward 0), which dynamic sampling would drop. The
+    difficulty band does not apply either: it judges the policy's own pass rate, which for a searched
+    prompt is 0 by construction, so it would drop every rescue.
     """
     finals = [c.token_values[-1] for c in group.completions if c.token_values]
     if len(finals) >= 2 and max(finals) == min(finals):
