@@ -95,6 +95,23 @@ def evaluate_by_distribution(evaluator: RolloutWorkerCore, prompts: list) -> tup
     return fmean(result.correct), {d: fmean(v) for d, v in sorted(by_distribution.items())}
 
 
+class WorkerEvaluator:
+    """Held-out evaluation on a rollout worker (vLLM runs: the driver holds no engine of its own), with
+    the weights that worker holds; the version that answered is the `EvalResult`'s."""
+
+    def __init__(self, worker: Any) -> None:
+        self._worker = worker  # a callable returning the current actor (it may have been replaced)
+        self.policy_version = -1
+
+    def load_weights(self, version: int, weights: Any) -> dict[str, Any]:
+        return {"version": version, "seconds": 0.0, "skipped": True}  # the worker gets every version anyway
+
+    def evaluate(self, prompts: list) -> Any:
+        result = ray.get(self._worker().evaluate.remote(prompts))
+        self.policy_version = result.policy_version
+        return result
+
+
 #: Name of the curriculum's state in the buffer's named state (survives a driver restart).
 CURRICULUM_STATE = "curriculum"
 #: How often a paused driver looks for checkpoint requests while it waits.
@@ -210,13 +227,20 @@ class Driver:
         self.metrics.set_distributions(self.sampler.probabilities())
         self.metrics.observe_buffer(self.buffer.ready_count(), self.buffer.pending_count())
 
-        self.evaluator = RolloutWorkerCore("evaluator", config.model, config.rollout, seed=config.seed)
+        if config.rollout.engine == "vllm":  # no engine in the driver: a rollout worker answers
+            self.evaluator = WorkerEvaluator(lambda: self.workers["worker-0"])
+        else:
+            self.evaluator = RolloutWorkerCore("evaluator", config.model, config.rollout, seed=config.seed)
         self.evaluator.load_weights(self.policy_version, state_dict)
         self.held_out = self.pool.held_out[: config.eval.num_prompts]
 
     def _evaluate(self, weights_ref: Any | None = None) -> tuple[float, dict[str, float]]:
         started = time.perf_counter()
-        if weights_ref is not None and self.policy_version > self.evaluator.policy_version:
+        if (
+            weights_ref is not None
+            and self.policy_version > self.evaluator.policy_version
+            and not isinstance(self.evaluator, WorkerEvaluator)
+        ):
             if isinstance(weights_ref, BroadcastTicket):  # transport 'nccl': the evaluator reads a copy
                 weights_ref = self.learner.export_weights_object_store.remote()
             try:

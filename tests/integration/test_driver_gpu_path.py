@@ -34,3 +34,31 @@ def test_short_run_with_broadcast_weights_in_placement_groups(ray_local, tmp_pat
     metrics = run_dir.read_metrics()
     assert metrics[1]["eval_accuracy"] is not None  # the evaluator got the weights as a copy
     conservation(summary)
+
+
+def test_vllm_runs_evaluate_on_a_rollout_worker(ray_local):
+    """With engine 'vllm' the driver has no engine: held-out prompts go to a worker, which answers
+    with the version it holds (here a torch worker stands in for the vLLM one)."""
+    import ray
+
+    from learner.weights import state_dict_to_numpy
+    from orchard.config import ModelConfig, RolloutConfig, TinyModelConfig
+    from orchard.records import Prompt
+    from rollout.model import build_model
+    from rollout.tokenizer import load_tokenizer
+    from rollout.worker import RolloutWorker
+    from services.driver import WorkerEvaluator, evaluate_by_distribution
+
+    model = ModelConfig(tiny=TinyModelConfig(hidden_size=32, intermediate_size=64, num_layers=2))
+    worker = RolloutWorker.options(num_cpus=0.5).remote("worker-0", model, RolloutConfig(max_new_tokens=4))
+    try:
+        weights = state_dict_to_numpy(build_model(model, load_tokenizer(model)).state_dict())
+        ray.get(worker.load_weights.remote(4, weights))
+        evaluator = WorkerEvaluator(lambda: worker)
+        assert evaluator.load_weights(5, None)["skipped"]
+        prompts = [Prompt(id=f"p{i}", text=f"{i}+1=", answer=str(i + 1), distribution=f"d{i % 2}") for i in range(4)]
+        accuracy, by_distribution = evaluate_by_distribution(evaluator, prompts)
+        assert 0.0 <= accuracy <= 1.0 and set(by_distribution) == {"d0", "d1"}
+        assert evaluator.policy_version == 4
+    finally:
+        ray.kill(worker)
