@@ -1,1 +1,2 @@
-"""Generation engines implementing `orchard.protocols.Engine`: `torch_engine.TorchEngine` runs on CPU."""
+"""Generation engines implementing `orchard.protocols.Engine`: `torch_engine.TorchEngine` (CPU, or a GPU
+when the worker has one) and `vllm.VLLMEngine` (GPUs; vLLM imported only when one is built)."""
