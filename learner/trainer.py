@@ -82,6 +82,7 @@ class StepResult:
     masked_truncated: int = 0  # overlong filtering: truncated completions left out of the loss
     hinted_sequences: int = 0  # completions sampled with a hint in context
     tree_sequences: int = 0  # completions trained with per-token tree advantages
+    completion_length_mean: float = 0.0  # mean completion tokens of the batch (DLER reports it beside accuracy)
 
 
 def _finite_or_zero(value: float) -> float:
@@ -99,7 +100,8 @@ def prepare_deepspeed_environment() -> None:
 
     Without CUDA, DeepSpeed is told to use its CPU accelerator (it must be set before the import).
     Without an initialised `torch.distributed`, the environment of a one-rank process group is set
-    (a free local port); variables already set, e.g. by a launcher, win.
+    (a free local port); with one, its rank variables are restated; variables already set, e.g. by a
+    launcher, win.
     """
     if not torch.cuda.is_available():
         os.environ["DS_ACCELERATOR"] = "cpu"
@@ -109,6 +111,13 @@ def prepare_deepspeed_environment() -> None:
         os.environ.setdefault("RANK", "0")
         os.environ.setdefault("WORLD_SIZE", "1")
         os.environ.setdefault("LOCAL_RANK", "0")
+    else:
+        # An existing process group (an earlier trainer in this process) whose environment was since
+        # cleared: DeepSpeed still reads the rank variables, so they are restated from the group.
+        rank = torch.distributed.get_rank()
+        os.environ.setdefault("RANK", str(rank))
+        os.environ.setdefault("WORLD_SIZE", str(torch.distributed.get_world_size()))
+        os.environ.setdefault("LOCAL_RANK", str(rank))
 
 
 def deepspeed_config(config: LearnerConfig, *, bf16: bool) -> dict[str, Any]:
@@ -220,6 +229,7 @@ class GRPOTrainer:
             "masked_truncated": int((tensors.truncated & ~keep).sum()) if self.config.overlong.mask_truncated else 0,
             "hinted_sequences": int(tensors.hinted.sum()),
             "tree_sequences": int(tensors.value_mask.any(-1).sum()),
+            "completion_length_mean": float(tensors.lengths.float().mean()),
         }
 
         def skipped(reason: str, **stats: float) -> StepResult:

@@ -151,6 +151,7 @@ def test_dler_truncation_zeroes_long_completions():
     trainer = make_trainer(advantage="lite_ppo", length_penalty={"enabled": True, "target_length": 4})
     result = trainer.train_step([length_only_group()])
     assert not result.skipped and result.advantages_abs_mean > 0
+    assert result.completion_length_mean == (2 + 4 + 6 + 8) / 4
 
 
 # ------------------------------------------------------------------------------------------ Lp-Reg and KL
