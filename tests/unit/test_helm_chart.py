@@ -460,3 +460,39 @@ def test_rayjob_runtime_env_matches_deploy_runtime_env(default_objects):
     job_env = yaml.safe_load(one(default_objects, "RayJob")["spec"]["runtimeEnvYAML"])
     RuntimeEnv(**job_env)
     assert job_env["env_vars"] == shipped["env_vars"]
+
+
+# Field names of KubeRay's ray.io/v1 API (ray-operator/apis/ray/v1: RayJobSpec, RayClusterSpec,
+# HeadGroupSpec, WorkerGroupSpec) that the chart may use: a misspelt field would be dropped by the
+# API server without a word.
+RAYJOB_SPEC_FIELDS = {
+    "activeDeadlineSeconds", "backoffLimit", "rayClusterSpec", "submitterPodTemplate", "metadata",
+    "clusterSelector", "submitterConfig", "entrypoint", "runtimeEnvYAML", "jobId", "submissionMode",
+    "entrypointResources", "entrypointNumCpus", "entrypointNumGpus", "ttlSecondsAfterFinished",
+    "shutdownAfterJobFinishes", "suspend",
+}  # fmt: skip
+RAYCLUSTER_SPEC_FIELDS = {
+    "rayVersion", "enableInTreeAutoscaling", "autoscalerOptions", "headServiceAnnotations",
+    "headGroupSpec", "workerGroupSpecs", "suspend", "managedBy",
+}  # fmt: skip
+HEAD_GROUP_FIELDS = {"serviceType", "headService", "enableIngress", "rayStartParams", "template"}
+WORKER_GROUP_FIELDS = {
+    "groupName", "replicas", "minReplicas", "maxReplicas", "idleTimeoutSeconds", "rayStartParams",
+    "template", "scaleStrategy", "numOfHosts", "suspend",
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("values", [None, "multinode", {"mode": "raycluster"}])
+def test_ray_objects_use_only_kuberay_fields(values):
+    objects = render(gpu_values() if values == "multinode" else values)
+    ray = [o for o in objects if o["apiVersion"] == "ray.io/v1"]
+    assert len(ray) == 1
+    if ray[0]["kind"] == "RayJob":
+        assert set(ray[0]["spec"]) <= RAYJOB_SPEC_FIELDS
+    spec = cluster_spec(objects)
+    assert set(spec) <= RAYCLUSTER_SPEC_FIELDS
+    assert set(spec["headGroupSpec"]) <= HEAD_GROUP_FIELDS
+    for group in spec["workerGroupSpecs"]:
+        assert set(group) <= WORKER_GROUP_FIELDS
+        assert all(isinstance(value, str) for value in group["rayStartParams"].values())
+    assert all(isinstance(value, str) for value in spec["headGroupSpec"]["rayStartParams"].values())
