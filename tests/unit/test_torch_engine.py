@@ -6,6 +6,7 @@ initialisation, so that logits are far from uniform and greedy decoding never hi
 
 import math
 import re
+import shutil
 import warnings
 
 import numpy as np
@@ -594,3 +595,118 @@ def test_numpy_prompts_are_accepted(engine, prompts):
     params = SamplingParams(temperature=0.0, max_new_tokens=5)
     as_numpy = engine.generate([np.array(p) for p in prompts], params)
     assert [o.token_ids for o in as_numpy] == [o.token_ids for o in engine.generate(prompts, params)]
+
+
+# ----------------------------------------------------------------------- (i) the compiled forward pass
+
+#: Geometries the kernel must handle: head_dim 16 (one AVX-512 vector), 32 (the demo's), and 24 (not a
+#: multiple of the vector width: the scalar attention path), with grouped and plain multi-head attention.
+KERNEL_GEOMETRIES = {
+    "head_dim16-gqa": {},
+    "head_dim32-mha": {"hidden_size": 128, "num_heads": 4, "num_kv_heads": 4},
+    "head_dim24-one-kv-head": {"hidden_size": 96, "num_heads": 4, "num_kv_heads": 1},
+}
+
+
+@pytest.fixture(scope="module")
+def kernel():
+    from rollout.engines.kernels import forward_tokens_kernel
+
+    op = forward_tokens_kernel()
+    if op is None and shutil.which("g++") is None and shutil.which("c++") is None:
+        pytest.skip("no C++ compiler here: TorchEngine runs in plain torch")
+    assert op is not None, "a C++ compiler is present but the kernel did not build (see the warning)"
+    return op
+
+
+def engine_pair(tokenizer, geometry: dict, **kwargs) -> tuple[TorchEngine, TorchEngine]:
+    model = make_model(tokenizer, seed=4, **geometry)
+    fused = TorchEngine(model, tokenizer, **kwargs)
+    return fused, TorchEngine(model, tokenizer, fused_kernel=False, **kwargs)
+
+
+@pytest.mark.parametrize("geometry", KERNEL_GEOMETRIES.values(), ids=KERNEL_GEOMETRIES.keys())
+def test_kernel_prefill_and_decode_equal_the_torch_path(kernel, tokenizer, prompts, geometry):
+    fused, plain = engine_pair(tokenizer, geometry)
+    assert fused._kernel_weights() is not None and plain._kernel_weights() is None
+    ids, mask = left_pad(prompts, tokenizer.pad_id)
+    valid = mask.bool()
+    pad_counts = (~valid).sum(-1)
+    length, steps = ids.shape[1], 3
+    caches = {engine: engine._new_cache(len(prompts), length + steps) for engine in (fused, plain)}
+    with torch.inference_mode():
+        hidden = {engine: engine._prefill(ids, valid, pad_counts, caches[engine]) for engine in caches}
+        torch.testing.assert_close(hidden[fused], hidden[plain], atol=1e-5, rtol=1e-5)
+        # Keys and values of the real tokens (the kernel leaves padding slots unwritten).
+        slot_valid = valid[None, None, :, None, :, None].expand_as(caches[plain][..., :length, :])
+        torch.testing.assert_close(
+            caches[fused][..., :length, :][slot_valid], caches[plain][..., :length, :][slot_valid], atol=1e-5, rtol=1e-5
+        )
+        decode_mask = torch.zeros(len(prompts), plain.num_kv_heads, 1, length + steps)
+        decode_mask[:, :, 0, :length].masked_fill_(~valid[:, None], float("-inf"))
+        tokens = torch.tensor([5, 17, 3, 60, 9])
+        for step in range(steps):
+            slot = length + step
+            hidden = {
+                engine: engine._decode(tokens, pad_counts, decode_mask, caches[engine], slot) for engine in caches
+            }
+            torch.testing.assert_close(hidden[fused], hidden[plain], atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(caches[fused][..., slot, :], caches[plain][..., slot, :], atol=1e-5, rtol=1e-5)
+            tokens = (tokens * 7 + step) % tokenizer.vocab_size
+
+
+@pytest.mark.parametrize("geometry", KERNEL_GEOMETRIES.values(), ids=KERNEL_GEOMETRIES.keys())
+def test_kernel_generation_equals_the_torch_path(kernel, tokenizer, prompts, geometry):
+    """Same tokens and logprobs to float32 rounding, greedy and sampled, with rows finishing early
+    (compaction) and repeated prompts (one prefill per distinct prompt)."""
+    fused, plain = engine_pair(tokenizer, geometry, max_batch_size=8)
+    batch = [prompt for prompt in prompts for _ in range(2)]
+    for params in (
+        SamplingParams(temperature=0.0, max_new_tokens=20),
+        SamplingParams(temperature=1.0, max_new_tokens=20, seed=11),
+        SamplingParams(temperature=0.8, top_p=0.9, max_new_tokens=20, seed=12),
+    ):
+        expected = plain.generate(batch, params)
+        outputs = fused.generate(batch, params)
+        assert [o.token_ids for o in outputs] == [o.token_ids for o in expected]
+        assert [o.finish_reason for o in outputs] == [o.finish_reason for o in expected]
+        for output, reference in zip(outputs, expected, strict=True):
+            np.testing.assert_allclose(output.logprobs, reference.logprobs, atol=ATOL, rtol=0)
+    assert any(o.finish_reason == "stop" for o in expected), "the test needs rows that finish early"
+
+
+def test_kernel_refuses_inputs_outside_the_cache_naming_them(kernel, engine, tokenizer):
+    cache = engine._new_cache(2, 4)
+    weights = engine._kernel_weights()
+    arguments = (engine._embed, weights, engine._rope_table, cache, engine.num_heads, engine.num_kv_heads, engine.eps)
+    ids, rows, first_slot, every = (
+        torch.tensor([3, 4]),
+        torch.tensor([0, 1]),
+        torch.tensor([0, 1]),
+        torch.empty(0, dtype=torch.long),
+    )
+    with torch.inference_mode():
+        with pytest.raises(RuntimeError, match="token 1 has row 1 slot 4, outside the cache's 2 rows of 4 slots"):
+            kernel(ids, rows, torch.tensor([0, 4]), first_slot, every, *arguments)
+        with pytest.raises(RuntimeError, match="token 1 at slot 0 of a row whose padding ends at 1"):
+            kernel(ids, rows, torch.tensor([0, 0]), first_slot, every, *arguments)
+        with pytest.raises(RuntimeError, match="rows must be a contiguous int64 CPU vector of 2 entries"):
+            kernel(ids, rows.int(), torch.tensor([0, 1]), first_slot, every, *arguments)
+
+
+def test_the_engine_runs_in_plain_torch_when_the_kernel_cannot_be_built(model, tokenizer, prompts, monkeypatch):
+    from rollout.engines import kernels
+
+    def no_compiler() -> None:
+        raise RuntimeError("no C++ compiler (g++ or c++) on PATH")
+
+    monkeypatch.setattr(kernels, "_loaded", {})
+    monkeypatch.setattr(kernels, "_build", no_compiler)
+    with pytest.warns(RuntimeWarning, match=r"plain torch \(slower\).*no C\+\+ compiler"):
+        engine = TorchEngine(model, tokenizer)
+    assert engine._kernel is None
+    outputs = engine.generate(prompts, SamplingParams(temperature=0.0, max_new_tokens=6))
+    assert [o.token_ids for o in outputs] == [hf_greedy(model, p, 6, tokenizer.eos_id) for p in prompts]
+    monkeypatch.setattr(kernels, "_loaded", {})
+    monkeypatch.setenv(kernels.DISABLE_VARIABLE, "0")
+    assert kernels.forward_tokens_kernel() is None

@@ -43,7 +43,9 @@ void silu_mul(const float* gate_up, float* out, int64_t rows, int64_t width) {
     int64_t i = 0;
     for (; i + Vec::size() <= width; i += Vec::size()) {
       Vec g = Vec::loadu(gate + i);
-      (g / (one + g.neg().exp()) * Vec::loadu(up + i)).store(dst + i);
+      // exp_u20 (ATen's inlined polynomial, within 20 ulp) rather than Sleef's exp: a third faster here,
+      // and SiLU's result moves by under 3e-7 relative.
+      (g / (one + g.neg().exp_u20()) * Vec::loadu(up + i)).store(dst + i);
     }
     for (; i < width; ++i) dst[i] = gate[i] / (1.0f + std::exp(-gate[i])) * up[i];
   }
@@ -77,15 +79,26 @@ void attend(const float* queries, int64_t group, const float* keys, const float*
     float* weights = scores + first;
     at::vec::map([highest](Vec s) { return (s - Vec(highest)).exp(); }, weights, weights, count);
     const float total = at::vec::reduce_all<float>([](Vec a, Vec b) { return a + b; }, weights, count);
-    Vec acc[Chunks];
-    for (int64_t c = 0; c < Chunks; ++c) acc[c] = Vec(0.0f);
-    for (int64_t j = first; j <= last; ++j) {
+    // Two slots per iteration into two sets of accumulators: one chain of dependent FMAs would wait on
+    // each one's latency.
+    Vec even[Chunks], odd[Chunks];
+    for (int64_t c = 0; c < Chunks; ++c) even[c] = odd[c] = Vec(0.0f);
+    int64_t j = first;
+    for (; j + 1 <= last; j += 2) {
+      const Vec first_weight(scores[j]), second_weight(scores[j + 1]);
+      const float* value = values + j * head_dim;
+      for (int64_t c = 0; c < Chunks; ++c) {
+        even[c] = at::vec::fmadd(first_weight, Vec::loadu(value + c * Vec::size()), even[c]);
+        odd[c] = at::vec::fmadd(second_weight, Vec::loadu(value + head_dim + c * Vec::size()), odd[c]);
+      }
+    }
+    if (j <= last) {
       const Vec weight(scores[j]);
       const float* value = values + j * head_dim;
-      for (int64_t c = 0; c < Chunks; ++c) acc[c] = at::vec::fmadd(weight, Vec::loadu(value + c * Vec::size()), acc[c]);
+      for (int64_t c = 0; c < Chunks; ++c) even[c] = at::vec::fmadd(weight, Vec::loadu(value + c * Vec::size()), even[c]);
     }
     const Vec inverse(1.0f / total);
-    for (int64_t c = 0; c < Chunks; ++c) (acc[c] * inverse).store(out + h * out_stride + c * Vec::size());
+    for (int64_t c = 0; c < Chunks; ++c) ((even[c] + odd[c]) * inverse).store(out + h * out_stride + c * Vec::size());
   }
 }
 
