@@ -222,7 +222,8 @@ def test_the_rayjob_runs_orchard_run_with_a_valid_config(which, default_objects,
     assert config.control.host == "0.0.0.0"
     assert config.control.port == named_port(head_container(objects), "control")
     assert config.buffer.backend == "redis"
-    mount = chart_defaults()["storage"]["mountPath"]
+    given = gpu_values() if which == "multinode" else {}
+    mount = given.get("storage", {}).get("mountPath", chart_defaults()["storage"]["mountPath"])
     head_mounts = {m["mountPath"] for m in head_container(objects)["volumeMounts"]}
     assert mount in head_mounts
     assert config.runs_dir.startswith(mount + "/") and config.warmstart.cache_dir.startswith(mount + "/")
@@ -387,7 +388,7 @@ def test_gpu_values_place_gpu_worker_groups(gpu_objects):
         assert group["replicas"] == group["minReplicas"] == group["maxReplicas"] == wanted["replicas"]
         pod = group["template"]["spec"]
         (container,) = pod["containers"]
-        assert container["resources"]["limits"]["nvidia.com/gpu"] == 8
+        assert container["resources"]["limits"]["nvidia.com/gpu"] == wanted["resources"]["limits"]["nvidia.com/gpu"]
         assert container["resources"]["requests"] == wanted["resources"]["requests"]
         assert pod["nodeSelector"] == wanted["nodeSelector"]
         assert pod["tolerations"] == wanted["tolerations"]
@@ -398,9 +399,24 @@ def test_gpu_values_place_gpu_worker_groups(gpu_objects):
     head = spec["headGroupSpec"]
     assert head["rayStartParams"]["num-cpus"] == "0"
     assert head["template"]["spec"]["nodeSelector"] == values["ray"]["head"]["nodeSelector"]
-    config = entrypoint_config(gpu_objects)
-    assert config.rollout.num_workers == 32
     assert one(gpu_objects, "RayJob")["spec"]["activeDeadlineSeconds"] == values["run"]["activeDeadlineSeconds"]
+
+
+def test_gpu_values_hold_exactly_the_gpus_the_run_asks_for(gpu_objects):
+    """The recipe's engines fill the rollout group and its learner fits the learner group."""
+    config = entrypoint_config(gpu_objects)
+    assert config.rollout.engine == "vllm" and config.weight_sync.transport == "nccl"
+    gpus = {
+        group["groupName"]: group["replicas"]
+        * group["template"]["spec"]["containers"][0]["resources"]["limits"].get("nvidia.com/gpu", 0)
+        for group in cluster_spec(gpu_objects)["workerGroupSpecs"]
+    }
+    assert config.rollout.num_workers * config.cluster.rollout_gpus_per_worker == gpus["rollout"]
+    assert config.cluster.learner_gpus == gpus["learner"]
+    # The recipe reads its model and data from the shared volume the chart mounts.
+    mount = gpu_values()["storage"]["mountPath"]
+    assert config.model.path.startswith(mount + "/")
+    assert all(source.path.startswith(mount + "/") for source in config.data.sources)
 
 
 def test_default_head_and_worker_have_resources(default_objects):
