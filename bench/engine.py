@@ -5,12 +5,14 @@ the same batch of 64 left-padded prompts of 9-13 tokens (bos + 8-12 characters),
 temperature 1 from the full distribution (no top-k/top-p) with a KV cache (`use_cache=True`). Neither
 stops early: eos is disabled in both (`eos_token_ids=()` for the engine, `eos_token_id=None` for
 `generate`; eos may be sampled but ends nothing) and there are no stop strings, so both generate exactly
-`batch × new_tokens` tokens, and tokens/s counts exactly those. Calls alternate between the two, one
-warm-up each, then the median of `--repeats`. The last column times the weight matmuls of one
+`batch × new_tokens` tokens, and tokens/s counts exactly those. The engine runs its compiled forward pass
+(`rollout/engines/kernels.py`; the header says when it could not be built); the same engine in plain
+torch (`fused_kernel=False`) is timed beside it. Calls alternate between the runs, one warm-up each, then
+the median of `--repeats`. The last column times the weight matmuls of one
 `generate` call alone (prefill, decode steps, lm head, on random activations): work both must do (the
 engine skips the last layer's non-final prompt positions), so it bounds how far either can go. Before
-timing, greedy decoding of a few prompts is checked to agree token for token, so they really run the
-same model.
+timing, greedy decoding of a few prompts is checked to agree token for token (both engines against
+`generate`), so they really run the same model.
 
 Configs: the demo's tiny model (hidden 128, 4 layers, 4 heads, 2 kv heads, MLP 512) and a larger one
 (hidden 512, 8 layers, 8 heads, 4 kv heads, MLP 2048).
@@ -32,6 +34,7 @@ import torch
 
 from orchard.config import ModelConfig, TinyModelConfig
 from orchard.protocols import SamplingParams
+from rollout.engines.kernels import forward_tokens_kernel
 from rollout.engines.torch_engine import TorchEngine
 from rollout.model import build_model
 from rollout.tokenizer import CharTokenizer
@@ -107,6 +110,7 @@ def bench_config(name: str, tiny: TinyModelConfig, args: argparse.Namespace) -> 
     new_tokens = args.new_tokens
     params = SamplingParams(temperature=1.0, top_p=1.0, max_new_tokens=new_tokens, seed=0)
     engine = TorchEngine(model, tokenizer, eos_token_ids=(), max_batch_size=args.batch)
+    plain = TorchEngine(model, tokenizer, eos_token_ids=(), max_batch_size=args.batch, fused_kernel=False)
 
     length = max(len(prompt) for prompt in prompts)
     input_ids = torch.tensor([[tokenizer.pad_id] * (length - len(p)) + p for p in prompts])
@@ -124,12 +128,16 @@ def bench_config(name: str, tiny: TinyModelConfig, args: argparse.Namespace) -> 
                 torch.tensor([prompt]), do_sample=False, max_new_tokens=GREEDY_CHECK_TOKENS, eos_token_id=None,
                 pad_token_id=tokenizer.pad_id,
             )[0, len(prompt) :].tolist()  # fmt: skip
-        tokens = engine.generate([prompt], greedy)[0].token_ids
-        if greedy_hf != tokens:
-            raise RuntimeError(f"{name}: greedy tokens differ, engine {tokens} vs generate {greedy_hf}")
+        for each in (engine, plain):
+            tokens = each.generate([prompt], greedy)[0].token_ids
+            if greedy_hf != tokens:
+                raise RuntimeError(f"{name}: greedy tokens differ, engine {tokens} vs generate {greedy_hf}")
 
     def run_engine() -> int:
         return sum(len(output.token_ids) for output in engine.generate(prompts, params))
+
+    def run_plain() -> int:
+        return sum(len(output.token_ids) for output in plain.generate(prompts, params))
 
     def run_hf() -> int:
         with torch.inference_mode():
@@ -138,15 +146,25 @@ def bench_config(name: str, tiny: TinyModelConfig, args: argparse.Namespace) -> 
 
     torch.manual_seed(0)
     floor = matmuls_alone(engine, args.batch, length, new_tokens)
-    results = alternating_medians({"engine": run_engine, "hf": run_hf, "floor": floor}, args.repeats)
+    runs = {"engine": run_engine, "hf": run_hf, "plain": run_plain, "floor": floor}
+    results = alternating_medians(runs, args.repeats)
     (engine_seconds, engine_tokens), (hf_seconds, hf_tokens) = results["engine"], results["hf"]
-    if engine_tokens != hf_tokens or engine_tokens != args.batch * new_tokens:
-        raise RuntimeError(f"{name}: engine generated {engine_tokens} tokens, generate {hf_tokens}; not comparable")
-    engine_rate, hf_rate = engine_tokens / engine_seconds, hf_tokens / hf_seconds
+    plain_seconds, plain_tokens = results["plain"]
+    if not engine_tokens == plain_tokens == hf_tokens == args.batch * new_tokens:
+        raise RuntimeError(
+            f"{name}: engine generated {engine_tokens} tokens, plain {plain_tokens}, generate {hf_tokens}; "
+            "not comparable"
+        )
+    engine_rate, hf_rate, plain_rate = (
+        engine_tokens / engine_seconds,
+        hf_tokens / hf_seconds,
+        plain_tokens / plain_seconds,
+    )
     floor_seconds = results["floor"][0]
     print(
         f"| {name:<16} | {args.batch:>5} | {new_tokens:>6} | {hf_rate:>8,.0f} ({hf_seconds * 1e3:>5,.0f} ms) "
         f"| {engine_rate:>8,.0f} ({engine_seconds * 1e3:>5,.0f} ms) | {engine_rate / hf_rate:>5.2f}x "
+        f"| {plain_rate:>8,.0f} ({plain_seconds * 1e3:>5,.0f} ms) {plain_rate / hf_rate:>5.2f}x "
         f"| {floor_seconds * 1e3:>15,.0f} ms | {hf_seconds / floor_seconds:>16.2f}x |",
         flush=True,
     )
@@ -167,17 +185,19 @@ def main() -> None:
         f"tokens/s over batch x new tokens, every one generated (eos ignored by both, no stop strings)"
     )
     print(
-        f"greedy check: both decode the same {GREEDY_CHECK_TOKENS} tokens for {GREEDY_CHECK_PROMPTS} prompts per model"
+        f"greedy check: generate and both engines decode the same {GREEDY_CHECK_TOKENS} tokens for {GREEDY_CHECK_PROMPTS} prompts per model"
     )
+    kernel = "compiled forward pass" if forward_tokens_kernel() is not None else "plain torch (kernel NOT built)"
+    print(f"TorchEngine runs: {kernel}; 'plain torch engine' is the same engine with fused_kernel=False")
     print("matmuls alone: the weight matmuls of one generate call on their own (prefill, decode, lm head)")
     print("ratio bound: HF's call time over the matmuls alone, the ratio an engine doing nothing else would reach")
     print(
         "| model            | batch | tokens | HF generate tok/s (call) | TorchEngine tok/s (call) | ratio  "
-        "| matmuls alone (call) | ratio bound (HF/mm) |"
+        "| plain torch engine tok/s (call) ratio | matmuls alone (call) | ratio bound (HF/mm) |"
     )
     print(
         "| ---------------- | ----- | ------ | ------------------------ | ------------------------ | ------ "
-        "| -------------------- | ------------------- |"
+        "| ------------------------------------- | -------------------- | ------------------- |"
     )
     for name, tiny in CONFIGS.items():
         if args.skip_large and name.startswith("large"):
