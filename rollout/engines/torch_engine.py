@@ -1,4 +1,4 @@
-"""`TorchEngine`: batched generation with a KV cache in plain torch, for CPU workers and tests.
+"""`TorchEngine`: batched generation with a KV cache in torch, for CPU workers and tests.
 
 The forward pass is a compact re-implementation of Hugging Face's `Qwen2ForCausalLM` that reads the HF
 model's own parameters (same names), so the learner (which trains the HF model) and the engine always
@@ -8,6 +8,13 @@ preallocated (HF's dynamic cache copies itself on every step) and a decode step 
 ops: one GEMM for q/k/v and one for gate/up, RoPE on q and k together, attention as two batched
 matmuls, residual adds fused into the output GEMMs. On larger models both are bound by the same weight
 matmuls. `bench/engine.py` prints both rates and that matmul floor.
+
+Generation of a float32 model on the CPU goes through a compiled forward pass instead
+(`rollout/engines/kernels.py`, `csrc/forward.cpp`; `fused_kernel=False` turns it off, and a machine
+without a C++ compiler falls back to the torch path with a warning): the same computation, all layers
+in one call, with the same BLAS matmuls and everything between them in C++ loops, so a decode step pays
+no per-op Python cost; its prefill skips padding positions instead of masking them. The tests check it
+against the torch path to float32 rounding. `logits` (scoring, tests) always runs in torch.
 
 Generation: the prompts are left-padded and prefilled in one forward into a preallocated cache
 of `prompt length + max_new_tokens` slots (its last layer computes only the last position, the one
@@ -319,8 +326,8 @@ class TorchEngine:
 
     def _new_cache(self, batch: int, slots: int) -> torch.Tensor:
         """Keys and values of every layer, `[layers, 2, batch, kv_heads, slots, head_dim]`, uninitialised:
-        the prefill writes every prompt slot (padding included) and each decode step writes its slot
-        before attending to it."""
+        the prefill writes every prompt slot (the compiled kernel's prefill all but the padding slots,
+        which its decode steps never read) and each decode step writes its slot before attending to it."""
         shape = (self.num_layers, 2, batch, self.num_kv_heads, slots, self.head_dim)
         return torch.empty(shape, dtype=self._embed.dtype, device=self.device)
 
