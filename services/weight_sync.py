@@ -71,6 +71,8 @@ class WeightSync:
             )
         if isinstance(ref, WeightHandle) and ref.version != version:
             raise WeightVersionError(f"cannot publish policy version {version} with a handle to version {ref.version}")
+        if isinstance(ref, BroadcastTicket) and ref.version != version:
+            raise WeightVersionError(f"cannot publish policy version {version} with a ticket for version {ref.version}")
         self.latest = Publication(version=version, ref=ref, published_at=time.perf_counter())
         return self.latest
 

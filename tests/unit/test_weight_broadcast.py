@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
 from rollout.weight_broadcast import BroadcastSpec, BroadcastTicket, layout_digest, layout_of, plan_buckets
-from services.weight_sync import WeightSync
+from services.weight_sync import WeightSync, WeightVersionError
 
 specs = st.lists(
     st.builds(
@@ -64,6 +65,8 @@ def test_digest_changes_with_any_name_dtype_or_shape():
     assert len({layout_digest(base), *(layout_digest(other) for other in others)}) == 4
 
 
-def test_a_ticket_is_published_as_a_broadcast():
+def test_a_ticket_is_published_as_a_broadcast_of_its_own_version():
     sync = WeightSync()
     assert sync.publish(1, BroadcastTicket(1)).transport == "broadcast"
+    with pytest.raises(WeightVersionError, match="ticket for version 3"):
+        sync.publish(2, BroadcastTicket(3))
