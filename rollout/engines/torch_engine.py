@@ -285,9 +285,15 @@ class TorchEngine:
             return None
         if self._kernel_layers is not self._layers:
             no_bias = torch.empty(0, device=self.device)
-            self._kernel_weight_list = [
-                no_bias if tensor is None else tensor for layer in self._layers for tensor in layer
-            ] + [self._final_norm]
+            weights = [no_bias if tensor is None else tensor for layer in self._layers for tensor in layer]
+            weights.append(self._final_norm)
+            norms = [
+                self._final_norm,
+                self._embed,
+                *(t for layer in self._layers for t in (layer.input_norm, layer.post_norm)),
+            ]
+            usable = all(t.dtype == torch.float32 for t in weights) and all(t.is_contiguous() for t in norms)
+            self._kernel_weight_list = weights if usable else None
             self._kernel_layers = self._layers
         return self._kernel_weight_list
 
@@ -506,6 +512,7 @@ class TorchEngine:
     weights_valid: bool = True
     _shared_layers: list[_Layer] | None = None  # the `_layers` whose fused tensors the parameters view
     _kernel_layers: list[_Layer] | None = None  # the `_layers` that `_kernel_weight_list` holds
+    _kernel_weight_list: list[torch.Tensor] | None = None
     _pinned: Any = None  # the pinned shared-memory version the engine's tensors view, if any
 
     def load_weights(self, state_dict: Mapping[str, torch.Tensor | np.ndarray] | Any, version: int) -> int:
