@@ -13,7 +13,7 @@ import torch
 
 from learner.batching import build_sft_tensors, sequence_logprobs
 from learner.trainer import GRPOTrainer
-from orchard.config import LearnerConfig, ModelConfig, TinyModelConfig
+from orchard.config import DEMO_CONFIG, LearnerConfig, ModelConfig, TinyModelConfig, load_config
 from orchard.records import Completion, Group, Prompt
 from rollout.model import build_model
 from rollout.tokenizer import CharTokenizer
@@ -265,3 +265,25 @@ def test_tree_trajectories_train_on_their_token_values():
     result = trainer.train_step([group("tree", trajectories)])
     assert not result.skipped and result.tree_sequences == 2
     assert changed(before, weights(trainer)) > 0
+
+
+# ------------------------------------------------------------------------------------------ recipes
+
+
+@pytest.mark.parametrize("recipe", sorted((DEMO_CONFIG.parent / "algorithms").glob("*.yaml")), ids=lambda p: p.stem)
+def test_each_recipe_trains(recipe):
+    config = load_config(recipe)
+    trainer = GRPOTrainer(
+        build_model(MODEL_CONFIG, TOKENIZER, seed=0),
+        config.learner.model_copy(update={"micro_batch_size": 4}),
+        pad_id=TOKENIZER.pad_id,
+        seed=0,
+        temperature=1.0,
+        max_length=config.rollout.max_new_tokens,
+        solution_tokens=solution_tokens,
+    )
+    before = weights(trainer)
+    result = trainer.train_step([signal_group(), all_fail_group(), length_only_group()])
+    assert not result.skipped and math.isfinite(result.loss)
+    assert changed(before, weights(trainer)) > 0
+    assert result.sft_groups == (1 if config.learner.hpt.enabled else 0)
