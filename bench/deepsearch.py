@@ -64,7 +64,10 @@ HARD_TAIL = [("addition", 1), ("multiplication", 1)]
 ARMS: dict[str, list[str]] = {
     "grpo": [],
     "grpo+deepsearch": ["rollout.strategy=mcts"],
+    # ablation: tree trajectories trained with group-relative outcome advantages, no step values
+    "grpo+deepsearch-outcome": ["rollout.strategy=mcts", "rollout.mcts.step_values=false"],
 }
+MAIN_ARMS = ["grpo", "grpo+deepsearch"]
 
 
 @dataclass
@@ -232,7 +235,7 @@ def train_one(arm: str, seed: int, args: argparse.Namespace) -> dict[str, Any]:
     }
     (run_dir.path / "bench.json").write_text(json.dumps(result, indent=2))
     print(
-        f"  {arm:<16} seed {seed}: {result['steps']} steps, {result['generated_tokens']:,} tokens,"
+        f"  {arm:<24} seed {seed}: {result['steps']} steps, {result['generated_tokens']:,} tokens,"
         f" hard tail {result['hard_initial']:.3f} -> {result['hard']:.3f},"
         f" overall {result['overall_initial']:.3f} -> {result['overall']:.3f}"
         + (
@@ -253,7 +256,7 @@ def per_seed(results: list[dict[str, Any]], key: str) -> str:
 
 def report_training(results: list[dict[str, Any]], args: argparse.Namespace) -> None:
     header = (
-        f"{'arm':<16} {'hard tail (per seed)':<30} {'overall (per seed)':<30} {'steps':>6} {'tokens':>10}"
+        f"{'arm':<24} {'hard tail (per seed)':<30} {'overall (per seed)':<30} {'steps':>6} {'tokens':>10}"
         f" {'searched':>9} {'solved':>7} {'cache hits':>10} {'search share':>12}"
     )
     print("\n" + header)
@@ -269,7 +272,7 @@ def report_training(results: list[dict[str, Any]], args: argparse.Namespace) -> 
         hard_cell = f"{hard:.3f} ({per_seed(mine, 'hard')})"
         overall_cell = f"{overall:.3f} ({per_seed(mine, 'overall')})"
         print(
-            f"{arm:<16} {hard_cell:<30} {overall_cell:<30} {statistics.fmean(r['steps'] for r in mine):>6.0f}"
+            f"{arm:<24} {hard_cell:<30} {overall_cell:<30} {statistics.fmean(r['steps'] for r in mine):>6.0f}"
             f" {statistics.fmean(r['generated_tokens'] for r in mine):>10,.0f}"
             f" {statistics.fmean(r['searched'] for r in mine):>9.0f} {statistics.fmean(r['solved'] for r in mine):>7.0f}"
             f" {statistics.fmean(r['cache_hits'] for r in mine):>10.0f}"
@@ -277,7 +280,7 @@ def report_training(results: list[dict[str, Any]], args: argparse.Namespace) -> 
         )
     initial = statistics.fmean(r["hard_initial"] for r in results)
     print(f"\nwarm-start hard-tail accuracy (mean over seeds) {initial:.3f}; hard tail = {HARD_TAIL}")
-    if len(means) == 2:
+    if "grpo" in means and "grpo+deepsearch" in means:
         difference = means["grpo+deepsearch"] - means["grpo"]
         print(
             f"GRPO + DeepSearch minus GRPO on the hard tail, mean of seeds {args.seeds}: {difference:+.3f}"
@@ -295,7 +298,11 @@ def train_main(args: argparse.Namespace) -> None:
     results = []
     for seed in args.seeds:
         for arm in args.arms:
-            results.append(train_one(arm, seed, args))
+            path = OUT / f"{arm}-seed{seed}" / "bench.json"
+            if args.report_only:
+                results += [json.loads(path.read_text())] if path.exists() else []
+            else:
+                results.append(train_one(arm, seed, args))
     report_training(results, args)
     print(f"{time.perf_counter() - started:.0f} s in all")
 
@@ -313,7 +320,10 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=500_000, help="Training: generated tokens per run.")
     parser.add_argument("--held-out", type=int, default=500, help="Training: held-out prompts (evenly split).")
     parser.add_argument("--terminate-num", type=int, default=16, help="Training: trajectories per tree search.")
-    parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
+    parser.add_argument("--arms", nargs="+", default=MAIN_ARMS, choices=list(ARMS))
+    parser.add_argument(
+        "--report-only", action="store_true", help="Training: the table from the run directories' bench.json files."
+    )
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE")
     args = parser.parse_args()
     if args.train:

@@ -174,6 +174,12 @@ class MCTSConfig(Section):
     advantage_temperature: float = Field(
         1.0, gt=0, description="Non-final step values enter token scores as tanh(value / T) (adv_temperature)."
     )
+    step_values: bool = Field(
+        True,
+        description="Tree trajectories carry per-token step values from the tree's node values, which the learner"
+        " normalises per prompt (DeepSearch's step-wise advantages); False: outcome rewards only, with the run's"
+        " group-relative advantages over the tree's trajectories.",
+    )
     search_token_share: float = Field(
         0.5,
         gt=0,

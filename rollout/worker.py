@@ -345,7 +345,8 @@ class RolloutWorkerCore:
         override the config. A completion's `reward` is its verifier reward, as in `rollout`; its
         source is "tree" and its `token_values` are the scores of the tree steps its tokens belong to
         (from the final tree's node values, unnormalised: the learner normalises them per prompt,
-        ALGORITHMS.md §8). A prompt whose search recorded nothing gets no group.
+        ALGORITHMS.md §8; none with `mcts.step_values` off). A prompt whose search recorded nothing
+        gets no group.
         """
         self._check_weights()
         settings = SearchSettings.from_config(
@@ -402,7 +403,7 @@ class RolloutWorkerCore:
                     reward=t.reward,
                     correct=t.correct,
                     source="tree",
-                    token_values=t.token_values,
+                    token_values=t.token_values if self.config.mcts.step_values else None,
                 )
                 for t in result.trajectories
             ]

@@ -41,8 +41,8 @@ class RescoreFailed(RuntimeError):
 
 
 def is_tree_group(group: Group) -> bool:
-    """A group of tree-search trajectories (their completions carry per-token values)."""
-    return any(c.token_values is not None for c in group.completions)
+    """A group of tree-search trajectories."""
+    return any(c.source == "tree" for c in group.completions)
 
 
 def tree_filter_reason(group: Group) -> str | None:
@@ -55,8 +55,12 @@ def tree_filter_reason(group: Group) -> str | None:
     A tree group with differing final scores is kept even when its rewards are all equal (a wrong
     answer and an incomplete path may both score reward 0), which dynamic sampling would drop. The
     difficulty band does not apply either: it judges the policy's own pass rate, which for a searched
-    prompt is 0 by construction, so it would drop every rescue.
+    prompt is 0 by construction, so it would drop every rescue. Without token values
+    (`mcts.step_values` off) the group gets group-relative outcome advantages, zero when its rewards
+    are all equal: it is dropped then.
     """
+    if not any(c.token_values for c in group.completions):
+        return None if group.has_signal else ZERO_ADVANTAGE
     finals = [c.token_values[-1] for c in group.completions if c.token_values]
     if len(finals) >= 2 and max(finals) == min(finals):
         return ZERO_ADVANTAGE

@@ -72,3 +72,14 @@ def test_worker_search_respects_the_token_budget(worker, budget):
                 engine_logprobs(worker, prompt_ids, completion.token_ids), abs=1e-4
             )
     assert len(result.groups) + len(result.unsearched_prompts) == len(prompts)
+
+
+def test_without_step_values_tree_completions_carry_outcome_rewards_only(worker):
+    rollout = worker.config
+    worker.config = rollout.model_copy(update={"mcts": rollout.mcts.model_copy(update={"step_values": False})})
+    try:
+        result = worker.search([make_prompt("addition", 1, "12+34=", "46")], budget_tokens=40, terminate_num=4)
+    finally:
+        worker.config = rollout
+    assert result.groups
+    assert all(c.source == "tree" and c.token_values is None for g in result.groups for c in g.completions)

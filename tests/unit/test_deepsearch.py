@@ -62,6 +62,13 @@ def test_tree_groups_are_dropped_only_when_their_final_scores_are_all_equal():
     assert tree_filter_reason(tree([-1.0])) is None  # one trajectory: its values are used as they are
     # a wrong answer (−1) and an incomplete path (−0.5) both have reward 0, yet differ in value: kept
     assert tree_filter_reason(tree([-1.0, -0.5], correct=[False, False])) is None
+    # outcome rewards only (mcts.step_values off): kept when the rewards differ
+    outcome = tree([1.0, -1.0])
+    for completion in outcome.completions:
+        completion.token_values = None
+    assert is_tree_group(outcome) and tree_filter_reason(outcome) is None
+    outcome.completions[0].reward, outcome.completions[0].correct = 0.0, False
+    assert tree_filter_reason(outcome) == "zero_advantage"
     search = rescue()
     search.filter_reason(tree([1.0, -1.0]))
     search.filter_reason(tree([-1.0, -1.0]))
