@@ -563,7 +563,15 @@ class ClusterConfig(Section):
         ge=0,
         description="GPUs in each rollout worker's bundle (0: CPU only; vLLM: rollout.vllm.tensor_parallel_size).",
     )
-    learner_gpus: int = Field(0, ge=0, le=1, description="GPUs of the learner's bundle (0: CPU; one learner rank).")
+    learner_gpus: int = Field(0, ge=0, le=1, description="GPUs of each learner rank's bundle (0: CPU).")
+    learner_ranks: int = Field(
+        1,
+        ge=1,
+        description="DeepSpeed ranks of the learner, one actor and one bundle each (ZeRO-3 shards the model's"
+        " parameters, gradients and optimizer state across them). Every rank trains on the whole batch: memory"
+        " is divided, the step's compute is not. More than 1 needs cluster.placement_groups and weight_sync"
+        " transport 'object_store' or 'nccl'.",
+    )
     rollout_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
         "PACK", description="Ray placement strategy of the rollout bundles."
     )
@@ -607,6 +615,14 @@ class RunConfig(Section):
             raise ValueError(
                 f"cluster.rollout_gpus_per_worker ({gpus}) must equal rollout.vllm.tensor_parallel_size"
                 f" ({tensor_parallel}): each vLLM engine gets one bundle of that many GPUs"
+            )
+        if self.cluster.learner_ranks > 1 and not self.cluster.placement_groups:
+            raise ValueError(
+                "cluster.learner_ranks > 1 needs cluster.placement_groups: true (rank 0's bundle names the rendezvous node)"
+            )
+        if self.cluster.learner_ranks > 1 and self.weight_sync.transport not in ("object_store", "nccl"):
+            raise ValueError(
+                f"cluster.learner_ranks > 1 needs weight_sync.transport 'object_store' or 'nccl' (got {self.weight_sync.transport!r})"
             )
         return self
 

@@ -285,23 +285,33 @@ class BroadcastGroup:
         layout: Sequence[BroadcastSpec],
         bucket_bytes: int,
     ) -> BroadcastStats:
-        """Receive version `version` straight into `targets` (every layout name; shapes must match).
+        """Receive version `version` straight into `targets` (shapes must match the layout's).
 
         A target of the spec's dtype that is contiguous gets the bytes directly; any other (another
         dtype, a strided view) is filled through a staging tensor of the spec's dtype, one at a time.
+        A layout tensor without a target is received and dropped: an engine leaves out a tied alias
+        such as `lm_head.weight` (it checks itself that it holds every parameter).
         """
         started = time.perf_counter()
-        missing = [spec.name for spec in layout if spec.name not in targets]
+        names = {spec.name for spec in layout}
+        unknown = [name for name in targets if name not in names]
         wrong = [spec.name for spec in layout if spec.name in targets and tuple(targets[spec.name].shape) != spec.shape]
         total, sent_bucket = self._receive_header(version, layout, bucket_bytes)
-        if missing or wrong:
+        if unknown or wrong:
             self._drain(total, sent_bucket)
-            raise BroadcastError(f"cannot receive version {version}: missing {missing[:8]}, wrong shape {wrong[:8]}")
+            raise BroadcastError(
+                f"cannot receive version {version}: targets not broadcast {unknown[:8]}, wrong shape {wrong[:8]}"
+            )
         largest = 0
         direct: dict[int, torch.Tensor] = {}
         for index, spec in enumerate(layout):
-            target = targets[spec.name]
-            if target.dtype == spec.torch_dtype and target.is_contiguous() and target.device == self.device:
+            target = targets.get(spec.name)
+            if (
+                target is not None
+                and target.dtype == spec.torch_dtype
+                and target.is_contiguous()
+                and target.device == self.device
+            ):
                 direct[index] = _byte_view(target)
         staging: tuple[int, torch.Tensor] | None = None
         plan = plan_buckets(layout, sent_bucket)
@@ -318,6 +328,8 @@ class BroadcastGroup:
                         direct[piece.tensor][piece.tensor_offset : end].copy_(chunk)
                         continue
                     spec = layout[piece.tensor]
+                    if spec.name not in targets:
+                        continue
                     if staging is None or staging[0] != piece.tensor:
                         staging = (piece.tensor, torch.empty(spec.shape, dtype=spec.torch_dtype, device=self.device))
                     _byte_view(staging[1])[piece.tensor_offset : end].copy_(chunk)

@@ -44,9 +44,9 @@ from services.control.run_control import RunControl, RunState, WeightVersionConf
 from services.curriculum.filtering import REASONS as FILTER_REASONS
 from services.curriculum.sampler import PromptSampler
 from services.deepsearch import RescoreFailed, SearchRescue, is_tree_group
-from services.learner_actor import LearnerActor
+from services.learner_actor import create_learner
 from services.metrics import RunMetrics
-from services.placement import learner_options, reserve, rollout_options
+from services.placement import reserve, rollout_options
 from services.rescue import RescueQueue, build_rescues
 from services.run_dir import RunDirectory
 from services.supervision import NonFiniteGuard, is_non_finite
@@ -187,7 +187,8 @@ class Driver:
         initial_ref = ray.put(state_dict_to_numpy(state_dict))
         self._initial_weights_ref = initial_ref  # a learner that dies before any checkpoint starts again from these
         self.placement = reserve(config) if config.cluster.placement_groups else None
-        self.learner = LearnerActor.options(**learner_options(config, self.placement)).remote(config, initial_ref)
+        # rank 0; the other ranks of a multi-rank learner follow its calls
+        self.learner, self._learner_peers = create_learner(config, initial_ref, self.placement)
         self.learner_restarts = 0
         if checkpoint is not None:
             version = self._get(self.learner.load_checkpoint.remote(str(checkpoint)), "learner checkpoint load")
@@ -459,9 +460,9 @@ class Driver:
             )
         self.learner_restarts += 1
         checkpoint = latest_checkpoint(self.run_dir)
-        self.learner = LearnerActor.options(**learner_options(self.config, self.placement)).remote(
-            self.config, self._initial_weights_ref
-        )
+        for peer in self._learner_peers:  # ranks of the dead learner's process group cannot join a new one
+            ray.kill(peer)
+        self.learner, self._learner_peers = create_learner(self.config, self._initial_weights_ref, self.placement)
         step = 0
         if checkpoint is not None:
             self._get(self.learner.load_checkpoint.remote(str(checkpoint)), "learner checkpoint load")

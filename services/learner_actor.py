@@ -1,10 +1,20 @@
-"""The learner as a Ray actor: a thin shell around `learner.trainer.GRPOTrainer`."""
+"""The learner as a Ray actor: a thin shell around `learner.trainer.GRPOTrainer`.
+
+With `cluster.learner_ranks` > 1 the learner is that many actors, DeepSpeed ranks of one process
+group (`create_learner`). The driver talks to rank 0 only; rank 0 makes the same call on every other
+rank (`collective`) since DeepSpeed's ZeRO-3 steps, gathers and checkpoints need all ranks, and only
+rank 0 publishes weights. Every rank trains on the whole batch, so the ranks' gradients are equal and
+the result is the single-rank one; ZeRO-3 divides the memory of parameters, gradients and optimizer
+state among them.
+"""
 
 from __future__ import annotations
 
+import functools
 import os
+import socket
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import ray
@@ -15,10 +25,50 @@ from orchard.records import Group
 from services import weight_store
 
 
-class LearnerCore:
-    """Builds the policy, loads the warm-start weights and trains with DeepSpeed."""
+def collective(method: Callable[..., Any]) -> Callable[..., Any]:
+    """On rank 0, run the same call on every other learner rank too and wait for them; the other ranks
+    only take part in the collective operations (their return values are dropped)."""
 
-    def __init__(self, config: RunConfig, initial_weights: Mapping[str, Any], initial_version: int = 0) -> None:
+    @functools.wraps(method)
+    def run(self: LearnerCore, *args: Any, **kwargs: Any) -> Any:
+        pending = [getattr(peer, method.__name__).remote(*args, **kwargs) for peer in self._peers]
+        result = method(self, *args, **kwargs)
+        ray.get(pending)
+        return result
+
+    return run
+
+
+class LearnerCore:
+    """Builds the policy, loads the warm-start weights and trains with DeepSpeed.
+
+    `rank`, `world_size` and `master` (host, port of rank 0's rendezvous) make it one rank of a
+    multi-rank learner (`create_learner`); by default it is the only one.
+    """
+
+    def __init__(
+        self,
+        config: RunConfig,
+        initial_weights: Mapping[str, Any],
+        initial_version: int = 0,
+        *,
+        rank: int = 0,
+        world_size: int = 1,
+        master: tuple[str, int] | None = None,
+    ) -> None:
+        if world_size > 1:
+            if master is None:
+                raise ValueError("a learner of several ranks needs `master`, rank 0's rendezvous (host, port)")
+            # each rank's actor sees its own GPU as device 0
+            os.environ.update(
+                RANK=str(rank),
+                WORLD_SIZE=str(world_size),
+                LOCAL_RANK="0",
+                MASTER_ADDR=master[0],
+                MASTER_PORT=str(master[1]),
+            )
+        self.rank = rank
+        self._peers: list[Any] = []
         if not torch.cuda.is_available():
             os.environ.setdefault("DS_ACCELERATOR", "cpu")
         torch.set_num_threads(config.learner.torch_threads)
@@ -48,6 +98,17 @@ class LearnerCore:
         self.weight_transport_error: str | None = None  # why `auto` fell back to the object store
         self._weight_store = None
 
+    def set_peers(self, peers: Sequence[Any]) -> int:
+        """Rank 0: the actors of ranks 1.. to which it forwards every collective call."""
+        self._peers = list(peers)
+        return len(self._peers)
+
+    def _gather_on_peer(self) -> None:
+        """What a rank other than 0 does for an export: take part in ZeRO-3's gather."""
+        if self.trainer.config.zero_stage == 3:
+            self.trainer.export_weights()
+
+    @collective
     def train_step(self, groups: Sequence[Group]) -> dict[str, Any]:
         started = time.perf_counter()
         result = self.trainer.train_step(groups)
@@ -58,6 +119,7 @@ class LearnerCore:
         record["actor_seconds"] = time.perf_counter() - started
         return record
 
+    @collective
     def export_weights(self) -> Any:
         """The current weights for the rollout workers, by the configured transport.
 
@@ -70,6 +132,8 @@ class LearnerCore:
         """
         from learner.weights import state_dict_to_numpy
 
+        if self.rank:
+            return self._gather_on_peer()
         if self._resolve_weight_transport() == "shared_memory":
             store = self._weight_store
             if store.latest is not None and store.latest.version == self.version:
@@ -90,11 +154,14 @@ class LearnerCore:
 
     # ------------------------------------------------------------------ transport 'nccl': broadcast
 
+    @collective
     def open_weight_broadcast(self, world_size: int) -> dict[str, Any]:
         """Open the broadcast group's rendezvous on this node: its address and the weights' layout,
         for every member's `join_weight_broadcast` (all called at once; see `rollout/weight_broadcast.py`)."""
         from rollout.weight_broadcast import layout_of, open_store
 
+        if self.rank:
+            return self._gather_on_peer()
         settings = self._weight_sync_settings
         self._broadcast_store, host = open_store(world_size, timeout_s=settings.timeout_seconds)
         self._broadcast_layout = layout_of(self._live_weights())
@@ -118,19 +185,25 @@ class LearnerCore:
         )
         return 0
 
+    @collective
     def broadcast_weights(self) -> dict[str, Any]:
         """Send the current weights as `self.version` to every worker of the group (they must be
         receiving: the driver sends each a `BroadcastTicket`); returns what was sent and how fast."""
+        if self.rank:
+            return self._gather_on_peer()
         stats = self._broadcast.send(
             self._live_weights(), self.version, self._broadcast_layout, self._weight_sync_settings.bucket_bytes
         )
         return {"version": stats.version, "bytes": stats.bytes, "buckets": stats.buckets, "seconds": stats.seconds}
 
+    @collective
     def export_weights_object_store(self) -> Any:
         """The current weights as numpy arrays for the object store, whatever the transport (the
         driver's evaluator and restarted workers under transport 'nccl')."""
         from learner.weights import state_dict_to_numpy
 
+        if self.rank:
+            return self._gather_on_peer()
         return state_dict_to_numpy(self.trainer.export_weights())
 
     def _resolve_weight_transport(self) -> str:
@@ -156,13 +229,17 @@ class LearnerCore:
         if self._weight_store is not None:
             self._weight_store.close()
 
+    @collective
     def save_checkpoint(self, path: str) -> str:
-        """DeepSpeed state (weights, optimizer, counters) under `path`, the policy as a Hugging Face model
-        under `path/model` (loadable with `from_pretrained`)."""
+        """DeepSpeed state (weights, optimizer, counters; every rank writes its shards) under `path`, the
+        policy as a Hugging Face model under `path/model` (loadable with `from_pretrained`, rank 0)."""
         self.trainer.save_checkpoint(path)
-        self.trainer.engine.module.save_pretrained(f"{path}/model", state_dict=self.trainer.export_weights())
+        weights = self.trainer.export_weights()
+        if self.rank == 0:
+            self.trainer.engine.module.save_pretrained(f"{path}/model", state_dict=weights)
         return path
 
+    @collective
     def load_checkpoint(self, path: str) -> int:
         """Restore what `save_checkpoint` wrote under `path` (weights, optimizer, counters); returns the
         policy version it holds."""
@@ -170,6 +247,7 @@ class LearnerCore:
         self.version = self.trainer.policy_version
         return self.version
 
+    @collective
     def renumber(self, version: int) -> int:
         """Carry on as policy `version` (> any version published before), keeping the weights.
 
@@ -191,3 +269,44 @@ class LearnerCore:
 
 
 LearnerActor = ray.remote(LearnerCore)
+
+
+@ray.remote(num_cpus=0)
+def _rendezvous_address() -> tuple[str, int]:
+    """An address and a free port on the node this task runs on (learner rank 0's bundle)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("", 0))
+        port = int(probe.getsockname()[1])
+    return ray.util.get_node_ip_address(), port
+
+
+def create_learner(
+    config: RunConfig, initial_weights: Any, placement: Any, initial_version: int = 0
+) -> tuple[Any, list[Any]]:
+    """The learner's actors: (rank 0, the other ranks), each in its own bundle of `placement` (one
+    rank and no placement groups is allowed too). The driver calls rank 0 only."""
+    from services.placement import learner_options
+
+    ranks = config.cluster.learner_ranks
+    if ranks == 1:
+        actor = LearnerActor.options(**learner_options(config, placement)).remote(
+            config, initial_weights, initial_version
+        )
+        return actor, []
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    master = ray.get(
+        _rendezvous_address.options(
+            scheduling_strategy=PlacementGroupSchedulingStrategy(
+                placement.learner_group, placement_group_bundle_index=0
+            )
+        ).remote()
+    )
+    actors = [
+        LearnerActor.options(**learner_options(config, placement, rank)).remote(
+            config, initial_weights, initial_version, rank=rank, world_size=ranks, master=master
+        )
+        for rank in range(ranks)
+    ]
+    ray.get(actors[0].set_peers.remote(actors[1:]))
+    return actors[0], actors[1:]

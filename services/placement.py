@@ -7,8 +7,8 @@ With `cluster.placement_groups` the run reserves, before creating any actor,
   several GPUs (`rollout_gpus_per_worker` > 1, tensor parallel) gets a group of its own with one
   1-GPU bundle per tensor-parallel rank, STRICT_PACK (one node), and vLLM's own Ray workers are
   placed in it (the worker actor runs in bundle 0 and lets its child tasks inherit the group);
-- the learner's bundle (`{"CPU": learner.num_cpus, "GPU": cluster.learner_gpus}`) in a group placed
-  by `cluster.learner_strategy`.
+- the learner's bundles, one per rank (`{"CPU": learner.num_cpus, "GPU": cluster.learner_gpus}`), in
+  a group placed by `cluster.learner_strategy`.
 
 `rollout_options` and `learner_options` give the keyword arguments of `.options(...)` for each
 actor, with or without placement groups, so the driver creates actors the same way either way.
@@ -39,8 +39,10 @@ def rollout_bundles(config: RunConfig) -> list[list[dict[str, float]]]:
 
 
 def learner_bundles(config: RunConfig) -> list[dict[str, float]]:
+    """One bundle per learner rank."""
     gpus = config.cluster.learner_gpus
-    return [{"CPU": config.learner.num_cpus, **({"GPU": float(gpus)} if gpus else {})}]
+    bundle = {"CPU": config.learner.num_cpus, **({"GPU": float(gpus)} if gpus else {})}
+    return [dict(bundle) for _ in range(config.cluster.learner_ranks)]
 
 
 @dataclass
@@ -109,14 +111,14 @@ def rollout_options(config: RunConfig, placement: Placement | None, index: int) 
     return options
 
 
-def learner_options(config: RunConfig, placement: Placement | None) -> dict[str, Any]:
-    """`.options(...)` of the learner actor: its resources and, with placement groups, its bundle."""
+def learner_options(config: RunConfig, placement: Placement | None, rank: int = 0) -> dict[str, Any]:
+    """`.options(...)` of learner rank `rank`: its resources and, with placement groups, its bundle."""
     options: dict[str, Any] = {"num_cpus": config.learner.num_cpus, "num_gpus": config.cluster.learner_gpus}
     if placement is None:
         return options
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
     options["scheduling_strategy"] = PlacementGroupSchedulingStrategy(
-        placement.learner_group, placement_group_bundle_index=0
+        placement.learner_group, placement_group_bundle_index=rank
     )
     return options

@@ -1,5 +1,5 @@
 """The run loop with the GPU path's settings on CPUs: weights by broadcast (transport 'nccl', which is
-gloo here) and the actors in placement groups."""
+gloo here), a learner of two ZeRO-3 ranks, and the actors in placement groups."""
 
 from __future__ import annotations
 
@@ -20,6 +20,8 @@ def test_short_run_with_broadcast_weights_in_placement_groups(ray_local, tmp_pat
         "weight_sync.bucket_mb=0.05",
         "weight_sync.timeout_seconds=120",
         "cluster.placement_groups=true",
+        "cluster.learner_ranks=2",
+        "learner.zero_stage=3",
     )
     run_dir = RunDirectory(tmp_path, "broadcast")
     driver = Driver(config, run_dir, show_progress=False)
@@ -27,6 +29,7 @@ def test_short_run_with_broadcast_weights_in_placement_groups(ray_local, tmp_pat
     assert summary["steps"] == 3 and summary["policy_version"] == 3
     events = (run_dir.path / "events.log").read_text()
     assert "weight broadcast group formed: 3 ranks over gloo" in events
+    assert len(driver._learner_peers) == 1
     # versions after the first arrived by broadcast, and every worker confirmed some
     assert driver.weight_sync.latest.transport == "broadcast"
     assert summary["weight_sync_seconds_mean"] is not None

@@ -1,0 +1,70 @@
+"""A learner of two DeepSpeed ranks (ZeRO-3, gloo on the CPU accelerator), each a Ray actor in its own
+bundle: it trains exactly as one rank does, and exports and checkpoints through rank 0."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import ray
+
+from learner.weights import state_dict_to_numpy
+from orchard.config import ConfigError, RunConfig, config_from_dict
+from rollout.model import build_model
+from services.learner_actor import create_learner
+from services.placement import reserve
+from tests.integration.test_trainer import MAX_LENGTH, MODEL_CONFIG, TEMPERATURE, TOKENIZER, random_groups
+
+
+def run_config(ranks: int) -> RunConfig:
+    return RunConfig(
+        model=MODEL_CONFIG,
+        rollout={"temperature": TEMPERATURE, "max_new_tokens": MAX_LENGTH},
+        learner={"zero_stage": 3, "lr": 1e-2, "num_cpus": 0.5},
+        weight_sync={"transport": "object_store"},
+        cluster={"placement_groups": True, "learner_ranks": ranks, "ready_timeout_seconds": 60},
+    )
+
+
+def test_two_ranks_train_like_one_and_export_through_rank_0(ray_local, tmp_path):
+    initial = state_dict_to_numpy(build_model(MODEL_CONFIG, TOKENIZER, seed=5).state_dict())
+    learners, placements = {}, []
+    try:
+        for ranks in (1, 2):
+            config = run_config(ranks)
+            placements.append(placement := reserve(config))
+            learners[ranks] = create_learner(config, initial, placement)
+        assert len(learners[2][1]) == 1
+        for step in range(2):
+            groups = random_groups(seed=step)
+            results = ray.get([learners[ranks][0].train_step.remote(groups) for ranks in (1, 2)])
+            assert [r["skipped"] for r in results] == [False, False]
+            assert results[0]["loss"] == pytest.approx(results[1]["loss"], rel=1e-6)
+        one, two = ray.get([learners[ranks][0].export_weights.remote() for ranks in (1, 2)])
+        assert set(one) == set(two)
+        assert max(float(np.abs(one[name] - two[name]).max()) for name in one) < 1e-6
+        assert any(not np.array_equal(one[name], initial[name]) for name in one)  # it did train
+
+        path = ray.get(learners[2][0].save_checkpoint.remote(str(tmp_path / "step-2")))
+        assert (tmp_path / "step-2" / "model" / "config.json").is_file()
+        assert ray.get(learners[2][0].load_checkpoint.remote(path)) == 2
+    finally:
+        for rank0, peers in learners.values():
+            for actor in [rank0, *peers]:
+                ray.kill(actor)
+        for placement in placements:
+            placement.release()
+
+
+@pytest.mark.parametrize(
+    ("settings", "words"),
+    [
+        ({"cluster": {"learner_ranks": 2}}, "needs cluster.placement_groups"),
+        (
+            {"cluster": {"learner_ranks": 2, "placement_groups": True}, "weight_sync": {"transport": "auto"}},
+            "needs weight_sync.transport",
+        ),
+    ],
+)
+def test_several_ranks_need_placement_groups_and_a_cross_node_transport(settings, words):
+    with pytest.raises(ConfigError, match=words):
+        config_from_dict(settings)
