@@ -22,7 +22,10 @@ trajectories trained on with their per-token values), on a mix with a hard tail,
 the same budget of generated tokens (the search's tokens count; a run stops at the first rollout
 that reaches the budget, so each overshoots by at most one call, and the tokens each run generated
 are printed). Printed per arm and seed: greedy held-out accuracy on the hard tail and overall at the
-end, learner steps, tree-search figures; then the mean over seeds. Run directories go to
+end; the hard tail's sampled pass rate (`--samples` completions per held-out prompt at the run's
+temperature) of the warm start and of the final checkpoint, finer where greedy accuracy is near 0;
+learner steps, tree-search figures; then the mean over seeds. An ablation arm,
+`grpo+deepsearch-outcome` (`--arms`), trains tree trajectories on outcome rewards only. Run directories go to
 `bench/out/deepsearch/`.
 
 Run: `python bench/deepsearch.py [--seed 0] [--prompts 40] [--repeats 3] [--sweep]` (tree search
@@ -185,6 +188,28 @@ class TokenBudgetDriver(Driver):
             self.control.request_stop(f"token budget {self.budget:,} reached")
 
 
+def sampled_pass_rates(run_dir: RunDirectory, samples: int) -> tuple[float, float]:
+    """Mean pass rate of `samples` sampled completions (the run's temperature) per held-out hard-tail
+    prompt, for the warm start and for the run's final checkpoint: a finer measure than greedy
+    accuracy where that is near 0. Same prompts, seed and sampling for every arm."""
+    from safetensors.torch import load_file
+
+    config = load_config(run_dir.path / "config.yaml")
+    pool = PromptPool.from_config(config.data)
+    hard = {f"{family}/d{level}" for family, level in HARD_TAIL}
+    prompts = [p for p in pool.held_out[: config.eval.num_prompts] if p.distribution in hard]
+    final = sorted((run_dir.path / "checkpoints").glob("step-*"), key=lambda d: int(d.name.removeprefix("step-")))[-1]
+    rates = []
+    for weights in (
+        warm_start(config, pool, log=lambda message: None)[0],
+        load_file(str(final / "model" / "model.safetensors")),
+    ):
+        worker = RolloutWorkerCore("bench", config.model, config.rollout, seed=config.seed)
+        worker.load_weights(0, weights)
+        rates.append(statistics.fmean(g.pass_rate for g in worker.rollout(prompts, group_size=samples).groups))
+    return rates[0], rates[1]
+
+
 def train_overrides(args: argparse.Namespace) -> list[str]:
     cells = EASY + HARD_TAIL
     sources = ", ".join(
@@ -233,11 +258,13 @@ def train_one(arm: str, seed: int, args: argparse.Namespace) -> dict[str, Any]:
         "tree_groups_kept": search.get("tree_groups_kept", 0),
         "seconds": time.perf_counter() - started,
     }
+    result["hard_sampled_initial"], result["hard_sampled"] = sampled_pass_rates(run_dir, args.samples)
     (run_dir.path / "bench.json").write_text(json.dumps(result, indent=2))
     print(
         f"  {arm:<24} seed {seed}: {result['steps']} steps, {result['generated_tokens']:,} tokens,"
         f" hard tail {result['hard_initial']:.3f} -> {result['hard']:.3f},"
-        f" overall {result['overall_initial']:.3f} -> {result['overall']:.3f}"
+        f" overall {result['overall_initial']:.3f} -> {result['overall']:.3f},"
+        f" hard tail sampled pass rate {result['hard_sampled_initial']:.3f} -> {result['hard_sampled']:.3f}"
         + (
             f", searched {result['searched']} (solved {result['solved']}), cache hits {result['cache_hits']},"
             f" search share {result['search_share']:.2f}"
@@ -256,7 +283,8 @@ def per_seed(results: list[dict[str, Any]], key: str) -> str:
 
 def report_training(results: list[dict[str, Any]], args: argparse.Namespace) -> None:
     header = (
-        f"{'arm':<24} {'hard tail (per seed)':<30} {'overall (per seed)':<30} {'steps':>6} {'tokens':>10}"
+        f"{'arm':<24} {'hard tail (per seed)':<30} {'hard sampled (per seed)':<30} {'overall (per seed)':<30}"
+        f" {'steps':>6} {'tokens':>10}"
         f" {'searched':>9} {'solved':>7} {'cache hits':>10} {'search share':>12}"
     )
     print("\n" + header)
@@ -271,27 +299,38 @@ def report_training(results: list[dict[str, Any]], args: argparse.Namespace) -> 
         means[arm] = hard
         hard_cell = f"{hard:.3f} ({per_seed(mine, 'hard')})"
         overall_cell = f"{overall:.3f} ({per_seed(mine, 'overall')})"
+        sampled = statistics.fmean(r["hard_sampled"] for r in mine)
+        sampled_cell = f"{sampled:.3f} ({per_seed(mine, 'hard_sampled')})"
         print(
-            f"{arm:<24} {hard_cell:<30} {overall_cell:<30} {statistics.fmean(r['steps'] for r in mine):>6.0f}"
+            f"{arm:<24} {hard_cell:<30} {sampled_cell:<30} {overall_cell:<30} {statistics.fmean(r['steps'] for r in mine):>6.0f}"
             f" {statistics.fmean(r['generated_tokens'] for r in mine):>10,.0f}"
             f" {statistics.fmean(r['searched'] for r in mine):>9.0f} {statistics.fmean(r['solved'] for r in mine):>7.0f}"
             f" {statistics.fmean(r['cache_hits'] for r in mine):>10.0f}"
             f" {statistics.fmean(r['search_share'] for r in mine):>12.2f}"
         )
     initial = statistics.fmean(r["hard_initial"] for r in results)
-    print(f"\nwarm-start hard-tail accuracy (mean over seeds) {initial:.3f}; hard tail = {HARD_TAIL}")
+    sampled_initial = statistics.fmean(r["hard_sampled_initial"] for r in results)
+    print(
+        f"\nwarm start (mean over seeds): hard-tail greedy accuracy {initial:.3f}, sampled pass rate"
+        f" {sampled_initial:.3f} ({args.samples} samples per prompt); hard tail = {HARD_TAIL}"
+    )
     if "grpo" in means and "grpo+deepsearch" in means:
         difference = means["grpo+deepsearch"] - means["grpo"]
+        sampled = {
+            arm: statistics.fmean(r["hard_sampled"] for r in results if r["arm"] == arm)
+            for arm in ("grpo", "grpo+deepsearch")
+        }
         print(
-            f"GRPO + DeepSearch minus GRPO on the hard tail, mean of seeds {args.seeds}: {difference:+.3f}"
-            f" at {args.tokens:,} generated tokens per run"
+            f"GRPO + DeepSearch minus GRPO on the hard tail, mean of seeds {args.seeds}: {difference:+.3f} greedy"
+            f" accuracy, {sampled['grpo+deepsearch'] - sampled['grpo']:+.3f} sampled pass rate, at {args.tokens:,}"
+            " generated tokens per run"
         )
 
 
 def train_main(args: argparse.Namespace) -> None:
     started = time.perf_counter()
     print(
-        f"training comparison: {', '.join(ARMS)}; seeds {args.seeds}; {args.tokens:,} generated tokens per run;"
+        f"training comparison: {', '.join(args.arms)}; seeds {args.seeds}; {args.tokens:,} generated tokens per run;"
         f" mix {EASY + HARD_TAIL}, hard tail {HARD_TAIL}; {args.held_out} held-out prompts",
         flush=True,
     )
@@ -300,7 +339,14 @@ def train_main(args: argparse.Namespace) -> None:
         for arm in args.arms:
             path = OUT / f"{arm}-seed{seed}" / "bench.json"
             if args.report_only:
-                results += [json.loads(path.read_text())] if path.exists() else []
+                if not path.exists():
+                    continue
+                result = json.loads(path.read_text())
+                if "hard_sampled" not in result:  # measured after the run, from its final checkpoint
+                    run_dir = RunDirectory(OUT, f"{arm}-seed{seed}")
+                    result["hard_sampled_initial"], result["hard_sampled"] = sampled_pass_rates(run_dir, args.samples)
+                    path.write_text(json.dumps(result, indent=2))
+                results.append(result)
             else:
                 results.append(train_one(arm, seed, args))
     report_training(results, args)
@@ -321,6 +367,9 @@ def main() -> None:
     parser.add_argument("--held-out", type=int, default=500, help="Training: held-out prompts (evenly split).")
     parser.add_argument("--terminate-num", type=int, default=16, help="Training: trajectories per tree search.")
     parser.add_argument("--arms", nargs="+", default=MAIN_ARMS, choices=list(ARMS))
+    parser.add_argument(
+        "--samples", type=int, default=16, help="Training: samples per hard held-out prompt at the end."
+    )
     parser.add_argument(
         "--report-only", action="store_true", help="Training: the table from the run directories' bench.json files."
     )
