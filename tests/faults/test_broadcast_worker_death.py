@@ -1,7 +1,14 @@
-"""A rollout worker killed mid-run under weight transport 'nccl' (gloo on CPUs): the driver restarts
-it, gives it the newest weights through the object store and forms a new broadcast group with it."""
+"""Killed mid-run under weight transport 'nccl' (gloo on CPUs): a rollout worker is restarted, given the
+newest weights through the object store and put in a new broadcast group; a learner is replaced and
+forms a new group."""
 
 from __future__ import annotations
+
+import os
+import signal
+import time
+
+import ray
 
 from services.driver import Driver
 from services.run_dir import RunDirectory
@@ -31,3 +38,33 @@ def test_a_killed_worker_rejoins_a_new_broadcast_group(ray_local, tmp_path, warm
     events = (run_dir.path / "events.log").read_text()
     assert events.count("weight broadcast group formed") >= 2
     assert driver.weight_sync.worker_versions["worker-0"] >= 4  # versions after the restart arrived
+
+
+def test_a_killed_learner_is_replaced_and_broadcasts_to_a_new_group(ray_local, tmp_path, warm_cache):
+    """The learner's process killed under transport 'nccl': a new learner from the last checkpoint
+    forms a new group with the workers and broadcasts its weights under a new version."""
+    config = small_config(
+        tmp_path,
+        warm_cache,
+        "max_steps=8",
+        "buffer.backend=memory",
+        "checkpoint.every_steps=3",
+        "weight_sync.transport=nccl",
+        "weight_sync.timeout_seconds=30",
+    )
+    run_dir = RunDirectory(tmp_path, "broadcast-learner-dies")
+    driver = Driver(config, run_dir, show_progress=False)
+    thread, outcome = run_in_thread(driver)
+    deadline = time.monotonic() + 240
+    while driver.step < 4:
+        assert time.monotonic() < deadline, "the run did not reach step 4"
+        time.sleep(0.005)
+    os.kill(ray.get(driver.learner.pid.remote()), signal.SIGKILL)
+    thread.join(400)
+    assert "error" not in outcome, outcome.get("error")
+    summary = outcome["summary"]
+    assert summary["steps"] == 8 and summary["state"] == "finished"
+    assert driver.learner_restarts == 1
+    events = (run_dir.path / "events.log").read_text()
+    assert "learner died" in events and events.count("weight broadcast group formed") >= 2
+    assert min(driver.weight_sync.worker_versions.values()) > 4  # versions of the new learner arrived
