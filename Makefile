@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test test-unit test-integration test-e2e lint format bench system-deps clean dashboards
+.PHONY: run test test-unit test-integration test-e2e lint format bench system-deps clean dashboards gpu-deps
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -45,11 +45,18 @@ bench: $(STAMP) system-deps
 	$(BIN)/python bench/weight_sync.py
 	$(BIN)/python bench/engine.py
 	$(BIN)/python bench/async_vs_sync.py
+	$(BIN)/python bench/weight_broadcast.py
+	$(BIN)/python bench/simulate.py
 
 # Prometheus (Debian's `prometheus`, installed when missing and root) scraping a running control
 # plane, in the foreground: `make dashboards [URL=http://127.0.0.1:8470]`. See deploy/dashboards.sh.
 dashboards:
 	bash deploy/dashboards.sh $(URL)
+
+# The `gpu` extra (vLLM) must resolve together with the pins above; pip's resolver checks it offline
+# of any GPU (it downloads metadata and wheels, installs nothing).
+gpu-deps: $(STAMP)
+	$(BIN)/pip install --dry-run --quiet '.[gpu]'
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -1,7 +1,7 @@
 """The vLLM engine behind `orchard.protocols.Engine` (GPU rollout workers).
 
-Typed against vLLM 0.32.0 (the `gpu` extra pins it), as documented at
-https://docs.vllm.ai/en/v0.32.0/api/vllm/ and https://docs.vllm.ai/en/v0.32.0/configuration/engine_args/:
+Typed against vLLM 0.30.0 (the `gpu` extra pins it), as documented at
+https://docs.vllm.ai/en/v0.30.0/api/vllm/ and https://docs.vllm.ai/en/v0.30.0/configuration/engine_args/:
 
 - `vllm.LLM(model=..., dtype=..., gpu_memory_utilization=..., tensor_parallel_size=...,
   enable_prefix_caching=..., max_model_len=..., enforce_eager=..., seed=..., logprobs_mode=...,

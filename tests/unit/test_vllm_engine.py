@@ -1,8 +1,8 @@
 """The vLLM engine's own logic without vLLM: converting vLLM's documented outputs into our records
 and building its sampling parameters.
 
-The objects below are plain dataclasses with the fields vLLM 0.32 documents for `RequestOutput`,
-`CompletionOutput` and `Logprob` (`vllm.outputs`, https://docs.vllm.ai/en/v0.32.0/api/vllm/). This tests
+The objects below are plain dataclasses with the fields vLLM 0.30 documents for `RequestOutput`,
+`CompletionOutput` and `Logprob` (`vllm.outputs`, https://docs.vllm.ai/en/v0.30.0/api/vllm/). This tests
 our conversion of that shape, not vLLM: whether vLLM really fills them so is checked only by the
 GPU test at the end, which runs vLLM where it is installed.
 """
