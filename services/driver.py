@@ -59,6 +59,18 @@ class DriverError(RuntimeError):
     """The run cannot continue; the message says which component failed and why."""
 
 
+#: Per-step figures of the learner's algorithm options (`learner.trainer.StepResult`) kept in metrics.jsonl.
+LEARNER_OPTION_STATS = (
+    "completion_length_mean",
+    "sft_groups",
+    "sft_loss",
+    "hinted_sequences",
+    "lp_reg_tokens",
+    "masked_truncated",
+    "tree_sequences",
+)
+
+
 class LearnerDied(DriverError):
     """The learner actor's process died (the loop restarts it from the last checkpoint)."""
 
@@ -690,6 +702,8 @@ class Driver:
                 reason = self.deepsearch.filter_reason(group)
             else:
                 reason = self.sampler.filter_reason(group)
+            if reason is not None and kind == "sample" and self._hpt_trains(group):
+                reason = None  # HPT trains it on the prompt's reference solution
             if reason is not None:
                 self.filtered[reason] += 1
                 self.metrics.observe_filtered(reason)
@@ -698,6 +712,12 @@ class Driver:
         if kept:
             self.buffer.put_many(kept)
         self.metrics.observe_buffer(self.buffer.ready_count(), self.buffer.pending_count())
+
+    def _hpt_trains(self, group: Group) -> bool:
+        """Whether HPT switches this plain group to the SFT loss of its prompt's solution, so that the
+        filters (dynamic sampling drops all-fail groups) must let it through to the learner."""
+        hpt = self.config.learner.hpt
+        return hpt.enabled and bool(group.prompt.solution) and group.pass_rate <= hpt.pass_rate_threshold
 
     def _replay_solutions(self, result: RolloutResult) -> list[Group]:
         """Plain groups with the solution cache applied: retirement observed, cached solutions mixed in
@@ -794,6 +814,8 @@ class Driver:
             "worker_versions": dict(self.weight_sync.worker_versions),
             "eval_accuracy": None,
         }
+        # what the learner's algorithm options did this step (0 when an option is off)
+        record.update({key: result.get(key, 0) for key in LEARNER_OPTION_STATS})
         if self.deepsearch is not None:
             record["deepsearch"] = self.deepsearch.counts.as_dict()
             record["tree_groups_trained"] = sum(is_tree_group(g) for g in groups)

@@ -96,4 +96,8 @@ def build_rescues(config: RunConfig) -> list[Rescue]:
         from services.deepsearch import SearchRescue
 
         rescues.append(SearchRescue(config))
+    if config.learner.hints.enabled:  # Guide, Scaf-GRPO: sampled again with the prompt's hints in context
+        from services.hints import HintRescue
+
+        rescues.append(HintRescue(config))
     return rescues

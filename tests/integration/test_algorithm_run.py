@@ -1,0 +1,88 @@
+"""A short real run (local Ray, the driver, rollout workers, the DeepSpeed learner) with several learner
+options at once: DAPO overlong shaping and masking, Lp-Reg, HPT and hinted rollouts of all-fail prompts."""
+
+from __future__ import annotations
+
+import json
+import math
+
+from orchard.config import load_config
+from rollout.tokenizer import CharTokenizer
+from services.driver import Driver
+from services.run_dir import RunDirectory
+
+SETTINGS = [
+    "max_minutes=null",
+    "max_steps=6",
+    "warmstart.steps=10",
+    "warmstart.batch_size=8",
+    "rollout.group_size=4",
+    "rollout.prompts_per_call=4",
+    "rollout.max_new_tokens=6",
+    "learner.groups_per_step=4",
+    "learner.dynamic_sampling=true",
+    "learner.overlong={enabled: true, mask_truncated: true}",
+    # the barely warmed-up model is close to uniform: a proxy at 2% of the max would cut nothing, and
+    # its lowest-probability tokens are the ones a proxy cuts, so every negative token is a candidate
+    "learner.lp_reg={enabled: true, min_p: 0.3, low_fraction: 1.0}",
+    "learner.hpt={enabled: true, mix: true}",
+    "learner.hints={enabled: true}",
+    "eval.every_steps=100",
+    "eval.num_prompts=4",
+    "data.held_out_size=4",
+    "model.tiny.hidden_size=32",
+    "model.tiny.intermediate_size=64",
+    "model.tiny.num_layers=2",
+    "buffer.backend=memory",
+]
+
+
+def test_overlong_lp_reg_hpt_and_hints_together(ray_local, tmp_path, warm_cache):
+    data = tmp_path / "sums.jsonl"
+    data.write_text(
+        "".join(
+            json.dumps(
+                {
+                    "prompt": f"{i}+{i}=",
+                    "answer": str(2 * i),
+                    "solution": str(2 * i),
+                    "hints": [f"len {len(str(2 * i))}", f"starts {str(2 * i)[0]}"],
+                }
+            )
+            + "\n"
+            for i in range(40)
+        )
+    )
+    verifier = "tests.integration.algorithm_verifiers:digits_then_exact"
+    source = f"data.sources=[{{kind: jsonl, path: '{data}', verifier: '{verifier}'}}]"
+    config = load_config(None, [*SETTINGS, source, f"warmstart.cache_dir={warm_cache}", f"runs_dir={tmp_path}"])
+    run_dir = RunDirectory(tmp_path, "algorithms")
+    driver = Driver(config, run_dir, show_progress=False)
+    results, trained = [], []
+    on_learner_step = driver._on_learner_step
+
+    def spy(result, groups, weights_ref):
+        results.append(result)
+        trained.extend(groups)
+        return on_learner_step(result, groups, weights_ref)
+
+    driver._on_learner_step = spy
+    summary = driver.run()
+
+    assert summary["steps"] == 6
+    assert all(math.isfinite(result["loss"]) for result in results)
+    assert sum(not result["skipped"] for result in results) >= 5
+    # HPT: all-fail groups reached the learner despite dynamic sampling and trained on their solution
+    assert sum(result["sft_groups"] for result in results) > 0
+    assert any(result["sft_loss"] > 0 for result in results)
+    # hints: hinted groups were sampled and trained against the bare prompt
+    hinted = [g for g in trained if any(c.source == "hint" for c in g.completions)]
+    assert hinted and sum(result["hinted_sequences"] for result in results) > 0
+    tokenizer = CharTokenizer()
+    for group in hinted:
+        assert tokenizer.decode(group.prompt_token_ids) == group.prompt.text  # the bare prompt, no hint
+    # Lp-Reg regularised some low-probability negative tokens
+    assert sum(result["lp_reg_tokens"] for result in results) > 0
+    records = run_dir.read_metrics()
+    assert [record["step"] for record in records] == [1, 2, 3, 4, 5, 6]
+    assert sum(record["sft_groups"] for record in records) == sum(result["sft_groups"] for result in results)
