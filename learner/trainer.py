@@ -226,7 +226,7 @@ class GRPOTrainer:
             "num_tokens": tensors.num_tokens,
             "advantages_abs_mean": float(sequence_advantages.abs().mean()),
             "sft_groups": len(sft_examples),
-            "masked_truncated": int((tensors.truncated & ~keep).sum()) if self.config.overlong.mask_truncated else 0,
+            "masked_truncated": int(tensors.truncated.sum()) if self.config.overlong.mask_truncated else 0,
             "hinted_sequences": int(tensors.hinted.sum()),
             "tree_sequences": int(tensors.value_mask.any(-1).sum()),
             "completion_length_mean": float(tensors.lengths.float().mean()),
