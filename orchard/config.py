@@ -316,6 +316,12 @@ class HintsConfig(Section):
         " abstract first (the lowest tier with a success is kept), and train on those completions against the bare"
         " prompt; prompts without hints are left alone.",
     )
+    after_failures: int = Field(
+        1,
+        ge=1,
+        description="Scaf-GRPO's stall check, simplified: a prompt is hinted once this many of its plain groups have"
+        " failed every sample (counted in the driver's memory, not across restarts).",
+    )
     clip_low: float | None = Field(
         None,
         ge=0,

@@ -12,8 +12,9 @@ everywhere).
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from orchard.config import RunConfig
@@ -22,13 +23,27 @@ from orchard.records import Group, Prompt
 
 @dataclass
 class HintRescue:
-    """Sampling with hints in context for all-fail prompts that have hints."""
+    """Sampling with hints in context for all-fail prompts that have hints, once a prompt has failed
+    `learner.hints.after_failures` plain groups (Scaf-GRPO hints only where learning has stalled)."""
 
     config: RunConfig
     name: str = "hint"
+    #: All-fail plain groups seen per prompt not yet hinted, oldest first; bounded by `max_tracked_prompts`.
+    failures: OrderedDict[str, int] = field(default_factory=OrderedDict)
+    max_tracked_prompts: int = 4096
 
     def wants(self, group: Group) -> bool:
-        return bool(group.prompt.hints)
+        """Called for each all-fail plain group: True when its prompt has hints and has now failed often enough."""
+        if not group.prompt.hints:
+            return False
+        prompt_id = group.prompt.id
+        count = self.failures.pop(prompt_id, 0) + 1
+        if count >= self.config.learner.hints.after_failures:
+            return True
+        self.failures[prompt_id] = count
+        while len(self.failures) > self.max_tracked_prompts:
+            self.failures.popitem(last=False)
+        return False
 
     def submit(self, worker: Any, prompts: Sequence[Prompt]) -> Any:
         return worker.rollout_with_hints.remote(list(prompts))

@@ -38,3 +38,15 @@ def test_it_wants_all_fail_prompts_that_have_hints():
     worker = Worker()
     assert rescue.submit(worker, taken[1]) == "ref"
     assert worker.calls == [("rollout_with_hints", taken[1])]
+
+
+def test_a_prompt_is_hinted_only_after_enough_failures():
+    config = RunConfig.model_validate({"learner": {"hints": {"enabled": True, "after_failures": 3}}})
+    rescue = HintRescue(config, max_tracked_prompts=2)
+    hard = all_fail("hard", ("len 1",))
+    assert [rescue.wants(hard) for _ in range(4)] == [False, False, True, False]  # counting starts again
+    # at most two prompts are tracked: the oldest is forgotten
+    rescue.wants(all_fail("a", ("h",)))
+    rescue.wants(all_fail("b", ("h",)))
+    assert list(rescue.failures) == ["a", "b"]
+    assert rescue.wants(all_fail("a", ("h",))) is False and rescue.failures["a"] == 2
