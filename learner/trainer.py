@@ -2,7 +2,8 @@
 
 `GRPOTrainer.train_step(groups)` turns groups into padded tensors (`learner.batching`), shapes the
 rewards (DAPO overlong punishment, DLER truncation), computes advantages with the configured
-estimator (per-token ones for tree trajectories) and the PPO-clip loss with its options (Lp-Reg,
+estimator (per-token ones for tree trajectories) and picks the rows and SFT examples
+(`learner.signals`), then the PPO-clip loss with its options (Lp-Reg,
 hinted samples' clip range, KL to a reference), adds HPT's SFT loss for the groups it switches
 (`learner.algorithms`), accumulates gradients over micro-batches and takes one optimizer step
 through a real `deepspeed.initialize` engine (ZeRO stage 0-3 from `LearnerConfig`). On a machine
@@ -35,16 +36,11 @@ from torch import Tensor
 from learner.algorithms import (
     aggregate,
     hint_clip_ranges,
-    hpt_weights,
     kl_penalty,
     lp_reg_loss,
     masked_mean,
-    outcome_advantages,
-    overlong_penalty,
     policy_loss_terms,
     sft_loss,
-    tree_advantages,
-    truncation_rewards,
 )
 from learner.batching import (
     TrainingTensors,
@@ -53,6 +49,7 @@ from learner.batching import (
     sequence_logprobs,
     sequence_scores,
 )
+from learner.signals import select_signals, shaped_rewards, token_advantages
 from orchard.config import LearnerConfig
 from orchard.records import Group
 
@@ -216,11 +213,11 @@ class GRPOTrainer:
         started = time.perf_counter()
         _check_rewards(groups)
         tensors = build_training_tensors(groups, self.pad_id)
-        rewards = self._shaped_rewards(tensors)
-        advantages = self._token_advantages(tensors, rewards)
-        sequence_advantages = outcome_advantages(rewards, tensors.group_index, self.config.advantage)
+        rewards = shaped_rewards(self.config, tensors, self.max_length)
+        advantages, sequence_advantages = token_advantages(self.config, tensors, rewards)
         self.step += 1
-        keep, rl_weights, sft_examples = self._select_signals(groups, tensors)
+        signals = select_signals(self.config, groups, tensors, self.solution_tokens)
+        keep, rl_weights, sft_examples = signals.keep, signals.rl_weights, signals.sft_examples
         summary = {
             "num_sequences": tensors.num_sequences,
             "num_tokens": tensors.num_tokens,
@@ -310,56 +307,6 @@ class GRPOTrainer:
         return StepResult(**stats, **summary, seconds=time.perf_counter() - started, skipped=False)
 
     # ------------------------------------------------------------------------------------ signals
-
-    def _shaped_rewards(self, tensors: TrainingTensors) -> Tensor:
-        """The verifier's rewards with DAPO's overlong punishment added and DLER's truncation applied."""
-        rewards = tensors.rewards
-        overlong, length_penalty = self.config.overlong, self.config.length_penalty
-        if overlong.enabled:
-            max_length, cache_length = overlong.resolved_lengths(self.max_length)
-            rewards = rewards + overlong_penalty(tensors.lengths, max_length=max_length, cache_length=cache_length)
-        if length_penalty.enabled:
-            target = length_penalty.target_length if length_penalty.target_length is not None else self.max_length
-            rewards = truncation_rewards(rewards, tensors.lengths, tensors.truncated, target_length=target)
-        return rewards
-
-    def _token_advantages(self, tensors: TrainingTensors, rewards: Tensor) -> Tensor:
-        """[N, L]: the outcome advantage on every token, or a tree trajectory's own per-token advantages."""
-        outcome = outcome_advantages(rewards, tensors.group_index, self.config.advantage)
-        advantages = outcome.unsqueeze(-1).expand_as(tensors.old_logprobs).clone()
-        tree_rows = tensors.value_mask.any(-1)
-        if bool(tree_rows.any()):
-            tree = tree_advantages(tensors.token_values, tensors.value_mask, tensors.group_index)
-            advantages[tree_rows] = tree[tree_rows]
-        return advantages * tensors.completion_mask
-
-    def _select_signals(
-        self, groups: Sequence[Group], tensors: TrainingTensors
-    ) -> tuple[Tensor, Tensor, list[tuple[list[int], list[int], float]]]:
-        """Rows kept for the RL loss [N] bool, their weight α [N], and HPT's SFT examples
-        (prompt tokens, solution tokens, β)."""
-        keep = torch.ones(tensors.num_sequences, dtype=torch.bool)
-        if self.config.overlong.mask_truncated:
-            keep &= ~tensors.truncated
-        row_weights = torch.ones(tensors.num_sequences)
-        examples: list[tuple[list[int], list[int], float]] = []
-        hpt = self.config.hpt
-        if hpt.enabled:
-            rl, sft = hpt_weights(
-                torch.tensor([group.pass_rate for group in groups]),
-                torch.tensor([bool(group.prompt.solution) for group in groups]),
-                threshold=hpt.pass_rate_threshold,
-                rl_coef=hpt.rl_coef,
-                sft_coef=hpt.sft_coef,
-                mix=hpt.mix,
-            )
-            row_weights = rl[tensors.group_index]
-            keep &= row_weights > 0
-            for group, weight in zip(groups, sft.tolist(), strict=True):
-                if weight > 0:
-                    solution = self.solution_tokens(group.prompt.solution)
-                    examples.append((list(group.prompt_token_ids), solution, weight))
-        return keep, row_weights, examples
 
     def _micro_batches(self, tensors: TrainingTensors) -> list[Tensor]:
         """Row indices of each micro-batch, longest sequences first so each one pads little."""
