@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from learner.algorithms import lp_reg_proxy_logprobs, token_entropy
+from learner.sft import IGNORE_INDEX, pad_supervised_batch
 from orchard.records import Group
 
 
@@ -127,8 +128,9 @@ def build_training_tensors(groups: Sequence[Group], pad_id: int) -> TrainingTens
 
 
 def build_sft_tensors(examples: Sequence[tuple[Sequence[int], Sequence[int]]], pad_id: int) -> TrainingTensors:
-    """Stack `(prompt_ids, target_ids)` pairs for a supervised loss on the targets (HPT's SFT signal):
-    `completion_mask` is 1 on the target tokens; rewards and behaviour logprobs are 0 (unused)."""
+    """Stack `(prompt_ids, target_ids)` pairs for a supervised loss on the targets (HPT's SFT signal),
+    padded as the warm start pads them (`learner.sft`): `completion_mask` is 1 on the target tokens;
+    rewards and behaviour logprobs are 0 (unused)."""
     if pad_id < 0:
         raise ValueError(f"pad_id must be a non-negative token id, got {pad_id}")
     if not examples:
@@ -138,21 +140,13 @@ def build_sft_tensors(examples: Sequence[tuple[Sequence[int], Sequence[int]]], p
             raise ValueError(
                 f"SFT example {index} has {len(prompt)} prompt and {len(target)} target tokens; both must be non-empty"
             )
-    width = max(len(prompt) + len(target) for prompt, target in examples)
+    input_ids, attention_mask, labels = pad_supervised_batch(examples, pad_id)
     count = len(examples)
-    input_ids = torch.full((count, width), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((count, width), dtype=torch.long)
-    target_mask = torch.zeros((count, width), dtype=torch.float32)
-    for row, (prompt, target) in enumerate(examples):
-        ids = list(prompt) + list(target)
-        input_ids[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
-        attention_mask[row, : len(ids)] = 1
-        target_mask[row, len(prompt) : len(ids)] = 1.0
     return TrainingTensors(
         input_ids=input_ids,
         attention_mask=attention_mask,
-        completion_mask=target_mask,
-        old_logprobs=torch.zeros((count, width), dtype=torch.float32),
+        completion_mask=(labels != IGNORE_INDEX).to(torch.float32),
+        old_logprobs=torch.zeros(input_ids.shape, dtype=torch.float32),
         rewards=torch.zeros(count, dtype=torch.float32),
         group_index=torch.arange(count, dtype=torch.long),
     )

@@ -31,8 +31,8 @@ KEY_FILE = "key.json"
 ModelT = TypeVar("ModelT", bound=torch.nn.Module)
 
 
-def _pad_batch(
-    examples: Sequence[tuple[list[int], list[int]]], pad_id: int
+def pad_supervised_batch(
+    examples: Sequence[tuple[Sequence[int], Sequence[int]]], pad_id: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Right-padded `input_ids`, `attention_mask` and next-token `labels` (target tokens only)."""
     width = max(len(prompt) + len(target) for prompt, target in examples)
@@ -91,7 +91,7 @@ def sft_train(
                     order = list(range(len(examples)))
                     rng.shuffle(order)
                 batch.append(examples[order.pop()])
-            input_ids, attention_mask, labels = (t.to(device) for t in _pad_batch(batch, pad_id))
+            input_ids, attention_mask, labels = (t.to(device) for t in pad_supervised_batch(batch, pad_id))
             logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
             # logits at position t predict token t+1
             loss = torch.nn.functional.cross_entropy(

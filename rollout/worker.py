@@ -188,6 +188,32 @@ class RolloutWorkerCore:
             seed=self._seed * 1_000_003 + self._calls,
         )
 
+    def _scored(
+        self, prompt: Prompt, outputs: Sequence[Any], version: int, errors: list[str], *, source: str = "sample"
+    ) -> list[Completion]:
+        """A completion of `prompt` for each engine output, verified; verifier errors go to `errors`."""
+        verifier = self._verifier(prompt)
+        completions = []
+        for output in outputs:
+            text = output.text or self.tokenizer.decode(output.token_ids)
+            result = safe_verify(verifier, prompt, text)
+            if result.error:
+                errors.append(f"{prompt.id}: {result.error}")
+            completions.append(
+                Completion(
+                    text=text,
+                    token_ids=list(output.token_ids),
+                    logprobs=list(output.logprobs),
+                    policy_version=version,
+                    finish_reason=output.finish_reason,
+                    reward=result.reward,
+                    correct=result.correct,
+                    verifier_error=result.error,
+                    source=source,
+                )
+            )
+        return completions
+
     def rollout(self, prompts: Sequence[Prompt], group_size: int | None = None) -> RolloutResult:
         """Generate `group_size` completions of every prompt, score them, return one group each."""
         self._check_weights()
@@ -200,25 +226,7 @@ class RolloutWorkerCore:
         generated = time.perf_counter()
         groups, errors = [], []
         for index, prompt in enumerate(prompts):
-            verifier = self._verifier(prompt)
-            completions = []
-            for output in outputs[index * group_size : (index + 1) * group_size]:
-                text = output.text or self.tokenizer.decode(output.token_ids)
-                result = safe_verify(verifier, prompt, text)
-                if result.error:
-                    errors.append(f"{prompt.id}: {result.error}")
-                completions.append(
-                    Completion(
-                        text=text,
-                        token_ids=list(output.token_ids),
-                        logprobs=list(output.logprobs),
-                        policy_version=version,
-                        finish_reason=output.finish_reason,
-                        reward=result.reward,
-                        correct=result.correct,
-                        verifier_error=result.error,
-                    )
-                )
+            completions = self._scored(prompt, outputs[index * group_size : (index + 1) * group_size], version, errors)
             groups.append(
                 Group(
                     prompt=prompt,
@@ -272,27 +280,8 @@ class RolloutWorkerCore:
             generate_seconds += generated - started
             generated_tokens += sum(len(o.token_ids) for o in outputs)
             for index, prompt in enumerate(todo):
-                verifier = self._verifier(prompt)
-                completions = []
-                for output in outputs[index * group_size : (index + 1) * group_size]:
-                    text = output.text or self.tokenizer.decode(output.token_ids)
-                    result = safe_verify(verifier, prompt, text)
-                    if result.error:
-                        errors.append(f"{prompt.id}: {result.error}")
-                    completions.append(
-                        Completion(
-                            text=text,
-                            token_ids=list(output.token_ids),
-                            logprobs=list(output.logprobs),
-                            policy_version=version,
-                            finish_reason=output.finish_reason,
-                            reward=result.reward,
-                            correct=result.correct,
-                            verifier_error=result.error,
-                            source="hint",
-                        )
-                    )
-                chosen[prompt.id] = (tier, completions)
+                samples = outputs[index * group_size : (index + 1) * group_size]
+                chosen[prompt.id] = (tier, self._scored(prompt, samples, version, errors, source="hint"))
             verify_seconds += time.perf_counter() - generated
         groups, hint_tiers = [], {}
         for prompt in prompts:
