@@ -136,8 +136,8 @@ def tree_advantages(token_values: Tensor, value_mask: Tensor, group_index: Tenso
     is its last token's value (the terminal node's value). Per group g ("sibling mean-std"):
     `Â_{i,t} = (v_{i,t} − mean_g(s)) / (std_g(s) + eps)` with the population std over the group's
     trajectories. A group of one trajectory is not normalised at all (mean 0, std 1: `Â = v`), as
-    the reference code (`compute_mcts_outcome_advantage`) and `rollout.strategies.mcts.token_advantages`
-    do. Siblings whose final scores are all equal (std 0) are centred only, so their step values are
+    the reference code does (smiles724/DeepSearch, `compute_mcts_outcome_advantage`, "sibling_mean_std").
+    Siblings whose final scores are all equal (std 0) are centred only, so their step values are
     not divided by ~0 (the driver drops such groups anyway, `services.deepsearch.tree_filter_reason`).
     Rows without values (an all-zero mask row) take no part and get 0.
     """
