@@ -927,9 +927,12 @@ class Driver:
                 ray.get(learner.close.remote(), timeout=30)
             except Exception as error:  # a dead or stuck learner must not keep the rest from stopping
                 self.run_dir.event(f"learner close failed: {type(error).__name__}: {error}")
-        for actor in [*getattr(self, "workers", {}).values(), learner]:
+        for actor in [*getattr(self, "workers", {}).values(), learner, *getattr(self, "_learner_peers", [])]:
             if actor is not None:
                 ray.kill(actor)
+        placement = getattr(self, "placement", None)
+        if placement is not None:  # a long-lived cluster gets the reserved bundles back
+            placement.release()
         if self.deepsearch is not None:
             self.deepsearch.close()
         if self.buffer is not None:

@@ -37,6 +37,10 @@ def test_short_run_with_broadcast_weights_in_placement_groups(ray_local, tmp_pat
     metrics = run_dir.read_metrics()
     assert metrics[1]["eval_accuracy"] is not None  # the evaluator got the weights as a copy
     conservation(summary)
+    import ray
+
+    reserved = [g for g in ray.util.placement_group_table().values() if g["state"] != "REMOVED"]
+    assert not reserved, "the run's placement groups outlived it"
 
 
 def test_vllm_runs_evaluate_on_a_rollout_worker(ray_local):

@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import random
-from collections.abc import Iterator
 
 import numpy as np
 import pytest
@@ -23,25 +21,13 @@ from learner.batching import build_training_tensors, sequence_logprobs
 from learner.sft import cache_key_digest, cached_warm_start, sft_train
 from learner.trainer import GRPOTrainer, StepResult
 from learner.weights import numpy_to_state_dict, state_dict_to_numpy
-from orchard.config import LearnerConfig, ModelConfig, RunConfig, TinyModelConfig
+from orchard.config import LearnerConfig, RunConfig
 from orchard.records import Completion, Group, Prompt
 from rollout.model import build_model
-from rollout.tokenizer import CharTokenizer
+from tests.integration.trainer_setup import MODEL_CONFIG, TOKENIZER, restore_environment  # noqa: F401
 
-TOKENIZER = CharTokenizer()
-MODEL_CONFIG = ModelConfig(
-    tiny=TinyModelConfig(hidden_size=32, num_layers=2, num_heads=2, num_kv_heads=1, intermediate_size=64)
-)
 TEMPERATURE = 0.8
 MAX_LENGTH = 8
-
-
-@pytest.fixture(scope="module", autouse=True)
-def restore_environment() -> Iterator[None]:
-    saved = dict(os.environ)
-    yield
-    os.environ.clear()
-    os.environ.update(saved)
 
 
 def tiny_model(seed: int = 0) -> torch.nn.Module:

@@ -5,33 +5,19 @@ outcome (a step taken or skipped, a count, a loss that differs), so a trainer ig
 from __future__ import annotations
 
 import math
-import os
-from collections.abc import Iterator
 
 import pytest
 import torch
 
 from learner.batching import build_sft_tensors, sequence_logprobs
 from learner.trainer import GRPOTrainer
-from orchard.config import DEMO_CONFIG, LearnerConfig, ModelConfig, TinyModelConfig, load_config
+from orchard.config import DEMO_CONFIG, LearnerConfig, load_config
 from orchard.records import Completion, Group, Prompt
 from rollout.model import build_model
-from rollout.tokenizer import CharTokenizer
+from tests.integration.trainer_setup import MODEL_CONFIG, TOKENIZER, restore_environment  # noqa: F401
 
-TOKENIZER = CharTokenizer()
-MODEL_CONFIG = ModelConfig(
-    tiny=TinyModelConfig(hidden_size=32, num_layers=2, num_heads=2, num_kv_heads=1, intermediate_size=64)
-)
 TEMPERATURE = 1.0
 MAX_LENGTH = 8
-
-
-@pytest.fixture(scope="module", autouse=True)
-def restore_environment() -> Iterator[None]:
-    saved = dict(os.environ)
-    yield
-    os.environ.clear()
-    os.environ.update(saved)
 
 
 def solution_tokens(solution: str) -> list[int]:

@@ -8,7 +8,8 @@ import time
 import pytest
 import torch
 
-from tests.integration.test_trainer import make_trainer, random_groups, restore_environment, tiny_model  # noqa: F401
+from tests.integration.test_trainer import make_trainer, random_groups, tiny_model
+from tests.integration.trainer_setup import restore_environment  # noqa: F401
 
 
 @pytest.mark.parametrize("zero_stage", [0, 3])
