@@ -1,5 +1,7 @@
 """A short real run (local Ray, the driver, rollout workers, the DeepSpeed learner) with several learner
-options at once: DAPO overlong shaping and masking, Lp-Reg, HPT and hinted rollouts of all-fail prompts."""
+options at once: DAPO overlong shaping, Lp-Reg, HPT and hinted rollouts of all-fail prompts. (Masking
+truncated completions is left to tests/integration/test_trainer_options.py: this briefly warmed-up
+model runs out of tokens in most completions, so masking would leave Lp-Reg little to act on.)"""
 
 from __future__ import annotations
 
@@ -14,17 +16,18 @@ from services.run_dir import RunDirectory
 SETTINGS = [
     "max_minutes=null",
     "max_steps=6",
-    "warmstart.steps=10",
+    "warmstart.steps=80",
     "warmstart.batch_size=8",
     "rollout.group_size=4",
     "rollout.prompts_per_call=4",
     "rollout.max_new_tokens=6",
     "learner.groups_per_step=4",
     "learner.dynamic_sampling=true",
-    "learner.overlong={enabled: true, mask_truncated: true}",
-    # the barely warmed-up model is close to uniform: a proxy at 2% of the max would cut nothing, and
-    # its lowest-probability tokens are the ones a proxy cuts, so every negative token is a candidate
-    "learner.lp_reg={enabled: true, min_p: 0.3, low_fraction: 1.0}",
+    "learner.overlong={enabled: true}",
+    # Lp-Reg regularises a negative token only where the proxy cuts something (else π_proxy = π) and
+    # keeps that token: the warm start is long enough for peaked distributions, and every negative
+    # token is a candidate
+    "learner.lp_reg={enabled: true, min_p: 0.5, low_fraction: 1.0}",
     "learner.hpt={enabled: true, mix: true}",
     "learner.hints={enabled: true}",
     "eval.every_steps=100",
