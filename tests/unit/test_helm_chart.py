@@ -412,7 +412,7 @@ def test_gpu_values_hold_exactly_the_gpus_the_run_asks_for(gpu_objects):
         for group in cluster_spec(gpu_objects)["workerGroupSpecs"]
     }
     assert config.rollout.num_workers * config.cluster.rollout_gpus_per_worker == gpus["rollout"]
-    assert config.cluster.learner_gpus == gpus["learner"]
+    assert config.cluster.learner_gpus * config.cluster.learner_ranks == gpus["learner"]
     # The recipe reads its model and data from the shared volume the chart mounts.
     mount = gpu_values()["storage"]["mountPath"]
     assert config.model.path.startswith(mount + "/")
