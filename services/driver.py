@@ -44,6 +44,7 @@ from services.control.run_control import RunControl, RunState, WeightVersionConf
 from services.curriculum.filtering import REASONS as FILTER_REASONS
 from services.curriculum.sampler import PromptSampler
 from services.deepsearch import RescoreFailed, SearchRescue, is_tree_group
+from services.evaluation import WorkerEvaluator, evaluate_by_distribution
 from services.learner_actor import create_learner
 from services.metrics import RunMetrics
 from services.placement import reserve, rollout_options
@@ -94,34 +95,6 @@ class Throughput:
     def learner_idle_fraction(self) -> float:
         wall = self.wall()
         return max(0.0, 1.0 - self.learner_busy_seconds / wall) if wall > 0 else 0.0
-
-
-def evaluate_by_distribution(evaluator: RolloutWorkerCore, prompts: list) -> tuple[float, dict[str, float]]:
-    """Greedy held-out accuracy, overall and per distribution."""
-    if not prompts:
-        return 0.0, {}
-    result = evaluator.evaluate(prompts)
-    by_distribution: dict[str, list[bool]] = defaultdict(list)
-    for prompt, correct in zip(prompts, result.correct, strict=True):
-        by_distribution[prompt.distribution].append(correct)
-    return fmean(result.correct), {d: fmean(v) for d, v in sorted(by_distribution.items())}
-
-
-class WorkerEvaluator:
-    """Held-out evaluation on a rollout worker (vLLM runs: the driver holds no engine of its own), with
-    the weights that worker holds; the version that answered is the `EvalResult`'s."""
-
-    def __init__(self, worker: Any) -> None:
-        self._worker = worker  # a callable returning the current actor (it may have been replaced)
-        self.policy_version = -1
-
-    def load_weights(self, version: int, weights: Any) -> dict[str, Any]:
-        return {"version": version, "seconds": 0.0, "skipped": True}  # the worker gets every version anyway
-
-    def evaluate(self, prompts: list) -> Any:
-        result = ray.get(self._worker().evaluate.remote(prompts))
-        self.policy_version = result.policy_version
-        return result
 
 
 #: Name of the curriculum's state in the buffer's named state (survives a driver restart).

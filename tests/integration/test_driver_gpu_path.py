@@ -54,7 +54,7 @@ def test_vllm_runs_evaluate_on_a_rollout_worker(ray_local):
     from rollout.model import build_model
     from rollout.tokenizer import load_tokenizer
     from rollout.worker import RolloutWorker
-    from services.driver import WorkerEvaluator, evaluate_by_distribution
+    from services.evaluation import WorkerEvaluator, evaluate_by_distribution
 
     model = ModelConfig(tiny=TinyModelConfig(hidden_size=32, intermediate_size=64, num_layers=2))
     worker = RolloutWorker.options(num_cpus=0.5).remote("worker-0", model, RolloutConfig(max_new_tokens=4))
