@@ -227,10 +227,8 @@ class Driver:
             and self.policy_version > self.evaluator.policy_version
             and not isinstance(self.evaluator, WorkerEvaluator)
         ):
-            if isinstance(weights_ref, BroadcastTicket):  # transport 'nccl': the evaluator reads a copy
-                weights_ref = self.learner.export_weights_object_store.remote()
             try:
-                weights = ray.get(weights_ref)
+                weights = ray.get(self._readable(weights_ref))
             except ray.exceptions.RayActorError as error:
                 # the learner died before exporting these weights; its restart publishes new ones
                 self.run_dir.event(
@@ -486,8 +484,16 @@ class Driver:
         store), or with transport 'nccl' a ticket, the learner broadcasting meanwhile."""
         if self.config.weight_sync.transport != "nccl":
             return self.learner.export_weights.remote()
-        self._broadcast_call = self.learner.broadcast_weights.remote()
+        # the broadcast's outcome reaches the driver through the workers' receiving calls
+        self.learner.broadcast_weights.remote()
         return BroadcastTicket(version)
+
+    def _readable(self, weights_ref: Any) -> Any:
+        """A published version as weights one reader can fetch on its own: a broadcast ticket (transport
+        'nccl') becomes a copy through the object store; other publications already are."""
+        if isinstance(weights_ref, BroadcastTicket):
+            return self.learner.export_weights_object_store.remote()
+        return weights_ref
 
     def _form_broadcast_group(self) -> None:
         """Transport 'nccl': (re)form the broadcast group of the learner and the current workers."""
@@ -532,9 +538,8 @@ class Driver:
         self.run_dir.event(f"rollout worker {name} died ({type(error).__name__}); restart {self.worker_restarts[name]}")
         actor = self.workers[name] = self._new_worker(name, self.worker_restarts[name])
         latest = self.weight_sync.latest
-        weights = latest.ref
-        if isinstance(weights, BroadcastTicket):  # a copy for the new worker, then a group with it in
-            weights = self.learner.export_weights_object_store.remote()
+        # a copy for the new worker (under 'nccl' it is not in the group yet; it joins below)
+        weights = self._readable(latest.ref)
         confirmed = self._get(actor.load_weights.remote(latest.version, weights), f"weights for restarted {name}")
         self._form_broadcast_group()
         self.weight_sync.confirm(name, confirmed["version"])
