@@ -38,11 +38,20 @@ class GenerationOutput:
 
 @runtime_checkable
 class Engine(Protocol):
-    """Batched generation with per-token logprobs and in-place weight updates."""
+    """Batched generation with per-token logprobs and in-place weight updates.
+
+    `next_token_logprobs` lists, per prompt, the `top_k` most probable next tokens under `params`'
+    temperature and top-p as `(token id, logprob)`, most probable first, with the logprobs `generate`
+    would report for them (DeepSearch's 'prior' expansion orders a node's children by them).
+    """
 
     policy_version: int
 
     def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams) -> list[GenerationOutput]: ...
+
+    def next_token_logprobs(
+        self, prompts: Sequence[Sequence[int]], params: SamplingParams, top_k: int
+    ) -> list[list[tuple[int, float]]]: ...
 
     def load_weights(self, state_dict: Mapping[str, torch.Tensor], version: int) -> None: ...
 

@@ -2,7 +2,8 @@
 
 `sample_next` draws from the tempered, top-p truncated distribution and returns the untruncated logprob
 (the one the learner recomputes); `gumbel_noise` draws its noise ahead, for many steps at once;
-`find_stop` finds stop strings without decoding the whole completion at every step.
+`find_stop` finds stop strings without decoding the whole completion at every step; `top_next_tokens`
+lists the most probable next tokens (DeepSearch's 'prior' expansion).
 """
 
 from __future__ import annotations
@@ -80,6 +81,27 @@ def sample_next(
         # log_softmax only shifts each row, so the scaled logits give the same argmax.
         tokens = (scaled + noise).argmax(-1)
     return tokens, logprobs.gather(-1, tokens[:, None]).squeeze(-1)
+
+
+def top_next_tokens(logits: torch.Tensor, temperature: float, top_p: float, k: int) -> list[list[tuple[int, float]]]:
+    """Per row of float32 `logits` `[batch, vocab]`, the `k` most probable next tokens that `sample_next`
+    may draw, as `(token id, logprob)` most probable first, with the logprobs `sample_next` reports:
+    log_softmax(logits / T), T = 1 when greedy. Top-p keeps the same nucleus as `sample_next` (the
+    smallest prefix by probability whose mass reaches `top_p`); tokens of probability 0 are left out.
+    """
+    if k < 1:
+        raise ValueError(f"top_next_tokens needs k >= 1, got {k}")
+    scaled = logits if temperature in (0, 1) else logits / temperature
+    logprobs = F.log_softmax(scaled, -1)
+    top_logprobs, top_tokens = logprobs.topk(min(k, logprobs.shape[-1]), dim=-1)
+    if top_p < 1:
+        probs = top_logprobs.exp()
+        # a token is in the nucleus while the mass of the more probable tokens is below top_p
+        top_logprobs = top_logprobs.masked_fill(probs.cumsum(-1) - probs >= top_p, float("-inf"))
+    return [
+        [(token, logprob) for token, logprob in zip(tokens, values, strict=True) if logprob > float("-inf")]
+        for tokens, values in zip(top_tokens.tolist(), top_logprobs.tolist(), strict=True)
+    ]
 
 
 def find_stop(tokenizer: Tokenizer, token_ids: Sequence[int], stops: Sequence[str]) -> str | None:

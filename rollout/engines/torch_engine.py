@@ -46,7 +46,7 @@ from transformers import PretrainedConfig, Qwen2ForCausalLM
 from orchard.protocols import GenerationOutput, SamplingParams
 from rollout.engines.engine_weights import EngineWeights, FusedLayer
 from rollout.engines.kernels import forward_tokens_kernel
-from rollout.engines.sampling import find_stop, gumbel_noise, sample_next, validate_params
+from rollout.engines.sampling import find_stop, gumbel_noise, sample_next, top_next_tokens, validate_params
 from rollout.tokenizer import Tokenizer
 
 #: Compact the batch once this fraction of its rows has finished (a gather of the cache costs about as
@@ -345,22 +345,54 @@ class TorchEngine(EngineWeights):
 
     # -------------------------------------------------------------------------------------- generation
 
-    def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams) -> list[GenerationOutput]:
-        """One completion per prompt (prompts are token ids; the caller adds any bos token)."""
+    def next_token_logprobs(
+        self, prompts: Sequence[Sequence[int]], params: SamplingParams, top_k: int
+    ) -> list[list[tuple[int, float]]]:
+        """Per prompt, the `top_k` most probable next tokens under `params`' temperature and top-p, as
+        `(token id, logprob)` most probable first, with the logprobs `generate` reports for a sampled
+        token (`sampling.top_next_tokens`). One prefill per batch, no cache kept."""
         validate_params(params)
         prompt_lists = [list(map(int, prompt)) for prompt in prompts]
-        for index, prompt in enumerate(prompt_lists):
+        self._check_prompts(prompt_lists, new_tokens=1)
+        answers: list[list[tuple[int, float]]] = []
+        for first in range(0, len(prompt_lists), self.max_batch_size):
+            answers += self._next_token_batch(prompt_lists[first : first + self.max_batch_size], params, top_k)
+        return answers
+
+    @torch.inference_mode()
+    def _next_token_batch(
+        self, prompts: list[list[int]], params: SamplingParams, top_k: int
+    ) -> list[list[tuple[int, float]]]:
+        length = max(len(prompt) for prompt in prompts)
+        pad_id = self.tokenizer.pad_id
+        token_ids = torch.tensor([[pad_id] * (length - len(p)) + p for p in prompts], device=self.device)
+        pad_counts = torch.tensor([length - len(p) for p in prompts], device=self.device)
+        valid = torch.arange(length, device=self.device) >= pad_counts[:, None]
+        hidden = self._prefill(token_ids, valid, pad_counts, self._new_cache(len(prompts), length))
+        logits = F.linear(hidden, self._lm_head).float()
+        return top_next_tokens(logits, params.temperature, params.top_p, top_k)
+
+    def _check_prompts(self, prompts: list[list[int]], *, new_tokens: int) -> None:
+        """Raise `ValueError` naming the first prompt that is empty, holds a token outside the vocabulary,
+        or is too long for the model with `new_tokens` more."""
+        for index, prompt in enumerate(prompts):
             if not prompt:
                 raise ValueError(f"prompt {index} is empty; a prompt needs at least one token (e.g. bos)")
             if min(prompt) < 0 or max(prompt) >= self.vocab_size:
                 bad = next(t for t in prompt if not 0 <= t < self.vocab_size)
                 raise ValueError(f"prompt {index} holds token id {bad}, outside the vocabulary [0, {self.vocab_size})")
-            if len(prompt) + params.max_new_tokens > self.max_positions:
+            if len(prompt) + new_tokens > self.max_positions:
                 raise ValueError(
-                    f"prompt {index} has {len(prompt)} tokens; with max_new_tokens={params.max_new_tokens} it "
+                    f"prompt {index} has {len(prompt)} tokens; with max_new_tokens={new_tokens} it "
                     f"exceeds the model's max_position_embeddings={self.max_positions}: shorten the prompt "
                     "or lower max_new_tokens"
                 )
+
+    def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams) -> list[GenerationOutput]:
+        """One completion per prompt (prompts are token ids; the caller adds any bos token)."""
+        validate_params(params)
+        prompt_lists = [list(map(int, prompt)) for prompt in prompts]
+        self._check_prompts(prompt_lists, new_tokens=params.max_new_tokens)
         seed = params.seed if params.seed is not None else int(torch.randint(2**62, ()).item())
         generator = torch.Generator(device=self.device).manual_seed(seed)
         outputs: list[GenerationOutput] = []

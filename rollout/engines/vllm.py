@@ -19,8 +19,12 @@ https://docs.vllm.ai/en/v0.30.0/api/vllm/ and https://docs.vllm.ai/en/v0.30.0/co
   model's own `load_weights(weights=iterable of (name, tensor))`, the pattern of vLLM's RLHF example
   (examples/offline_inference/rlhf.py and rlhf_utils.py).
 
-vLLM is imported only when an engine is built, so this module imports without it; the conversion of
-vLLM's outputs into our records (`generations_from_request_outputs`) is a pure function.
+- `SamplingParams(max_tokens=1, logprobs=k)` for DeepSearch's next-token candidates: the position's `k`
+  most probable tokens (plus the sampled one) in `CompletionOutput.logprobs[0]`.
+
+vLLM is imported only when an engine is built, so this module imports without it; the conversions of
+vLLM's outputs into our records (`generations_from_request_outputs`, `next_tokens_from_request_outputs`)
+are pure functions.
 """
 
 from __future__ import annotations
@@ -92,6 +96,37 @@ def generations_from_request_outputs(request_outputs: Sequence[Any]) -> list[Gen
             GenerationOutput(token_ids=token_ids, logprobs=logprobs, finish_reason=reason, text=completion.text or "")
         )
     return generations
+
+
+def next_token_sampling_kwargs(params: SamplingParams, top_k: int) -> dict[str, Any]:
+    """`vllm.SamplingParams` keyword arguments that return the `top_k` most probable next tokens: one
+    token per prompt with `logprobs=top_k` (vLLM's default `max_logprobs` is 20)."""
+    return {
+        "n": 1,
+        "temperature": params.temperature,
+        "top_p": params.top_p,
+        "max_tokens": 1,
+        "logprobs": top_k,
+        "seed": params.seed,
+    }
+
+
+def next_tokens_from_request_outputs(request_outputs: Sequence[Any], top_k: int) -> list[list[tuple[int, float]]]:
+    """Per vLLM `RequestOutput` of a one-token request, its first position's most probable tokens as
+    `(token id, logprob)`, most probable first, at most `top_k` (vLLM adds the sampled token to the
+    top `logprobs` when it is not among them). Tokens of logprob −inf (outside top-p) are left out; a
+    request without logprobs is an error naming it."""
+    answers = []
+    for request in request_outputs:
+        if not request.outputs or not request.outputs[0].logprobs:
+            raise ValueError(
+                f"vLLM request {request.request_id} returned no logprobs; next tokens need SamplingParams(logprobs=k)"
+            )
+        entries = request.outputs[0].logprobs[0]
+        pairs = [(int(token), float(entry.logprob)) for token, entry in entries.items()]
+        finite = [pair for pair in pairs if math.isfinite(pair[1])]
+        answers.append(sorted(finite, key=lambda pair: -pair[1])[:top_k])
+    return answers
 
 
 class WeightLoaderExtension:
@@ -166,6 +201,17 @@ class VLLMEngine:
         requests = [TokensPrompt(prompt_token_ids=list(ids)) for ids in prompts]
         outputs = self.llm.generate(requests, VLLMSamplingParams(**sampling_params_kwargs(params)), use_tqdm=False)
         return generations_from_request_outputs(outputs)
+
+    def next_token_logprobs(
+        self, prompts: Sequence[Sequence[int]], params: SamplingParams, top_k: int
+    ) -> list[list[tuple[int, float]]]:
+        from vllm import SamplingParams as VLLMSamplingParams
+        from vllm.inputs import TokensPrompt
+
+        requests = [TokensPrompt(prompt_token_ids=list(ids)) for ids in prompts]
+        sampling = VLLMSamplingParams(**next_token_sampling_kwargs(params, top_k))
+        outputs = self.llm.generate(requests, sampling, use_tqdm=False)
+        return next_tokens_from_request_outputs(outputs, top_k)
 
     def _check_version(self, version: int) -> None:
         if version < self.policy_version or (version == self.policy_version and self._has_loaded_weights):

@@ -54,3 +54,15 @@ def test_vllm_generates_with_logprobs_and_loads_weights_in_place(engine):
     vocabulary = model.config.vocab_size
     assert all(abs(lp + torch.log(torch.tensor(float(vocabulary)))) < 0.1 for lp in greedy[0].logprobs)
     assert engine.load_weights(model.state_dict(), 2) == 2
+
+
+def test_vllm_next_token_candidates_are_its_most_probable_tokens(engine):
+    """DeepSearch's 'prior' expansion on vLLM: the top logprobs of one position, most probable first, and
+    the token vLLM samples at temperature 0 is the first of them."""
+    prompt = [1, 2, 3, 4]
+    [candidates] = engine.next_token_logprobs([prompt], SamplingParams(temperature=1.0), 8)
+    assert len(candidates) == 8
+    assert [lp for _, lp in candidates] == sorted((lp for _, lp in candidates), reverse=True)
+    assert all(lp <= 0 for _, lp in candidates) and sum(torch.tensor(lp).exp() for _, lp in candidates) <= 1.0001
+    [greedy] = engine.generate([prompt], SamplingParams(temperature=0.0, max_new_tokens=1))
+    assert greedy.token_ids[0] == candidates[0][0]

@@ -240,6 +240,33 @@ def test_logprobs_equal_a_full_forward_recomputation(model, prompts, tokenizer, 
         torch.testing.assert_close(torch.tensor(output.logprobs), expected.squeeze(-1), atol=ATOL, rtol=0)
 
 
+@pytest.mark.parametrize(
+    "params",
+    [
+        SamplingParams(temperature=1.0),
+        SamplingParams(temperature=0.7),
+        SamplingParams(temperature=0.7, top_p=0.8),
+    ],
+    ids=["T1", "T0.7", "T0.7-top_p0.8"],
+)
+def test_next_token_logprobs_are_the_most_probable_tokens_of_a_full_forward(model, prompts, tokenizer, params):
+    """DeepSearch's 'prior' expansion: per prompt the top tokens of log_softmax(logits / T) at the last
+    position, most probable first, only those top-p may draw, with the logprobs generate reports."""
+    engine = TorchEngine(model, tokenizer)
+    answers = engine.next_token_logprobs(prompts, params, top_k=5)
+    assert len(answers) == len(prompts)
+    for prompt, answer in zip(prompts, answers, strict=True):
+        logprobs = F.log_softmax(hf_logits(model, prompt)[-1] / params.temperature, -1)
+        top = logprobs.topk(5)
+        nucleus = (top.values.exp().cumsum(0) - top.values.exp()) < params.top_p
+        assert [token for token, _ in answer] == top.indices[nucleus].tolist()
+        torch.testing.assert_close(
+            torch.tensor([logprob for _, logprob in answer]), top.values[nucleus], atol=ATOL, rtol=0
+        )
+    with pytest.raises(ValueError, match="prompt 0 is empty"):
+        engine.next_token_logprobs([[]], params, top_k=5)
+
+
 # --------------------------------------------------------------------------- (d) finishing and stops
 
 

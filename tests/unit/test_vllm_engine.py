@@ -15,7 +15,12 @@ from dataclasses import dataclass, field
 import pytest
 
 from orchard.protocols import SamplingParams
-from rollout.engines.vllm import generations_from_request_outputs, sampling_params_kwargs
+from rollout.engines.vllm import (
+    generations_from_request_outputs,
+    next_token_sampling_kwargs,
+    next_tokens_from_request_outputs,
+    sampling_params_kwargs,
+)
 
 
 @dataclass
@@ -91,5 +96,30 @@ def test_sampling_params_ask_for_one_sample_with_the_sampled_tokens_logprob():
         "max_tokens": 12,
         "stop": ["\n"],
         "logprobs": 0,
+        "seed": 3,
+    }
+
+
+def test_next_tokens_are_the_first_positions_top_logprobs_most_probable_first():
+    # vLLM returns the top `logprobs` tokens of the position and the sampled token when it is not among them
+    top = {7: Logprob(-0.5, rank=2), 3: Logprob(-0.2, rank=1), 9: Logprob(-3.0, rank=5), 4: Logprob(-math.inf)}
+    outputs = [
+        RequestOutput("a", [1], [CompletionOutput(0, "", [9], -3.0, [top], "length")]),
+        RequestOutput("b", [1], [CompletionOutput(0, "", [2], -0.1, [{2: Logprob(-0.1, rank=1)}], "length")]),
+    ]
+    assert next_tokens_from_request_outputs(outputs, top_k=2) == [[(3, -0.2), (7, -0.5)], [(2, -0.1)]]
+    assert next_tokens_from_request_outputs(outputs, top_k=5)[0] == [(3, -0.2), (7, -0.5), (9, -3.0)]
+    with pytest.raises(ValueError, match="req-3 returned no logprobs"):
+        next_tokens_from_request_outputs([RequestOutput("req-3", [1], [CompletionOutput(0, "", [5], None, None)])], 2)
+
+
+def test_next_token_sampling_params_ask_for_one_token_and_its_top_logprobs():
+    params = SamplingParams(temperature=0.7, top_p=0.9, max_new_tokens=12, stop=("\n",), seed=3)
+    assert next_token_sampling_kwargs(params, 16) == {
+        "n": 1,
+        "temperature": 0.7,
+        "top_p": 0.9,
+        "max_tokens": 1,
+        "logprobs": 16,
         "seed": 3,
     }
