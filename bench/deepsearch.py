@@ -28,8 +28,13 @@ learner steps, tree-search figures; then the mean over seeds. An ablation arm,
 `grpo+deepsearch-outcome` (`--arms`), trains tree trajectories on outcome rewards only. Run directories go to
 `bench/out/deepsearch/`.
 
+Learnability (`--learnability`): the hard tail's held-out greedy accuracy after supervised steps on N
+correct answers of fresh prompts of each tail distribution, from each seed's warm start: the most that
+finding N solutions could teach this model, whatever finds them.
+
 Run: `python bench/deepsearch.py [--seed 0] [--prompts 40] [--repeats 3] [--sweep]` (tree search
-against plain sampling) or `python bench/deepsearch.py --train [--seeds 1 2 3] [--tokens 500000]`.
+against plain sampling), `python bench/deepsearch.py --train [--seeds 1 2 3] [--tokens 500000]` or
+`python bench/deepsearch.py --learnability [--solutions 0 160 640]`.
 """
 
 from __future__ import annotations
@@ -48,7 +53,7 @@ import torch
 
 from orchard.config import load_config
 from orchard.records import Prompt
-from rollout.strategies.mcts import SearchSettings, TreeSearch, run_searches
+from rollout.strategies.tree_search import SearchSettings, TreeSearch, run_searches
 from rollout.worker import RolloutResult, RolloutWorkerCore, encode_prompt
 from services.cluster import connect_ray
 from services.driver import Driver
@@ -67,10 +72,32 @@ HARD_TAIL = [("addition", 1), ("multiplication", 1)]
 ARMS: dict[str, list[str]] = {
     "grpo": [],
     "grpo+deepsearch": ["rollout.strategy=mcts"],
-    # ablation: tree trajectories trained with group-relative outcome advantages, no step values
-    "grpo+deepsearch-outcome": ["rollout.strategy=mcts", "rollout.mcts.step_values=false"],
+    # ablations of the tree trajectories' advantages: the reference's step values, outcome advantages only
+    "grpo+deepsearch-node-values": ["rollout.strategy=mcts", "learner.tree_advantage=node_values"],
+    "grpo+deepsearch-outcome": ["rollout.strategy=mcts", "learner.tree_advantage=outcome"],
 }
 MAIN_ARMS = ["grpo", "grpo+deepsearch"]
+#: The reference's expansion (W sampled children a node), with the step length and width decay this
+#: project used for it before the 'prior' expansion, and the reference's frontier priority (λc = 0).
+REFERENCE_SAMPLE = {
+    "expansion": "sample",
+    "chunk_tokens": 2,
+    "expansion_width": 8,
+    "width_decay": 4,
+    "min_width": 2,
+    "lambda_confidence": 0.0,
+}
+#: `--sweep`: rows beside the config's search (suffix -> `rollout.mcts` overrides).
+SWEEP: dict[str, dict[str, Any]] = {
+    " λc = 0 (reference priority)": {"lambda_confidence": 0.0},
+    " entropy term on": {"entropy_bonus": True},
+    " 2 children per expansion": {"children_per_expansion": 2},
+    " 8 children per node": {"expansion_width": 8},
+    " sample (reference)": REFERENCE_SAMPLE,
+    " sample, λc = 1": {**REFERENCE_SAMPLE, "lambda_confidence": 1.0},
+    " sample, 1-token steps": {**REFERENCE_SAMPLE, "chunk_tokens": 1},
+    " sample, no merge/widen": {**REFERENCE_SAMPLE, "merge_duplicates": False, "widen_when_exhausted": False},
+}
 
 
 @dataclass
@@ -125,10 +152,13 @@ def search_all(worker, config, prompts, plain_groups, overrides):
                 settings,
                 decode=worker.tokenizer.decode,
                 eos_token_ids=worker.engine.eos_token_ids,
+                stop=config.rollout.stop,
             )
         )
     started = time.perf_counter()
-    results = run_searches(trees, worker.engine.generate, worker._params(greedy=False))
+    results = run_searches(
+        trees, worker.engine.generate, worker._params(greedy=False), next_tokens=worker.engine.next_token_logprobs
+    )
     for result, group in zip(results, plain_groups, strict=True):
         assert result.tokens_generated <= group.num_tokens, "tree search overspent its budget"
     return results, time.perf_counter() - started
@@ -158,14 +188,14 @@ def share(count: int, total: int) -> str:
 
 def print_table(rows: list[Row]) -> None:
     header = (
-        f"{'prompts (pass@16 = 0)':<34} {'n':>4} {'plain@64':>9} {'tree':>7} {'either':>7} {'tree only':>9}"
+        f"{'prompts (pass@16 = 0)':<48} {'n':>4} {'plain@64':>9} {'tree':>7} {'either':>7} {'tree only':>9}"
         f" {'plain tok':>10} {'tree tok':>9} {'nodes':>6} {'tree s':>7}"
     )
     print(header)
     print("-" * len(header))
     for row in rows:
         print(
-            f"{row.name:<34} {row.prompts:>4} {share(row.plain_solved, row.prompts):>9}"
+            f"{row.name:<48} {row.prompts:>4} {share(row.plain_solved, row.prompts):>9}"
             f" {share(row.tree_solved, row.prompts):>7} {share(row.either, row.prompts):>7}"
             f" {share(row.tree_only, row.prompts):>9} {row.plain_tokens:>10,} {row.tree_tokens:>9,}"
             f" {row.nodes:>6,} {'' if row.seconds != row.seconds else f'{row.seconds:.1f}':>7}"
@@ -224,6 +254,7 @@ def train_overrides(args: argparse.Namespace) -> list[str]:
         "max_minutes=null",
         f"rollout.mcts.terminate_num={args.terminate_num}",
         "checkpoint.every_steps=0",
+        *([f"warmstart.seed={args.warmstart_seed}"] if args.warmstart_seed is not None else []),
     ]
 
 
@@ -327,6 +358,50 @@ def report_training(results: list[dict[str, Any]], args: argparse.Namespace) -> 
         )
 
 
+def learnability_main(args: argparse.Namespace) -> None:
+    """How much any finder of solutions could teach: the held-out greedy accuracy of each hard-tail
+    distribution after supervised steps on N correct answers of fresh training prompts of it, from
+    each seed's warm start of the training mix (batch 16, N/16 steps, the learner's learning rate)."""
+    from learner.sft import sft_train
+    from rollout.model import build_model
+    from services.evaluation import evaluate_by_distribution
+
+    started = time.perf_counter()
+    counts = args.solutions
+    print(
+        f"learnability of the hard tail {HARD_TAIL}: held-out greedy accuracy after SFT on N solutions,"
+        f" N = {counts}; seeds {args.seeds}"
+    )
+    for seed in args.seeds:
+        config = load_config(None, [*train_overrides(args), f"seed={seed}", *args.overrides])
+        pool = PromptPool.from_config(config.data)
+        state_dict, _ = warm_start(config, pool, log=lambda message: None)
+        worker = RolloutWorkerCore("bench", config.model, config.rollout, seed=seed)
+        held_out_texts = {p.text for p in pool.held_out}
+        for family, level in HARD_TAIL:
+            distribution = f"{family}/d{level}"
+            held_out = [p for p in pool.held_out[: config.eval.num_prompts] if p.distribution == distribution]
+            rng = random.Random(seed)
+            solutions = []
+            while len(solutions) < max(counts):
+                prompt = generate_prompt(family, level, rng)
+                if prompt.text not in held_out_texts:
+                    answer = worker.tokenizer.encode(prompt.answer) + [worker.tokenizer.eos_id]
+                    solutions.append((encode_prompt(worker.tokenizer, prompt.text), answer))
+            cells = []
+            for count in counts:
+                model = build_model(config.model, worker.tokenizer)
+                model.load_state_dict(state_dict)
+                steps = count // 16
+                if steps:
+                    sft_train(model, solutions[:count], steps=steps, batch_size=16, lr=config.learner.lr, seed=seed, log_every=10**9)  # fmt: skip
+                worker.load_weights(worker.policy_version + 1, {k: v.detach() for k, v in model.state_dict().items()})
+                accuracy, _ = evaluate_by_distribution(worker, held_out)
+                cells.append(f"N={count}: {accuracy:.3f}")
+            print(f"  seed {seed} {distribution:<18} " + "  ".join(cells), flush=True)
+    print(f"{time.perf_counter() - started:.0f} s in all")
+
+
 def train_main(args: argparse.Namespace) -> None:
     started = time.perf_counter()
     print(
@@ -365,6 +440,12 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3], help="Training: seeds of both arms.")
     parser.add_argument("--tokens", type=int, default=500_000, help="Training: generated tokens per run.")
     parser.add_argument("--held-out", type=int, default=500, help="Training: held-out prompts (evenly split).")
+    parser.add_argument(
+        "--warmstart-seed",
+        type=int,
+        default=None,
+        help="Training: one warm start (this SFT seed) for every seed; default: each seed its own warm start.",
+    )
     parser.add_argument("--terminate-num", type=int, default=16, help="Training: trajectories per tree search.")
     parser.add_argument("--arms", nargs="+", default=MAIN_ARMS, choices=list(ARMS))
     parser.add_argument(
@@ -374,13 +455,22 @@ def main() -> None:
         "--report-only", action="store_true", help="Training: the table from the run directories' bench.json files."
     )
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE")
+    parser.add_argument(
+        "--learnability",
+        action="store_true",
+        help="Held-out accuracy of the hard tail after SFT on N solutions (what finding solutions could teach).",
+    )
+    parser.add_argument("--solutions", type=int, nargs="+", default=[0, 160, 640], help="Learnability: N.")
     args = parser.parse_args()
+    if args.learnability:
+        learnability_main(args)
+        return
     if args.train:
         train_main(args)
         return
     started = time.perf_counter()
     torch.manual_seed(args.seed)
-    config = load_config(None)
+    config = load_config(None, args.overrides)
     pool = PromptPool.from_config(config.data)
     state_dict, info = warm_start(config, pool, log=lambda message: None)
     rollout = config.rollout.model_copy(update={"torch_threads": args.threads})
@@ -389,11 +479,13 @@ def main() -> None:
     mcts = config.rollout.mcts
     print(
         f"warm-started policy ({'cached' if info.get('cached') else 'trained'}), temperature"
-        f" {rollout.temperature}, max_new_tokens {rollout.max_new_tokens}; tree: {mcts.chunk_tokens}-token steps,"
-        f" width {mcts.expansion_width} (decay {mcts.width_decay}, min {mcts.min_width}), λ_puct {mcts.lambda_puct},"
-        f" λ1..λ4 {mcts.lambda_parent_value}/{mcts.lambda_entropy}/{mcts.lambda_depth}/{mcts.lambda_value}"
-        f" (entropy term {'on' if mcts.entropy_bonus else 'off'}), depth bonus {mcts.depth_bonus},"
-        f" merge duplicates {mcts.merge_duplicates}, widen {mcts.widen_when_exhausted}"
+        f" {rollout.temperature}, max_new_tokens {rollout.max_new_tokens}; tree: expansion {mcts.expansion}"
+        f" ({mcts.children_per_expansion} per expansion, top {mcts.prior_top_k} next tokens),"
+        f" {mcts.chunk_tokens}-token steps, width {mcts.expansion_width} (decay {mcts.width_decay}, min"
+        f" {mcts.min_width}), λ_puct {mcts.lambda_puct}, λ1..λ4 {mcts.lambda_parent_value}/{mcts.lambda_entropy}/"
+        f"{mcts.lambda_depth}/{mcts.lambda_value} (entropy term {'on' if mcts.entropy_bonus else 'off'}), λc"
+        f" {mcts.lambda_confidence}, depth bonus {mcts.depth_bonus}, merge duplicates {mcts.merge_duplicates},"
+        f" widen {mcts.widen_when_exhausted}"
     )
     candidates, hard = hard_prompts(worker, pool, args.distributions, args.prompts, args.seed)
     print(
@@ -402,14 +494,7 @@ def main() -> None:
     )
     variants = {"": {}}
     if args.sweep:
-        variants.update(
-            {
-                " entropy term on": {"entropy_bonus": True},
-                " constant width": {"width_decay": 0, "min_width": 1},
-                " 1-token steps": {"chunk_tokens": 1},
-                " no merge/widen": {"merge_duplicates": False, "widen_when_exhausted": False},
-            }
-        )
+        variants.update(SWEEP)
     # Per variant, (plain group, search result) of every prompt in every repeat.
     pairs: dict[str, list] = {suffix: [] for suffix in variants}
     seconds: dict[str, float] = {suffix: 0.0 for suffix in variants}

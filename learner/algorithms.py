@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -171,6 +172,63 @@ def tree_advantages(token_values: Tensor, value_mask: Tensor, group_index: Tenso
                 sigma = 1.0 - eps  # equal final scores: centre only, never divide step values by ~0
         advantages[rows] = (values[rows] - mean) / (sigma + eps)
     return torch.where(mask, advantages, torch.zeros_like(advantages)).to(_result_dtype(token_values))
+
+
+def prefix_credit(advantages: Tensor, token_ids: Tensor, completion_mask: Tensor, group_index: Tensor) -> Tensor:
+    """Each sequence's outcome advantage spread over its tokens by where it parts from its group.
+
+    For sequences of one group that share prefixes (a tree's trajectories share their path from the
+    root), let `V(p)` be the mean outcome advantage `Â` of the group's sequences whose completion
+    starts with the token prefix `p` (`V` of the empty prefix is the group's mean). Token t of
+    sequence i gets `A_{i,t} = V(o_{i,≤t}) − V(o_{i,<t})`: what choosing that token changed in the
+    expected outcome of the group's sequences through it. A token every sibling on that prefix shares
+    gets 0; the token where a solution leaves a wrong path gets the difference. The sum over a
+    sequence telescopes to `Â_i − mean_g(Â)`, which is `Â_i` for the centred estimators (grpo,
+    dr_grpo, lite_ppo, rloo): under token-sum aggregation each sequence carries its outcome advantage,
+    only placed on the tokens that decided it. Ours (ALGORITHMS.md §8, "prefix credit"); the idea of
+    crediting steps by the change of value between a tree node and its parent is that of tree-based
+    RL methods such as TreeRPO and TreeRL.
+
+    `advantages` `[N]` per sequence, `token_ids` and `completion_mask` `[N, T]` (1 on completion
+    tokens, which must form one contiguous run per row), `group_index` `[N]`. Returns `[N, T]`, 0 off
+    the completion.
+    """
+    if advantages.dim() != 1 or token_ids.dim() != 2 or token_ids.shape != completion_mask.shape:
+        raise ValueError(
+            f"need advantages [N] and token_ids, completion_mask [N, T]; got {tuple(advantages.shape)},"
+            f" {tuple(token_ids.shape)}, {tuple(completion_mask.shape)}"
+        )
+    if group_index.shape != advantages.shape or token_ids.shape[0] != advantages.shape[0]:
+        raise ValueError(f"group_index and advantages must both be [N = {token_ids.shape[0]}]")
+    credit = torch.zeros(token_ids.shape, dtype=torch.float64)
+    mask = completion_mask.to(torch.bool)
+    values = advantages.to(torch.float64).tolist()
+    rows_of: dict[int, list[int]] = {}
+    for row, group in enumerate(group_index.tolist()):
+        rows_of.setdefault(group, []).append(row)
+    for rows in rows_of.values():
+        completions = {
+            row: (mask[row].nonzero().squeeze(-1).tolist(), token_ids[row][mask[row]].tolist()) for row in rows
+        }
+        # a trie of the group's completions: per node its children and the sum and count of Â through it
+        root: dict[str, Any] = {"children": {}, "sum": 0.0, "count": 0}
+        for row in rows:
+            node = root
+            node["sum"] += values[row]
+            node["count"] += 1
+            for token in completions[row][1]:
+                node = node["children"].setdefault(token, {"children": {}, "sum": 0.0, "count": 0})
+                node["sum"] += values[row]
+                node["count"] += 1
+        for row in rows:
+            node, before = root, root["sum"] / root["count"]
+            positions, tokens = completions[row]
+            for position, token in zip(positions, tokens, strict=True):
+                node = node["children"][token]
+                after = node["sum"] / node["count"]
+                credit[row, position] = after - before
+                before = after
+    return credit.to(_result_dtype(advantages))
 
 
 # ------------------------------------------------------------------------------------------ reward shaping

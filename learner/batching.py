@@ -32,6 +32,7 @@ class TrainingTensors:
     lengths: Tensor | None = None  # [N] long, completion tokens
     truncated: Tensor | None = None  # [N] bool, cut off by the length limit (finish_reason "length")
     hinted: Tensor | None = None  # [N] bool, sampled with a hint in context (source "hint")
+    tree: Tensor | None = None  # [N] bool, a tree-search trajectory (source "tree")
     token_values: Tensor | None = None  # [N, L] float, tree trajectories' per-token scores at their positions
     value_mask: Tensor | None = None  # [N, L] float, 1 where token_values holds a score
 
@@ -64,6 +65,7 @@ class TrainingTensors:
             lengths=rows(self.lengths),
             truncated=rows(self.truncated),
             hinted=rows(self.hinted),
+            tree=rows(self.tree),
             token_values=cells(self.token_values),
             value_mask=cells(self.value_mask),
         )
@@ -122,6 +124,7 @@ def build_training_tensors(groups: Sequence[Group], pad_id: int) -> TrainingTens
         lengths=torch.tensor([len(c.token_ids) for c in completions], dtype=torch.long),
         truncated=torch.tensor([c.finish_reason == "length" for c in completions], dtype=torch.bool),
         hinted=torch.tensor([c.source == "hint" for c in completions], dtype=torch.bool),
+        tree=torch.tensor([c.source == "tree" for c in completions], dtype=torch.bool),
         token_values=token_values,
         value_mask=value_mask,
     )

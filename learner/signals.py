@@ -18,7 +18,14 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from learner.algorithms import hpt_weights, outcome_advantages, overlong_penalty, tree_advantages, truncation_rewards
+from learner.algorithms import (
+    hpt_weights,
+    outcome_advantages,
+    overlong_penalty,
+    prefix_credit,
+    tree_advantages,
+    truncation_rewards,
+)
 from learner.batching import TrainingTensors
 from orchard.config import LearnerConfig
 from orchard.records import Group
@@ -40,13 +47,19 @@ def shaped_rewards(config: LearnerConfig, tensors: TrainingTensors, max_length: 
 
 def token_advantages(config: LearnerConfig, tensors: TrainingTensors, rewards: Tensor) -> tuple[Tensor, Tensor]:
     """`(per token [N, L], per sequence [N])`: the estimator's outcome advantage on every completion
-    token, replaced by `tree_advantages` on the rows that carry token values; 0 off the completion."""
+    token; on tree trajectories as `learner.tree_advantage` says (`prefix_credit` by default,
+    `tree_advantages` of their token values with 'node_values'); 0 off the completion."""
     outcome = outcome_advantages(rewards, tensors.group_index, config.advantage)
     advantages = outcome.unsqueeze(-1).expand_as(tensors.old_logprobs).clone()
-    tree_rows = tensors.value_mask.any(-1)
-    if bool(tree_rows.any()):
-        tree = tree_advantages(tensors.token_values, tensors.value_mask, tensors.group_index)
-        advantages[tree_rows] = tree[tree_rows]
+    tree_rows = tensors.tree if tensors.tree is not None else torch.zeros_like(outcome, dtype=torch.bool)
+    if config.tree_advantage == "node_values":
+        tree_rows = tree_rows & tensors.value_mask.to(torch.bool).any(-1)
+    if bool(tree_rows.any()) and config.tree_advantage != "outcome":
+        if config.tree_advantage == "node_values":
+            tree = tree_advantages(tensors.token_values, tensors.value_mask, tensors.group_index)
+        else:
+            tree = prefix_credit(outcome, tensors.input_ids, tensors.completion_mask, tensors.group_index)
+        advantages[tree_rows] = tree[tree_rows].to(advantages.dtype)
     return advantages * tensors.completion_mask, outcome
 
 

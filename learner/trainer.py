@@ -78,7 +78,7 @@ class StepResult:
     lp_reg_tokens: int = 0  # Lp-Reg: tokens regularised towards the proxy
     masked_truncated: int = 0  # overlong filtering: truncated completions left out of the loss
     hinted_sequences: int = 0  # completions sampled with a hint in context
-    tree_sequences: int = 0  # completions trained with per-token tree advantages
+    tree_sequences: int = 0  # tree-search trajectories in the batch (their advantages: learner.tree_advantage)
     completion_length_mean: float = 0.0  # mean completion tokens of the batch (DLER reports it beside accuracy)
 
 
@@ -225,7 +225,7 @@ class GRPOTrainer:
             "sft_groups": len(sft_examples),
             "masked_truncated": int(tensors.truncated.sum()) if self.config.overlong.mask_truncated else 0,
             "hinted_sequences": int(tensors.hinted.sum()),
-            "tree_sequences": int(tensors.value_mask.any(-1).sum()),
+            "tree_sequences": int(tensors.tree.sum()),
             "completion_length_mean": float(tensors.lengths.float().mean()),
         }
 

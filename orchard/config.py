@@ -118,23 +118,53 @@ class MCTSConfig(Section):
     """DeepSearch tree search (Wu et al., 2025; smiles724/DeepSearch, `deepsearch/utils/mcts.py` and
     `deepsearch/rollout/sglang_mcts_wrapper.py`): defaults are the reference code's unless noted."""
 
+    expansion: Literal["prior", "sample"] = Field(
+        "prior",
+        description="How a node gets children. 'prior' (not in the reference): one-token steps, the node's most"
+        " probable untried next tokens (asked of the engine once per node), `children_per_expansion` at a time, so"
+        " no draw repeats a step the tree holds. 'sample': W_d steps of up to `chunk_tokens` tokens (or to"
+        " `step_delimiter`) sampled at once, the reference's expansion, for reasoning in long steps."
+        " bench/deepsearch.py --sweep measures both.",
+    )
     chunk_tokens: int = Field(
-        2, ge=1, description="Tokens per reasoning step (fixed chunks; the reference's step_response_length)."
+        1,
+        ge=1,
+        description="Tokens per reasoning step (fixed chunks; the reference's step_response_length); expansion"
+        " 'prior' needs 1.",
     )
     step_delimiter: str | None = Field(
-        None, description="When set, a step also ends at this string (e.g. a newline), at most chunk_tokens long."
+        None,
+        description="Expansion 'sample': a step also ends at this string (e.g. a newline), at most chunk_tokens long.",
     )
     max_depth: int | None = Field(
         None, ge=1, description="Steps in the deepest path; None: ceil(rollout.max_new_tokens / chunk_tokens)."
     )
-    expansion_width: int = Field(8, ge=1, description="W: children generated per expanded node (reference run: 8).")
+    expansion_width: int = Field(
+        16,
+        ge=1,
+        description="W: children of an expanded node ('sample': drawn at once; the reference's run uses 8) or the"
+        " most a node gets before the tree is widened ('prior').",
+    )
     min_width: int = Field(2, ge=1, description="Lowest width when the width decays with depth (reference: 1).")
     width_decay: int = Field(
-        4,
-        ge=0,
-        description="W_d = max(min_width, W − ⌊d / ⌊max_depth/W⌋⌋·decay); 0 keeps W (the reference's default)."
-        " The default narrows the demo's short answers below the first step (bench/deepsearch.py --sweep:"
-        " 33.9% of the hard prompts solved against 30.7% with a constant width).",
+        0, ge=0, description="W_d = max(min_width, W − ⌊d / ⌊max_depth/W⌋⌋·decay); 0 keeps W (the reference's default)."
+    )
+    children_per_expansion: int = Field(
+        1,
+        ge=1,
+        description="Expansion 'prior': children a node gets per expansion (at most W_d in all before widening).",
+    )
+    prior_top_k: int = Field(
+        16,
+        ge=1,
+        le=20,
+        description="Expansion 'prior': next tokens asked of the engine per node (vLLM returns at most 20 logprobs).",
+    )
+    lambda_confidence: float = Field(
+        1.0,
+        description="λc: weight of the policy's confidence in the frontier priority, log π of the node's path plus"
+        " log π of its most probable untried next token (the path alone with expansion 'sample'); not in the"
+        " reference, whose priority is λc = 0.",
     )
     lambda_puct: float = Field(2.0, ge=0, description="λ_puct of local UCT selection Q + λ·sqrt(ln N_parent / N).")
     lambda_parent_value: float = Field(0.4, description="λ1: weight of tanh(Q(parent)) in the frontier priority.")
@@ -147,13 +177,13 @@ class MCTSConfig(Section):
     entropy_bonus: bool = Field(
         False,
         description="Include λ2·H(s) in the frontier priority (the paper's formula); off by default as in the"
-        " reference code (involve_uncertainty_bonus); on the demo the two solve about as many hard prompts"
-        " (bench/deepsearch.py --sweep: 34.6% on, 33.9% off).",
+        " reference code (involve_uncertainty_bonus).",
     )
     merge_duplicates: bool = Field(
         True,
-        description="A step identical to a sibling joins it instead of becoming a second node (not in the reference,"
-        " whose long steps rarely repeat; short answers repeat often and would be expanded twice).",
+        description="Expansion 'sample': a step identical to a sibling joins it instead of becoming a second node"
+        " (not in the reference, whose long steps rarely repeat; short answers repeat often and would be expanded"
+        " twice).",
     )
     widen_when_exhausted: bool = Field(
         True,
@@ -165,6 +195,12 @@ class MCTSConfig(Section):
     terminate_num: int | None = Field(
         None, ge=1, description="Trajectories recorded per prompt before the search ends; None: rollout.group_size."
     )
+    until_solved: bool = Field(
+        True,
+        description="A search with terminate_num trajectories but no correct one goes on while its budget lasts, and"
+        " returns the correct ones and the earliest wrong ones, terminate_num in all (not in the reference, which"
+        " stops at terminate_num: one-token steps record a wrong answer every few tokens, long before the budget).",
+    )
     budget_tokens: int | None = Field(
         None,
         ge=1,
@@ -173,12 +209,6 @@ class MCTSConfig(Section):
     )
     advantage_temperature: float = Field(
         1.0, gt=0, description="Non-final step values enter token scores as tanh(value / T) (adv_temperature)."
-    )
-    step_values: bool = Field(
-        True,
-        description="Tree trajectories carry per-token step values from the tree's node values, which the learner"
-        " normalises per prompt (DeepSearch's step-wise advantages); False: outcome rewards only, with the run's"
-        " group-relative advantages over the tree's trajectories.",
     )
     search_token_share: float = Field(
         0.5,
@@ -191,6 +221,15 @@ class MCTSConfig(Section):
     cache: SolutionCacheConfig = Field(
         default_factory=SolutionCacheConfig, description="Solutions found by tree search, replayed into later groups."
     )
+
+    @model_validator(mode="after")
+    def _prior_steps_are_tokens(self) -> MCTSConfig:
+        if self.expansion == "prior" and (self.chunk_tokens != 1 or self.step_delimiter is not None):
+            raise ValueError(
+                f"expansion 'prior' takes one-token steps (chunk_tokens 1, no step_delimiter), got chunk_tokens"
+                f" {self.chunk_tokens} and step_delimiter {self.step_delimiter!r}; set expansion 'sample' for longer steps"
+            )
+        return self
 
 
 class VLLMConfig(Section):
@@ -369,6 +408,14 @@ class LearnerConfig(Section):
         " aggregation 'seq-mean-token-sum-norm', Dr. GRPO's constant length normaliser); 'lite_ppo' (r − group"
         " mean) / batch std; 'rloo' r − mean of the group's other rewards.",
     )
+    tree_advantage: Literal["prefix_credit", "node_values", "outcome"] = Field(
+        "prefix_credit",
+        description="Advantages of DeepSearch's tree trajectories: 'prefix_credit' the estimator's outcome"
+        " advantage of each trajectory placed on the tokens where it parts from its siblings"
+        " (`learner.algorithms.prefix_credit`, ours); 'node_values' the tree's step values normalised by the"
+        " mean and std of the trajectories' final scores (the reference's sibling mean-std); 'outcome' the"
+        " estimator's outcome advantage on every token. bench/deepsearch.py --train compares them.",
+    )
     clip_low: float = Field(0.2, ge=0, lt=1, description="PPO clip ε_low.")
     clip_high: float = Field(0.28, ge=0, description="PPO clip ε_high (DAPO clip-higher; 0.2 = GRPO).")
     aggregation: Literal["token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm"] = Field(
@@ -505,6 +552,11 @@ class WarmStartConfig(Section):
     batch_size: int = Field(64, ge=1)
     lr: float = Field(1e-3, gt=0)
     cache_dir: str | None = Field(None, description="Where the warm-started model is cached; default ~/.cache/orchard.")
+    seed: int | None = Field(
+        None,
+        description="Seed of the supervised stage's example order; None: the run's seed. A fixed seed gives runs of"
+        " several seeds one warm start, so that they differ in their RL only.",
+    )
 
 
 class EvalConfig(Section):

@@ -21,7 +21,7 @@ from orchard.protocols import SamplingParams, Verifier
 from orchard.records import Completion, Group, Prompt
 from rollout.engines.torch_engine import TorchEngine
 from rollout.model import build_model
-from rollout.strategies.mcts import SearchSettings, TreeSearch, run_searches
+from rollout.strategies.tree_search import SearchSettings, TreeSearch, run_searches
 from rollout.tokenizer import load_tokenizer
 from rollout.weight_broadcast import BroadcastTicket
 from verifiers.registry import get_verifier, safe_verify
@@ -326,16 +326,16 @@ class RolloutWorkerCore:
         budget_tokens: int | None = None,
         terminate_num: int | None = None,
     ) -> RolloutResult:
-        """DeepSearch tree search (`rollout.strategies.mcts`, settings from `rollout.mcts`) on every prompt,
+        """DeepSearch tree search (`rollout.strategies.tree_search`, settings from `rollout.mcts`) on every prompt,
         all trees advanced in lockstep through the engine; one group per prompt of its recorded
         trajectories, stamped with the policy version and carrying their behaviour logprobs.
 
         `budget_tokens` (generated tokens per prompt) and `terminate_num` (trajectories per prompt)
         override the config. A completion's `reward` is its verifier reward, as in `rollout`; its
         source is "tree" and its `token_values` are the scores of the tree steps its tokens belong to
-        (from the final tree's node values, unnormalised: the learner normalises them per prompt,
-        ALGORITHMS.md §8; none with `mcts.step_values` off). A prompt whose search recorded nothing
-        gets no group.
+        (from the final tree's node values, unnormalised; the learner uses them with
+        `learner.tree_advantage: node_values`, ALGORITHMS.md §8). A prompt whose search recorded
+        nothing gets no group.
         """
         self._check_weights()
         settings = SearchSettings.from_config(
@@ -371,11 +371,14 @@ class RolloutWorkerCore:
                 settings,
                 decode=self.tokenizer.decode,
                 eos_token_ids=self.engine.eos_token_ids,
+                stop=self.config.stop,
             )
             for prompt, ids in zip(prompts, prompt_ids, strict=True)
         ]
         started = time.perf_counter()
-        results = run_searches(trees, self.engine.generate, self._params(greedy=False))
+        results = run_searches(
+            trees, self.engine.generate, self._params(greedy=False), next_tokens=self.engine.next_token_logprobs
+        )
         elapsed = time.perf_counter() - started
         groups, unsearched = [], []
         for prompt, ids, result in zip(prompts, prompt_ids, results, strict=True):
@@ -392,7 +395,7 @@ class RolloutWorkerCore:
                     reward=t.reward,
                     correct=t.correct,
                     source="tree",
-                    token_values=t.token_values if self.config.mcts.step_values else None,
+                    token_values=t.token_values,
                 )
                 for t in result.trajectories
             ]

@@ -6,9 +6,8 @@ ALGORITHMS.md §8. `SearchRescue` is the `Rescue` of `rollout.strategy: mcts`:
   (`RolloutWorkerCore.search`) while the search's generated tokens are at most
   `rollout.mcts.search_token_share` of the run's; past it, all-fail prompts are left to the sampler.
 - **Search results** (`on_search`): every correct trajectory is offered to the solution cache
-  (admission, `services.solution_cache`); the tree groups go on to the learner with their per-token
-  values (`Completion.token_values`), unless their trajectories' final scores are all equal
-  (`tree_filter_reason`).
+  (admission, `services.solution_cache`); the tree groups go on to the learner (with their per-token
+  values, `Completion.token_values`), unless they hold no contrast (`tree_filter_reason`).
 - **Replay** (`replay`): every plain group's pass rate is observed (a prompt the policy now solves
   above the registration threshold retires its entries); a plain group of a prompt with fresh cached
   solutions gets them in place of wrong completions, re-scored by the worker that sampled the group
@@ -45,21 +44,21 @@ def is_tree_group(group: Group) -> bool:
     return any(c.source == "tree" for c in group.completions)
 
 
-def tree_filter_reason(group: Group) -> str | None:
+def tree_filter_reason(group: Group, tree_advantage: str = "prefix_credit") -> str | None:
     """Why a tree group is kept from the learner, or None when it is trained on.
 
-    The learner normalises a tree group's token values by the mean and population std of its
-    trajectories' final scores (sibling mean-std). With two or more trajectories whose final scores
-    are all equal that std is 0: the group has no outcome contrast and its step values divided by
-    ~0 would blow up, so it is dropped as `zero_advantage` — whether or not dynamic sampling is on.
-    A tree group with differing final scores is kept even when its rewards are all equal (a wrong
-    answer and an incomplete path may both score reward 0), which dynamic sampling would drop. The
-    difficulty band does not apply either: it judges the policy's own pass rate, which for a searched
-    prompt is 0 by construction, so it would drop every rescue. Without token values
-    (`mcts.step_values` off) the group gets group-relative outcome advantages, zero when its rewards
-    are all equal: it is dropped then.
+    With `learner.tree_advantage: node_values` the learner normalises a tree group's token values by
+    the mean and population std of its trajectories' final scores (sibling mean-std). With two or
+    more trajectories whose final scores are all equal that std is 0: the group has no outcome
+    contrast and its step values divided by ~0 would blow up, so it is dropped as `zero_advantage`.
+    Such a group with differing final scores is kept even when its rewards are all equal (a wrong
+    answer and an incomplete path may both score reward 0). With 'prefix_credit' and 'outcome' the
+    advantages come from the rewards: a group whose rewards are all equal has none and is dropped.
+    This holds whether or not dynamic sampling is on. The difficulty band does not apply either: it
+    judges the policy's own pass rate, which for a searched prompt is 0 by construction, so it would
+    drop every rescue.
     """
-    if not any(c.token_values for c in group.completions):
+    if tree_advantage != "node_values" or not any(c.token_values for c in group.completions):
         return None if group.has_signal else ZERO_ADVANTAGE
     finals = [c.token_values[-1] for c in group.completions if c.token_values]
     if len(finals) >= 2 and max(finals) == min(finals):
@@ -187,7 +186,7 @@ class SearchRescue:
 
     def filter_reason(self, group: Group) -> str | None:
         """`tree_filter_reason`, counting what is kept and dropped."""
-        reason = tree_filter_reason(group)
+        reason = tree_filter_reason(group, self.config.learner.tree_advantage)
         if reason is None:
             self.counts.tree_groups_kept += 1
         else:

@@ -30,9 +30,14 @@ def warm_start_key(config: RunConfig) -> dict[str, Any]:
         "format": WARM_START_FORMAT,
         "model": config.model.model_dump(mode="json"),
         "data": config.data.model_dump(mode="json"),
-        "warmstart": config.warmstart.model_dump(mode="json", exclude={"cache_dir"}),
-        "seed": config.seed,
+        "warmstart": config.warmstart.model_dump(mode="json", exclude={"cache_dir", "seed"}),
+        "seed": warm_start_seed(config),
     }
+
+
+def warm_start_seed(config: RunConfig) -> int:
+    """The supervised stage's seed: `warmstart.seed`, else the run's."""
+    return config.warmstart.seed if config.warmstart.seed is not None else config.seed
 
 
 def warm_start(config: RunConfig, pool: PromptPool, log=print) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -61,7 +66,7 @@ def warm_start(config: RunConfig, pool: PromptPool, log=print) -> tuple[dict[str
                 steps=config.warmstart.steps,
                 batch_size=config.warmstart.batch_size,
                 lr=config.warmstart.lr,
-                seed=config.seed,
+                seed=warm_start_seed(config),
                 log_every=max(1, config.warmstart.steps // 5),
             )
         )

@@ -1,47 +1,45 @@
-"""DeepSearch: Monte Carlo tree search over reasoning steps inside RLVR training (ALGORITHMS.md §8).
+"""DeepSearch's tree rules: Monte Carlo tree search over reasoning steps (ALGORITHMS.md §8).
 
 Source: Wu et al., 2025, "DeepSearch: Overcome the Bottleneck of Reinforcement Learning with Verifiable
 Rewards via Monte Carlo Tree Search"; reference code smiles724/DeepSearch, `deepsearch/utils/mcts.py`
 (`MCTSNode.update`, `MCTSAgent.backup_and_selection`, `select_global_best_node`) and
-`deepsearch/rollout/sglang_mcts_wrapper.py` (defaults, step-wise scores); the sibling mean-std
-normalisation of those scores (`advantage_fn.py`) is the learner's (`learner.algorithms.tree_advantages`). Defaults (in `orchard.config.MCTSConfig`) are that code's: λ_puct 2.0,
-backup_threshold 0.1, incomplete_score −1.0, λ1 0.4, λ2 0.4, λ3 0.01, λ4 0.0, depth bonus 'sqrt',
-frontier restricted to nodes with fewer than W_d children (force_to_frontier), argmax selection
-(deterministic_sample), backtrack 'global' (the alternative, UCT from the root, is not implemented),
-expansion width 8 (its run script), the entropy term λ2·H(s) of the paper's formula off
-(involve_uncertainty_bonus; `MCTSConfig.entropy_bonus` turns it on). Chosen for the demo's short
-answers, not from the reference: 2-token steps, a width decaying by 4 per level down to 2, and two
-adaptations (`merge_duplicates`: a step identical to a sibling joins it; `widen_when_exhausted`:
-when every node has had its W_d draws but budget is left, each may draw W_d more);
-`bench/deepsearch.py --sweep` measures each against its alternative.
+`deepsearch/rollout/sglang_mcts_wrapper.py` (defaults, step-wise scores). The sibling mean-std
+normalisation of those scores (`advantage_fn.py`) is the learner's (`learner.algorithms.tree_advantages`).
 
-A tree per prompt; the root is the prompt, every other node one step of at most `chunk_tokens`
-tokens (or up to a step delimiter) sampled from the current policy with its token logprobs. One
-round of a search: expand the current node with W_d children in one generate call; score the
-terminal children with the verifier; keep one of them (correct > wrong complete > incomplete,
-lowest −mean logprob); back its value up; record its path as a trajectory; then continue from the
-best child by UCT when no terminal was reached, else from the best node of the whole tree's
-frontier. The search ends after `terminate_num` trajectories, when its token budget cannot pay for
-another expansion, or when no node is left to expand.
+A tree per prompt; the root is the prompt, every other node one step of at most `chunk_tokens` tokens
+(or up to a step delimiter). Everything here is a pure function of nodes and numbers:
 
-Everything below `TreeSearch` is a pure function of nodes and numbers. `TreeSearch` drives any
-`generate(prefixes, params) -> outputs` callable (`TorchEngine.generate`, or a fake in tests);
-`run_searches` advances several trees in lockstep so one generate call serves all of them.
+- expansion width with depth decay (`expansion_width`), terminal scores (`terminal_score`) and the
+  one terminal of an expansion that is recorded (`choose_terminal`: correct > wrong complete >
+  incomplete, then the most confident path);
+- backup with the reference's success override (`backup`, `update_value`);
+- local UCT selection (`select_child`) and the global frontier (`frontier`, `frontier_priority`,
+  `select_frontier`);
+- per-step scores of a recorded path and their spread over its tokens (`step_scores`, `token_values`).
+
+Two ways to add children are supported (`orchard.config.MCTSConfig.expansion`; the search itself is
+`rollout.strategies.tree_search`):
+
+- **'sample'** (the reference): W_d children sampled from the policy at once. Short steps repeat, so
+  a repeated step joins its sibling (`find_child`) and the draw is spent for nothing.
+- **'prior'**: a node's children are its most probable next steps, added a few at a time. Expanding a
+  node the first time asks the engine for the policy's most probable next tokens there (the node's
+  `prior`); every child starts with a different one of them, taken in order of probability, and the
+  rest of its step is sampled. This is sampling without replacement in the order of the policy's
+  own probabilities: no draw is spent on a step the tree already holds, and the frontier priority
+  can see how probable a node's next untried step is (`confidence`).
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
-from orchard.config import MCTSConfig
-from orchard.protocols import GenerationOutput, SamplingParams, VerifierResult
+from orchard.protocols import GenerationOutput
 
-#: `generate(prefixes, params) -> one output per prefix`, e.g. `TorchEngine.generate`.
-Generate = Callable[[list[list[int]], SamplingParams], list[GenerationOutput]]
-#: `verify(completion text) -> VerifierResult` for the prompt being searched.
-Verify = Callable[[str], VerifierResult]
+#: A node's untried next tokens: `(token id, logprob)`, most probable first.
+Prior = list[tuple[int, float]]
 
 # ------------------------------------------------------------------------------------------------- nodes
 
@@ -65,6 +63,8 @@ class Node:
     score: float | None = None  # terminal value: +1, −1 or incomplete_score
     recorded: bool = False  # backed up and recorded as a trajectory (the reference's final_backup)
     samples: int = 0  # steps drawn from this node (children, plus duplicates merged into them)
+    path_logprob: float = 0.0  # sum of the logprobs of every token from the root down to this node
+    prior: Prior | None = None  # 'prior' expansion: untried next tokens (None until first expanded)
 
     @property
     def q(self) -> float:
@@ -75,6 +75,20 @@ class Node:
     def entropy(self) -> float:
         """H(s): the step's −mean logprob, the reference's proxy for mean token entropy."""
         return -sum(self.logprobs) / len(self.logprobs) if self.logprobs else 0.0
+
+    @property
+    def next_logprob(self) -> float:
+        """The logprob of this node's most probable untried next token: 0 before its prior is known (no
+        step can be more probable), −inf once every candidate of the prior is a child."""
+        if self.prior is None:
+            return 0.0
+        return self.prior[0][1] if self.prior else -math.inf
+
+    @property
+    def confidence(self) -> float:
+        """The policy's confidence in extending this node: log π of its path plus log π of its most
+        probable untried next token (the path alone while the prior is unknown)."""
+        return self.path_logprob + self.next_logprob
 
     def path(self) -> list[Node]:
         """Nodes from the first step below the root down to this one."""
@@ -100,6 +114,7 @@ def add_child(parent: Node, output: GenerationOutput, *, text: str, finished: bo
         depth=parent.depth + 1,
         parent=parent,
         finished=finished,
+        path_logprob=parent.path_logprob + sum(output.logprobs),
     )
     child.terminal = finished or child.depth >= max_depth
     parent.children.append(child)
@@ -110,6 +125,22 @@ def find_child(parent: Node, token_ids: Sequence[int]) -> Node | None:
     """The child of `parent` whose step is exactly `token_ids`, if any."""
     wanted = list(token_ids)
     return next((child for child in parent.children if child.token_ids == wanted), None)
+
+
+def untried(candidates: Sequence[tuple[int, float]], node: Node) -> Prior:
+    """`candidates` (the engine's most probable next tokens at `node`) as its prior: finite logprobs
+    only, most probable first, without the first tokens of children it already has."""
+    taken = {child.token_ids[0] for child in node.children if child.token_ids}
+    kept = [(int(token), float(logprob)) for token, logprob in candidates if math.isfinite(logprob)]
+    return sorted((c for c in kept if c[0] not in taken), key=lambda c: -c[1])
+
+
+def take_prior(node: Node, count: int) -> Prior:
+    """Pop the `count` most probable untried tokens of `node`'s prior (fewer when it runs out)."""
+    if node.prior is None:
+        raise ValueError("take_prior needs the node's prior; ask the engine for its next tokens first")
+    taken, node.prior = node.prior[:count], node.prior[count:]
+    return taken
 
 
 # ---------------------------------------------------------------------------------------- pure rules
@@ -223,23 +254,35 @@ def frontier_priority(
     depth_bonus_kind: str,
     max_depth: int,
     entropy_bonus: bool = True,
+    lambda_confidence: float = 0.0,
 ) -> float:
-    """F(s) = λ1·tanh(Q(parent)) + λ4·tanh(Q(s)) + λ2·H(s) + λ3·depth_bonus(s) (`select_global_best_node`)."""
+    """F(s) = λ1·tanh(Q(parent)) + λ4·tanh(Q(s)) + λ2·H(s) + λ3·depth_bonus(s) + λc·confidence(s).
+
+    The first four terms are `select_global_best_node` of the reference (H(s) only with
+    `entropy_bonus`). λc·confidence(s), log π of the node's path and of its most probable untried
+    next token (`Node.confidence`), is ours: with short steps the reference's terms cannot tell a
+    probable continuation from an improbable one (every node on a failing tree has a negative parent
+    value), and the search spends its budget on steps the policy almost never takes. λc = 0 is the
+    reference's priority.
+    """
     parent_q = node.parent.q if node.parent is not None else 0.0
     score = lambda_parent_value * math.tanh(parent_q) + lambda_value * math.tanh(node.q)
     if entropy_bonus:
         score += lambda_entropy * node.entropy
+    if lambda_confidence:
+        score += lambda_confidence * node.confidence
     return score + lambda_depth * depth_bonus(node.depth, depth_bonus_kind, max_depth)
 
 
 def frontier(root: Node, width_at: Callable[[int], int], widening: int = 1) -> list[Node]:
-    """Every non-terminal node of the tree with fewer than `widening`·W_d steps drawn from it (fewer
-    than W_d children in the reference, where every draw is a child), in depth-first order. The root
+    """Every node of the tree that may still get children, in depth-first order: non-terminal, fewer than
+    `widening`·W_d steps drawn from it (fewer than W_d children in the reference, where every draw is
+    a child), and with untried tokens left when its prior is known. With expansion 'sample' the root
     is on it only once it may be widened (it is full after the first expansion otherwise)."""
     nodes, stack = [], [root]
     while stack:
         node = stack.pop()
-        if not node.terminal and node.samples < widening * width_at(node.depth):
+        if not node.terminal and node.samples < widening * width_at(node.depth) and node.prior != []:
             nodes.append(node)
         stack.extend(reversed(node.children))
     return nodes
@@ -267,359 +310,3 @@ def token_values(step_values: Sequence[float], step_lengths: Sequence[int]) -> l
     """Each step's score on each of its tokens: the per-token values a tree trajectory carries to the
     learner (`Completion.token_values`), which normalises them per prompt (`learner.algorithms.tree_advantages`)."""
     return [value for value, length in zip(step_values, step_lengths, strict=True) for _ in range(length)]
-
-
-# ------------------------------------------------------------------------------------------ the search
-
-
-@dataclass
-class Trajectory:
-    """A recorded root-to-terminal path: what the learner trains on, with behaviour logprobs."""
-
-    token_ids: list[int]
-    logprobs: list[float]
-    text: str
-    correct: bool
-    reward: float
-    score: float  # terminal value: +1, −1 or incomplete_score
-    finished: bool  # ended with eos or a stop string (else cut at max_depth)
-    step_lengths: list[int]
-    step_values: list[float] = field(default_factory=list)  # `step_scores` once the search ended
-
-    @property
-    def token_values(self) -> list[float]:
-        """The step scores spread over the tokens of their steps."""
-        return token_values(self.step_values, self.step_lengths)
-
-    @property
-    def entropy(self) -> float:
-        return -sum(self.logprobs) / len(self.logprobs) if self.logprobs else 0.0
-
-
-@dataclass
-class SearchResult:
-    """What one prompt's search found and what it cost."""
-
-    trajectories: list[Trajectory]
-    nodes_expanded: int  # expansion rounds: nodes that had children generated
-    nodes_generated: int  # children created
-    tokens_generated: int
-    generate_calls: int
-    stopped: str  # "terminate_num", "budget" or "exhausted"
-
-    @property
-    def solved(self) -> bool:
-        return any(t.correct for t in self.trajectories)
-
-
-@dataclass(frozen=True)
-class SearchSettings:
-    """`MCTSConfig` resolved against the rollout's limits."""
-
-    chunk_tokens: int
-    max_depth: int
-    max_new_tokens: int
-    expansion_width: int
-    min_width: int
-    width_decay: int
-    lambda_puct: float
-    lambda_parent_value: float
-    lambda_entropy: float
-    lambda_depth: float
-    lambda_value: float
-    depth_bonus: str
-    entropy_bonus: bool
-    backup_threshold: float
-    incomplete_score: float
-    terminate_num: int
-    budget_tokens: int
-    advantage_temperature: float
-    step_delimiter: str | None = None
-    merge_duplicates: bool = True
-    widen_when_exhausted: bool = True
-
-    @classmethod
-    def from_config(
-        cls,
-        config: MCTSConfig,
-        *,
-        max_new_tokens: int,
-        group_size: int,
-        budget_tokens: int | None = None,
-        terminate_num: int | None = None,
-    ) -> SearchSettings:
-        """Derived values: max_depth = ceil(max_new_tokens / chunk_tokens); terminate_num = group_size;
-        budget = 4 × group_size × max_new_tokens; explicit arguments win over the config."""
-        max_depth = config.max_depth or math.ceil(max_new_tokens / config.chunk_tokens)
-        return cls(
-            chunk_tokens=config.chunk_tokens,
-            max_depth=max_depth,
-            max_new_tokens=min(max_new_tokens, max_depth * config.chunk_tokens),
-            expansion_width=config.expansion_width,
-            min_width=config.min_width,
-            width_decay=config.width_decay,
-            lambda_puct=config.lambda_puct,
-            lambda_parent_value=config.lambda_parent_value,
-            lambda_entropy=config.lambda_entropy,
-            lambda_depth=config.lambda_depth,
-            lambda_value=config.lambda_value,
-            depth_bonus=config.depth_bonus,
-            entropy_bonus=config.entropy_bonus,
-            backup_threshold=config.backup_threshold,
-            incomplete_score=config.incomplete_score,
-            terminate_num=terminate_num or config.terminate_num or group_size,
-            budget_tokens=budget_tokens or config.budget_tokens or 4 * group_size * max_new_tokens,
-            advantage_temperature=config.advantage_temperature,
-            step_delimiter=config.step_delimiter,
-            merge_duplicates=config.merge_duplicates,
-            widen_when_exhausted=config.widen_when_exhausted,
-        )
-
-
-@dataclass(frozen=True)
-class ExpansionRequest:
-    """`count` continuations of `prefix` (prompt + path tokens), each at most `max_new_tokens` long."""
-
-    prefix: list[int]
-    count: int
-    max_new_tokens: int
-
-
-class TreeSearch:
-    """The search tree of one prompt, advanced one expansion at a time.
-
-    `request()` says what to generate next (None when the search is over); `receive(outputs)` adds
-    those outputs as children, scores terminals, backs up and selects the next node. `run_searches`
-    is the loop; `result()` the trajectories with their per-step scores.
-
-    `decode` turns token ids into text; it is only needed with a step delimiter (to tell a step that
-    ended at the delimiter from one that ended the answer) and defaults to the outputs' own text.
-    """
-
-    def __init__(
-        self,
-        prompt_token_ids: Sequence[int],
-        verify: Verify,
-        settings: SearchSettings,
-        *,
-        decode: Callable[[Sequence[int]], str] | None = None,
-        eos_token_ids: Sequence[int] = (),
-    ) -> None:
-        if not prompt_token_ids:
-            raise ValueError("a search needs at least one prompt token (e.g. bos)")
-        if settings.step_delimiter and decode is None:
-            raise ValueError("a step delimiter needs `decode` to tell the delimiter from the end of the answer")
-        self.prompt_token_ids = list(prompt_token_ids)
-        self.verify = verify
-        self.settings = settings
-        self.decode = decode
-        self.eos_token_ids = set(eos_token_ids)
-        self.root = Node()
-        self.current: Node | None = self.root
-        self.recorded: list[Node] = []
-        self.nodes_expanded = 0
-        self.nodes_generated = 0
-        self.tokens_generated = 0
-        self.generate_calls = 0
-        self.stopped: str | None = None
-        self.widening = 1  # every node may be drawn from widening·W_d times
-        self._pending: ExpansionRequest | None = None
-
-    # -------------------------------------------------------------------------------------- helpers
-
-    def width_at(self, depth: int) -> int:
-        s = self.settings
-        return expansion_width(
-            depth, width=s.expansion_width, max_depth=s.max_depth, min_width=s.min_width, decay=s.width_decay
-        )
-
-    def _step_tokens(self, node: Node) -> int:
-        """A step's token limit: the chunk, or what is left of max_new_tokens below `node`."""
-        used = sum(len(n.token_ids) for n in node.path())
-        return max(1, min(self.settings.chunk_tokens, self.settings.max_new_tokens - used))
-
-    def _prefix(self, node: Node) -> list[int]:
-        return self.prompt_token_ids + [t for n in node.path() for t in n.token_ids]
-
-    def _full_text(self, node: Node) -> str:
-        return "".join(n.text for n in node.path())
-
-    @property
-    def done(self) -> bool:
-        return self.stopped is not None
-
-    # ----------------------------------------------------------------------------------- the loop
-
-    def request(self) -> ExpansionRequest | None:
-        """The next expansion (the same request until `receive`), or None once the search is over."""
-        if self._pending is not None or self.done:
-            return self._pending
-        if len(self.recorded) >= self.settings.terminate_num:
-            self.stopped = "terminate_num"
-            return None
-        node = self.current
-        if node is not None and node.samples >= self.widening * self.width_at(node.depth):
-            node = self.current = self._select_frontier()  # only when a width shrank under a full node
-        if node is None and self.settings.widen_when_exhausted and not self.root.terminal:
-            self.widening += 1
-            node = self.current = self._select_frontier()
-        if node is None:
-            self.stopped = "exhausted"
-            return None
-        need = self.widening * self.width_at(node.depth) - node.samples
-        step = self._step_tokens(node)
-        affordable = (self.settings.budget_tokens - self.tokens_generated) // step
-        count = min(need, affordable)
-        if count <= 0:
-            self.stopped = "budget" if affordable <= 0 else "exhausted"
-            return None
-        self._pending = ExpansionRequest(prefix=self._prefix(node), count=count, max_new_tokens=step)
-        return self._pending
-
-    def _step_text(self, output: GenerationOutput) -> tuple[str, bool]:
-        """The step's text and whether it ended the answer (eos or a stop string, not the delimiter)."""
-        if output.finish_reason != "stop":
-            return output.text, False
-        delimiter = self.settings.step_delimiter
-        if delimiter and self.decode is not None:
-            ids = [t for t in output.token_ids if t not in self.eos_token_ids]
-            ended_at_eos = len(ids) < len(output.token_ids)
-            if not ended_at_eos and self.decode(ids).endswith(delimiter):
-                return output.text + delimiter, False
-        return output.text, True
-
-    def receive(self, outputs: Sequence[GenerationOutput]) -> None:
-        """Add the pending request's outputs as children of the current node, then back up and select."""
-        pending = self._pending
-        if pending is None or self.current is None:
-            raise RuntimeError("receive() without a pending request(); call request() first")
-        if len(outputs) != pending.count:
-            raise ValueError(f"expected {pending.count} outputs for the pending expansion, got {len(outputs)}")
-        self._pending = None
-        node = self.current
-        self.nodes_expanded += 1
-        self.generate_calls += 1
-        candidates: list[Node] = []
-        for output in outputs:
-            if len(output.token_ids) != len(output.logprobs):
-                raise ValueError("every generated token needs its logprob")
-            self.tokens_generated += len(output.token_ids)
-            node.samples += 1
-            if self.settings.merge_duplicates:
-                same = find_child(node, output.token_ids)
-                if same is not None:
-                    if same not in candidates and not same.recorded:
-                        candidates.append(same)
-                    continue
-            text, finished = self._step_text(output)
-            child = add_child(node, output, text=text, finished=finished, max_depth=self.settings.max_depth)
-            self.nodes_generated += 1
-            if child.terminal:
-                result = self.verify(self._full_text(child))
-                child.correct, child.reward = bool(result.correct), float(result.reward)
-                child.score = terminal_score(
-                    correct=child.correct, finished=child.finished, incomplete_score=self.settings.incomplete_score
-                )
-            candidates.append(child)
-        self._backup_and_select(node, candidates)
-
-    def _backup_and_select(self, node: Node, candidates: list[Node]) -> None:
-        s = self.settings
-        chosen = choose_terminal(candidates)
-        for child in candidates:
-            if not child.terminal:
-                child.visits += 1  # intermediate candidates: a visit, no value (`update(0.0)`)
-        if chosen is not None:
-            assert chosen.score is not None
-            backup(chosen, chosen.score, backup_threshold=s.backup_threshold)
-            chosen.recorded = True
-            self.recorded.append(chosen)
-            if len(self.recorded) >= s.terminate_num:
-                self.current = None
-                self.stopped = "terminate_num"
-                return
-            self.current = self._select_frontier()
-            return
-        self.current = select_child(node, s.lambda_puct) or self._select_frontier()
-
-    def _select_frontier(self) -> Node | None:
-        s = self.settings
-        return select_frontier(
-            frontier(self.root, self.width_at, self.widening),
-            lambda_parent_value=s.lambda_parent_value,
-            lambda_entropy=s.lambda_entropy,
-            lambda_depth=s.lambda_depth,
-            lambda_value=s.lambda_value,
-            depth_bonus_kind=s.depth_bonus,
-            max_depth=s.max_depth,
-            entropy_bonus=s.entropy_bonus,
-        )
-
-    def result(self) -> SearchResult:
-        """The recorded trajectories (in recording order) with step scores from the final tree and
-        token values (raw; the learner normalises them per prompt)."""
-        s = self.settings
-        trajectories = []
-        for leaf in self.recorded:
-            path = leaf.path()
-            trajectories.append(
-                Trajectory(
-                    token_ids=[t for n in path for t in n.token_ids],
-                    logprobs=[lp for n in path for lp in n.logprobs],
-                    text=self._full_text(leaf),
-                    correct=leaf.correct,
-                    reward=leaf.reward,
-                    score=float(leaf.score if leaf.score is not None else s.incomplete_score),
-                    finished=leaf.finished,
-                    step_lengths=[len(n.token_ids) for n in path],
-                    step_values=step_scores(leaf, temperature=s.advantage_temperature),
-                )
-            )
-        return SearchResult(
-            trajectories=trajectories,
-            nodes_expanded=self.nodes_expanded,
-            nodes_generated=self.nodes_generated,
-            tokens_generated=self.tokens_generated,
-            generate_calls=self.generate_calls,
-            stopped=self.stopped or "running",
-        )
-
-
-def run_searches(searches: Sequence[TreeSearch], generate: Generate, params: SamplingParams) -> list[SearchResult]:
-    """Advance every search until each is over. Each round asks every live tree for its expansion and
-    serves all of them with one generate call per distinct step length (usually one), each request's
-    `count` rows repeating its prefix (the engine prefills a repeated prefix once). `params` gives the
-    temperature, top-p and stop strings; its seed, when set, is advanced every call."""
-    calls = 0
-    while True:
-        requests = [(search, search.request()) for search in searches]
-        live = [(search, request) for search, request in requests if request is not None]
-        if not live:
-            return [search.result() for search in searches]
-        for length in sorted({request.max_new_tokens for _, request in live}):
-            batch = [(search, request) for search, request in live if request.max_new_tokens == length]
-            prefixes = [list(request.prefix) for _, request in batch for _ in range(request.count)]
-            seed = None if params.seed is None else params.seed + calls
-            outputs = generate(prefixes, replace(params, max_new_tokens=length, seed=seed))
-            calls += 1
-            if len(outputs) != len(prefixes):
-                raise ValueError(f"generate returned {len(outputs)} outputs for {len(prefixes)} prefixes")
-            start = 0
-            for search, request in batch:
-                search.receive(outputs[start : start + request.count])
-                start += request.count
-
-
-def search(
-    prompt_token_ids: Sequence[int],
-    generate: Generate,
-    verify: Verify,
-    settings: SearchSettings,
-    params: SamplingParams,
-    *,
-    decode: Callable[[Sequence[int]], str] | None = None,
-    eos_token_ids: Sequence[int] = (),
-) -> SearchResult:
-    """One prompt's tree search to the end (see `TreeSearch`)."""
-    tree = TreeSearch(prompt_token_ids, verify, settings, decode=decode, eos_token_ids=eos_token_ids)
-    return run_searches([tree], generate, params)[0]

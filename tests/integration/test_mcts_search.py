@@ -1,4 +1,5 @@
-"""Tree search through a real `TorchEngine` on a tiny model: behaviour logprobs and the token budget."""
+"""Tree search through a real `TorchEngine` on a tiny model, with both expansions: behaviour logprobs and
+the token budget."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import torch
 
 from orchard.config import MCTSConfig, ModelConfig, RolloutConfig, TinyModelConfig
 from orchard.protocols import SamplingParams, VerifierResult
-from rollout.strategies.mcts import SearchSettings, search
+from rollout.strategies.tree_search import SearchSettings, search
 from rollout.worker import RolloutWorkerCore, encode_prompt
 from verifiers.procedural import make_prompt
 
@@ -16,14 +17,15 @@ TINY = TinyModelConfig(
 )
 
 
-@pytest.fixture(scope="module")
-def worker() -> RolloutWorkerCore:
-    rollout = RolloutConfig(
-        group_size=4,
-        max_new_tokens=8,
-        temperature=0.8,
-        mcts=MCTSConfig(chunk_tokens=2, expansion_width=3),
-    )
+EXPANSIONS = {
+    "prior": MCTSConfig(expansion="prior", chunk_tokens=1, expansion_width=3),
+    "sample": MCTSConfig(expansion="sample", chunk_tokens=2, expansion_width=3),
+}
+
+
+@pytest.fixture(scope="module", params=list(EXPANSIONS))
+def worker(request) -> RolloutWorkerCore:
+    rollout = RolloutConfig(group_size=4, max_new_tokens=8, temperature=0.8, mcts=EXPANSIONS[request.param])
     return RolloutWorkerCore("worker-0", ModelConfig(tiny=TINY), rollout, seed=5)
 
 
@@ -43,6 +45,7 @@ def test_trajectory_logprobs_are_the_engines_for_those_tokens(worker):
         lambda text: VerifierResult(reward=0.0, correct=False),
         settings,
         SamplingParams(temperature=0.8, max_new_tokens=8, stop=("\n",), seed=11),
+        next_tokens=worker.engine.next_token_logprobs,
         decode=worker.tokenizer.decode,
         eos_token_ids=worker.engine.eos_token_ids,
     )
@@ -52,6 +55,8 @@ def test_trajectory_logprobs_are_the_engines_for_those_tokens(worker):
         assert trajectory.logprobs == pytest.approx(engine_logprobs(worker, prompt_ids, trajectory.token_ids), abs=1e-4)
         assert worker.token_logprobs(prompt_ids, trajectory.token_ids) == pytest.approx(trajectory.logprobs, abs=1e-4)
     assert result.tokens_generated <= 400
+    if worker.config.mcts.expansion == "prior":
+        assert all(set(trajectory.step_lengths) == {1} for trajectory in result.trajectories)
 
 
 @pytest.mark.parametrize("budget", [7, 30, 90])
@@ -72,14 +77,3 @@ def test_worker_search_respects_the_token_budget(worker, budget):
                 engine_logprobs(worker, prompt_ids, completion.token_ids), abs=1e-4
             )
     assert len(result.groups) + len(result.unsearched_prompts) == len(prompts)
-
-
-def test_without_step_values_tree_completions_carry_outcome_rewards_only(worker):
-    rollout = worker.config
-    worker.config = rollout.model_copy(update={"mcts": rollout.mcts.model_copy(update={"step_values": False})})
-    try:
-        result = worker.search([make_prompt("addition", 1, "12+34=", "46")], budget_tokens=40, terminate_num=4)
-    finally:
-        worker.config = rollout
-    assert result.groups
-    assert all(c.source == "tree" and c.token_values is None for g in result.groups for c in g.completions)

@@ -240,12 +240,25 @@ def test_hpt_needs_a_solution_encoder():
 
 
 def test_tree_trajectories_train_on_their_token_values():
-    # equal outcome rewards: no outcome signal, but the steps' values differ
+    # learner.tree_advantage node_values: equal outcome rewards give no outcome signal, but the steps' values differ
     trajectories = [
         completion("46", 1.0, source="tree", token_values=[0.5, 1.0]),
         completion("47", 1.0, source="tree", token_values=[0.5, -1.0]),
     ]
     assert make_trainer().train_step([group("plain", [completion("46", 1.0), completion("47", 1.0)])]).skipped
+    trainer = make_trainer(tree_advantage="node_values")
+    before = weights(trainer)
+    result = trainer.train_step([group("tree", trajectories)])
+    assert not result.skipped and result.tree_sequences == 2
+    assert changed(before, weights(trainer)) > 0
+
+
+def test_tree_trajectories_train_on_prefix_credit():
+    # the default, prefix credit: the shared first token "4" gets no advantage, "6" and "7" all of it
+    trajectories = [
+        completion("46", 1.0, source="tree", token_values=[0.5, 1.0]),
+        completion("47", 0.0, source="tree", token_values=[0.5, -1.0]),
+    ]
     trainer = make_trainer()
     before = weights(trainer)
     result = trainer.train_step([group("tree", trajectories)])

@@ -17,6 +17,7 @@ from learner.algorithms import (
     overlong_penalty,
     policy_loss,
     policy_loss_terms,
+    prefix_credit,
     sft_loss,
     tree_advantages,
     truncation_rewards,
@@ -85,6 +86,45 @@ def test_tree_advantages_errors():
         tree_advantages(torch.zeros(2, 3), torch.zeros(2, 2), torch.tensor([0, 0]))
     with pytest.raises(ValueError, match="group_index"):
         tree_advantages(torch.zeros(2, 3), torch.zeros(2, 3), torch.tensor([0]))
+
+
+def test_prefix_credit_places_each_outcome_advantage_where_its_path_parts_from_its_siblings():
+    E = 0  # eos
+    # group 0: a tree's trajectories "9 5 E" (correct), "9 4 E" and "3 E" (wrong), after a 2-token prompt;
+    # group 1: two sequences sharing nothing. Right-padded with token 8 (mask 0).
+    token_ids = torch.tensor(
+        [
+            [1, 2, 9, 5, E],
+            [1, 2, 9, 4, E],
+            [1, 2, 3, E, 8],
+            [1, 2, 6, E, 8],
+            [1, 2, 7, E, 8],
+        ]
+    )
+    mask = torch.tensor([[0, 0, 1, 1, 1], [0, 0, 1, 1, 1], [0, 0, 1, 1, 0], [0, 0, 1, 1, 0], [0, 0, 1, 1, 0]])
+    advantages = torch.tensor([2 / 3, -1 / 3, -1 / 3, 0.5, -0.5])  # dr_grpo of rewards (1, 0, 0) and (1, 0)
+    credit = prefix_credit(advantages, token_ids, mask.float(), torch.tensor([0, 0, 0, 1, 1]))
+    # V(root) = 0; V(9) = mean(2/3, −1/3) = 1/6; V(95) = 2/3, V(94) = −1/3, V(3) = −1/3; eos changes nothing
+    close(credit[0], [0.0, 0.0, 1 / 6, 2 / 3 - 1 / 6, 0.0])
+    close(credit[1], [0.0, 0.0, 1 / 6, -1 / 3 - 1 / 6, 0.0])
+    close(credit[2], [0.0, 0.0, -1 / 3, 0.0, 0.0])
+    close(credit[3], [0.0, 0.0, 0.5, 0.0, 0.0])  # no shared prefix: all of it on the first token
+    close(credit[4], [0.0, 0.0, -0.5, 0.0, 0.0])
+    # every sequence's credit sums to its (centred) outcome advantage
+    close(credit.sum(-1), advantages.tolist())
+
+
+def test_prefix_credit_of_identical_and_uncentred_sequences():
+    # two identical sequences with different outcomes (a sampled group may repeat a completion): their
+    # shared tokens carry the mean; an uncentred estimate is centred by the group's mean first
+    token_ids = torch.tensor([[1, 4, 5], [1, 4, 5]])
+    mask = torch.tensor([[0.0, 1.0, 1.0], [0.0, 1.0, 1.0]])
+    credit = prefix_credit(torch.tensor([1.0, 0.0]), token_ids, mask, torch.tensor([0, 0]))
+    close(credit, [[0.0, 0.0, 0.0], [0.0, 0.0, 0.0]])
+    with pytest.raises(ValueError, match="advantages"):
+        prefix_credit(torch.zeros(2, 1), token_ids, mask, torch.tensor([0, 0]))
+    with pytest.raises(ValueError, match="group_index"):
+        prefix_credit(torch.zeros(2), token_ids, mask, torch.tensor([0]))
 
 
 # ------------------------------------------------------------------------------------------ reward shaping

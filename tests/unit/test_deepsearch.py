@@ -54,21 +54,20 @@ def test_only_the_mcts_strategy_builds_the_search_rescue():
     assert isinstance(rescue().cache.store, MemorySolutionStore)
 
 
-def test_tree_groups_are_dropped_only_when_their_final_scores_are_all_equal():
+def test_tree_groups_are_dropped_when_they_hold_no_contrast():
     assert is_tree_group(tree([1.0, -1.0])) and not is_tree_group(plain([False, False]))
-    assert tree_filter_reason(tree([1.0, -1.0])) is None
-    assert tree_filter_reason(tree([-1.0, -1.0])) == "zero_advantage"  # std 0: no contrast between trajectories
-    assert tree_filter_reason(tree([1.0, 1.0])) == "zero_advantage"
-    assert tree_filter_reason(tree([-1.0])) is None  # one trajectory: its values are used as they are
+    # prefix credit and outcome advantages come from the rewards: dropped when they are all equal
+    for mode in ("prefix_credit", "outcome"):
+        assert tree_filter_reason(tree([1.0, -1.0]), mode) is None
+        assert tree_filter_reason(tree([-1.0, -1.0]), mode) == "zero_advantage"
+        assert tree_filter_reason(tree([-1.0, -0.5], correct=[False, False]), mode) == "zero_advantage"
+    # node values: dropped only when the final scores are all equal (their std is 0)
+    assert tree_filter_reason(tree([1.0, -1.0]), "node_values") is None
+    assert tree_filter_reason(tree([-1.0, -1.0]), "node_values") == "zero_advantage"
+    assert tree_filter_reason(tree([1.0, 1.0]), "node_values") == "zero_advantage"
+    assert tree_filter_reason(tree([-1.0]), "node_values") is None  # one trajectory: its values as they are
     # a wrong answer (−1) and an incomplete path (−0.5) both have reward 0, yet differ in value: kept
-    assert tree_filter_reason(tree([-1.0, -0.5], correct=[False, False])) is None
-    # outcome rewards only (mcts.step_values off): kept when the rewards differ
-    outcome = tree([1.0, -1.0])
-    for completion in outcome.completions:
-        completion.token_values = None
-    assert is_tree_group(outcome) and tree_filter_reason(outcome) is None
-    outcome.completions[0].reward, outcome.completions[0].correct = 0.0, False
-    assert tree_filter_reason(outcome) == "zero_advantage"
+    assert tree_filter_reason(tree([-1.0, -0.5], correct=[False, False]), "node_values") is None
     search = rescue()
     search.filter_reason(tree([1.0, -1.0]))
     search.filter_reason(tree([-1.0, -1.0]))

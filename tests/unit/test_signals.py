@@ -44,22 +44,46 @@ def test_rewards_are_shaped_overlong_then_truncated():
     assert shaped_rewards(LearnerConfig(), tensors, 8).tolist() == [1.0, 1.0, 1.0]
 
 
-def test_token_advantages_use_tree_values_where_present():
+def test_token_advantages_of_tree_trajectories_follow_learner_tree_advantage():
+    def tree_completion(tokens: list[int], reward: float, values: list[float]) -> Completion:
+        return Completion(
+            text="t",
+            token_ids=tokens,
+            logprobs=[-1.0] * len(tokens),
+            policy_version=0,
+            reward=reward,
+            correct=reward > 0,
+            source="tree",
+            token_values=values,
+        )
+
     groups = [
         group("plain", [completion(1, 1.0), completion(2, 0.0)]),
-        group("tree", [completion(2, 0.0, token_values=[0.5, 1.0]), completion(1, 0.0, token_values=[-1.0])]),
+        group("tree", [tree_completion([5, 6], 1.0, [0.5, 1.0]), tree_completion([5, 7], 0.0, [-0.2, -1.0])]),
     ]
     tensors = build_training_tensors(groups, 0)
-    per_token, per_sequence = token_advantages(
-        LearnerConfig(advantage="dr_grpo", aggregation="seq-mean-token-sum-norm"), tensors, tensors.rewards
-    )
-    assert per_sequence.tolist() == [0.5, -0.5, 0.0, 0.0]
-    # prompt positions 0-1 hold 0; the plain rows carry their outcome advantage on their tokens
+    assert tensors.tree.tolist() == [False, False, True, True]
+
+    def advantages(tree_advantage: str):
+        config = LearnerConfig(
+            advantage="dr_grpo", aggregation="seq-mean-token-sum-norm", tree_advantage=tree_advantage
+        )
+        return token_advantages(config, tensors, tensors.rewards)
+
+    per_token, per_sequence = advantages("prefix_credit")
+    assert per_sequence.tolist() == [0.5, -0.5, 0.5, -0.5]
+    # prompt positions 0-1 hold 0; the plain rows carry their outcome advantage on every token
     assert per_token[0].tolist() == [0.0, 0.0, 0.5, 0.0]
     assert per_token[1].tolist() == [0.0, 0.0, -0.5, -0.5]
-    # tree finals (1, −1): mean 0, population std 1
+    # the tree's trajectories share their first token: all of their advantage sits on the second
+    torch.testing.assert_close(per_token[2], torch.tensor([0.0, 0.0, 0.0, 0.5]), atol=1e-6, rtol=0)
+    torch.testing.assert_close(per_token[3], torch.tensor([0.0, 0.0, 0.0, -0.5]), atol=1e-6, rtol=0)
+    # node values, finals (1, −1): mean 0, population std 1
+    per_token, _ = advantages("node_values")
     torch.testing.assert_close(per_token[2], torch.tensor([0.0, 0.0, 0.5, 1.0]), atol=1e-5, rtol=0)
-    torch.testing.assert_close(per_token[3], torch.tensor([0.0, 0.0, -1.0, 0.0]), atol=1e-5, rtol=0)
+    torch.testing.assert_close(per_token[3], torch.tensor([0.0, 0.0, -0.2, -1.0]), atol=1e-5, rtol=0)
+    per_token, _ = advantages("outcome")
+    assert per_token[2].tolist() == [0.0, 0.0, 0.5, 0.5] and per_token[3].tolist() == [0.0, 0.0, -0.5, -0.5]
 
 
 def test_rows_and_sft_examples():
