@@ -367,11 +367,12 @@ def learnability_main(args: argparse.Namespace) -> None:
     from services.evaluation import evaluate_by_distribution
 
     started = time.perf_counter()
-    counts = args.solutions
+    counts = sorted(set(args.solutions))
     print(
         f"learnability of the hard tail {HARD_TAIL}: held-out greedy accuracy after SFT on N solutions,"
         f" N = {counts}; seeds {args.seeds}"
     )
+    tail: dict[int, list[float]] = {count: [] for count in counts}
     for seed in args.seeds:
         config = load_config(None, [*train_overrides(args), f"seed={seed}", *args.overrides])
         pool = PromptPool.from_config(config.data)
@@ -397,8 +398,11 @@ def learnability_main(args: argparse.Namespace) -> None:
                     sft_train(model, solutions[:count], steps=steps, batch_size=16, lr=config.learner.lr, seed=seed, log_every=10**9)  # fmt: skip
                 worker.load_weights(worker.policy_version + 1, {k: v.detach() for k, v in model.state_dict().items()})
                 accuracy, _ = evaluate_by_distribution(worker, held_out)
+                tail[count].append(accuracy)
                 cells.append(f"N={count}: {accuracy:.3f}")
             print(f"  seed {seed} {distribution:<18} " + "  ".join(cells), flush=True)
+    means = "  ".join(f"N={count}: {statistics.fmean(values):.3f}" for count, values in tail.items())
+    print(f"hard tail, mean over its distributions and the seeds: {means}")
     print(f"{time.perf_counter() - started:.0f} s in all")
 
 
@@ -460,7 +464,7 @@ def main() -> None:
         action="store_true",
         help="Held-out accuracy of the hard tail after SFT on N solutions (what finding solutions could teach).",
     )
-    parser.add_argument("--solutions", type=int, nargs="+", default=[0, 160, 640], help="Learnability: N.")
+    parser.add_argument("--solutions", type=int, nargs="+", default=[0, 640, 2560], help="Learnability: N.")
     args = parser.parse_args()
     if args.learnability:
         learnability_main(args)
