@@ -5,28 +5,31 @@ With the demo's warm-started policy (the run config of `orchard run`, no RL):
    `multiplication/d1` by default), topped up with fresh prompts of those distributions;
 2. 16 plain samples per prompt; the prompts where all 16 fail (pass@16 = 0) are kept;
 3. on each kept prompt, 64 fresh plain samples (pass@64) and the tokens they generated;
-4. on each kept prompt, tree search (`rollout.strategies.mcts`, the config's `rollout.mcts` unless
-   overridden) with a budget of exactly those tokens; solved = a correct trajectory was found.
+4. on each kept prompt, tree search (`rollout.strategies.tree_search`, the config's `rollout.mcts`,
+   `--set` overrides applied) with a budget of exactly those tokens; solved = a correct trajectory
+   was found.
 
 Printed: one row per distribution and in total: prompts kept, share solved by 64 plain samples, share
 solved by tree search, generated tokens of each, tree nodes expanded, wall time; then the share
-solved by either and by tree search only. `--sweep` adds rows with the entropy term λ2·H(s) on, with
-the reference's constant width, with 1-token steps, and without merging duplicate steps or widening.
+solved by either and by tree search only. `--sweep` adds rows (`SWEEP`): the 'prior' expansion without
+the confidence term, with the entropy term, with 2 children per expansion or at most 8 a node; and the
+reference's 'sample' expansion with its priority, with the confidence term, with 1-token steps, and
+without merging duplicate steps or widening.
 Tokens are generated tokens (prompt and prefix tokens the engine prefills are not counted).
 Each repeat draws fresh plain samples (and so a fresh budget) and a fresh search for every prompt.
 
 Training comparison (`--train`): GRPO (the demo's learner: GRPO with DAPO's clip-higher and dynamic
 sampling) against the same plus DeepSearch (`rollout.strategy: mcts`: all-fail prompts tree-searched
 within a share of the generated tokens, found solutions cached and mixed into later groups, tree
-trajectories trained on with their per-token values), on a mix with a hard tail, the same seeds and
+trajectories trained with prefix credit), on a mix with a hard tail, the same seeds and
 the same budget of generated tokens (the search's tokens count; a run stops at the first rollout
 that reaches the budget, so each overshoots by at most one call, and the tokens each run generated
 are printed). Printed per arm and seed: greedy held-out accuracy on the hard tail and overall at the
 end; the hard tail's sampled pass rate (`--samples` completions per held-out prompt at the run's
 temperature) of the warm start and of the final checkpoint, finer where greedy accuracy is near 0;
-learner steps, tree-search figures; then the mean over seeds. An ablation arm,
-`grpo+deepsearch-outcome` (`--arms`), trains tree trajectories on outcome rewards only. Run directories go to
-`bench/out/deepsearch/`.
+learner steps, tree-search figures; then the mean over seeds. Ablation arms (`--arms`) train the tree
+trajectories on the reference's node values (`grpo+deepsearch-node-values`) or on outcome advantages
+only (`grpo+deepsearch-outcome`). Run directories go to `bench/out/deepsearch/`.
 
 Learnability (`--learnability`): the hard tail's held-out greedy accuracy after supervised steps on N
 correct answers of fresh prompts of each tail distribution, from each seed's warm start: the most that
@@ -34,7 +37,7 @@ finding N solutions could teach this model, whatever finds them.
 
 Run: `python bench/deepsearch.py [--seed 0] [--prompts 40] [--repeats 3] [--sweep]` (tree search
 against plain sampling), `python bench/deepsearch.py --train [--seeds 1 2 3] [--tokens 500000]` or
-`python bench/deepsearch.py --learnability [--solutions 0 160 640]`.
+`python bench/deepsearch.py --learnability [--solutions 0 640 2560]`.
 """
 
 from __future__ import annotations

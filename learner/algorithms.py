@@ -190,8 +190,8 @@ def prefix_credit(advantages: Tensor, token_ids: Tensor, completion_mask: Tensor
     RL methods such as TreeRPO and TreeRL.
 
     `advantages` `[N]` per sequence, `token_ids` and `completion_mask` `[N, T]` (1 on completion
-    tokens, which must form one contiguous run per row), `group_index` `[N]`. Returns `[N, T]`, 0 off
-    the completion.
+    tokens, in order), `group_index` `[N]`. Returns `[N, T]`, 0 off the completion. Plain loops over a
+    trie of each group's completions: linear in the completion tokens.
     """
     if advantages.dim() != 1 or token_ids.dim() != 2 or token_ids.shape != completion_mask.shape:
         raise ValueError(

@@ -22,12 +22,11 @@ Two ways to add children are supported (`orchard.config.MCTSConfig.expansion`; t
 
 - **'sample'** (the reference): W_d children sampled from the policy at once. Short steps repeat, so
   a repeated step joins its sibling (`find_child`) and the draw is spent for nothing.
-- **'prior'**: a node's children are its most probable next steps, added a few at a time. Expanding a
-  node the first time asks the engine for the policy's most probable next tokens there (the node's
-  `prior`); every child starts with a different one of them, taken in order of probability, and the
-  rest of its step is sampled. This is sampling without replacement in the order of the policy's
-  own probabilities: no draw is spent on a step the tree already holds, and the frontier priority
-  can see how probable a node's next untried step is (`confidence`).
+- **'prior'**: steps are one token, and a node's children are its most probable next tokens, added a
+  few at a time. Expanding a node the first time asks the engine for the policy's most probable next
+  tokens there (the node's `prior`, `untried`); its children take them in order of probability
+  (`take_prior`). No draw is spent on a step the tree already holds, and the frontier priority can see
+  how probable a node's next untried step is (`Node.confidence`).
 """
 
 from __future__ import annotations
