@@ -51,13 +51,12 @@ def token_advantages(config: LearnerConfig, tensors: TrainingTensors, rewards: T
     `tree_advantages` of their token values with 'node_values'); 0 off the completion."""
     outcome = outcome_advantages(rewards, tensors.group_index, config.advantage)
     advantages = outcome.unsqueeze(-1).expand_as(tensors.old_logprobs).clone()
-    tree_rows = tensors.tree if tensors.tree is not None else torch.zeros_like(outcome, dtype=torch.bool)
-    if config.tree_advantage == "node_values":
-        tree_rows = tree_rows & tensors.value_mask.to(torch.bool).any(-1)
-    if bool(tree_rows.any()) and config.tree_advantage != "outcome":
+    if config.tree_advantage != "outcome" and tensors.tree is not None and bool(tensors.tree.any()):
         if config.tree_advantage == "node_values":
+            tree_rows = tensors.tree & tensors.value_mask.to(torch.bool).any(-1)
             tree = tree_advantages(tensors.token_values, tensors.value_mask, tensors.group_index)
         else:
+            tree_rows = tensors.tree
             tree = prefix_credit(outcome, tensors.input_ids, tensors.completion_mask, tensors.group_index)
         advantages[tree_rows] = tree[tree_rows].to(advantages.dtype)
     return advantages * tensors.completion_mask, outcome

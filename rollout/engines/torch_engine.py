@@ -363,14 +363,19 @@ class TorchEngine(EngineWeights):
     def _next_token_batch(
         self, prompts: list[list[int]], params: SamplingParams, top_k: int
     ) -> list[list[tuple[int, float]]]:
+        token_ids, pad_counts, valid = self._left_pad(prompts)
+        hidden = self._prefill(token_ids, valid, pad_counts, self._new_cache(len(prompts), token_ids.shape[1]))
+        logits = F.linear(hidden, self._lm_head).float()
+        return top_next_tokens(logits, params.temperature, params.top_p, top_k)
+
+    def _left_pad(self, prompts: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """`prompts` left-padded to the longest: token ids `[batch, length]`, each row's padding count
+        `[batch]`, and the mask of real tokens `[batch, length]`."""
         length = max(len(prompt) for prompt in prompts)
         pad_id = self.tokenizer.pad_id
         token_ids = torch.tensor([[pad_id] * (length - len(p)) + p for p in prompts], device=self.device)
         pad_counts = torch.tensor([length - len(p) for p in prompts], device=self.device)
-        valid = torch.arange(length, device=self.device) >= pad_counts[:, None]
-        hidden = self._prefill(token_ids, valid, pad_counts, self._new_cache(len(prompts), length))
-        logits = F.linear(hidden, self._lm_head).float()
-        return top_next_tokens(logits, params.temperature, params.top_p, top_k)
+        return token_ids, pad_counts, torch.arange(length, device=self.device) >= pad_counts[:, None]
 
     def _check_prompts(self, prompts: list[list[int]], *, new_tokens: int) -> None:
         """Raise `ValueError` naming the first prompt that is empty, holds a token outside the vocabulary,
@@ -408,18 +413,14 @@ class TorchEngine(EngineWeights):
         prompt_length = max(len(prompt) for prompt in prompts)
         slots = prompt_length + steps
         device = self.device
-        pad_id = self.tokenizer.pad_id
         # A rollout repeats each prompt once per completion of its group: prefill each distinct prompt once,
         # then give every row a copy of its prompt's cache.
         distinct: dict[tuple[int, ...], int] = {}
         source = [distinct.setdefault(tuple(prompt), len(distinct)) for prompt in prompts]
-        unique = [list(prompt) for prompt in distinct]
-        token_ids = torch.tensor([[pad_id] * (prompt_length - len(p)) + p for p in unique], device=device)
-        pad_counts = torch.tensor([prompt_length - len(p) for p in unique], device=device)
-        prompt_valid = torch.arange(prompt_length, device=device) >= pad_counts[:, None]
-        cache = self._new_cache(len(unique), slots)
+        token_ids, pad_counts, prompt_valid = self._left_pad([list(prompt) for prompt in distinct])
+        cache = self._new_cache(len(distinct), slots)
         hidden = self._prefill(token_ids, prompt_valid, pad_counts, cache)
-        if len(unique) < batch:
+        if len(distinct) < batch:
             rows_of = torch.tensor(source, device=device)
             cache, hidden = cache.index_select(2, rows_of), hidden[rows_of]
             pad_counts, prompt_valid = pad_counts[rows_of], prompt_valid[rows_of]

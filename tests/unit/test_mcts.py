@@ -50,6 +50,19 @@ def chain(depth: int) -> list[Node]:
     return nodes
 
 
+def priority_weights(**overrides: object) -> dict[str, object]:
+    """`frontier_priority`'s weights: the reference's λ1..λ4 and sqrt depth bonus, max depth 4."""
+    return {
+        "lambda_parent_value": 0.4,
+        "lambda_entropy": 0.4,
+        "lambda_depth": 0.01,
+        "lambda_value": 0.0,
+        "depth_bonus_kind": "sqrt",
+        "max_depth": 4,
+        **overrides,
+    }
+
+
 def leaf_under(parent: Node, *, logprob: float = -0.5, terminal: bool = True) -> Node:
     node = Node(token_ids=[99], logprobs=[logprob], depth=parent.depth + 1, parent=parent, terminal=terminal)
     parent.children.append(node)
@@ -145,14 +158,7 @@ def test_confidence_is_the_paths_logprob_and_the_best_untried_tokens():
     assert a.next_logprob == 0.0 and a.confidence == -0.5  # prior unknown: no step can be more probable
     a.prior = [(4, -1.0), (5, -2.0)]
     assert a.confidence == -1.5
-    weights = dict(
-        lambda_parent_value=0.0,
-        lambda_entropy=0.0,
-        lambda_depth=0.01,
-        lambda_value=0.0,
-        depth_bonus_kind="sqrt",
-        max_depth=4,
-    )
+    weights = priority_weights(lambda_parent_value=0.0, lambda_entropy=0.0)
     assert frontier_priority(a, **weights, lambda_confidence=2.0) == pytest.approx(2.0 * -1.5 + 0.01 * 0.5)
     assert frontier_priority(a, **weights) == pytest.approx(0.01 * 0.5)  # λc = 0: the reference's priority
     assert select_frontier([a, b], **weights, lambda_confidence=1.0) is b  # −1.0 beats −1.5
@@ -198,14 +204,7 @@ def test_frontier_priority_and_global_selection():
     a_done = Node(token_ids=[4], logprobs=[-0.1], depth=2, parent=a, terminal=True)
     root.children, a.children = [a, b], [a_child, a_done]
     root.samples = 2
-    weights = dict(
-        lambda_parent_value=0.4,
-        lambda_entropy=0.4,
-        lambda_depth=0.01,
-        lambda_value=0.0,
-        depth_bonus_kind="sqrt",
-        max_depth=4,
-    )
+    weights = priority_weights()
     # b: 0.4·tanh(Q(root) = −0.25) + 0.4·H(= 1.0) + 0.01·sqrt(1/4)
     assert frontier_priority(b, **weights) == pytest.approx(0.4 * math.tanh(-0.25) + 0.4 * 1.0 + 0.01 * 0.5)
     # a_child: 0.4·tanh(Q(a) = 0.3) + 0.4·0.1 + 0.01·sqrt(2/4)
