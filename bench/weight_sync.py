@@ -8,12 +8,16 @@ Measured side by side in one run (the baseline in every round):
   workers pin the version and view it without a copy; `--copy` gives the store two slots, so that
   every worker copies the version into its own tensors instead;
 - object store (the multi-node path): `ray.put` of the exported numpy state dict (what the learner
-  actor's return does), then every worker's `load_weights(version, ref)`, until the last one confirms.
+  actor's return does), then every worker's `load_weights(version, ref)`, until the last one confirms;
+- the same two paths into rollout workers whose engine is vLLM (`rollout.engine: vllm`, its CPU build,
+  in-process): the version is live once vLLM's in-place reload (`reload_weights`, which repacks the
+  linear weights for its CPU kernels) has loaded it and its prefix cache is reset. A vLLM worker pins a
+  shared-memory version only while it loads from it. `--no-vllm` leaves them out.
 
 This process plays the learner: each round changes its tensors in place (as a learner step does) and
 the clock starts once the new weights are in them. Prints the median of the rounds, the spread, and
 the ratios (target: sync <= 3x the copy).
-Run: `python bench/weight_sync.py [--workers 2] [--hidden 512 --layers 8]`.
+Run: `python bench/weight_sync.py [--workers 2] [--hidden 512 --layers 8] [--no-vllm]`.
 """
 
 from __future__ import annotations
@@ -41,6 +45,7 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=9)
     parser.add_argument("--copy", action="store_true", help="two slots: workers copy instead of pinning")
+    parser.add_argument("--no-vllm", action="store_true", help="leave the vLLM workers out")
     args = parser.parse_args()
 
     torch.set_num_threads(1)
@@ -60,22 +65,32 @@ def main() -> None:
     targets = {name: torch.empty_like(tensor) for name, tensor in state.items()}
 
     ray.init(num_cpus=max(2, args.workers), include_dashboard=False, log_to_driver=False, configure_logging=False)
-    rollout_config = RolloutConfig(num_cpus_per_worker=max(2, args.workers) / args.workers)
-    workers = {
-        f"worker-{i}": RolloutWorker.options(num_cpus=rollout_config.num_cpus_per_worker).remote(
-            f"worker-{i}", model_config, rollout_config
-        )
-        for i in range(args.workers)
+    cpus = max(2, args.workers) / args.workers / (1 if args.no_vllm else 2)
+    engines = {"torch": RolloutConfig(num_cpus_per_worker=cpus)}
+    if not args.no_vllm:
+        engines["vllm"] = RolloutConfig(engine="vllm", num_cpus_per_worker=cpus)
+    fleets = {
+        engine: {
+            f"{engine}-worker-{i}": RolloutWorker.options(num_cpus=rollout_config.num_cpus_per_worker).remote(
+                f"{engine}-worker-{i}", model_config, rollout_config
+            )
+            for i in range(args.workers)
+        }
+        for engine, rollout_config in engines.items()
     }
-    ray.get([w.ping.remote() for w in workers.values()])
-    sync = WeightSync()
-    times: dict[str, list[float]] = {"copy": [], "put": [], "object store": [], "write": [], "shared memory": []}
+    ray.get([w.ping.remote() for workers in fleets.values() for w in workers.values()])
+    paths = [("object store", "torch"), ("shared memory", "torch")]
+    if not args.no_vllm:
+        paths += [("vllm: object store", "vllm"), ("vllm: shared memory", "vllm")]
+    times: dict[str, list[float]] = {"copy": [], "put": [], "write": []} | {path: [] for path, _ in paths}
     version = 0
     with SharedWeightStore(num_slots=2 if args.copy else args.workers + 2) as store:
         # One block per path (a worker that pins shared memory must copy its weights back into memory
         # of its own before an object-store load, which is not what either path costs alone); the
-        # baseline copy is measured in every round of both blocks.
-        for path in ("object store", "shared memory"):
+        # baseline copy is measured in every round of every block.
+        for path, engine in paths:
+            workers = fleets[engine]
+            sync = WeightSync(initial_version=version)
             for round_index in range(args.repeats + 1):  # round 0 warms up mappings and caches
                 measured: dict[str, float] = {}
                 started = time.perf_counter()
@@ -87,7 +102,7 @@ def main() -> None:
                 for tensor in state.values():
                     tensor.add_(1e-3)  # new weights every version, as after a learner step
                 started = time.perf_counter()
-                if path == "object store":
+                if path.endswith("object store"):
                     numpy_state = state_dict_to_numpy(state)
                     weights = ray.put(numpy_state)
                     measured["put"] = time.perf_counter() - started
@@ -120,8 +135,14 @@ def main() -> None:
     print(row("shared memory: sync to all workers", "shared memory", rate=True))
     print(row("object store: put", "put"))
     print(row("object store: sync to all workers", "object store", rate=True))
+    if not args.no_vllm:
+        print(row("vLLM workers, shared memory: live", "vllm: shared memory", rate=True))
+        print(row("vLLM workers, object store: live", "vllm: object store", rate=True))
     print(f"ratio object-store sync/copy: {statistics.median(times['object store']) / copy:.2f}x")
     print(f"ratio shared-memory sync/copy: {statistics.median(times['shared memory']) / copy:.2f}x (target <= 3x)")
+    if not args.no_vllm:
+        for path in ("vllm: shared memory", "vllm: object store"):
+            print(f"ratio {path} live/copy: {statistics.median(times[path]) / copy:.2f}x")
 
 
 if __name__ == "__main__":

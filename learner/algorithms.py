@@ -595,3 +595,53 @@ def token_entropy(logits: Tensor) -> Tensor:
     probabilities = log_probabilities.exp()
     terms = torch.where(probabilities > 0, probabilities * log_probabilities, torch.zeros_like(probabilities))
     return -terms.sum(-1)
+
+
+def truncated_importance_weights(learner_logprobs: Tensor, behaviour_logprobs: Tensor, cap: float) -> Tensor:
+    """Truncated importance sampling (TIS) of the rollout engine's samples, per token [N, T]:
+
+    `w_{i,t} = min(exp(log π_learner(o_{i,t}) − log π_behaviour(o_{i,t})), C)`, detached,
+
+    multiplying each token's policy loss, so that a gradient built on the learner's own logprobs of
+    samples drawn by an engine whose numbers differ (other kernels, bf16, a stale version) is
+    reweighted towards the engine's distribution, and the cap `C` bounds its variance (F. Yao, L. Liu
+    et al., "Your Efficient RL Framework Secretly Brings You Off-Policy RL Training", 2025; verl's
+    token-level `rollout_is` in mode 'truncate', slime's `--use-tis`, OpenRLHF's vLLM IS correction;
+    threshold 2 in verl's and slime's examples). The log-ratio is bounded by ±`MAX_LOG_RATIO` first.
+    """
+    if learner_logprobs.shape != behaviour_logprobs.shape:
+        raise ValueError(
+            f"learner_logprobs shape {tuple(learner_logprobs.shape)} must equal behaviour_logprobs shape "
+            f"{tuple(behaviour_logprobs.shape)}"
+        )
+    if not (math.isfinite(cap) and cap > 0):
+        raise ValueError(f"the TIS cap must be a positive number, got {cap}")
+    log_ratio = (learner_logprobs - behaviour_logprobs).detach().clamp(-MAX_LOG_RATIO, MAX_LOG_RATIO)
+    return torch.exp(log_ratio).clamp(max=cap)
+
+
+def logprob_mismatch(learner_logprobs: Tensor, behaviour_logprobs: Tensor, mask: Tensor) -> dict[str, float]:
+    """How far the rollout engine's logprobs are from the learner's for the same tokens under the same
+    weights (rollout–training mismatch), over the tokens where `mask` is 1:
+
+    - `k3`: `mean(r − 1 − log r)`, `r = π_learner / π_behaviour`, Schulman's k3 estimate of
+      KL(π_behaviour ‖ π_learner) from the engine's samples (verl's `mismatch_k3_kl`);
+    - `abs_mean`, `abs_max`: mean and largest `|log π_learner − log π_behaviour|`;
+    - `tokens`: how many tokens were compared. No tokens give zeros.
+    """
+    if not (learner_logprobs.shape == behaviour_logprobs.shape == mask.shape):
+        raise ValueError(
+            f"learner_logprobs {tuple(learner_logprobs.shape)}, behaviour_logprobs {tuple(behaviour_logprobs.shape)}"
+            f" and mask {tuple(mask.shape)} must have one shape"
+        )
+    selected = mask.bool()
+    count = int(selected.sum())
+    if count == 0:
+        return {"k3": 0.0, "abs_mean": 0.0, "abs_max": 0.0, "tokens": 0}
+    delta = (learner_logprobs.detach() - behaviour_logprobs)[selected].double().clamp(-MAX_LOG_RATIO, MAX_LOG_RATIO)
+    return {
+        "k3": float((torch.expm1(delta) - delta).mean()),
+        "abs_mean": float(delta.abs().mean()),
+        "abs_max": float(delta.abs().max()),
+        "tokens": count,
+    }

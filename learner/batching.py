@@ -33,6 +33,7 @@ class TrainingTensors:
     truncated: Tensor | None = None  # [N] bool, cut off by the length limit (finish_reason "length")
     hinted: Tensor | None = None  # [N] bool, sampled with a hint in context (source "hint")
     tree: Tensor | None = None  # [N] bool, a tree-search trajectory (source "tree")
+    policy_versions: Tensor | None = None  # [N] long, the policy version that produced each completion
     token_values: Tensor | None = None  # [N, L] float, tree trajectories' per-token scores at their positions
     value_mask: Tensor | None = None  # [N, L] float, 1 where token_values holds a score
 
@@ -66,6 +67,7 @@ class TrainingTensors:
             truncated=rows(self.truncated),
             hinted=rows(self.hinted),
             tree=rows(self.tree),
+            policy_versions=rows(self.policy_versions),
             token_values=cells(self.token_values),
             value_mask=cells(self.value_mask),
         )
@@ -125,6 +127,7 @@ def build_training_tensors(groups: Sequence[Group], pad_id: int) -> TrainingTens
         truncated=torch.tensor([c.finish_reason == "length" for c in completions], dtype=torch.bool),
         hinted=torch.tensor([c.source == "hint" for c in completions], dtype=torch.bool),
         tree=torch.tensor([c.source == "tree" for c in completions], dtype=torch.bool),
+        policy_versions=torch.tensor([c.policy_version for c in completions], dtype=torch.long),
         token_values=token_values,
         value_mask=value_mask,
     )

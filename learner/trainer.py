@@ -37,10 +37,12 @@ from learner.algorithms import (
     aggregate,
     hint_clip_ranges,
     kl_penalty,
+    logprob_mismatch,
     lp_reg_loss,
     masked_mean,
     policy_loss_terms,
     sft_loss,
+    truncated_importance_weights,
 )
 from learner.batching import (
     TrainingTensors,
@@ -80,6 +82,12 @@ class StepResult:
     hinted_sequences: int = 0  # completions sampled with a hint in context
     tree_sequences: int = 0  # tree-search trajectories in the batch (their advantages: learner.tree_advantage)
     completion_length_mean: float = 0.0  # mean completion tokens of the batch (DLER reports it beside accuracy)
+    # rollout–training mismatch on the tokens sampled by the learner's own version (`logprob_mismatch`)
+    mismatch_k3: float = 0.0
+    mismatch_abs_mean: float = 0.0
+    mismatch_abs_max: float = 0.0
+    mismatch_tokens: int = 0
+    tis_weight_mean: float = 0.0  # mean truncated importance weight over the RL tokens (learner.tis_cap)
 
 
 def _finite_or_zero(value: float) -> float:
@@ -242,7 +250,8 @@ class GRPOTrainer:
         if not rl_signal and not sft_examples:
             return skipped("no signal" if tensors.num_tokens else "no completion tokens")
 
-        totals = {"loss": 0.0, "kl": 0.0, "entropy": 0.0, "clipped": 0.0, "sft": 0.0, "lp_reg": 0}
+        totals = {"loss": 0.0, "kl": 0.0, "entropy": 0.0, "clipped": 0.0, "sft": 0.0, "lp_reg": 0, "tis": 0.0}
+        mismatch = {"k3": 0.0, "abs_sum": 0.0, "abs_max": 0.0, "tokens": 0}
         jobs: list[tuple[str, TrainingTensors, Tensor, float]] = []  # (kind, micro-batch, its advantages, weight)
         if rl_signal:
             rl_advantages, rl_row_weights = advantages[rows], rl_weights[rows]
@@ -285,6 +294,13 @@ class GRPOTrainer:
                 totals["entropy"] += stats["entropy_sum"]
                 totals["clipped"] += stats["clip_fraction"] * micro.num_tokens
                 totals["lp_reg"] += stats["lp_reg_tokens"]
+                totals["tis"] += stats["tis_weight_sum"]
+                seen = stats["mismatch"]
+                if seen["tokens"]:
+                    mismatch["k3"] += seen["k3"] * seen["tokens"]
+                    mismatch["abs_sum"] += seen["abs_mean"] * seen["tokens"]
+                    mismatch["abs_max"] = max(mismatch["abs_max"], seen["abs_max"])
+                    mismatch["tokens"] += seen["tokens"]
             else:
                 totals["sft"] += stats["sft_loss"] * weight
 
@@ -299,6 +315,12 @@ class GRPOTrainer:
         }
         summary["sft_loss"] = totals["sft"]
         summary["lp_reg_tokens"] = totals["lp_reg"]
+        summary["tis_weight_mean"] = totals["tis"] / tokens if self.config.tis_cap is not None else 0.0
+        compared = max(mismatch["tokens"], 1)
+        summary["mismatch_k3"] = mismatch["k3"] / compared
+        summary["mismatch_abs_mean"] = mismatch["abs_sum"] / compared
+        summary["mismatch_abs_max"] = mismatch["abs_max"]
+        summary["mismatch_tokens"] = mismatch["tokens"]
         if nonfinite_loss is not None:
             return skipped(nonfinite_loss, grad_norm=grad_norm)
         if not applied:
@@ -323,7 +345,7 @@ class GRPOTrainer:
         attention_mask = micro.attention_mask.to(self.device)
         mask = micro.completion_mask.to(self.device)
         advantages = advantages.to(self.device)
-        old_logprobs = micro.old_logprobs.to(self.device)
+        behaviour_logprobs = micro.old_logprobs.to(self.device)
         scores = sequence_scores(
             self.engine,
             input_ids,
@@ -332,6 +354,14 @@ class GRPOTrainer:
             proxy_min_p=config.lp_reg.min_p if config.lp_reg.enabled else None,
         )
         logprobs = scores.logprobs
+        # Every micro-batch of a step runs on the weights before its one update, so the learner's own old
+        # logprobs are this forward's values (`recompute_old_logprobs`), without a second pass.
+        old_logprobs = logprobs.detach() if config.recompute_old_logprobs else behaviour_logprobs
+        same_version = micro.policy_versions == self.policy_version if micro.policy_versions is not None else None
+        compared = mask if same_version is None else mask * same_version.to(self.device).unsqueeze(-1)
+        if micro.hinted is not None:  # sampled in another context: not a measure of the engine
+            compared = compared * (~micro.hinted).to(self.device).unsqueeze(-1)
+        mismatch = logprob_mismatch(logprobs, behaviour_logprobs, compared)
         clip_low, clip_high = hint_clip_ranges(
             micro.hinted,
             clip_low=config.clip_low,
@@ -360,6 +390,11 @@ class GRPOTrainer:
                 low_fraction=config.lp_reg.low_fraction,
             )
             lp_reg_tokens = int(selected.sum())
+        tis_weight_sum = 0.0
+        if config.tis_cap is not None:
+            weights = truncated_importance_weights(logprobs, behaviour_logprobs, config.tis_cap)
+            per_token = per_token * weights
+            tis_weight_sum = float((weights * mask).sum())
         loss = aggregate(per_token, mask, config.aggregation, self.max_length)
         kl_sum = 0.0
         if self.reference is not None:
@@ -373,6 +408,8 @@ class GRPOTrainer:
             "entropy_sum": float((scores.entropy * mask).sum()),
             "clip_fraction": float(masked_mean(clipped.to(per_token.dtype), mask)),
             "lp_reg_tokens": lp_reg_tokens,
+            "tis_weight_sum": tis_weight_sum,
+            "mismatch": mismatch,
         }
 
     def _sft_micro_batch_loss(self, micro: TrainingTensors, weights: Tensor) -> tuple[Tensor, dict[str, float]]:

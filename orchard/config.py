@@ -158,7 +158,8 @@ class MCTSConfig(Section):
         16,
         ge=1,
         le=20,
-        description="Expansion 'prior': next tokens asked of the engine per node (vLLM returns at most 20 logprobs).",
+        description="Expansion 'prior': next tokens asked of the engine per node (vLLM's engines return at most"
+        " rollout.vllm.max_logprobs, raised to this when smaller).",
     )
     lambda_confidence: float = Field(
         1.0,
@@ -233,13 +234,34 @@ class MCTSConfig(Section):
 
 
 class VLLMConfig(Section):
-    """vLLM engine settings (rollout.engine 'vllm'); passed to `vllm.LLM` as named."""
+    """vLLM engine settings (rollout.engine 'vllm', on GPUs or CPUs); passed to `vllm.LLM` as named."""
 
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
         "auto", description="Weight and activation dtype of the engine; 'auto': model.dtype."
     )
     gpu_memory_utilization: float = Field(
-        0.85, gt=0, le=1, description="Share of each engine GPU's memory vLLM may take (weights + KV cache)."
+        0.85,
+        gt=0,
+        le=1,
+        description="Share of each engine GPU's memory vLLM may take (weights + KV cache); on CPUs kv_cache_bytes"
+        " sizes the cache instead.",
+    )
+    kv_cache_bytes: int | None = Field(
+        None,
+        ge=1 << 20,
+        description="KV cache size in bytes; None: on GPUs what gpu_memory_utilization leaves, on CPUs 256 MiB"
+        " (vLLM's CPU build would otherwise reserve a share of host memory).",
+    )
+    block_size: int | None = Field(
+        None,
+        ge=1,
+        description="Tokens per KV-cache block, the unit of prefix caching; None: vLLM's (16 on GPUs, 128 on CPUs).",
+    )
+    max_logprobs: int = Field(
+        20,
+        ge=1,
+        description="Most logprobs a request may ask for (DeepSearch's candidates). Re-scoring cached solutions at a"
+        " temperature other than 1, or with top_p < 1, needs the whole vocabulary: set it to the vocabulary size.",
     )
     tensor_parallel_size: int = Field(1, ge=1, description="GPUs per engine (one bundle of this many GPUs each).")
     enable_prefix_caching: bool = Field(
@@ -428,6 +450,20 @@ class LearnerConfig(Section):
         "k3", description="KL estimator with δ = log π_ref − log π_θ: k1 −δ, k2 ½δ², k3 exp(δ) − δ − 1."
     )
     dynamic_sampling: bool = Field(True, description="DAPO: drop groups whose rewards are all equal.")
+    recompute_old_logprobs: bool = Field(
+        False,
+        description="PPO's old logprobs are the learner's own logprobs of each sample under its weights before the"
+        " step's update (verl's and OpenRLHF's recomputation), not the rollout engine's: the ratio then measures the"
+        " update alone, and what separates engine from learner (other kernels, bf16, staleness, a hint in context)"
+        " is left to tis_cap. One update per batch, so it costs no extra forward pass. Off: the engine's logprobs,"
+        " which agree with the learner's to 1e-6 in float32 on CPUs (bench/rollout_mismatch.py).",
+    )
+    tis_cap: float | None = Field(
+        None,
+        gt=0,
+        description="Truncated importance sampling: each token's loss times min(π_learner / π_behaviour, tis_cap)"
+        " (verl, OpenRLHF and slime use 2); needs recompute_old_logprobs. None: off.",
+    )
     overlong: OverlongConfig = Field(default_factory=OverlongConfig, description="DAPO overlong shaping and filtering.")
     length_penalty: LengthPenaltyConfig = Field(
         default_factory=LengthPenaltyConfig, description="DLER truncation length penalty."
@@ -464,6 +500,14 @@ class LearnerConfig(Section):
                         f"the soft zone L_cache ({cache_length}) must be shorter than L_max ({max_length})",
                     )
                 )
+        if self.tis_cap is not None and not self.recompute_old_logprobs:
+            found.append(
+                (
+                    "tis_cap",
+                    "truncated importance sampling weighs π_learner / π_behaviour, which is 1 unless the old"
+                    " logprobs are the learner's own: set recompute_old_logprobs true, or tis_cap null",
+                )
+            )
         if self.length_penalty.enabled and self.advantage != "lite_ppo":
             found.append(
                 (
@@ -665,8 +709,6 @@ class RunConfig(Section):
 
     @model_validator(mode="after")
     def _gpu_settings_agree(self) -> RunConfig:
-        if self.rollout.engine == "vllm" and self.model.kind != "hf":
-            raise ValueError("rollout.engine 'vllm' needs model.kind 'hf' (a Hugging Face checkpoint at model.path)")
         tensor_parallel = self.rollout.vllm.tensor_parallel_size
         gpus = self.cluster.rollout_gpus_per_worker
         if self.rollout.engine == "vllm" and self.cluster.placement_groups and gpus != tensor_parallel:

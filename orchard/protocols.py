@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 
@@ -38,14 +38,31 @@ class GenerationOutput:
 
 @runtime_checkable
 class Engine(Protocol):
-    """Batched generation with per-token logprobs and in-place weight updates.
+    """Batched generation with per-token logprobs and in-place weight updates (`TorchEngine`,
+    `VLLMEngine`).
 
-    `next_token_logprobs` lists, per prompt, the `top_k` most probable next tokens under `params`'
-    temperature and top-p as `(token id, logprob)`, most probable first, with the logprobs `generate`
-    would report for them (DeepSearch's 'prior' expansion orders a node's children by them).
+    - `generate`: one completion per prompt (token ids), each token with the logprob of the
+      distribution it was sampled from.
+    - `next_token_logprobs`: per prompt, the `top_k` most probable next tokens under `params`'
+      temperature and top-p as `(token id, logprob)`, most probable first, with the logprobs
+      `generate` would report for them (DeepSearch's 'prior' expansion orders a node's children by
+      them).
+    - `token_logprobs`: per `(prompt, completion)`, the logprob `generate` would report for each
+      completion token (re-scoring a cached solution under the current weights).
+    - `load_weights`: become policy `version` (a mapping of tensors, or a weight source with `layout`
+      and `copy_into`); returns the version held, which a weight source may make newer. A refused
+      update raises and leaves the engine serving what it held.
+    - `eos_token_ids` end a completion; `weights_valid` is False while a torn copy left the weights
+      inconsistent; `has_loaded_weights` once any version was loaded; `receives_broadcast`: the
+      engine's own worker processes join the learner's weight broadcast (`join_broadcast`,
+      `receive_broadcast`), instead of taking it through `load_weights`.
     """
 
     policy_version: int
+    eos_token_ids: tuple[int, ...]
+    weights_valid: bool
+    has_loaded_weights: bool
+    receives_broadcast: bool
 
     def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams) -> list[GenerationOutput]: ...
 
@@ -53,7 +70,11 @@ class Engine(Protocol):
         self, prompts: Sequence[Sequence[int]], params: SamplingParams, top_k: int
     ) -> list[list[tuple[int, float]]]: ...
 
-    def load_weights(self, state_dict: Mapping[str, torch.Tensor], version: int) -> None: ...
+    def token_logprobs(
+        self, sequences: Sequence[tuple[Sequence[int], Sequence[int]]], params: SamplingParams
+    ) -> list[list[float]]: ...
+
+    def load_weights(self, state_dict: Mapping[str, torch.Tensor] | Any, version: int) -> int: ...
 
 
 @dataclass(frozen=True)

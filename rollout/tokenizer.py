@@ -91,9 +91,31 @@ class CharTokenizer:
         text_of, size = self._text_of, len(self._text_of)
         return "".join(text_of[i] if 0 <= i < size else REPLACEMENT_CHAR for i in map(int, ids))
 
+    def to_hf(self) -> Any:
+        """The same tokenizer as a `transformers.PreTrainedTokenizerFast`, for tools that read only Hugging
+        Face tokenizers (vLLM, `AutoTokenizer`): a word-level model over single characters, decoded by
+        concatenation. It encodes every string to the same ids and decodes them to the same text:
+        `<pad>`, `<bos>` and `<eos>` are special tokens (skipped with `skip_special_tokens`), and the
+        unknown token is the replacement character itself, an ordinary token."""
+        from tokenizers import Regex, decoders, models, pre_tokenizers
+        from tokenizers import Tokenizer as FastTokenizer
+        from transformers import PreTrainedTokenizerFast
+
+        vocabulary = {token: index for index, token in enumerate(self.SPECIAL_TOKENS[: self.unk_id])}
+        vocabulary[REPLACEMENT_CHAR] = self.unk_id
+        vocabulary.update(self._id_of)
+        fast = FastTokenizer(models.WordLevel(vocab=vocabulary, unk_token=REPLACEMENT_CHAR))
+        fast.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+        fast.decoder = decoders.Fuse()
+        fast.add_special_tokens(["<pad>", "<bos>", "<eos>"])
+        return PreTrainedTokenizerFast(tokenizer_object=fast, pad_token="<pad>", bos_token="<bos>", eos_token="<eos>")
+
     def save_pretrained(self, directory: str | Path) -> None:
+        """Write `orchard_char_tokenizer.json` (what `from_pretrained` reads) and the Hugging Face form
+        (`to_hf`), so that a checkpoint of the tiny model loads in vLLM and `AutoTokenizer` too."""
         path = Path(directory)
         path.mkdir(parents=True, exist_ok=True)
+        self.to_hf().save_pretrained(str(path))
         payload = {
             "format": CHAR_TOKENIZER_FORMAT,
             "kind": "char",

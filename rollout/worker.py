@@ -114,7 +114,7 @@ class RolloutWorkerCore:
         if (
             not isinstance(state_dict, Mapping)
             and self.engine.weights_valid
-            and self.engine._has_loaded_weights
+            and self.engine.has_loaded_weights
             and version <= self.engine.policy_version
         ):
             return {"version": self.engine.policy_version, "seconds": 0.0, "skipped": True}
@@ -139,7 +139,7 @@ class RolloutWorkerCore:
 
         if self._broadcast is not None:
             self._broadcast[0].close()
-        if hasattr(self.engine, "join_broadcast"):
+        if self.engine.receives_broadcast:
             ranks = self.engine.join_broadcast(host, port, first_rank, world_size, timeout_s)
             self._broadcast = (None, tuple(layout), bucket_bytes)
             return ranks
@@ -155,7 +155,7 @@ class RolloutWorkerCore:
         if self._broadcast is None:
             raise RuntimeError(f"rollout worker {self.worker_id} got a broadcast version but joined no broadcast group")
         group, layout, bucket_bytes = self._broadcast
-        if group is None:  # vLLM: its GPU workers receive it themselves
+        if group is None:  # the engine's own worker processes receive it (vLLM on GPUs)
             loaded = self.engine.receive_broadcast(version, layout, bucket_bytes)
         else:
             source = BroadcastSource(group, version, layout, bucket_bytes)
@@ -421,16 +421,14 @@ class RolloutWorkerCore:
         )
 
     def token_logprobs(self, prompt_token_ids: Sequence[int], completion_token_ids: Sequence[int]) -> list[float]:
-        """The current policy's logprob of each completion token at the sampling temperature, as the
-        engine reports them when it samples; re-scores a cached solution before it joins a group
+        """The current policy's logprob of each completion token, as the engine reports them when it
+        samples (`Engine.token_logprobs`); re-scores a cached solution before it joins a group
         (`services.solution_cache.mix_into_group`'s `logprobs_of`)."""
         self._check_weights()
-        ids = torch.tensor([list(prompt_token_ids) + list(completion_token_ids)])
-        with torch.inference_mode():
-            logits = self.engine.logits(ids)[0, len(prompt_token_ids) - 1 : -1]
-        temperature = self.config.temperature if self.config.temperature > 0 else 1.0
-        logprobs = torch.log_softmax(logits / temperature, dim=-1)
-        return logprobs.gather(-1, torch.tensor(list(completion_token_ids))[:, None]).squeeze(-1).tolist()
+        params = SamplingParams(
+            temperature=self.config.temperature, top_p=self.config.top_p, max_new_tokens=self.config.max_new_tokens
+        )
+        return self.engine.token_logprobs([(prompt_token_ids, completion_token_ids)], params)[0]
 
     def ping(self) -> str:
         return self.worker_id
@@ -441,16 +439,25 @@ class RolloutWorkerCore:
 
 
 def build_engine(model_config: ModelConfig, rollout_config: RolloutConfig, tokenizer: Any, *, seed: int) -> Any:
-    """The worker's engine: vLLM (`rollout.engine: vllm`, a Hugging Face checkpoint on GPUs) or the
-    torch engine, on the GPU when this process was given one, else on the CPU."""
+    """The worker's engine: vLLM (`rollout.engine: vllm`) or the torch engine, on the GPU when this
+    process was given one, else on the CPU.
+
+    vLLM starts from a Hugging Face checkpoint directory: `model.path` for kind 'hf'; for kind 'tiny' the
+    model built from its config is written with its tokenizer (in Hugging Face form too) to a
+    temporary directory first. Either way the run's weights arrive through `load_weights` before the
+    first generation."""
     if rollout_config.engine == "vllm":
         from rollout.engines.vllm import VLLMEngine
 
         settings = rollout_config.vllm
+        path = str(model_config.path) if model_config.kind == "hf" else _tiny_checkpoint(model_config, tokenizer)
         return VLLMEngine(
-            str(model_config.path),
+            path,
             dtype=model_config.dtype if settings.dtype == "auto" else settings.dtype,
             gpu_memory_utilization=settings.gpu_memory_utilization,
+            kv_cache_bytes=settings.kv_cache_bytes,
+            block_size=settings.block_size,
+            max_logprobs=max(settings.max_logprobs, rollout_config.mcts.prior_top_k),
             tensor_parallel_size=settings.tensor_parallel_size,
             enable_prefix_caching=settings.enable_prefix_caching,
             max_model_len=settings.max_model_len,
@@ -460,6 +467,20 @@ def build_engine(model_config: ModelConfig, rollout_config: RolloutConfig, token
         )
     device = "cuda" if torch.cuda.is_available() else "cpu"
     return TorchEngine(build_model(model_config, tokenizer), tokenizer, device=device)
+
+
+def _tiny_checkpoint(model_config: ModelConfig, tokenizer: Any) -> str:
+    """A Hugging Face checkpoint of the tiny model of `model_config` in a directory removed at exit."""
+    import atexit
+    import shutil
+    import tempfile
+
+    from rollout.model import save_model
+
+    directory = tempfile.mkdtemp(prefix="orchard-tiny-model-")
+    atexit.register(shutil.rmtree, directory, ignore_errors=True)
+    save_model(build_model(model_config, tokenizer), tokenizer, directory)
+    return directory
 
 
 #: The Ray actor. Restarts are the driver's decision, so the actor itself does not auto-restart.

@@ -69,6 +69,11 @@ LEARNER_OPTION_STATS = (
     "lp_reg_tokens",
     "masked_truncated",
     "tree_sequences",
+    "mismatch_k3",
+    "mismatch_abs_mean",
+    "mismatch_abs_max",
+    "mismatch_tokens",
+    "tis_weight_mean",
 )
 
 
@@ -815,6 +820,9 @@ class Driver:
             reward_by_distribution=record["reward_by_distribution"],
             staleness=staleness,
             learner_idle_fraction=record["learner_idle_fraction"],
+            mismatch=(result.get("mismatch_k3", 0.0), result.get("mismatch_abs_mean", 0.0))
+            if result.get("mismatch_tokens")
+            else None,
         )
         self.metrics.observe_buffer(self.buffer.ready_count(), self.buffer.pending_count())
 

@@ -77,7 +77,7 @@ class LearnerCore:
         from rollout.model import build_model
         from rollout.tokenizer import load_tokenizer
 
-        tokenizer = load_tokenizer(config.model)
+        self.tokenizer = tokenizer = load_tokenizer(config.model)
         model = build_model(config.model, tokenizer)
         model.load_state_dict(numpy_to_state_dict(initial_weights), strict=False)
         temperature = config.rollout.temperature if config.rollout.temperature > 0 else 1.0
@@ -90,7 +90,7 @@ class LearnerCore:
             max_length=config.rollout.max_new_tokens,
             solution_tokens=lambda solution: tokenizer.encode(solution) + [tokenizer.eos_id],
         )
-        self.version = initial_version
+        self.version = self.trainer.policy_version = initial_version
         self.weight_transport_setting = config.weight_sync.transport
         self._weight_sync_settings = config.weight_sync
         self._num_readers = config.rollout.num_workers + 1
@@ -232,11 +232,13 @@ class LearnerCore:
     @collective
     def save_checkpoint(self, path: str) -> str:
         """DeepSpeed state (weights, optimizer, counters; every rank writes its shards) under `path`, the
-        policy as a Hugging Face model under `path/model` (loadable with `from_pretrained`, rank 0)."""
+        policy as a Hugging Face model with its tokenizer under `path/model` (rank 0): loadable with
+        `from_pretrained`, by vLLM, and as `model: {kind: hf, path: .../model}`."""
         self.trainer.save_checkpoint(path)
         weights = self.trainer.export_weights()
         if self.rank == 0:
             self.trainer.engine.module.save_pretrained(f"{path}/model", state_dict=weights)
+            self.tokenizer.save_pretrained(f"{path}/model")
         return path
 
     @collective

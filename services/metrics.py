@@ -52,6 +52,14 @@ class RunMetrics:
         self.entropy = Gauge(
             "orchard_entropy", "Mean token entropy of the policy on the latest batch.", registry=registry
         )
+        self.logprob_mismatch = Gauge(
+            "orchard_rollout_logprob_mismatch",
+            "Rollout engine against learner, same weights, at the latest step: 'k3' estimates"
+            " KL(engine ‖ learner) per token, 'abs_mean' is the mean |Δ logprob| (tokens the learner's own"
+            " version sampled; NaN before any).",
+            ["statistic"],
+            registry=registry,
+        )
         self.reward_mean = Gauge(
             "orchard_reward_mean",
             "Mean reward of the latest batch, per distribution.",
@@ -208,8 +216,10 @@ class RunMetrics:
         reward_by_distribution: Mapping[str, float],
         staleness: Iterable[int],
         learner_idle_fraction: float,
+        mismatch: tuple[float, float] | None = None,
     ) -> None:
-        """One learner step's figures, as the driver recorded them in `metrics.jsonl`."""
+        """One learner step's figures, as the driver recorded them in `metrics.jsonl`; `mismatch` is
+        (k3, mean |Δ logprob|) when the step compared any tokens."""
         self.learner_step.set(step)
         self.policy_version.set(policy_version)
         self.learner_step_seconds.observe(seconds)
@@ -221,6 +231,9 @@ class RunMetrics:
         for value in staleness:
             self.sample_staleness.observe(value)
         self.learner_idle_fraction.set(learner_idle_fraction)
+        if mismatch is not None:
+            self.logprob_mismatch.labels(statistic="k3").set(mismatch[0])
+            self.logprob_mismatch.labels(statistic="abs_mean").set(mismatch[1])
 
     def observe_search(self, *, nodes_expanded: int, tokens: int, solved: int, unsolved: int) -> None:
         """One tree-search call: its cost and how many of its prompts it solved."""

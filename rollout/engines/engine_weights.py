@@ -72,7 +72,7 @@ class EngineWeights:
         tensors become read-only views of the pinned version (`_load_pinned`), which the writer
         leaves alone until the engine loads another version and releases it.
         """
-        if version < self.policy_version or (version == self.policy_version and self._has_loaded_weights):
+        if version < self.policy_version or (version == self.policy_version and self.has_loaded_weights):
             raise ValueError(
                 f"load_weights got version {version}, but the engine already holds policy version "
                 f"{self.policy_version}; every update must carry a larger version"
@@ -127,7 +127,7 @@ class EngineWeights:
                 if loaded is not None:
                     self.weights_valid = True
                     self.policy_version = loaded
-                    self._has_loaded_weights = True
+                    self.has_loaded_weights = True
                     return loaded
             self._own_parameters()
             shared = self._share_fused_storage()
@@ -142,7 +142,7 @@ class EngineWeights:
                 self.refresh()
         self.weights_valid = True
         self.policy_version = loaded
-        self._has_loaded_weights = True
+        self.has_loaded_weights = True
         return loaded
 
     def _load_pinned(self, source: Any, updates: Mapping[str, str]) -> int | None:

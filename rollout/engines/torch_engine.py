@@ -86,7 +86,9 @@ class TorchEngine(EngineWeights):
         self.max_batch_size = max_batch_size
         self.eos_token_ids = (tokenizer.eos_id,) if eos_token_ids is None else tuple(eos_token_ids)
         self.policy_version = policy_version
-        self._has_loaded_weights = False
+        self.has_loaded_weights = False
+        #: Broadcast weights arrive through `load_weights` (a weight source), never by the engine itself.
+        self.receives_broadcast = False
         self._read_geometry(model.config)
         self._parameters = dict(self.model.named_parameters(remove_duplicate=False))
         # Tied embeddings appear in `state_dict()` as `lm_head.weight` too; accept either name.
@@ -342,6 +344,27 @@ class TorchEngine(EngineWeights):
         positions = (valid.long().cumsum(-1) - 1).clamp(min=0)
         hidden = self._forward(token_ids, positions, _prefill_mask(valid), self._new_cache(batch, length), 0)
         return F.linear(hidden, self._lm_head).float()
+
+    @torch.inference_mode()
+    def token_logprobs(
+        self, sequences: Sequence[tuple[Sequence[int], Sequence[int]]], params: SamplingParams
+    ) -> list[list[float]]:
+        """Per `(prompt, completion)`, the logprob `generate` reports under `params` for each completion
+        token: `log_softmax(logits / T)` of the full distribution (T = 1 when greedy; top-p only limits
+        what is drawn), from one forward of `prompt + completion` per batch of sequences."""
+        validate_params(params)
+        temperature = params.temperature if params.temperature > 0 else 1.0
+        answers: list[list[float]] = []
+        for first in range(0, len(sequences), self.max_batch_size):
+            chunk = [(list(map(int, p)), list(map(int, c))) for p, c in sequences[first : first + self.max_batch_size]]
+            token_ids, pad_counts, valid = self._left_pad([prompt + completion for prompt, completion in chunk])
+            logprobs = F.log_softmax(self.logits(token_ids, valid) / temperature, -1)
+            width = token_ids.shape[1]
+            for row, (_, completion) in enumerate(chunk):
+                start = width - len(completion)  # left padding: the completion ends the row
+                targets = token_ids[row, start:, None]
+                answers.append(logprobs[row, start - 1 : width - 1].gather(-1, targets).squeeze(-1).tolist())
+        return answers
 
     # -------------------------------------------------------------------------------------- generation
 

@@ -59,6 +59,12 @@ def train_one_and_two_ranks(tmp_path, *, gpus: int) -> None:
 
         path = ray.get(learners[2][0].save_checkpoint.remote(str(tmp_path / "step-2")))
         assert (tmp_path / "step-2" / "model" / "config.json").is_file()
+        # the checkpoint's model is a whole Hugging Face checkpoint: a run (or vLLM) can start from it
+        from orchard.config import ModelConfig
+        from rollout.model import load_model_and_tokenizer
+
+        model, _ = load_model_and_tokenizer(ModelConfig(kind="hf", path=str(tmp_path / "step-2" / "model")))
+        assert sum(p.numel() for p in model.parameters()) > 0
         assert ray.get(learners[2][0].load_checkpoint.remote(path)) == 2
     finally:
         for rank0, peers in learners.values():

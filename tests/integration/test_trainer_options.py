@@ -286,3 +286,54 @@ def test_each_recipe_trains(recipe):
     assert not result.skipped and math.isfinite(result.loss)
     assert changed(before, weights(trainer)) > 0
     assert result.sft_groups == (1 if config.learner.hpt.enabled else 0)
+
+
+# ------------------------------------------------------------------------------------------ rollout correction
+
+
+def on_policy_group(trainer: GRPOTrainer, name: str = "on-policy", *, shift: float = 0.0) -> Group:
+    """`signal_group` whose behaviour logprobs are the trainer's own for its current weights, plus `shift`."""
+    built = signal_group(name)
+    from learner.batching import build_training_tensors
+
+    tensors = build_training_tensors([built], TOKENIZER.pad_id)
+    with torch.no_grad():
+        own, _ = sequence_logprobs(trainer.engine.module, tensors.input_ids, tensors.attention_mask, TEMPERATURE)
+    prompt_length = len(built.prompt_token_ids)
+    for row, item in enumerate(built.completions):
+        values = own[row, prompt_length : prompt_length + len(item.token_ids)]
+        item.logprobs = [float(value) + shift for value in values]
+        item.policy_version = trainer.policy_version
+    return built
+
+
+def test_the_mismatch_of_behaviour_and_learner_logprobs_is_measured_on_the_learners_own_version():
+    trainer = make_trainer()
+    result = trainer.train_step([on_policy_group(trainer)])
+    assert result.mismatch_tokens == 8 and result.mismatch_abs_max < 1e-5 and result.mismatch_k3 < 1e-10
+
+    shifted = on_policy_group(trainer, shift=-0.1)  # the engine thought every token 10 % less likely
+    stale = signal_group("stale")  # behaviour logprobs of version 0, two versions ago: not compared
+    result = trainer.train_step([shifted, stale])
+    assert result.mismatch_tokens == 8
+    assert result.mismatch_abs_mean == pytest.approx(0.1, abs=1e-4)
+    assert result.mismatch_k3 == pytest.approx(math.exp(0.1) - 0.1 - 1, rel=1e-3)
+
+
+def test_recomputed_old_logprobs_make_the_ratio_one_and_tis_weighs_the_behaviour():
+    plain, recomputed, corrected = (
+        make_trainer(),
+        make_trainer(recompute_old_logprobs=True),
+        make_trainer(recompute_old_logprobs=True, tis_cap=2.0),
+    )
+    # behaviour logprobs of -2.0 per token, far from the learner's: the plain ratio clips, the recomputed one is 1
+    plain_result = plain.train_step([signal_group()])
+    recomputed_result = recomputed.train_step([signal_group()])
+    corrected_result = corrected.train_step([signal_group()])
+    assert plain_result.clip_fraction > 0.3
+    assert recomputed_result.clip_fraction == 0.0 and corrected_result.clip_fraction == 0.0
+    assert recomputed_result.tis_weight_mean == 0.0  # off
+    # π_learner / π_behaviour = exp(log π + 2) > 1 for tokens the learner finds likelier than e^-2 ≈ 0.135
+    assert 0 < corrected_result.tis_weight_mean <= 2.0
+    assert corrected_result.loss != pytest.approx(recomputed_result.loss)
+    assert changed(weights(recomputed), weights(corrected)) > 0

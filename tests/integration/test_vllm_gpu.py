@@ -1,4 +1,8 @@
-"""vLLM itself, on a GPU, where it is installed (`pip install .[gpu]`): skipped otherwise."""
+"""vLLM on a GPU (`pip install .[gpu]`, bfloat16, its own engine processes): skipped without a CUDA GPU.
+
+The same engine runs for real on CPUs in every test run (tests/integration/test_vllm_engine.py); this
+checks what only a GPU has: bf16 kernels and the multi-process engine that loads weights through
+`collective_rpc` into its worker processes."""
 
 from __future__ import annotations
 

