@@ -213,6 +213,7 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads, the same for both")
     parser.add_argument("--skip-large", action="store_true", help="only the demo-sized model")
+    parser.add_argument("--only-large", action="store_true", help="only the larger model")
     parser.add_argument("--no-vllm", action="store_true", help="leave vLLM's CPU engine out")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -240,7 +241,7 @@ def main() -> None:
         "| ------------------------------------- | -------------------- | ------------------- |"
     )
     for name, tiny in CONFIGS.items():
-        if args.skip_large and name.startswith("large"):
+        if (args.skip_large and name.startswith("large")) or (args.only_large and not name.startswith("large")):
             continue
         bench_config(name, tiny, args)
 

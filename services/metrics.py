@@ -60,6 +60,8 @@ class RunMetrics:
             ["statistic"],
             registry=registry,
         )
+        for statistic in ("k3", "abs_mean"):
+            self.logprob_mismatch.labels(statistic=statistic).set(math.nan)
         self.reward_mean = Gauge(
             "orchard_reward_mean",
             "Mean reward of the latest batch, per distribution.",

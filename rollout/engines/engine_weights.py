@@ -100,7 +100,7 @@ class EngineWeights:
             if source is not None:
                 tensor, shape, dtype = None, tuple(value.shape), value.torch_dtype
             else:
-                tensor = _read_only_tensor(value) if isinstance(value, np.ndarray) else value
+                tensor = read_only_tensor(value) if isinstance(value, np.ndarray) else value
                 if not isinstance(tensor, torch.Tensor):
                     problems.append(f"{name!r} is a {type(value).__name__}, not a tensor or numpy array")
                     continue
@@ -109,7 +109,7 @@ class EngineWeights:
             if shape != expected:
                 problems.append(f"{name!r} has shape {shape}, the model's is {expected}")
                 continue
-            if not (dtype.is_floating_point and (tensor is None or _all_finite(tensor))):
+            if not (dtype.is_floating_point and (tensor is None or all_finite(tensor))):
                 problems.append(f"{name!r} holds non-finite values or is not floating point ({dtype})")
                 continue
             seen.add(target_name)
@@ -291,14 +291,14 @@ _SHAREABLE_FIELDS = (
 )
 
 
-def _all_finite(tensor: torch.Tensor) -> bool:
+def all_finite(tensor: torch.Tensor) -> bool:
     """No NaN or inf in `tensor`. A sum is finite unless an element is not, or the sum overflows, which
     the exact check then settles; much cheaper than `isfinite(tensor).all()` on large tensors."""
     total = tensor.sum(dtype=torch.float32) if tensor.dtype in (torch.float16, torch.bfloat16) else tensor.sum()
     return bool(torch.isfinite(total)) or bool(torch.isfinite(tensor).all())
 
 
-def _read_only_tensor(array: np.ndarray) -> torch.Tensor:
+def read_only_tensor(array: np.ndarray) -> torch.Tensor:
     """A tensor sharing `array`'s memory, which is only read (copied into the model).
 
     Arrays from Ray's object store are read-only; torch warns about those, needlessly here.

@@ -47,6 +47,7 @@ import numpy as np
 import torch
 
 from orchard.protocols import GenerationOutput, SamplingParams
+from rollout.engines.engine_weights import all_finite, read_only_tensor
 from rollout.engines.sampling import validate_params
 
 #: vLLM's finish reasons and ours ("abort" and others mean the request did not finish normally).
@@ -264,12 +265,12 @@ def named_tensors(state_dict: Mapping[str, Any]) -> list[tuple[str, torch.Tensor
     finite floating-point tensor (a refused update must leave the engine unchanged)."""
     named, problems = [], []
     for name, value in state_dict.items():
-        tensor = torch.from_numpy(np.asarray(value)) if isinstance(value, np.ndarray) else value
+        tensor = read_only_tensor(value) if isinstance(value, np.ndarray) else value
         if not isinstance(tensor, torch.Tensor):
             problems.append(f"{name!r} is a {type(value).__name__}, not a tensor or numpy array")
         elif not tensor.dtype.is_floating_point:
             problems.append(f"{name!r} is {tensor.dtype}, not floating point")
-        elif not bool(torch.isfinite(tensor).all()):
+        elif not all_finite(tensor):
             problems.append(f"{name!r} holds non-finite values")
         else:
             named.append((name, tensor))
@@ -372,8 +373,8 @@ class VLLMEngine:
         max_logprobs: int = 20,
     ) -> None:
         """`eos_token_ids`: the tokens that end a completion; None: the checkpoint's eos (vLLM reads it from
-        the tokenizer and generation config); `()` for none (every completion runs to `max_new_tokens` or a stop string, as in benchmarks).
-        `kv_cache_bytes`: the KV cache's size (on a CPU: `DEFAULT_CPU_KV_CACHE_BYTES` when None; on a
+        the tokenizer and generation config); `()` for none (every completion runs to `max_new_tokens` or
+        a stop string, as in benchmarks). `kv_cache_bytes`: the KV cache's size (on a CPU: `DEFAULT_CPU_KV_CACHE_BYTES` when None; on a
         GPU None means `gpu_memory_utilization` of its memory). `max_logprobs`: the most logprobs a
         request may ask for (DeepSearch's candidates; re-scoring at a temperature other than 1 asks for
         the whole vocabulary and raises it to the vocabulary size)."""

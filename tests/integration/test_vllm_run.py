@@ -16,6 +16,7 @@ VLLM = [
     "model.tiny.num_heads=2",
     "model.tiny.num_kv_heads=1",
     "rollout.vllm.max_logprobs=100",
+    "rollout.vllm.enforce_eager=true",
     "eval.every_steps=3",
     "eval.num_prompts=2",
 ]
@@ -38,11 +39,11 @@ def test_a_run_on_vllm_trains_searches_and_rescores_with_the_learners_weights(
     assert summary["state"] == "finished" and summary["steps"] == 8
     records = run_dir.read_metrics()
 
-    # every version the learner published reached the engine, in order (a shared-memory load may skip
-    # ahead to a newer one), and the last one before the run ended
-    versions = [version for worker, version in confirmed if worker == "worker-0"]
-    assert versions == sorted(versions) and len(set(versions)) >= 6
-    assert versions[-1] >= records[-1]["policy_version"] - 1
+    # the versions the learner published reached the engine as it trained (replies to successive loads
+    # may arrive out of order, and a shared-memory load may skip ahead to a newer version), the newest
+    # before the run ended
+    versions = {version for worker, version in confirmed if worker == "worker-0"}
+    assert len(versions) >= 6 and max(versions) >= records[-1]["policy_version"] - 1
 
     # the engine sampled with the learner's weights: on the tokens of the learner's own version its
     # logprobs agree with the learner's forward (float32 both)
@@ -51,7 +52,7 @@ def test_a_run_on_vllm_trains_searches_and_rescores_with_the_learners_weights(
     assert max(r["mismatch_abs_max"] for r in compared) < 1e-3
 
     # held-out evaluation ran on the vLLM worker
-    assert [r["step"] for r in records if "eval_accuracy" in r] == [3, 6]
+    assert [r["step"] for r in records if r.get("eval_accuracy") is not None] == [3, 6]
 
     # DeepSearch on vLLM: searched, solved, cached and re-scored solutions mixed into groups
     found = summary["deepsearch"]

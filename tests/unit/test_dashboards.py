@@ -254,6 +254,7 @@ def populated_metrics() -> RunMetrics:
         reward_by_distribution={"addition/easy": 0.0, "sorting/easy": 0.5},
         staleness=[0, 1],
         learner_idle_fraction=0.3,
+        mismatch=(1.6e-13, 3.8e-7),
     )
     metrics.observe_eval(0.25)
     return metrics

@@ -30,6 +30,8 @@ def test_the_math_recipe_asks_for_the_gpu_path():
     assert config.cluster.placement_groups
     assert config.cluster.rollout_gpus_per_worker == config.rollout.vllm.tensor_parallel_size == 1
     assert config.warmstart.steps == 0
+    # bf16 engines: the learner's own old logprobs, the engine's samples weighed by truncated importance sampling
+    assert config.learner.recompute_old_logprobs and config.learner.tis_cap == 2.0
 
 
 def test_the_example_dataset_reads_with_several_distributions():
@@ -42,6 +44,7 @@ def test_the_example_dataset_reads_with_several_distributions():
     ("overrides", "words"),
     [
         (["rollout.vllm.kv_cache_bytes=1000"], "rollout.vllm.kv_cache_bytes"),
+        (["learner.recompute_old_logprobs=false"], "learner.tis_cap: truncated importance sampling"),
         (["rollout.vllm.tensor_parallel_size=2"], "must equal rollout.vllm.tensor_parallel_size"),
         (["weight_sync.transport=ucx"], "weight_sync.transport"),
         (["cluster.learner_gpus=2"], "cluster.learner_gpus"),

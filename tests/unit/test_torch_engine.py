@@ -267,6 +267,18 @@ def test_next_token_logprobs_are_the_most_probable_tokens_of_a_full_forward(mode
         engine.next_token_logprobs([[]], params, top_k=5)
 
 
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_token_logprobs_rescore_completions_as_generate_reports_them(model, prompts, tokenizer, temperature):
+    """Re-scoring (a cached solution) gives each completion token the logprob generate reported when it
+    sampled it, for prompts and completions of different lengths in one batch."""
+    engine = TorchEngine(model, tokenizer)
+    params = SamplingParams(temperature=temperature, max_new_tokens=7, seed=4)
+    outputs = engine.generate(prompts, params)
+    scored = engine.token_logprobs([(p, o.token_ids) for p, o in zip(prompts, outputs, strict=True)], params)
+    for output, values in zip(outputs, scored, strict=True):
+        torch.testing.assert_close(torch.tensor(values), torch.tensor(output.logprobs), atol=ATOL, rtol=0)
+
+
 # --------------------------------------------------------------------------- (d) finishing and stops
 
 
