@@ -52,6 +52,7 @@ bench: $(STAMP) system-deps
 	$(BIN)/python bench/buffer.py
 	$(BIN)/python bench/weight_sync.py
 	$(BIN)/python bench/engine.py
+	$(BIN)/python bench/rollout_mismatch.py
 	$(BIN)/python bench/async_vs_sync.py
 	$(BIN)/python bench/weight_broadcast.py
 	$(BIN)/python bench/simulate.py
