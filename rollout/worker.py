@@ -443,8 +443,8 @@ def build_engine(model_config: ModelConfig, rollout_config: RolloutConfig, token
     process was given one, else on the CPU.
 
     vLLM starts from a Hugging Face checkpoint directory: `model.path` for kind 'hf'; for kind 'tiny' the
-    model built from its config is written with its tokenizer (in Hugging Face form too) to a
-    temporary directory first. Either way the run's weights arrive through `load_weights` before the
+    model built from its config, written once with its tokenizer (in Hugging Face form too) to a cache
+    directory (`_tiny_checkpoint`). Either way the run's weights arrive through `load_weights` before the
     first generation."""
     if rollout_config.engine == "vllm":
         from rollout.engines.vllm import VLLMEngine
@@ -470,17 +470,31 @@ def build_engine(model_config: ModelConfig, rollout_config: RolloutConfig, token
 
 
 def _tiny_checkpoint(model_config: ModelConfig, tokenizer: Any) -> str:
-    """A Hugging Face checkpoint of the tiny model of `model_config` in a directory removed at exit."""
-    import atexit
+    """A Hugging Face checkpoint of the tiny model of `model_config` for vLLM to start from, kept under
+    `$ORCHARD_CACHE` (default `~/.cache/orchard`) by the hash of the config and reused: its weights are
+    only a placeholder until the run's first `load_weights`. Written to a temporary directory and
+    renamed into place, so workers starting together never read a half-written one."""
+    import hashlib
+    import json
+    import os
     import shutil
     import tempfile
+    from pathlib import Path
 
     from rollout.model import save_model
 
-    directory = tempfile.mkdtemp(prefix="orchard-tiny-model-")
-    atexit.register(shutil.rmtree, directory, ignore_errors=True)
-    save_model(build_model(model_config, tokenizer), tokenizer, directory)
-    return directory
+    key = hashlib.sha256(json.dumps(model_config.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()[:16]
+    root = Path(os.environ.get("ORCHARD_CACHE", Path.home() / ".cache" / "orchard")) / "engine-checkpoints"
+    directory = root / key
+    if not (directory / "config.json").is_file():
+        root.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=root))
+        save_model(build_model(model_config, tokenizer), tokenizer, staging)
+        try:
+            staging.rename(directory)
+        except OSError:  # another worker got there first
+            shutil.rmtree(staging, ignore_errors=True)
+    return str(directory)
 
 
 #: The Ray actor. Restarts are the driver's decision, so the actor itself does not auto-restart.

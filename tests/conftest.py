@@ -22,12 +22,14 @@ def pytest_collection_modifyitems(config, items):
 
 
 @pytest.fixture(scope="session")
-def ray_local():
+def ray_local(tmp_path_factory):
     """A real local Ray for the whole session (Ray's own tests do the same)."""
     import ray
 
     # Actors import test helpers (e.g. a user verifier given by dotted path) from the repository.
     os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
+    # What actors cache (e.g. the checkpoints vLLM engines start from) stays out of the user's cache.
+    os.environ["ORCHARD_CACHE"] = str(tmp_path_factory.mktemp("orchard-cache"))
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, configure_logging=False)
     yield ray
     ray.shutdown()
