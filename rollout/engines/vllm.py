@@ -23,10 +23,11 @@ https://docs.vllm.ai/en/v0.32.0/configuration/engine_args/):
 - `SamplingParams(prompt_logprobs=k)`: logprobs of each prompt token under the raw distribution
   (before temperature); `token_logprobs` re-scores a completion as the prompt of a one-token request.
 - In-place weight updates through a worker extension (`worker_extension_cls`, called with
-  `LLM.collective_rpc(method, args=...)` on every worker), whose methods call the model's own
-  `load_weights(weights=iterable of (name, tensor))`, as in vLLM's RLHF examples
-  (examples/offline_inference/rlhf.py); `LLM.reset_prefix_cache()` afterwards, since cached
-  prefixes hold the old weights' keys and values.
+  `LLM.collective_rpc(method, args=...)` on every worker, as in vLLM's RLHF examples,
+  examples/offline_inference/rlhf.py), whose methods hand `(name, tensor)` pairs to the worker's
+  `reload_weights(weights_iterator=...)` (vLLM's in-place reload, which processes each layer again
+  after loading); `LLM.reset_prefix_cache()` afterwards, since cached prefixes hold the old
+  weights' keys and values.
 
 vLLM is imported only when an engine is built, so this module imports without it; the conversions
 between our records and vLLM's (`request_plan`, `sampling_params_kwargs`,
@@ -219,15 +220,14 @@ def completion_logprobs_from_prompt_logprobs(
     tempered, truncated to the top-p nucleus and renormalised, as vLLM's `processed_logprobs`.
     """
     positions = request_output.prompt_logprobs
-    first = prompt_length
-    if positions is None or len(positions) < first + len(completion):
+    if positions is None or len(positions) < prompt_length + len(completion):
         raise ValueError(
             f"vLLM request {request_output.request_id} returned no prompt logprobs for the completion; "
             "re-scoring needs SamplingParams(prompt_logprobs=...)"
         )
     logprobs = []
     for offset, token in enumerate(completion):
-        entries = positions[first + offset]
+        entries = positions[prompt_length + offset]
         if not needs_full_distribution(params):
             entry = entries.get(int(token)) if entries is not None else None
             if entry is None:
@@ -374,10 +374,10 @@ class VLLMEngine:
     ) -> None:
         """`eos_token_ids`: the tokens that end a completion; None: the checkpoint's eos (vLLM reads it from
         the tokenizer and generation config); `()` for none (every completion runs to `max_new_tokens` or
-        a stop string, as in benchmarks). `kv_cache_bytes`: the KV cache's size (on a CPU: `DEFAULT_CPU_KV_CACHE_BYTES` when None; on a
-        GPU None means `gpu_memory_utilization` of its memory). `max_logprobs`: the most logprobs a
-        request may ask for (DeepSearch's candidates; re-scoring at a temperature other than 1 asks for
-        the whole vocabulary and raises it to the vocabulary size)."""
+        a stop string, as in benchmarks). `kv_cache_bytes`: the KV cache's size (on a CPU
+        `DEFAULT_CPU_KV_CACHE_BYTES` when None; on a GPU None means `gpu_memory_utilization` of its
+        memory). `max_logprobs`: the most logprobs a request may ask for (DeepSearch's candidates;
+        re-scoring at a temperature other than 1, or with top-p, needs the whole vocabulary)."""
         self.in_process = on_cpu()
         if self.in_process:
             check_cpu_head_size(model_path)
