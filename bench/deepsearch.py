@@ -56,8 +56,9 @@ import torch
 
 from orchard.config import load_config
 from orchard.records import Prompt
+from rollout.prompts import encode_prompt
 from rollout.strategies.tree_search import SearchSettings, TreeSearch, run_searches
-from rollout.worker import RolloutResult, RolloutWorkerCore, encode_prompt
+from rollout.worker import RolloutResult, RolloutWorkerCore
 from services.cluster import connect_ray
 from services.driver import Driver
 from services.run_dir import RunDirectory

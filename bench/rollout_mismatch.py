@@ -27,8 +27,8 @@ from orchard.config import DEMO_CONFIG, load_config
 from orchard.protocols import SamplingParams
 from rollout.engines.torch_engine import TorchEngine
 from rollout.model import DTYPES, build_model, save_model
+from rollout.prompts import encode_prompt
 from rollout.tokenizer import load_tokenizer
-from rollout.worker import encode_prompt
 from services.warmstart import warm_start
 from verifiers.sources import PromptPool
 

@@ -127,6 +127,27 @@ def command_client(args: argparse.Namespace) -> int:
     return 0
 
 
+def command_samples(args: argparse.Namespace) -> int:
+    """The latest rollouts of a run as the model saw them (runs/<id>/samples.jsonl)."""
+    from services.run_dir import read_jsonl
+    from services.samples import format_samples
+
+    path = Path(args.run_dir) / "samples.jsonl"
+    if not (Path(args.run_dir) / "config.yaml").is_file():
+        print(f"orchard: {args.run_dir} is not a run directory (no config.yaml)", file=sys.stderr)
+        return EXIT_BAD_CONFIG
+    records = read_jsonl(path)
+    if not records:
+        print(f"orchard: {path} holds no samples yet (they are written at every evaluation)", file=sys.stderr)
+        return EXIT_FAILED
+    latest = records[-args.count :] if args.count > 0 else records
+    if args.json:
+        print("\n".join(json.dumps(record) for record in latest))
+    else:
+        print(format_samples(latest))
+    return 0
+
+
 def command_check(args: argparse.Namespace) -> int:
     print(dump_config(_load(args)), end="")
     return 0
@@ -165,6 +186,12 @@ def build_parser() -> argparse.ArgumentParser:
         client.add_argument("--token", help="bearer token (default: $ORCHARD_TOKEN)")
         client.add_argument("--json", action="store_true", help="print the JSON answer")
         client.set_defaults(handler=command_client)
+
+    samples = commands.add_parser("samples", help="show a run's latest rollouts as the model saw them")
+    samples.add_argument("run_dir", metavar="RUN_DIR", help="the run's directory (runs/<id>)")
+    samples.add_argument("-n", "--count", type=int, default=4, help="how many of the latest (0: all)")
+    samples.add_argument("--json", action="store_true", help="one JSON record per line")
+    samples.set_defaults(handler=command_samples)
 
     check = commands.add_parser("check", help="validate a config and print the resolved one")
     check.add_argument("config", help="YAML config")

@@ -75,24 +75,121 @@ class ProceduralSource(Section):
     weight: float = Field(1.0, gt=0, description="Relative weight of this source when prompts are drawn.")
 
 
-class JsonlSource(Section):
-    kind: Literal["jsonl"] = "jsonl"
-    path: str = Field(..., description="JSONL file with fields prompt, answer, distribution.")
+class FieldMapping(Section):
+    """Where a record's parts are, by dotted path into the record (`reward_model.ground_truth`). A list
+    tries each path in turn; the defaults read Orchard's own layout and verl's preprocessed one
+    (`prompt` as chat messages, `reward_model.ground_truth`, `data_source`)."""
+
+    prompt: str | list[str] = Field(
+        "prompt", description="The prompt: a string, or a list of {role, content} chat messages."
+    )
+    answer: str | list[str] = Field(
+        ["answer", "reward_model.ground_truth"], description="The reference answer the verifier checks against."
+    )
+    distribution: str | list[str] | None = Field(
+        ["distribution", "data_source"],
+        description="The distribution (curriculum arm) of the record; None or absent: the file's name.",
+    )
+    solution: str | list[str] | None = Field(
+        "solution", description="Optional reference solution written as the model should write it (HPT)."
+    )
+    hints: str | list[str] | None = Field("hints", description="Optional list of hints, abstract to concrete.")
+    id: str | list[str] | None = Field("id", description="Optional unique id; absent: file name and row.")
+
+    def paths(self, part: str) -> list[str]:
+        """The dotted paths tried for `part`, in order (empty when the part is not mapped)."""
+        value = getattr(self, part)
+        if value is None:
+            return []
+        return [value] if isinstance(value, str) else list(value)
+
+
+class TableSource(Section):
+    """What every file-backed source shares: its verifier, weight, limits, handling of bad rows and
+    field mapping."""
+
     verifier: str = Field("math", description="Verifier name or dotted path `module:callable`.")
     weight: float = Field(1.0, gt=0, description="Relative weight of this source when prompts are drawn.")
     on_bad_line: Literal["skip", "error"] = Field(
-        "skip", description="A malformed or oversized line: 'skip' it (reported as file:line) or stop with an 'error'."
+        "skip",
+        description="A malformed or oversized row: 'skip' it (reported as file:row with the reason) or stop with"
+        " an 'error'.",
     )
-    max_prompt_chars: int = Field(32_000, ge=1, description="Longest prompt accepted from the file.")
-    max_answer_chars: int = Field(4_000, ge=1, description="Longest answer accepted from the file.")
+    max_prompt_chars: int = Field(32_000, ge=1, description="Longest prompt accepted (all messages together).")
+    max_answer_chars: int = Field(4_000, ge=1, description="Longest answer accepted.")
+    fields: FieldMapping = Field(default_factory=FieldMapping, description="Where each part of a record is.")
+
+
+class JsonlSource(TableSource):
+    kind: Literal["jsonl"] = "jsonl"
+    path: str = Field(..., description="JSONL file, one record per line (fields: see `fields`).")
+
+
+class ParquetSource(TableSource):
+    kind: Literal["parquet"] = "parquet"
+    path: str = Field(..., description="A Parquet file, or a directory whose *.parquet files are read in name order.")
+
+
+class HFDatasetSource(TableSource):
+    kind: Literal["hf_dataset"] = "hf_dataset"
+    path: str = Field(..., description="A Hugging Face dataset written by `save_to_disk` (a Dataset or DatasetDict).")
+    split: str | None = Field("train", description="The split of a DatasetDict; None for a single Dataset.")
+
+
+class ReasoningGymDataset(Section):
+    """One reasoning-gym generator: one distribution of the curricula."""
+
+    name: str = Field(..., description="reasoning-gym dataset name, e.g. 'basic_arithmetic', 'leg_counting'.")
+    size: int = Field(500, ge=1, description="Prompts generated (held-out ones included).")
+    seed: int = Field(0, description="Generator seed.")
+    config: dict[str, Any] = Field(default_factory=dict, description="The generator's own options.")
+
+
+class ReasoningGymSource(Section):
+    kind: Literal["reasoning_gym"] = "reasoning_gym"
+    datasets: list[ReasoningGymDataset] = Field(..., min_length=1, description="Generators, one distribution each.")
+    weight: float = Field(1.0, gt=0, description="Relative weight of this source when prompts are drawn.")
+
+
+PromptSource = Annotated[
+    ProceduralSource | JsonlSource | ParquetSource | HFDatasetSource | ReasoningGymSource, Field(discriminator="kind")
+]
 
 
 class DataConfig(Section):
-    sources: list[Annotated[ProceduralSource | JsonlSource, Field(discriminator="kind")]] = Field(
+    sources: list[PromptSource] = Field(
         default_factory=lambda: [ProceduralSource()], description="Where prompts come from."
     )
     held_out_size: int = Field(200, ge=0, description="Prompts reserved for evaluation, never trained on.")
     seed: int = Field(1234, description="Seed of prompt generation and the held-out split.")
+    chat_template: str = Field(
+        "auto",
+        description="How prompts become tokens with a Hugging Face tokenizer: 'auto' renders them through the"
+        " tokenizer's chat template when it has one (`apply_chat_template(..., add_generation_prompt=True)`), 'none'"
+        " sends the text as it is, or the path of a Jinja template file to use instead. The character tokenizer"
+        " has no template.",
+    )
+    system_prompt: str | None = Field(
+        None, description="A system message put before every prompt rendered through a chat template."
+    )
+    prompt_template: str = Field(
+        "{prompt}",
+        description="Text around each prompt (its last user message), e.g. '{prompt} Put the final answer within"
+        " \\boxed{{}}.'; `{prompt}` is replaced, other braces are doubled as in str.format.",
+    )
+
+    @field_validator("prompt_template")
+    @classmethod
+    def _template_has_prompt(cls, value: str) -> str:
+        try:
+            rendered = value.format(prompt="\x00")
+        except (KeyError, IndexError, ValueError) as error:
+            raise ValueError(
+                f"must be a str.format template whose only field is {{prompt}} (double other braces): {error}"
+            ) from None
+        if "\x00" not in rendered:
+            raise ValueError("must contain {prompt}, where the prompt's text goes")
+        return value
 
 
 class SolutionCacheConfig(Section):
@@ -606,6 +703,41 @@ class WarmStartConfig(Section):
 class EvalConfig(Section):
     every_steps: int = Field(10, ge=1, description="Greedy held-out evaluation interval in learner steps.")
     num_prompts: int = Field(200, ge=1, description="Held-out prompts evaluated (at most held_out_size).")
+    samples: int = Field(
+        4,
+        ge=0,
+        description="Rollouts written to samples.jsonl at every evaluation, as the model saw them (rendered prompt,"
+        " completion, reward, distribution); 0: none.",
+    )
+
+
+class TensorBoardConfig(Section):
+    enabled: bool = Field(False, description="Write every metrics.jsonl figure and the samples as TensorBoard events.")
+    directory: str | None = Field(None, description="Event directory; None: runs/<id>/tensorboard.")
+
+
+class MLflowConfig(Section):
+    enabled: bool = Field(False, description="Log every metrics.jsonl figure, the config and the samples to MLflow.")
+    tracking_uri: str | None = Field(
+        None, description="MLflow tracking URI; None: a local file store in runs/<id>/mlruns."
+    )
+    experiment: str = Field("orchard", description="MLflow experiment name.")
+
+
+class WandbConfig(Section):
+    enabled: bool = Field(False, description="Log every metrics.jsonl figure and the samples to Weights & Biases.")
+    project: str = Field("orchard", description="W&B project.")
+    mode: Literal["offline", "online"] = Field(
+        "offline", description="'offline' writes runs/<id>/wandb only (sync later with `wandb sync`)."
+    )
+
+
+class LoggingConfig(Section):
+    """Experiment trackers that receive what `metrics.jsonl` and `samples.jsonl` receive."""
+
+    tensorboard: TensorBoardConfig = Field(default_factory=TensorBoardConfig)
+    mlflow: MLflowConfig = Field(default_factory=MLflowConfig)
+    wandb: WandbConfig = Field(default_factory=WandbConfig)
 
 
 class ControlConfig(Section):
@@ -703,6 +835,7 @@ class RunConfig(Section):
     supervision: SupervisionConfig = Field(default_factory=SupervisionConfig)
     warmstart: WarmStartConfig = Field(default_factory=WarmStartConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
+    logging: LoggingConfig = Field(default_factory=LoggingConfig, description="Experiment trackers.")
     control: ControlConfig = Field(default_factory=ControlConfig)
     weight_sync: WeightSyncConfig = Field(default_factory=WeightSyncConfig)
     cluster: ClusterConfig = Field(default_factory=ClusterConfig)
@@ -737,9 +870,10 @@ class RunConfig(Section):
 def _problems(error: ValidationError) -> list[tuple[str, str]]:
     problems = []
     for item in error.errors():
-        path = ".".join(str(part) for part in item["loc"] if not str(part).startswith("function-"))
+        parts = [str(part) for part in item["loc"] if not str(part).startswith("function-")]
         # pydantic puts the union member's tag in locations inside `sources`; keep the user's path
-        path = path.replace(".procedural", "").replace(".jsonl", "")
+        tags = {"procedural", "jsonl", "parquet", "hf_dataset", "reasoning_gym"}
+        path = ".".join(part for index, part in enumerate(parts) if not (part in tags and parts[index - 1].isdigit()))
         problems.append((path or "<root>", item["msg"]))
     return problems
 

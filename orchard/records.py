@@ -14,9 +14,11 @@ from typing import Any
 import msgpack
 
 #: Bumped whenever the wire layout of `Group` changes; readers refuse versions they do not know.
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 #: Older layouts this build still reads (their records lack fields added since; defaults apply).
-READABLE_SCHEMAS = (1, 2)
+READABLE_SCHEMAS = (1, 2, 3)
+#: Roles a chat message of a prompt may have.
+CHAT_ROLES = ("system", "user", "assistant")
 
 #: Where a completion came from. "sample": plain sampling from the prompt; "hint": sampled with a
 #: hint in context but trained as if the context had none (its logprobs are the hinted behaviour
@@ -30,8 +32,28 @@ class RecordError(ValueError):
 
 
 @dataclass(frozen=True)
+class ChatMessage:
+    """One message of a prompt given as a conversation."""
+
+    role: str  # one of CHAT_ROLES
+    content: str
+
+    def __post_init__(self) -> None:
+        if self.role not in CHAT_ROLES:
+            raise RecordError(f"chat message role {self.role!r} is not one of {CHAT_ROLES}")
+        if not isinstance(self.content, str):
+            raise RecordError(f"chat message content must be a string, got {type(self.content).__name__}")
+
+
+@dataclass(frozen=True)
 class Prompt:
-    """One task instance: the text shown to the model and what the verifier checks against."""
+    """One task instance: what the model is asked and what the verifier checks against.
+
+    `text` is the question itself: the whole prompt, or, for a prompt given as chat `messages`, the
+    content of its last user message (what verifiers, hints and evaluation read). How either reaches
+    the model (chat template, system prompt, prompt template) is `rollout.prompts.PromptRenderer`'s
+    business, not the record's.
+    """
 
     id: str
     text: str
@@ -42,6 +64,9 @@ class Prompt:
     solution: str | None = None
     #: Hints from abstract to concrete, for prompts whose every sample fails (Guide, Scaf-GRPO).
     hints: tuple[str, ...] = ()
+    #: The prompt as a conversation (system, earlier turns, the user's question last); empty for a
+    #: prompt given as plain text.
+    messages: tuple[ChatMessage, ...] = ()
 
 
 @dataclass
@@ -124,6 +149,7 @@ class Group:
                 "metadata": prompt.metadata,
                 "solution": prompt.solution,
                 "hints": list(prompt.hints),
+                "messages": [[message.role, message.content] for message in prompt.messages],
             },
             "prompt_token_ids": self.prompt_token_ids,
             "completions": [
@@ -160,10 +186,11 @@ class Group:
             raise RecordError(f"group schema version {schema!r} is not supported (this build reads {READABLE_SCHEMAS})")
         try:
             prompt_fields = payload.pop("prompt")
-            prompt = Prompt(**{**prompt_fields, "hints": tuple(prompt_fields.get("hints", ()))})
+            messages = tuple(ChatMessage(role, content) for role, content in prompt_fields.get("messages", ()))
+            prompt = Prompt(**{**prompt_fields, "hints": tuple(prompt_fields.get("hints", ())), "messages": messages})
             completions = [Completion(**c) for c in payload.pop("completions")]
             return cls(prompt=prompt, completions=completions, **payload)
-        except (KeyError, TypeError) as error:
+        except (KeyError, TypeError, ValueError) as error:
             raise RecordError(f"group payload is malformed: {error}") from error
 
 

@@ -201,6 +201,24 @@ class HFTokenizer:
         pieces.append(self._tokenizer.decode(run))
         return "".join(pieces)
 
+    @property
+    def chat_template(self) -> str | None:
+        """The tokenizer's own chat template (Jinja), if its checkpoint carries one."""
+        return getattr(self._tokenizer, "chat_template", None) or None
+
+    @property
+    def special_ids(self) -> frozenset[int]:
+        """Ids of special and added tokens (a chat template's control tokens among them)."""
+        return frozenset(self._special) | frozenset(self._tokenizer.get_added_vocab().values())
+
+    def apply_chat_template(self, messages: Sequence[Any], template: str, *, add_generation_prompt: bool = True) -> str:
+        """`messages` (objects with `role` and `content`) rendered by `template` as text, ending with the
+        assistant's turn opened when `add_generation_prompt`."""
+        conversation = [{"role": message.role, "content": message.content} for message in messages]
+        return self._tokenizer.apply_chat_template(
+            conversation, chat_template=template, tokenize=False, add_generation_prompt=add_generation_prompt
+        )
+
     def save_pretrained(self, directory: str | Path) -> None:
         self._tokenizer.save_pretrained(str(directory))
 

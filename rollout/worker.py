@@ -21,6 +21,7 @@ from orchard.protocols import SamplingParams, Verifier
 from orchard.records import Completion, Group, Prompt
 from rollout.engines.torch_engine import TorchEngine
 from rollout.model import build_model
+from rollout.prompts import PromptFormat, PromptRenderer
 from rollout.strategies.tree_search import SearchSettings, TreeSearch, run_searches
 from rollout.tokenizer import load_tokenizer
 from rollout.weight_broadcast import BroadcastTicket
@@ -30,20 +31,6 @@ from verifiers.registry import get_verifier, safe_verify
 def verifier_name(prompt: Prompt) -> str:
     """Which verifier scores `prompt`: its own `metadata['verifier']`, else the procedural checker."""
     return str(prompt.metadata.get("verifier", "procedural"))
-
-
-def encode_prompt(tokenizer: Any, text: str) -> list[int]:
-    """Token ids the model sees for a prompt: beginning-of-sequence, then the text."""
-    ids = tokenizer.encode(text)
-    bos = getattr(tokenizer, "bos_id", None)
-    if bos is not None and (not ids or ids[0] != bos):
-        ids = [bos, *ids]
-    return ids
-
-
-def hinted_prompt_text(text: str, hint: str) -> str:
-    """The context a hinted sample is generated from: the hint on its own line, then the prompt."""
-    return f"{hint}\n{text}"
 
 
 @dataclass
@@ -84,13 +71,19 @@ class RolloutWorkerCore:
         rollout_config: RolloutConfig,
         *,
         seed: int = 0,
+        prompt_format: PromptFormat | None = None,
     ) -> None:
+        """`prompt_format`: how prompts are rendered (`data.chat_template`, `system_prompt`,
+        `prompt_template`; `rollout.prompts`); default: the tokenizer's chat template when it has one."""
         torch.set_num_threads(rollout_config.torch_threads)
         torch.manual_seed(seed)
         self.worker_id = worker_id
         self.config = rollout_config
         self.tokenizer = load_tokenizer(model_config)
-        self.engine = build_engine(model_config, rollout_config, self.tokenizer, seed=seed)
+        self.renderer = PromptRenderer(self.tokenizer, prompt_format)
+        self.engine = build_engine(
+            model_config, rollout_config, self.tokenizer, seed=seed, eos_token_ids=self.renderer.stop_token_ids
+        )
         self._broadcast: tuple[Any, tuple, int] | None = None  # (group, layout, bucket bytes): transport 'nccl'
         self._verifiers: dict[str, Verifier] = {}
         self._calls = 0
@@ -218,7 +211,7 @@ class RolloutWorkerCore:
         """Generate `group_size` completions of every prompt, score them, return one group each."""
         self._check_weights()
         group_size = group_size or self.config.group_size
-        prompt_ids = [encode_prompt(self.tokenizer, p.text) for p in prompts]
+        prompt_ids = self.renderer.encode_many(prompts)
         batch = [ids for ids in prompt_ids for _ in range(group_size)]
         version = self.engine.policy_version
         started = time.perf_counter()
@@ -271,7 +264,7 @@ class RolloutWorkerCore:
             ]
             if not todo:
                 break
-            contexts = [encode_prompt(self.tokenizer, hinted_prompt_text(p.text, p.hints[tier])) for p in todo]
+            contexts = [self.renderer.encode(p, hint=p.hints[tier]) for p in todo]
             started = time.perf_counter()
             outputs = self.engine.generate(
                 [ids for ids in contexts for _ in range(group_size)], self._params(greedy=False)
@@ -290,7 +283,7 @@ class RolloutWorkerCore:
             tier, completions = chosen.pop(prompt.id)
             group = Group(
                 prompt=prompt,
-                prompt_token_ids=encode_prompt(self.tokenizer, prompt.text),
+                prompt_token_ids=self.renderer.encode(prompt),
                 completions=completions,
                 worker=self.worker_id,
                 created_at=time.time(),
@@ -312,9 +305,7 @@ class RolloutWorkerCore:
     def evaluate(self, prompts: Sequence[Prompt]) -> EvalResult:
         """Greedy answers to `prompts`, checked by their verifiers."""
         self._check_weights()
-        outputs = self.engine.generate(
-            [encode_prompt(self.tokenizer, p.text) for p in prompts], self._params(greedy=True)
-        )
+        outputs = self.engine.generate(self.renderer.encode_many(prompts), self._params(greedy=True))
         texts = [o.text or self.tokenizer.decode(o.token_ids) for o in outputs]
         correct = [safe_verify(self._verifier(p), p, t).correct for p, t in zip(prompts, texts, strict=True)]
         return EvalResult(correct=correct, policy_version=self.engine.policy_version, completions=texts)
@@ -345,7 +336,7 @@ class RolloutWorkerCore:
             budget_tokens=budget_tokens,
             terminate_num=terminate_num,
         )
-        prompt_ids = [encode_prompt(self.tokenizer, p.text) for p in prompts]
+        prompt_ids = self.renderer.encode_many(prompts)
         version = self.engine.policy_version
         errors: list[str] = []
         verify_seconds = 0.0
@@ -438,14 +429,23 @@ class RolloutWorkerCore:
         return os.getpid()
 
 
-def build_engine(model_config: ModelConfig, rollout_config: RolloutConfig, tokenizer: Any, *, seed: int) -> Any:
+def build_engine(
+    model_config: ModelConfig,
+    rollout_config: RolloutConfig,
+    tokenizer: Any,
+    *,
+    seed: int,
+    eos_token_ids: tuple[int, ...] | None = None,
+) -> Any:
     """The worker's engine: vLLM (`rollout.engine: vllm`) or the torch engine, on the GPU when this
     process was given one, else on the CPU.
 
     vLLM starts from a Hugging Face checkpoint directory: `model.path` for kind 'hf'; for kind 'tiny' the
     model built from its config, written once with its tokenizer (in Hugging Face form too) to a cache
     directory (`_tiny_checkpoint`). Either way the run's weights arrive through `load_weights` before the
-    first generation."""
+    first generation. `eos_token_ids` end a completion (default: the tokenizer's eos; a chat template
+    adds its end-of-turn token, `PromptRenderer.stop_token_ids`)."""
+    eos_token_ids = tuple(eos_token_ids) if eos_token_ids is not None else (tokenizer.eos_id,)
     if rollout_config.engine == "vllm":
         from rollout.engines.vllm import VLLMEngine
 
@@ -463,10 +463,10 @@ def build_engine(model_config: ModelConfig, rollout_config: RolloutConfig, token
             max_model_len=settings.max_model_len,
             enforce_eager=settings.enforce_eager,
             seed=seed,
-            eos_token_ids=(tokenizer.eos_id,),
+            eos_token_ids=eos_token_ids,
         )
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    return TorchEngine(build_model(model_config, tokenizer), tokenizer, device=device)
+    return TorchEngine(build_model(model_config, tokenizer), tokenizer, device=device, eos_token_ids=eos_token_ids)
 
 
 def _tiny_checkpoint(model_config: ModelConfig, tokenizer: Any) -> str:

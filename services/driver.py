@@ -36,6 +36,8 @@ import torch
 from orchard.config import RunConfig
 from orchard.protocols import Buffer
 from orchard.records import Group
+from rollout.prompts import PromptFormat, PromptRenderer
+from rollout.tokenizer import load_tokenizer
 from rollout.weight_broadcast import BroadcastTicket
 from rollout.worker import RolloutResult, RolloutWorker, RolloutWorkerCore
 from services.buffer.factory import make_buffer
@@ -50,6 +52,7 @@ from services.metrics import RunMetrics
 from services.placement import reserve, rollout_options
 from services.rescue import RescueQueue, build_rescues
 from services.run_dir import RunDirectory
+from services.samples import SampleKeeper, sample_records
 from services.supervision import NonFiniteGuard, is_non_finite
 from services.warmstart import warm_start
 from services.weight_sync import WeightSync, form_broadcast_group
@@ -139,6 +142,7 @@ class Driver:
         self._unacknowledged: list[str] = []  # trained since the last checkpoint; acknowledged by the next
         self.resumed_from: str | None = None
         self.deepsearch: SearchRescue | None = None  # rollout.strategy 'mcts'
+        self.prompt_format = PromptFormat.from_config(config.data)
 
     # ----------------------------------------------------------------------------- set-up
     def _setup(self) -> None:
@@ -221,9 +225,13 @@ class Driver:
         if config.rollout.engine == "vllm":  # no engine in the driver: a rollout worker answers
             self.evaluator = WorkerEvaluator(lambda: self.workers["worker-0"])
         else:
-            self.evaluator = RolloutWorkerCore("evaluator", config.model, config.rollout, seed=config.seed)
+            self.evaluator = RolloutWorkerCore(
+                "evaluator", config.model, config.rollout, seed=config.seed, prompt_format=self.prompt_format
+            )
         self.evaluator.load_weights(self.policy_version, state_dict)
         self.held_out = self.pool.held_out[: config.eval.num_prompts]
+        self.renderer = PromptRenderer(load_tokenizer(config.model), self.prompt_format)
+        self.samples = SampleKeeper()
 
     def _evaluate(self, weights_ref: Any | None = None) -> tuple[float, dict[str, float]]:
         started = time.perf_counter()
@@ -521,7 +529,11 @@ class Driver:
     def _new_worker(self, name: str, incarnation: int = 0) -> Any:
         index = int(name.removeprefix("worker-"))
         return RolloutWorker.options(**rollout_options(self.config, self.placement, index)).remote(
-            name, self.config.model, self.config.rollout, seed=self.config.seed * 1000 + index + 7919 * incarnation
+            name,
+            self.config.model,
+            self.config.rollout,
+            seed=self.config.seed * 1000 + index + 7919 * incarnation,
+            prompt_format=self.prompt_format,
         )
 
     def _replace_worker(self, name: str, dead: Any, error: BaseException) -> Any:
@@ -667,6 +679,7 @@ class Driver:
         for message in result.verifier_errors[:3]:
             self.run_dir.event(f"verifier error on {result.worker}: {message}")
         groups = result.groups
+        self.samples.observe(groups)
         if kind == "sample":
             self.sampler.observe(groups)
             for group in groups:
@@ -802,14 +815,20 @@ class Driver:
         if self.deepsearch is not None:
             record["deepsearch"] = self.deepsearch.counts.as_dict()
             record["tree_groups_trained"] = sum(is_tree_group(g) for g in groups)
+        samples: list[dict[str, Any]] = []
         if self.step % self.config.eval.every_steps == 0:
             accuracy, by_distribution = self._evaluate(weights_ref)
             record["eval_accuracy"] = accuracy
             record["eval_by_distribution"] = by_distribution
             self._last_eval = accuracy
             self.metrics.observe_eval(accuracy)
+            samples = sample_records(
+                self.samples.groups, self.config.eval.samples, step=self.step, render=self.renderer.text
+            )
         self._last_record = record
         self.run_dir.append_metrics(record)
+        if samples:
+            self.run_dir.append_samples(samples)
         self.metrics.observe_step(
             step=self.step,
             policy_version=self.policy_version,

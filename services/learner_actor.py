@@ -75,6 +75,7 @@ class LearnerCore:
         from learner.trainer import GRPOTrainer
         from learner.weights import numpy_to_state_dict
         from rollout.model import build_model
+        from rollout.prompts import PromptFormat, PromptRenderer
         from rollout.tokenizer import load_tokenizer
 
         self.tokenizer = tokenizer = load_tokenizer(config.model)
@@ -88,7 +89,7 @@ class LearnerCore:
             seed=config.seed,
             temperature=temperature,
             max_length=config.rollout.max_new_tokens,
-            solution_tokens=lambda solution: tokenizer.encode(solution) + [tokenizer.eos_id],
+            solution_tokens=PromptRenderer(tokenizer, PromptFormat.from_config(config.data)).encode_answer,
         )
         self.version = self.trainer.policy_version = initial_version
         self.weight_transport_setting = config.weight_sync.transport

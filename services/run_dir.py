@@ -26,6 +26,13 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """The records of a JSONL file written by a run (none when it does not exist)."""
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
 class RunDirectory:
     def __init__(self, root: str | Path, run_id: str) -> None:
         self.run_id = run_id
@@ -41,19 +48,26 @@ class RunDirectory:
             handle.write(json.dumps(_jsonable(record), sort_keys=True) + "\n")
 
     def read_metrics(self) -> list[dict[str, Any]]:
-        path = self.path / "metrics.jsonl"
-        if not path.exists():
-            return []
-        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        return read_jsonl(self.path / "metrics.jsonl")
+
+    def append_samples(self, records: list[dict[str, Any]]) -> None:
+        with (self.path / "samples.jsonl").open("a") as handle:
+            handle.writelines(json.dumps(_jsonable(record), sort_keys=True) + "\n" for record in records)
+
+    def read_samples(self) -> list[dict[str, Any]]:
+        return read_jsonl(self.path / "samples.jsonl")
 
     def truncate_metrics(self, last_step: int) -> int:
-        """Keep only the records of steps up to `last_step` (a resumed run repeats the later ones)."""
-        kept = [record for record in self.read_metrics() if record.get("step", 0) <= last_step]
-        lines = "".join(json.dumps(record, sort_keys=True) + "\n" for record in kept)
-        temporary = self.path / "metrics.jsonl.tmp"
-        temporary.write_text(lines)
-        temporary.replace(self.path / "metrics.jsonl")
-        return len(kept)
+        """Keep only the records (and samples) of steps up to `last_step` (a resumed run repeats the
+        later ones); returns the metric records kept."""
+        kept = 0
+        for name in ("metrics.jsonl", "samples.jsonl"):
+            records = [record for record in read_jsonl(self.path / name) if record.get("step", 0) <= last_step]
+            temporary = self.path / f"{name}.tmp"
+            temporary.write_text("".join(json.dumps(record, sort_keys=True) + "\n" for record in records))
+            temporary.replace(self.path / name)
+            kept = len(records) if name == "metrics.jsonl" else kept
+        return kept
 
     def event(self, message: str) -> None:
         stamp = time.strftime("%Y-%m-%dT%H:%M:%S")

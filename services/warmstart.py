@@ -10,8 +10,8 @@ from typing import Any
 
 from orchard.config import RunConfig
 from rollout.model import build_model
+from rollout.prompts import PromptFormat, PromptRenderer
 from rollout.tokenizer import load_tokenizer
-from rollout.worker import encode_prompt
 from verifiers.sources import PromptPool
 
 #: Bumped when the SFT recipe changes in a way the cache key cannot see.
@@ -55,9 +55,8 @@ def warm_start(config: RunConfig, pool: PromptPool, log=print) -> tuple[dict[str
     def train(model) -> None:
         rng = random.Random(config.data.seed + 1)
         prompts = pool.train_examples(config.warmstart.steps * config.warmstart.batch_size, rng)
-        examples = [
-            (encode_prompt(tokenizer, p.text), tokenizer.encode(p.answer) + [tokenizer.eos_id]) for p in prompts
-        ]
+        renderer = PromptRenderer(tokenizer, PromptFormat.from_config(config.data))
+        examples = [(renderer.encode(p), renderer.encode_answer(p.answer)) for p in prompts]
         log(f"warm start: {config.warmstart.steps} supervised steps on {len(examples)} reference answers")
         losses.extend(
             sft_train(

@@ -1,4 +1,5 @@
-"""Where prompts come from: procedural generators and JSONL files, pooled with a held-out split.
+"""Where prompts come from: procedural generators, dataset files (JSONL, Parquet, Hugging Face datasets;
+`verifiers.datasets`) and reasoning-gym, pooled with a held-out split.
 
 `PromptPool.from_config(data)` builds every source of the config, reserves `held_out_size`
 prompts for evaluation (shared among sources by weight, among a source's distributions evenly) and
@@ -7,57 +8,21 @@ then draws training prompts that are never held-out ones.
 
 from __future__ import annotations
 
-import json
 import random
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from orchard.config import DataConfig, JsonlSource, ProceduralSource
+from orchard.config import DataConfig, JsonlSource, ProceduralSource, ReasoningGymSource
 from orchard.records import Prompt
+from verifiers.datasets import SourceError, load_table_prompts
 from verifiers.procedural import check_family, distribution_name, generate_prompt
 
-MAX_PROMPT_CHARS = 32_000
-MAX_ANSWER_CHARS = 4_000
+__all__ = ["PromptPool", "SourceError", "load_jsonl_prompts"]
+
 #: Fresh procedural draws tried before a distribution is declared exhausted by the held-out set.
 MAX_REDRAWS = 1_000
-
-
-class SourceError(ValueError):
-    """A prompt source that cannot be read or used; the message names the file and line."""
-
-
-def _line_problem(record: object, max_prompt_chars: int, max_answer_chars: int) -> str | None:
-    if not isinstance(record, dict):
-        return f"expected a JSON object, got {type(record).__name__}"
-    for key in ("prompt", "answer"):
-        if key not in record:
-            return f"missing field {key!r}"
-    if not isinstance(record["prompt"], str) or not record["prompt"].strip():
-        return "field 'prompt' must be a non-empty string"
-    if isinstance(record["answer"], bool) or not isinstance(record["answer"], str | int | float):
-        return "field 'answer' must be a string or a number"
-    if len(record["prompt"]) > max_prompt_chars:
-        return f"prompt has {len(record['prompt'])} characters (limit {max_prompt_chars})"
-    if len(str(record["answer"])) > max_answer_chars:
-        return f"answer has {len(str(record['answer']))} characters (limit {max_answer_chars})"
-    for key in ("distribution", "id"):
-        if key in record and not isinstance(record[key], str):
-            return f"field {key!r} must be a string"
-    solution = record.get("solution")
-    if solution is not None and (not isinstance(solution, str) or not solution.strip()):
-        return "field 'solution' must be a non-empty string"
-    if solution is not None and len(solution) > max_prompt_chars:
-        return f"solution has {len(solution)} characters (limit {max_prompt_chars})"
-    hints = record.get("hints")
-    if hints is not None and (
-        not isinstance(hints, list) or not all(isinstance(hint, str) and hint.strip() for hint in hints)
-    ):
-        return "field 'hints' must be a list of non-empty strings, abstract to concrete"
-    if hints is not None and sum(len(hint) for hint in hints) > max_prompt_chars:
-        return f"hints have {sum(len(hint) for hint in hints)} characters (limit {max_prompt_chars})"
-    return None
 
 
 def load_jsonl_prompts(
@@ -65,51 +30,19 @@ def load_jsonl_prompts(
     *,
     verifier: str,
     on_bad_line: str = "skip",
-    max_prompt_chars: int = MAX_PROMPT_CHARS,
-    max_answer_chars: int = MAX_ANSWER_CHARS,
+    max_prompt_chars: int = 32_000,
+    max_answer_chars: int = 4_000,
 ) -> tuple[list[Prompt], list[str]]:
-    """Prompts of a JSONL file (fields prompt, answer, optional distribution, id, solution — a reference
-    solution as the model should write it — and hints, a list from abstract to concrete), and the
-    problems found as `file:line: reason`. With `on_bad_line="error"` the first problem raises."""
-    path = Path(path)
-    if not path.is_file():
-        raise SourceError(f"{path}: prompt file not found")
-    prompts: list[Prompt] = []
-    problems: list[str] = []
-    seen_ids: set[str] = set()
-    with path.open(encoding="utf-8", errors="replace") as lines:
-        for number, line in enumerate(lines, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-                problem = _line_problem(record, max_prompt_chars, max_answer_chars)
-            except json.JSONDecodeError as error:
-                problem = f"not valid JSON ({error.msg} at column {error.colno})"
-            prompt_id = record.get("id", f"{path.stem}-{number}") if problem is None else ""
-            if problem is None and prompt_id in seen_ids:
-                problem = f"duplicate id {prompt_id!r}"
-            if problem is not None:
-                message = f"{path}:{number}: {problem}"
-                if on_bad_line == "error":
-                    raise SourceError(message)
-                problems.append(message)
-                continue
-            seen_ids.add(prompt_id)
-            prompts.append(
-                Prompt(
-                    id=prompt_id,
-                    text=record["prompt"],
-                    answer=str(record["answer"]),
-                    distribution=record.get("distribution", path.stem),
-                    metadata={"verifier": verifier, "source": str(path), "line": number},
-                    solution=record.get("solution"),
-                    hints=tuple(record.get("hints") or ()),
-                )
-            )
-    if not prompts:
-        raise SourceError(f"{path}: no usable prompts ({len(problems)} bad lines)")
-    return prompts, problems
+    """Prompts of a JSONL file in Orchard's layout (fields prompt, answer, optional distribution, id,
+    solution, hints) and the problems found as `file:line: reason` (`verifiers.datasets`)."""
+    source = JsonlSource(
+        path=str(path),
+        verifier=verifier,
+        on_bad_line=on_bad_line,
+        max_prompt_chars=max_prompt_chars,
+        max_answer_chars=max_answer_chars,
+    )
+    return load_table_prompts(source)
 
 
 class _Procedural:
@@ -193,18 +126,17 @@ class PromptPool:
         sources: list[_Procedural | _Listed] = []
         problems: list[str] = []
         for source in data.sources:
-            if isinstance(source, JsonlSource):
-                prompts, found = load_jsonl_prompts(
-                    source.path,
-                    verifier=source.verifier,
-                    on_bad_line=source.on_bad_line,
-                    max_prompt_chars=source.max_prompt_chars,
-                    max_answer_chars=source.max_answer_chars,
-                )
+            if isinstance(source, ProceduralSource):
+                sources.append(_Procedural(source))
+            elif isinstance(source, ReasoningGymSource):
+                from verifiers.reasoning_gym import load_reasoning_gym_prompts
+
+                names = ", ".join(dataset.name for dataset in source.datasets)
+                sources.append(_Listed(load_reasoning_gym_prompts(source), source.weight, f"reasoning-gym ({names})"))
+            else:
+                prompts, found = load_table_prompts(source)
                 problems.extend(found)
                 sources.append(_Listed(prompts, source.weight, source.path))
-            else:
-                sources.append(_Procedural(source))
         if not sources:
             raise SourceError("data.sources is empty: give at least one prompt source")
         rng = random.Random(data.seed)

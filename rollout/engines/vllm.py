@@ -98,10 +98,12 @@ def request_seed(seed: int | None, request: int) -> int | None:
 
 
 def sampling_params_kwargs(
-    params: SamplingParams, *, n: int = 1, seed: int | None = None, ignore_eos: bool = False
+    params: SamplingParams, *, n: int = 1, seed: int | None = None, eos_token_ids: Sequence[int] | None = None
 ) -> dict[str, Any]:
     """`vllm.SamplingParams` keyword arguments for `params`: `n` samples, each with the logprob of its
-    sampled tokens; greedy (temperature 0) needs no seed; `ignore_eos` for an engine without eos tokens."""
+    sampled tokens; greedy (temperature 0) needs no seed. `eos_token_ids`: tokens that end a completion
+    besides the checkpoint's eos (a chat template's end-of-turn), kept in the tokens like eos; `()` for
+    none at all (the checkpoint's eos ignored too)."""
     kwargs = {
         "n": n,
         "temperature": params.temperature,
@@ -111,8 +113,10 @@ def sampling_params_kwargs(
         "logprobs": 0,
         "seed": None if params.temperature == 0 else seed,
     }
-    if ignore_eos:
+    if eos_token_ids is not None and not eos_token_ids:
         kwargs["ignore_eos"] = True
+    elif eos_token_ids:
+        kwargs["stop_token_ids"] = list(eos_token_ids)
     return kwargs
 
 
@@ -438,7 +442,7 @@ class VLLMEngine:
         sampling = [
             VLLMSamplingParams(
                 **sampling_params_kwargs(
-                    params, n=len(rows), seed=request_seed(params.seed, index), ignore_eos=not self.eos_token_ids
+                    params, n=len(rows), seed=request_seed(params.seed, index), eos_token_ids=self.eos_token_ids
                 )
             )
             for index, rows in enumerate(plan.rows)

@@ -9,7 +9,8 @@ import torch
 from orchard.config import ModelConfig, RolloutConfig, TinyModelConfig
 from orchard.protocols import GenerationOutput
 from orchard.records import Prompt
-from rollout.worker import RolloutWorkerCore, encode_prompt, hinted_prompt_text
+from rollout.prompts import encode_prompt, hinted_prompt_text
+from rollout.worker import RolloutWorkerCore
 from verifiers.procedural import make_prompt
 
 TINY = TinyModelConfig(

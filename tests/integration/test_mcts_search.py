@@ -8,8 +8,9 @@ import torch
 
 from orchard.config import MCTSConfig, ModelConfig, RolloutConfig, TinyModelConfig
 from orchard.protocols import SamplingParams, VerifierResult
+from rollout.prompts import encode_prompt
 from rollout.strategies.tree_search import SearchSettings, search
-from rollout.worker import RolloutWorkerCore, encode_prompt
+from rollout.worker import RolloutWorkerCore
 from verifiers.procedural import make_prompt
 
 TINY = TinyModelConfig(

@@ -215,3 +215,23 @@ def test_a_head_size_the_cpu_attention_cannot_run_is_refused_before_start(tmp_pa
     save_model(model, TOKENIZER, tmp_path)
     with pytest.raises(ValueError, match=r"has head size 8 \(hidden_size 32 / 4 heads\)"):
         VLLMEngine(str(tmp_path), dtype="float32")
+
+
+def test_end_of_turn_tokens_end_a_completion_and_stay_in_its_tokens(ray_local, checkpoint):
+    """A chat template's end-of-turn token (here the character 'a') ends a completion as eos does."""
+    from rollout.engines.vllm import VLLMEngine
+
+    [end_of_turn] = TOKENIZER.encode("a")
+    actor = ray_local.remote(VLLMEngine).remote(
+        checkpoint, dtype="float32", enforce_eager=True, eos_token_ids=(TOKENIZER.eos_id, end_of_turn)
+    )
+    try:
+        outputs = call(actor, "generate", [PROMPTS[0]] * 16, SamplingParams(temperature=1.0, max_new_tokens=60, seed=2))
+        ended = [o for o in outputs if o.finish_reason == "stop" and o.token_ids[-1] == end_of_turn]
+        assert ended, "no sample wrote the end-of-turn token in 16 tries"
+        for output in outputs:
+            assert end_of_turn not in output.token_ids[:-1]  # nothing is generated after it
+        for output in ended:
+            assert output.text == TOKENIZER.decode(output.token_ids[:-1])
+    finally:
+        ray_local.kill(actor)

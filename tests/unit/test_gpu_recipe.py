@@ -38,6 +38,13 @@ def test_the_example_dataset_reads_with_several_distributions():
     prompts, problems = load_jsonl_prompts(EXAMPLE, verifier="math", on_bad_line="error")
     assert not problems and len(prompts) == 8
     assert len({prompt.distribution for prompt in prompts}) == 5
+    assert sum(bool(prompt.messages) for prompt in prompts) == 4  # half in verl's layout, as chat messages
+
+
+def test_the_math_recipe_asks_for_boxed_answers_through_the_chat_template():
+    config = load_config(RECIPE)
+    assert config.data.chat_template == "auto"
+    assert config.data.system_prompt.endswith("put your final answer within \\boxed{}.")
 
 
 @pytest.mark.parametrize(

@@ -107,6 +107,10 @@ def test_sampling_params_ask_for_n_samples_with_the_sampled_tokens_logprob():
     }
     greedy = SamplingParams(temperature=0.0, max_new_tokens=4)
     assert sampling_params_kwargs(greedy, seed=5)["seed"] is None
+    # a chat template's end-of-turn ends a completion as eos does; no eos tokens at all: eos ignored
+    assert sampling_params_kwargs(params, eos_token_ids=(2, 7))["stop_token_ids"] == [2, 7]
+    assert sampling_params_kwargs(params, eos_token_ids=())["ignore_eos"] is True
+    assert "ignore_eos" not in sampling_params_kwargs(params) and "stop_token_ids" not in sampling_params_kwargs(params)
 
 
 def test_identical_prompts_become_one_request_answering_their_rows_in_order():
