@@ -54,6 +54,7 @@ from services.rescue import RescueQueue, build_rescues
 from services.run_dir import RunDirectory
 from services.samples import SampleKeeper, sample_records
 from services.supervision import NonFiniteGuard, is_non_finite
+from services.trackers import Trackers
 from services.warmstart import warm_start
 from services.weight_sync import WeightSync, form_broadcast_group
 from verifiers.sources import PromptPool
@@ -143,6 +144,7 @@ class Driver:
         self.resumed_from: str | None = None
         self.deepsearch: SearchRescue | None = None  # rollout.strategy 'mcts'
         self.prompt_format = PromptFormat.from_config(config.data)
+        self.trackers = Trackers([])  # the configured ones open when the run starts
 
     # ----------------------------------------------------------------------------- set-up
     def _setup(self) -> None:
@@ -259,6 +261,15 @@ class Driver:
         self.run_dir.write_config(config)
         self.run_dir.event(f"run {self.run_dir.run_id} starting")
         try:
+            self.trackers = Trackers.open(
+                config.logging,
+                self.run_dir.path,
+                self.run_dir.run_id,
+                config.model_dump(mode="json", exclude={"control": {"token"}}),
+                log=self.run_dir.event,
+            )
+            if self.trackers.names:
+                self.run_dir.event(f"experiment trackers: {', '.join(self.trackers.names)}")
             self._setup()
             self.throughput = Throughput()
             if self.resumed_from is None:
@@ -827,8 +838,10 @@ class Driver:
             )
         self._last_record = record
         self.run_dir.append_metrics(record)
+        self.trackers.log_metrics(self.step, record)
         if samples:
             self.run_dir.append_samples(samples)
+            self.trackers.log_samples(self.step, samples)
         self.metrics.observe_step(
             step=self.step,
             policy_version=self.policy_version,
@@ -926,6 +939,9 @@ class Driver:
         }
 
     def _shutdown(self) -> None:
+        trackers = getattr(self, "trackers", None)
+        if trackers is not None:
+            trackers.close()
         learner = getattr(self, "learner", None)
         if learner is not None:
             try:  # removes the shared-memory weight segment at once (else: when this process exits)

@@ -56,7 +56,9 @@ def warm_start(config: RunConfig, pool: PromptPool, log=print) -> tuple[dict[str
         rng = random.Random(config.data.seed + 1)
         prompts = pool.train_examples(config.warmstart.steps * config.warmstart.batch_size, rng)
         renderer = PromptRenderer(tokenizer, PromptFormat.from_config(config.data))
-        examples = [(renderer.encode(p), renderer.encode_answer(p.answer)) for p in prompts]
+        # the reference solution when the prompt has one (written as the model should write it, e.g. in the
+        # answer format the prompt asks for), else the bare answer
+        examples = [(renderer.encode(p), renderer.encode_answer(p.solution or p.answer)) for p in prompts]
         log(f"warm start: {config.warmstart.steps} supervised steps on {len(examples)} reference answers")
         losses.extend(
             sft_train(

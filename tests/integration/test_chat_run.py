@@ -68,7 +68,8 @@ def test_a_chat_model_on_verl_parquet_trains_shows_its_template_and_round_trips(
         f"data.sources=[{{kind: parquet, path: '{data}', verifier: 'tests.integration.user_verifiers:digit_share'}}]"
     )
     model = ["model.kind=hf", f"model.path={instruct_model}"]
-    config = load_config(None, [*SETTINGS, *model, source, f"warmstart.cache_dir={tmp_path / 'warm'}"])
+    trackers = ["logging.tensorboard.enabled=true", "logging.mlflow.enabled=true"]
+    config = load_config(None, [*SETTINGS, *model, *trackers, source, f"warmstart.cache_dir={tmp_path / 'warm'}"])
     run_dir = RunDirectory(tmp_path, "chat")
     summary = Driver(config, run_dir, show_progress=False).run()
     assert summary["state"] == "finished" and summary["steps"] == 4
@@ -85,6 +86,19 @@ def test_a_chat_model_on_verl_parquet_trains_shows_its_template_and_round_trips(
     assert orchard(["samples", str(run_dir.path), "-n", "2"]) == 0
     shown = capsys.readouterr().out
     assert shown.count("--- step 4") == 2 and "[prompt]\n<|im_start|>system" in shown
+
+    # the experiment trackers got every step and the samples, read back with their own readers
+    from mlflow.tracking import MlflowClient
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run_dir.path / "tensorboard"))
+    events.Reload()
+    assert [event.step for event in events.Scalars("loss")] == [1, 2, 3, 4]
+    assert [event.step for event in events.Scalars("eval_accuracy")] == [2, 4]
+    client = MlflowClient(f"file://{run_dir.path / 'mlruns'}")
+    [mlflow_run] = client.search_runs([client.get_experiment_by_name("orchard").experiment_id])
+    assert [metric.step for metric in client.get_metric_history(mlflow_run.info.run_id, "loss")] == [1, 2, 3, 4]
+    assert mlflow_run.data.params["data.system_prompt"] == "Answer with digits only."
 
     # the final checkpoint is a Hugging Face checkpoint with the tokenizer and its template
     final = run_dir.path / "checkpoints" / "step-4" / "model"
