@@ -93,8 +93,8 @@ def write_instruct_model(
 
 
 def corpus_of(config_path: str | None, *, prompts: int = 4000) -> list[str]:
-    """Prompt texts and answers of a run config's data sources (the demo's when None), rendered with
-    its prompt template and system prompt: what the tokenizer will see most."""
+    """Prompt texts and reference solutions (else answers) of a run config's data sources (the demo's when
+    None), rendered with its prompt template and system prompt: what the tokenizer will see most."""
     from orchard.config import DEMO_CONFIG, load_config
     from verifiers.sources import PromptPool
 
@@ -103,7 +103,7 @@ def corpus_of(config_path: str | None, *, prompts: int = 4000) -> list[str]:
     texts = []
     for prompt in pool.sample_train(prompts, random.Random(config.data.seed)):
         texts.append(config.data.prompt_template.format(prompt=prompt.text))
-        texts.append(prompt.answer)
+        texts.append(prompt.solution or prompt.answer)
     if config.data.system_prompt:
         texts.append(config.data.system_prompt)
     return texts

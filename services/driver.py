@@ -23,6 +23,7 @@ recorded in the run's `RunMetrics`, which the control plane serves at `/metrics`
 from __future__ import annotations
 
 import random
+import sys
 import time
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
@@ -110,6 +111,8 @@ class Throughput:
 CURRICULUM_STATE = "curriculum"
 #: How often a paused driver looks for checkpoint requests while it waits.
 PAUSED_POLL_SECONDS = 0.5
+#: Steps' worth of groups dropped by the filters in a row before the run says it is starving.
+STARVATION_STEPS = 10
 
 
 class Driver:
@@ -136,6 +139,8 @@ class Driver:
         self.step = 0
         self.policy_version = 0
         self.filtered: Counter[str] = Counter()
+        self._filtered_since_step: Counter[str] = Counter()  # for the starvation notice
+        self._starvation_notice_at = 0
         self.staleness_seen: list[int] = []
         self.stopped_reason: str | None = None
         self.checkpoints: list[str] = []
@@ -713,12 +718,33 @@ class Driver:
                 reason = None  # HPT trains it on the prompt's reference solution
             if reason is not None:
                 self.filtered[reason] += 1
+                self._filtered_since_step[reason] += 1
                 self.metrics.observe_filtered(reason)
                 continue
             kept.append(group)
         if kept:
             self.buffer.put_many(kept)
+        self._notice_starvation()
         self.metrics.observe_buffer(self.buffer.ready_count(), self.buffer.pending_count())
+
+    def _notice_starvation(self) -> None:
+        """An event (and a line on stderr) when the filters have dropped `STARVATION_STEPS` steps' worth of
+        groups since the last step, and again at every doubling: a policy that solves none (or all) of its
+        prompts gives the learner nothing, and a run that waits silently looks hung."""
+        dropped = sum(self._filtered_since_step.values())
+        first_notice = STARVATION_STEPS * self.config.learner.groups_per_step
+        if dropped < max(self._starvation_notice_at, first_notice):
+            return
+        self._starvation_notice_at = 2 * dropped
+        reasons = ", ".join(f"{reason} {count}" for reason, count in self._filtered_since_step.most_common())
+        message = (
+            f"no learner step for {dropped} groups: the filters dropped them all ({reasons}); a policy that"
+            " solves none (or all) of its prompts gives no signal: train a longer warm start (warmstart.steps),"
+            " check the answer format in the samples (orchard samples), or relax learner.dynamic_sampling and the"
+            " curriculum filters"
+        )
+        self.run_dir.event(message)
+        print(f"orchard: {message}", file=sys.stderr, flush=True)
 
     def _hpt_trains(self, group: Group) -> bool:
         """Whether HPT switches this plain group to the SFT loss of its prompt's solution, so that the
@@ -776,6 +802,8 @@ class Driver:
         learner_version_before = self.policy_version
         self.policy_version = result["policy_version"]
         self.step += 1
+        self._filtered_since_step.clear()
+        self._starvation_notice_at = 0
         self.throughput.trained_groups += len(groups)
         self.throughput.trained_tokens += sum(g.num_tokens for g in groups)
         rewards_by_distribution: dict[str, list[float]] = defaultdict(list)

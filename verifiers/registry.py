@@ -35,6 +35,10 @@ def _builtin(name: str) -> Verifier | None:
         from verifiers.code import CodeVerifier
 
         return CodeVerifier()
+    if name == "reasoning_gym":
+        from verifiers.reasoning_gym import ReasoningGymVerifier
+
+        return ReasoningGymVerifier()
     return None
 
 
@@ -63,8 +67,8 @@ def _import(path: str) -> Any:
         module_name, _, attribute = path.rpartition(".")
     if not module_name or not attribute:
         raise VerifierError(
-            f"unknown verifier {path!r}: not a built-in (procedural, math, code) and not a dotted path"
-            " 'package.module:attribute'"
+            f"unknown verifier {path!r}: not a built-in (procedural, math, code, reasoning_gym) and not a dotted"
+            " path 'package.module:attribute'"
         )
     try:
         module = importlib.import_module(module_name)

@@ -156,3 +156,27 @@ def test_all_curricula_together_in_a_run_with_redis_state(ray_local, tmp_path, w
         assert sampler.probabilities() == pytest.approx(last["scheduler_probabilities"])
     finally:
         server.stop()
+
+
+def test_a_run_whose_groups_are_all_filtered_says_so(ray_local, tmp_path, warm_cache, capsys):
+    """A policy that solves nothing under dynamic sampling gives the learner nothing: the run names the
+    cause in its events and on stderr instead of waiting silently."""
+    data = tmp_path / "tasks.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"{i}+1=", "answer": str(i + 1)}) + "\n" for i in range(40)))
+    config = small_config(
+        tmp_path,
+        warm_cache,
+        "buffer.backend=memory",
+        f"data.sources=[{{kind: jsonl, path: '{data}', verifier: 'tests.integration.user_verifiers:explode'}}]",
+        "warmstart.steps=0",
+        "learner.dynamic_sampling=true",
+        "learner.groups_per_step=2",
+        "max_minutes=0.3",
+    )
+    run_dir = RunDirectory(tmp_path, "starving")
+    summary = Driver(config, run_dir, show_progress=False).run()
+    assert summary["steps"] == 0 and summary["stopped_reason"] == "max_minutes"
+    notices = [line for line in (run_dir.path / "events.log").read_text().splitlines() if "no learner step for" in line]
+    assert notices and "the filters dropped them all (zero_advantage " in notices[0]
+    assert "warmstart.steps" in notices[0]
+    assert "orchard: no learner step for 20 groups" in capsys.readouterr().err
