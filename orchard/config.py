@@ -149,6 +149,19 @@ class ReasoningGymSource(Section):
     kind: Literal["reasoning_gym"] = "reasoning_gym"
     datasets: list[ReasoningGymDataset] = Field(..., min_length=1, description="Generators, one distribution each.")
     weight: float = Field(1.0, gt=0, description="Relative weight of this source when prompts are drawn.")
+    instruction: str | None = Field(
+        None,
+        description="Text put after every question, asking for the answer as <answer>...</answer> (the verifier"
+        " reads the last such tag); None: reasoning-gym's own default system prompt, less its first sentence"
+        " (about 70 words; a short one suits small models on CPU).",
+    )
+
+    @field_validator("instruction")
+    @classmethod
+    def _asks_for_tags(cls, value: str | None) -> str | None:
+        if value is not None and not ("<answer>" in value and "</answer>" in value):
+            raise ValueError("must show the answer format, <answer> and </answer>: the verifier reads that tag")
+        return value
 
 
 PromptSource = Annotated[

@@ -5,8 +5,12 @@ from __future__ import annotations
 import os
 import random
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+
+import torch
 
 from orchard.config import RunConfig
 from rollout.model import build_model
@@ -60,17 +64,18 @@ def warm_start(config: RunConfig, pool: PromptPool, log=print) -> tuple[dict[str
         # answer format the prompt asks for), else the bare answer
         examples = [(renderer.encode(p), renderer.encode_answer(p.solution or p.answer)) for p in prompts]
         log(f"warm start: {config.warmstart.steps} supervised steps on {len(examples)} reference answers")
-        losses.extend(
-            sft_train(
-                model,
-                examples,
-                steps=config.warmstart.steps,
-                batch_size=config.warmstart.batch_size,
-                lr=config.warmstart.lr,
-                seed=warm_start_seed(config),
-                log_every=max(1, config.warmstart.steps // 5),
+        with _all_cores():
+            losses.extend(
+                sft_train(
+                    model,
+                    examples,
+                    steps=config.warmstart.steps,
+                    batch_size=config.warmstart.batch_size,
+                    lr=config.warmstart.lr,
+                    seed=warm_start_seed(config),
+                    log_every=max(1, config.warmstart.steps // 5),
+                )
             )
-        )
 
     model, cached = cached_warm_start(
         cache_root(config), warm_start_key(config), lambda: build_model(config.model, tokenizer), train
@@ -82,3 +87,15 @@ def warm_start(config: RunConfig, pool: PromptPool, log=print) -> tuple[dict[str
         "final_loss": losses[-1] if losses else None,
     }
     return model.state_dict(), info
+
+
+@contextmanager
+def _all_cores() -> Iterator[None]:
+    """Every core for torch while the warm start trains: it runs before any worker or learner starts (the
+    driver otherwise keeps one thread, leaving the cores to them)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(max(1, len(os.sched_getaffinity(0))))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)

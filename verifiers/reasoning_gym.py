@@ -5,10 +5,10 @@ built-in verifier "reasoning_gym").
 Each `data.sources[...].datasets` entry is one generator and one distribution of the curricula (its
 name). Entry `index` of generator `name` built with `seed` becomes the prompt `rg-{name}-{seed}-{index}`
 (`rg-{name}-{digest}-{seed}-{index}` when the entry has a `config`, `digest` being a hash of it, so
-that a changed config never reuses an id). Its text is the question, a blank line and
-`ANSWER_INSTRUCTION`, which asks for the final answer between `<answer>` and `</answer>`: reasoning-gym's
-own convention (its `utils.SYSTEM_PROMPTS` and `utils.extract_answer`), which is the format its scorers
-expect the extracted answer in. Its `solution` is the reference answer in those tags (what the warm
+that a changed config never reuses an id). Its text is the question, a blank line and the source's
+`instruction` (default `ANSWER_INSTRUCTION`), which asks for the final answer between `<answer>` and
+`</answer>`: reasoning-gym's own convention (its `utils.SYSTEM_PROMPTS` and `utils.extract_answer`),
+which is the format its scorers expect the extracted answer in. Its `solution` is the reference answer in those tags (what the warm
 start and SFT signals teach), None for generators that have no single reference answer (`boxnet`,
 `graph_color`, `propositional_logic`, `rubiks_cube`, `rush_hour`: their scorers check an answer's
 validity; the prompt's `answer` is then "").
@@ -346,7 +346,9 @@ def _generated(dataset: ReasoningGymDataset, where: str) -> list[dict[str, Any]]
     return entries
 
 
-def _prompt(dataset: ReasoningGymDataset, config: dict[str, Any], index: int, entry: dict[str, Any]) -> Prompt:
+def _prompt(
+    dataset: ReasoningGymDataset, config: dict[str, Any], index: int, entry: dict[str, Any], instruction: str
+) -> Prompt:
     answer = entry.get("answer")
     metadata: dict[str, Any] = {
         "verifier": VERIFIER_NAME,
@@ -362,7 +364,7 @@ def _prompt(dataset: ReasoningGymDataset, config: dict[str, Any], index: int, en
         pass  # the verifier regenerates it from the fields above
     return Prompt(
         id=prompt_id(dataset, index),
-        text=f"{entry['question']}\n\n{ANSWER_INSTRUCTION}",
+        text=f"{entry['question']}\n\n{instruction}",
         answer="" if answer is None else str(answer),
         distribution=dataset.name,
         metadata=metadata,
@@ -389,7 +391,9 @@ def load_reasoning_gym_prompts(source: ReasoningGymSource) -> list[Prompt]:
                 " prompts; give it another seed or config, or raise that entry's size"
             )
         seen[first_id] = position
-        prompts.extend(_prompt(dataset, config, index, entry) for index, entry in enumerate(_generated(dataset, where)))
+        instruction = ANSWER_INSTRUCTION if source.instruction is None else source.instruction
+        entries = _generated(dataset, where)
+        prompts.extend(_prompt(dataset, config, index, entry, instruction) for index, entry in enumerate(entries))
     return prompts
 
 

@@ -88,6 +88,15 @@ def test_prompt_text_is_the_question_then_reasoning_gyms_answer_tag_instruction(
     assert ANSWER_INSTRUCTION in SYSTEM_PROMPTS["default"]  # reasoning-gym's own wording, so its models know it
 
 
+def test_a_source_instruction_replaces_the_default_and_must_show_the_answer_tags():
+    short = "Reply as <answer>...</answer>."
+    chain = ReasoningGymDataset(name="chain_sum", size=2, seed=7)
+    [first, _] = load_reasoning_gym_prompts(ReasoningGymSource(datasets=[chain], instruction=short))
+    assert first.text == f"{reasoning_gym.create_dataset('chain_sum', size=2, seed=7)[0]['question']}\n\n{short}"
+    with pytest.raises(ValueError, match="(?s)instruction.*must show the answer format, <answer> and </answer>"):
+        ReasoningGymSource(datasets=[chain], instruction="Answer in one word.")
+
+
 def test_metadata_names_the_verifier_and_what_rescoring_needs_and_is_msgpack_plain():
     for prompt in mixed_prompts():
         metadata = prompt.metadata
