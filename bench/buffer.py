@@ -127,7 +127,7 @@ def raw_bytes_variadic(client: redis.Redis, entries: list[Entry], batch: int) ->
 
 # ----------------------------------------------------------------------------- the buffer
 def buffer_groups(url: str, groups: list[Group], batch: int, *, one_put_per_group: bool = False) -> float:
-    buffer = RedisBuffer(url, f"bench-{uuid.uuid4().hex[:8]}", max_staleness=0)
+    buffer = RedisBuffer(url, f"bench-{uuid.uuid4().hex[:8]}")
     started = time.perf_counter()
     if one_put_per_group:
         for group in groups:
@@ -145,7 +145,7 @@ def buffer_groups(url: str, groups: list[Group], batch: int, *, one_put_per_grou
 
 
 def buffer_bytes(url: str, entries: list[Entry], batch: int) -> float:
-    buffer = RedisBuffer(url, f"bench-{uuid.uuid4().hex[:8]}", max_staleness=0)
+    buffer = RedisBuffer(url, f"bench-{uuid.uuid4().hex[:8]}")
     started = time.perf_counter()
     for chunk in batches(entries, batch):
         buffer._put_encoded(chunk)

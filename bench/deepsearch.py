@@ -58,9 +58,9 @@ from orchard.config import load_config
 from orchard.records import Prompt
 from rollout.prompts import encode_prompt
 from rollout.strategies.tree_search import SearchSettings, TreeSearch, run_searches
-from rollout.worker import RolloutResult, RolloutWorkerCore
+from rollout.worker import RolloutWorkerCore
 from services.cluster import connect_ray
-from services.driver import Driver
+from services.driver import Driver, Throughput
 from services.run_dir import RunDirectory
 from services.warmstart import warm_start
 from verifiers.procedural import generate_prompt
@@ -209,17 +209,14 @@ def print_table(rows: list[Row]) -> None:
 # ------------------------------------------------------------------------------ training comparison
 
 
-class TokenBudgetDriver(Driver):
-    """A run that stops once its rollouts (plain and tree search together) generated `budget` tokens."""
+def token_budget(budget: int):
+    """A `Driver` stop condition: the run stops once its rollouts (plain and tree search together)
+    generated `budget` tokens."""
 
-    def __init__(self, *args: Any, budget: int, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.budget = budget
+    def reached(throughput: Throughput) -> str | None:
+        return f"token budget {budget:,} reached" if throughput.generated_tokens >= budget else None
 
-    def _on_rollout(self, result: RolloutResult, kind: str = "sample") -> None:
-        super()._on_rollout(result, kind)
-        if self.throughput.generated_tokens >= self.budget and self.control.may_start_work():
-            self.control.request_stop(f"token budget {self.budget:,} reached")
+    return reached
 
 
 def sampled_pass_rates(run_dir: RunDirectory, samples: int) -> tuple[float, float]:
@@ -270,7 +267,7 @@ def train_one(arm: str, seed: int, args: argparse.Namespace) -> dict[str, Any]:
         shutil.rmtree(run_dir.path)
     run_dir = RunDirectory(OUT, f"{arm}-seed{seed}")
     started = time.perf_counter()
-    summary = TokenBudgetDriver(config, run_dir, show_progress=False, budget=args.tokens).run()
+    summary = Driver(config, run_dir, show_progress=False, stop_when=token_budget(args.tokens)).run()
     hard = [f"{family}/d{level}" for family, level in HARD_TAIL]
     by_distribution = summary["held_out_by_distribution_final"]
     initial = summary["held_out_by_distribution_initial"]

@@ -1,8 +1,8 @@
 """Pure RLVR algorithm functions on tensors: advantages, reward shaping, the PPO-clip policy loss,
 KL estimators, Lp-Reg, hinted-sample clipping and HPT's SFT/RL switch.
 
-Every function here is side-effect free and documented with its formula and source (ALGORITHMS.md
-§1-6 and §8). Functions are registered by name in `ADVANTAGE_ESTIMATORS`, `AGGREGATIONS` and
+Every function here is side-effect free and documented with its formula and source (docs/algorithms.md
+§1-6, §8 and §9). Functions are registered by name in `ADVANTAGE_ESTIMATORS`, `AGGREGATIONS` and
 `KL_ESTIMATORS` so a config string picks one.
 
 Notation: `N` sequences, `T` token positions, `m` the 0/1 mask of completion tokens,
@@ -122,7 +122,7 @@ ADVANTAGE_ESTIMATORS: dict[str, Callable[[Tensor, Tensor], Tensor]] = {
 
 
 def outcome_advantages(rewards: Tensor, group_index: Tensor, estimator: str = "grpo") -> Tensor:
-    """One advantage per sequence by the named estimator of `ADVANTAGE_ESTIMATORS` (ALGORITHMS.md §1):
+    """One advantage per sequence by the named estimator of `ADVANTAGE_ESTIMATORS` (docs/algorithms.md §1):
     `grpo` (group std), `dr_grpo` (no std), `lite_ppo` (group mean, batch std), `rloo` (leave-one-out)."""
     if estimator not in ADVANTAGE_ESTIMATORS:
         raise ValueError(f"advantage estimator {estimator!r} is unknown; choose one of {sorted(ADVANTAGE_ESTIMATORS)}")
@@ -130,7 +130,7 @@ def outcome_advantages(rewards: Tensor, group_index: Tensor, estimator: str = "g
 
 
 def tree_advantages(token_values: Tensor, value_mask: Tensor, group_index: Tensor, *, eps: float = 1e-6) -> Tensor:
-    """Token-level advantages of tree-search trajectories (DeepSearch, Wu et al., 2025, ALGORITHMS.md §8).
+    """Token-level advantages of tree-search trajectories (DeepSearch, Wu et al., 2025, docs/algorithms.md §8).
 
     `token_values[i, t]` is the score of the tree step that token t of trajectory i belongs to
     (`Completion.token_values`), `value_mask` is 1 on those tokens. A trajectory's final score `s_i`
@@ -185,7 +185,7 @@ def prefix_credit(advantages: Tensor, token_ids: Tensor, completion_mask: Tensor
     gets 0; the token where a solution leaves a wrong path gets the difference. The sum over a
     sequence telescopes to `Â_i − mean_g(Â)`, which is `Â_i` for the centred estimators (grpo,
     dr_grpo, lite_ppo, rloo): under token-sum aggregation each sequence carries its outcome advantage,
-    only placed on the tokens that decided it. Ours (ALGORITHMS.md §8, "prefix credit"); the idea of
+    only placed on the tokens that decided it. Ours (docs/algorithms.md §8, "prefix credit"); the idea of
     crediting steps by the change of value between a tree node and its parent is that of tree-based
     RL methods such as TreeRPO and TreeRL.
 
@@ -303,7 +303,7 @@ AGGREGATIONS: dict[str, Callable[[Tensor, Tensor, int | None], Tensor]] = {
 
 
 def aggregate(values: Tensor, mask: Tensor, aggregation: str = "token-mean", max_length: int | None = None) -> Tensor:
-    """Reduce per-token values [N, T] to a scalar with one of `AGGREGATIONS` (ALGORITHMS.md §2)."""
+    """Reduce per-token values [N, T] to a scalar with one of `AGGREGATIONS` (docs/algorithms.md §2)."""
     if aggregation not in AGGREGATIONS:
         raise ValueError(f"aggregation {aggregation!r} is unknown; choose one of {sorted(AGGREGATIONS)}")
     if values.dim() != 2 or values.shape != mask.shape:
@@ -433,7 +433,7 @@ def hint_clip_ranges(
 
 
 def lp_reg_proxy_logprobs(logits: Tensor, targets: Tensor, *, min_p: float) -> Tensor:
-    """`log π_proxy(target)` at each position, the proxy distribution of Lp-Reg (ALGORITHMS.md §5).
+    """`log π_proxy(target)` at each position, the proxy distribution of Lp-Reg (docs/algorithms.md §5).
 
     "Low-probability Tokens Sustain Exploration in Reinforcement Learning with Verifiable Reward"
     (Huang et al., 2025, arXiv:2510.03222; code CarlanLark/Lp-Reg-dev, `apply_min_p` in

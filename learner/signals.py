@@ -1,7 +1,7 @@
 """From a batch of scored groups to the learner's training signals, as the config's options say.
 
 - `shaped_rewards`: the verifier's rewards with DAPO's overlong punishment added and DLER's
-  truncation penalty applied (ALGORITHMS.md §3-4);
+  truncation penalty applied (docs/algorithms.md §3-4);
 - `token_advantages`: the outcome advantage of the configured estimator on every completion token,
   or a tree trajectory's own per-token advantages (§1, §8);
 - `select_signals`: which rows the RL loss trains on and with what weight (overlong filtering, HPT's

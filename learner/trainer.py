@@ -58,10 +58,11 @@ from orchard.records import Group
 
 @dataclass
 class StepResult:
-    """What one `train_step` did. Plain numbers only, so `dict(vars(result))` is JSON-serialisable.
+    """What one `train_step` did. Plain numbers only, so `dataclasses.asdict(result)` is JSON-serialisable.
 
-    On a skipped step the weights did not change and `skip_reason` says why; statistics that were
-    not computed, or came out non-finite, are 0.0 (the offending value is quoted in `skip_reason`).
+    On a skipped step the weights did not change and `skip_reason` says why (`non_finite` when the loss
+    or the gradients were NaN or infinite); statistics that were not computed, or came out non-finite,
+    are 0.0 (the offending value is quoted in `skip_reason`).
     """
 
     loss: float  # the batch's aggregated loss (policy loss + kl_coef · KL)
@@ -75,6 +76,7 @@ class StepResult:
     seconds: float
     skipped: bool
     skip_reason: str | None = None
+    non_finite: bool = False  # skipped because the loss or the gradient norm was NaN or infinite
     sft_loss: float = 0.0  # HPT: token-mean NLL of the switched groups' solutions (0.0 when none)
     sft_groups: int = 0  # HPT: groups trained on their reference solution
     lp_reg_tokens: int = 0  # Lp-Reg: tokens regularised towards the proxy
@@ -237,11 +239,16 @@ class GRPOTrainer:
             "completion_length_mean": float(tensors.lengths.float().mean()),
         }
 
-        def skipped(reason: str, **stats: float) -> StepResult:
+        def skipped(reason: str, non_finite: bool = False, **stats: float) -> StepResult:
             values = {"loss": 0.0, "kl": 0.0, "entropy": 0.0, "clip_fraction": 0.0, "grad_norm": 0.0}
             values.update({name: _finite_or_zero(value) for name, value in stats.items()})
             return StepResult(
-                **values, **summary, seconds=time.perf_counter() - started, skipped=True, skip_reason=reason
+                **values,
+                **summary,
+                seconds=time.perf_counter() - started,
+                skipped=True,
+                skip_reason=reason,
+                non_finite=non_finite,
             )
 
         rows = keep.nonzero().squeeze(-1)
@@ -322,9 +329,9 @@ class GRPOTrainer:
         summary["mismatch_abs_max"] = mismatch["abs_max"]
         summary["mismatch_tokens"] = mismatch["tokens"]
         if nonfinite_loss is not None:
-            return skipped(nonfinite_loss, grad_norm=grad_norm)
+            return skipped(nonfinite_loss, non_finite=True, grad_norm=grad_norm)
         if not applied:
-            return skipped(f"non-finite gradient norm ({grad_norm})", **stats)
+            return skipped(f"non-finite gradient norm ({grad_norm})", non_finite=True, **stats)
         self.policy_version += 1
         return StepResult(**stats, **summary, seconds=time.perf_counter() - started, skipped=False)
 

@@ -206,7 +206,7 @@ class DataConfig(Section):
 
 
 class SolutionCacheConfig(Section):
-    """DeepSearch's adaptive replay: correct tree-found solutions kept per prompt (ALGORITHMS.md §8)."""
+    """DeepSearch's adaptive replay: correct tree-found solutions kept per prompt (docs/algorithms.md §8)."""
 
     enabled: bool = Field(True, description="Cache correct tree-found solutions and mix them into later groups.")
     max_per_prompt: int = Field(4, ge=1, description="Solutions kept per prompt; the oldest policy versions go first.")
@@ -415,7 +415,7 @@ class BufferConfig(Section):
 
 
 class OverlongConfig(Section):
-    """DAPO's overlong reward shaping and overlong filtering (ALGORITHMS.md §3)."""
+    """DAPO's overlong reward shaping and overlong filtering (docs/algorithms.md §3)."""
 
     enabled: bool = Field(
         False,
@@ -444,7 +444,7 @@ class OverlongConfig(Section):
 
 
 class LengthPenaltyConfig(Section):
-    """DLER's truncation length penalty (ALGORITHMS.md §4)."""
+    """DLER's truncation length penalty (docs/algorithms.md §4)."""
 
     enabled: bool = Field(
         False,
@@ -455,7 +455,7 @@ class LengthPenaltyConfig(Section):
 
 
 class LpRegConfig(Section):
-    """Lp-Reg, low-probability regularisation (Huang et al., 2025, arXiv:2510.03222; ALGORITHMS.md §5).
+    """Lp-Reg, low-probability regularisation (Huang et al., 2025, arXiv:2510.03222; docs/algorithms.md §5).
 
     Defaults are the reference recipe's (CarlanLark/Lp-Reg-dev, recipe/lp_reg: minp_p_threshold 0.02,
     logp_neg_k_percent 0.01, ppo_kl_coef 1)."""
@@ -506,7 +506,7 @@ class HintsConfig(Section):
 
 class HPTConfig(Section):
     """HPT: per prompt, the SFT loss of its reference solution instead of the RL loss when its pass rate is low
-    (Lv et al., 2025, arXiv:2509.04419; ALGORITHMS.md §6)."""
+    (Lv et al., 2025, arXiv:2509.04419; docs/algorithms.md §6)."""
 
     enabled: bool = Field(
         False,
@@ -523,7 +523,7 @@ class HPTConfig(Section):
     )
 
 
-#: Advantage estimators of `learner.advantage` and the `advantage_std` each implies (ALGORITHMS.md §1).
+#: Advantage estimators of `learner.advantage` and the `advantage_std` each implies (docs/algorithms.md §1).
 ADVANTAGE_STD = {"grpo": "group", "dr_grpo": "none", "lite_ppo": "batch", "rloo": "none"}
 
 
@@ -630,7 +630,7 @@ class LearnerConfig(Section):
 
 
 class UCBConfig(Section):
-    """DUMP's UCB scheduler over distributions (ALGORITHMS.md §7)."""
+    """DUMP's UCB scheduler over distributions (docs/algorithms.md §7)."""
 
     window: int = Field(
         300, ge=1, description="Recent samples per distribution whose mean |advantage| is its learnability."
@@ -640,7 +640,7 @@ class UCBConfig(Section):
 
 
 class PCLConfig(Section):
-    """PCL's prompt selection by a value model of the policy's pass rate (ALGORITHMS.md §7)."""
+    """PCL's prompt selection by a value model of the policy's pass rate (docs/algorithms.md §7)."""
 
     pool_factor: int = Field(4, ge=1, description="k: candidates drawn per prompt kept (pool of k·B).")
     target: float = Field(0.5, ge=0, le=1, description="τ: keep the candidates whose predicted pass rate is nearest.")
@@ -650,7 +650,7 @@ class PCLConfig(Section):
 
 
 class DifficultyFilterConfig(Section):
-    """Balanced online difficulty filtering (ALGORITHMS.md §7)."""
+    """Balanced online difficulty filtering (docs/algorithms.md §7)."""
 
     enabled: bool = Field(False, description="Drop groups whose pass rate is outside [low, high].")
     low: float = Field(0.2, ge=0, le=1, description="Lowest pass rate kept.")

@@ -130,12 +130,3 @@ class Buffer(Protocol):
         """What `save_state` last kept under `name`, or None."""
 
     def close(self) -> None: ...
-
-
-@runtime_checkable
-class Scheduler(Protocol):
-    """Chooses which prompts to roll out next and learns from the learner's statistics."""
-
-    def next_prompts(self, count: int) -> list[Prompt]: ...
-
-    def observe(self, groups: Sequence[Group], advantages: Sequence[float]) -> None: ...

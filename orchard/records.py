@@ -192,26 +192,3 @@ class Group:
             return cls(prompt=prompt, completions=completions, **payload)
         except (KeyError, TypeError, ValueError) as error:
             raise RecordError(f"group payload is malformed: {error}") from error
-
-
-@dataclass
-class Batch:
-    """Groups handed to the learner for one step."""
-
-    groups: list[Group]
-    learner_version: int
-
-    @property
-    def group_ids(self) -> list[str]:
-        return [g.id for g in self.groups]
-
-    @property
-    def num_completions(self) -> int:
-        return sum(len(g.completions) for g in self.groups)
-
-    @property
-    def num_tokens(self) -> int:
-        return sum(g.num_tokens for g in self.groups)
-
-    def staleness(self) -> list[int]:
-        return [self.learner_version - g.policy_version for g in self.groups]

@@ -325,7 +325,7 @@ class RolloutWorkerCore:
         override the config. A completion's `reward` is its verifier reward, as in `rollout`; its
         source is "tree" and its `token_values` are the scores of the tree steps its tokens belong to
         (from the final tree's node values, unnormalised; the learner uses them with
-        `learner.tree_advantage: node_values`, ALGORITHMS.md §8). A prompt whose search recorded
+        `learner.tree_advantage: node_values`, docs/algorithms.md §8). A prompt whose search recorded
         nothing gets no group.
         """
         self._check_weights()

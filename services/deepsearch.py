@@ -1,6 +1,6 @@
 """DeepSearch in a run: all-fail prompts go to tree search, and what it finds is cached and replayed.
 
-ALGORITHMS.md §8. `SearchRescue` is the `Rescue` of `rollout.strategy: mcts`:
+docs/algorithms.md §8. `SearchRescue` is the `Rescue` of `rollout.strategy: mcts`:
 
 - **Routing** (`wants`): a prompt whose plain group failed every sample is queued for tree search
   (`RolloutWorkerCore.search`) while the search's generated tokens are at most

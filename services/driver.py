@@ -1,21 +1,20 @@
 """The driver: wires prompt sources, rollout workers, verifiers, the buffer and the learner.
 
-One loop, asynchronous by default. Rollout calls and learner steps are Ray calls kept in flight
-together; the loop wakes on whichever finishes first:
+The run loop itself (`services.run.loop.RunLoop`) keeps rollout calls, a learner step and weight pushes
+in flight together and wakes on whichever finishes first; what it may issue is the admission gate's
+rule (`services.run.admission`: bounded staleness and backpressure; with `max_staleness: 0` the loop is
+synchronous). The driver is the loop's `RunPort`, with Ray actors behind it:
 
 - a rollout result: groups are filtered (dynamic sampling), recorded in the prompt statistics and
   put in the buffer;
-- a learner result: its batch is acknowledged, the new weights are published through the object
-  store and pushed to every worker (which swaps them between generation calls);
-- then it issues new work: a learner step when the buffer holds a batch of fresh-enough groups,
-  and a rollout on every idle worker whose samples could still be used (`max_staleness`).
-
-With `max_staleness: 0` the gating makes the loop synchronous: no rollout runs while the learner
-trains, and every batch comes from the current policy.
+- a learner result: its batch waits for the next checkpoint's acknowledgement, the new weights are
+  published through the object store and pushed to every worker (which swaps them between
+  generation calls);
+- a dead worker or learner is replaced (the learner from the last checkpoint).
 
 The loop obeys a `RunControl` (the control plane's requests) at step boundaries: while the run is
 not `running` no new rollout or learner step is issued; what is in flight completes (its groups
-reach the buffer, its learner step is acknowledged and its weights pushed), then a pausing run
+reach the buffer, its learner step is recorded and its weights pushed), then a pausing run
 waits as `paused` and a stopping one ends with a final checkpoint and summary. Every figure is
 recorded in the run's `RunMetrics`, which the control plane serves at `/metrics`.
 """
@@ -26,6 +25,7 @@ import random
 import sys
 import time
 from collections import Counter, defaultdict
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from statistics import fmean
@@ -34,6 +34,7 @@ from typing import Any
 import ray
 import torch
 
+from learner.trainer import StepResult
 from orchard.config import RunConfig
 from orchard.protocols import Buffer
 from orchard.records import Group
@@ -42,19 +43,22 @@ from rollout.tokenizer import load_tokenizer
 from rollout.weight_broadcast import BroadcastTicket
 from rollout.worker import RolloutResult, RolloutWorker, RolloutWorkerCore
 from services.buffer.factory import make_buffer
-from services.checkpoints import DriverState, checkpoint_path, latest_checkpoint, prune_checkpoints, read_step
 from services.control.run_control import RunControl, RunState, WeightVersionConflict
 from services.curriculum.filtering import REASONS as FILTER_REASONS
 from services.curriculum.sampler import PromptSampler
 from services.deepsearch import RescoreFailed, SearchRescue, is_tree_group
 from services.evaluation import WorkerEvaluator, evaluate_by_distribution
-from services.learner_actor import create_learner
+from services.learner_actor import LearnerStep, create_learner
 from services.metrics import RunMetrics
 from services.placement import reserve, rollout_options
 from services.rescue import RescueQueue, build_rescues
+from services.run import loop
+from services.run.admission import AdmissionGate
+from services.run.checkpoints import Checkpoints, DriverState, latest_checkpoint, read_step
+from services.run.loop import InFlight, LoopStalled, Rollout, RunLoop, Step, WeightPush, WorkerDied
 from services.run_dir import RunDirectory
 from services.samples import SampleKeeper, sample_records
-from services.supervision import NonFiniteGuard, is_non_finite
+from services.supervision import NonFiniteGuard
 from services.trackers import Trackers
 from services.warmstart import warm_start
 from services.weight_sync import WeightSync, form_broadcast_group
@@ -82,7 +86,7 @@ LEARNER_OPTION_STATS = (
 )
 
 
-class LearnerDied(DriverError):
+class LearnerDied(DriverError, loop.LearnerDied):
     """The learner actor's process died (the loop restarts it from the last checkpoint)."""
 
 
@@ -125,8 +129,12 @@ class Driver:
         control: RunControl | None = None,
         metrics: RunMetrics | None = None,
         resume: bool = False,
+        stop_when: Callable[[Throughput], str | None] | None = None,
     ) -> None:
-        """`resume`: continue `run_dir` from its newest checkpoint instead of starting afresh."""
+        """`resume`: continue `run_dir` from its newest checkpoint instead of starting afresh. `stop_when`:
+        asked after every rollout with the run's counters; a reason it returns stops the run (as a stop
+        request does: what is in flight completes, then a final checkpoint)."""
+        self.stop_when = stop_when
         self.config = config
         self.resume = resume
         self.run_dir = run_dir
@@ -143,13 +151,15 @@ class Driver:
         self._starvation_notice_at = 0
         self.staleness_seen: list[int] = []
         self.stopped_reason: str | None = None
-        self.checkpoints: list[str] = []
+        self._checkpoints: Checkpoints | None = None  # opens with the buffer
         self._last_record: dict[str, Any] | None = None
-        self._unacknowledged: list[str] = []  # trained since the last checkpoint; acknowledged by the next
         self.resumed_from: str | None = None
         self.deepsearch: SearchRescue | None = None  # rollout.strategy 'mcts'
         self.prompt_format = PromptFormat.from_config(config.data)
         self.trackers = Trackers([])  # the configured ones open when the run starts
+        self._scheduled: dict[str, int] = {}  # worker -> the newest version sent to it
+        self._deadline: float | None = None  # max_minutes, as a time.perf_counter() value
+        self._progress = None  # the progress bar, when shown
 
     # ----------------------------------------------------------------------------- set-up
     def _setup(self) -> None:
@@ -168,6 +178,9 @@ class Driver:
             config.buffer, namespace=self.run_dir.run_id, directory=self.run_dir.path / "redis"
         )
         self.run_dir.event(f"buffer: {type(self.buffer).__name__}")
+        self._checkpoints = Checkpoints(
+            self.run_dir, self.buffer, self._save_learner, keep_last=config.checkpoint.keep_last
+        )
         self.sampler = PromptSampler(
             self.pool,
             config.curriculum,
@@ -311,142 +324,125 @@ class Driver:
 
     def _loop(self) -> None:
         config = self.config
-        batch_groups = config.learner.groups_per_step
-        staleness = config.buffer.max_staleness
-        capacity = batch_groups if staleness == 0 else max(config.buffer.capacity_groups, batch_groups)
-        deadline = time.perf_counter() + config.max_minutes * 60 if config.max_minutes else None
-        scheduled_version = dict.fromkeys(self.workers, self.policy_version)
-        # ref -> (worker, its actor, the prompts it was given, "sample" or the name of the rescue)
-        rollouts: dict[Any, tuple[str, Any, list, str]] = {}
-        inflight_groups = 0
-        learner_call: tuple[Any, list[Group], float] | None = None
-        syncs: dict[Any, tuple[str, Any, int]] = {}  # ref -> (worker, its actor, the version sent)
-        progress = self._progress_bar()
-        last_weights_ref = self.weight_sync.latest.ref
+        self._deadline = time.perf_counter() + config.max_minutes * 60 if config.max_minutes else None
+        self._scheduled = dict.fromkeys(self.workers, self.policy_version)
+        self._progress = self._progress_bar()
+        try:
+            RunLoop(self, AdmissionGate.from_config(config), self.control, self._done).run()
+        except LoopStalled as error:
+            raise DriverError(str(error)) from error
+        if self._progress is not None:
+            self._progress.close()
 
-        def restart_learner(error: BaseException) -> Any:
-            """The learner died: a new one from the last checkpoint, its weights pushed to every worker."""
-            weights_ref = self._replace_learner(error)
-            for sync_ref, worker in self.weight_sync.push(self.workers).items():
-                syncs[sync_ref] = (worker, self.workers[worker], self.policy_version)
-                scheduled_version[worker] = self.policy_version
-            return weights_ref
+    def _done(self) -> bool:
+        if self.step >= self.config.max_steps:
+            return True
+        if self._deadline is not None and time.perf_counter() > self._deadline:
+            self.stopped_reason = "max_minutes"
+            return True
+        return False
 
-        def done() -> bool:
-            if self.step >= config.max_steps:
-                return True
-            if deadline is not None and time.perf_counter() > deadline:
-                self.stopped_reason = "max_minutes"
-                return True
-            return False
+    # ----------------------------------------------------------------------------- the loop's port (RunPort)
+    def scheduled_versions(self) -> dict[str, int]:
+        return self._scheduled
 
-        while True:
-            finishing = done() or self.control.stop_requested()
-            working = not finishing and self.control.may_start_work()
-            if learner_call is None and working:
-                minimum = self.policy_version - staleness
-                if self.buffer.ready_count(min_policy_version=minimum) >= batch_groups:
-                    groups = self.buffer.take(batch_groups, min_policy_version=minimum)
-                    learner_call = (self.learner.train_step.remote(groups), groups, time.perf_counter())
-            if working:
-                target = self.policy_version + (1 if learner_call else 0)
-                busy = {name for name, *_ in rollouts.values()}
-                for name, actor in self.workers.items():
-                    if name in busy:
-                        continue
-                    if scheduled_version[name] < target - staleness:
-                        continue
-                    ready = self.buffer.ready_count(min_policy_version=target - staleness)
-                    if ready + inflight_groups >= capacity:
-                        break
-                    kind, prompts = self._next_rollout()
-                    rollouts[self._submit(kind, actor, prompts)] = (name, actor, prompts, kind)
-                    inflight_groups += len(prompts)
-            pending = list(rollouts) + list(syncs) + ([learner_call[0]] if learner_call else [])
-            if not pending:
-                if finishing:
-                    break
-                if self.control.settle_pause():
-                    self._wait_while_paused(progress)
-                    continue
-                if not working and self.control.may_start_work():
-                    continue  # resumed between this iteration's checks
-                if working:
-                    raise DriverError(
-                        "the driver has nothing in flight and can issue no work: "
-                        f"buffer {self.buffer.stats()}, batch of {batch_groups} groups, capacity {capacity}"
-                    )
-                continue
-            ready_refs, _ = ray.wait(pending, num_returns=1)
-            ref = ready_refs[0]
-            if ref in rollouts:
-                worker, actor, prompts, kind = rollouts.pop(ref)
-                try:
-                    result = ray.get(ref)
-                except ray.exceptions.RayActorError as error:
-                    # the worker died: a new one gets the newest weights and the same prompts again
-                    actor = self._replace_worker(worker, actor, error)
-                    scheduled_version[worker] = self.weight_sync.worker_versions[worker]
-                    rollouts[self._submit(kind, actor, prompts)] = (worker, actor, prompts, kind)
-                    continue
-                except ray.exceptions.RayError as error:
-                    raise DriverError(f"rollout worker {worker} failed: {error}") from error
-                inflight_groups -= len(prompts)
-                self._on_rollout(result, kind)
-            elif ref in syncs:
-                worker, actor, version = syncs.pop(ref)
-                try:
-                    confirmed = ray.get(ref)
-                except ray.exceptions.RayError as error:
-                    if not self._alive(actor):
-                        self._replace_worker(worker, actor, error)
-                        scheduled_version[worker] = self.weight_sync.worker_versions[worker]
-                        continue
-                    if version < self.weight_sync.latest.version or not self._alive(self.learner):
-                        # the weights of a learner that died before handing them over: superseded, or
-                        # about to be, once its failed step brings up a new learner
-                        self.run_dir.event(f"weight sync of version {version} to {worker} failed: {error}")
-                        continue
-                    raise DriverError(f"weight sync to {worker} failed: {error}") from error
-                seconds = self.weight_sync.confirm(worker, confirmed["version"])
-                self.metrics.observe_worker_version(worker, self.weight_sync.worker_versions[worker])
-                if seconds is not None:
-                    self._last_sync_seconds = seconds
-                    self.metrics.observe_weight_sync(seconds)
-            else:
-                _, groups, started = learner_call
-                learner_call = None
-                try:
-                    result = ray.get(ref)
-                except ray.exceptions.RayActorError as error:
-                    last_weights_ref = restart_learner(error)
-                    continue
-                except ray.exceptions.RayError as error:
-                    raise DriverError(f"learner failed: {error}") from error
-                self.throughput.learner_busy_seconds += time.perf_counter() - started
-                self._unacknowledged.extend(g.id for g in groups)
-                if not result["skipped"]:
-                    weights_ref = self._export_weights(result["policy_version"])
-                    self.weight_sync.publish(result["policy_version"], weights_ref)
-                    self._announce(result["policy_version"], weights_ref)
-                    for sync_ref, worker in self.weight_sync.push(self.workers).items():
-                        syncs[sync_ref] = (worker, self.workers[worker], result["policy_version"])
-                        scheduled_version[worker] = result["policy_version"]
-                    last_weights_ref = weights_ref
-                self._on_learner_step(result, groups, last_weights_ref)
-                self._guard_non_finite(result, groups)
-                try:
-                    if self.control.take_checkpoint_request():
-                        self._checkpoint("requested")
-                    elif config.checkpoint.every_steps and self.step % config.checkpoint.every_steps == 0:
-                        self._checkpoint("periodic")
-                except LearnerDied as error:
-                    last_weights_ref = restart_learner(error)
-                if progress is not None:
-                    progress.update(1)
-                    progress.set_postfix(self._postfix(), refresh=False)
-        if progress is not None:
-            progress.close()
+    def fresh_ready(self, min_policy_version: int) -> int:
+        return self.buffer.ready_count(min_policy_version=min_policy_version)
+
+    def start_step(self, count: int, min_policy_version: int) -> Step:
+        groups = self.buffer.take(count, min_policy_version=min_policy_version)
+        return Step(groups, time.perf_counter(), self.learner.train_step.remote(groups))
+
+    def start_rollout(self, worker: str, again: Rollout | None = None) -> Rollout:
+        kind, prompts = (again.kind, again.prompts) if again is not None else self._next_rollout()
+        handle = self._submit(kind, self.workers[worker], prompts)
+        return Rollout(worker, kind, prompts, handle, incarnation=self.worker_restarts[worker])
+
+    def wait(self, calls: Sequence[InFlight]) -> InFlight:
+        by_handle = {call.handle: call for call in calls}
+        ready, _ = ray.wait(list(by_handle), num_returns=1)
+        return by_handle[ready[0]]
+
+    def finish_rollout(self, call: Rollout) -> None:
+        try:
+            result = ray.get(call.handle)
+        except ray.exceptions.RayActorError as error:
+            raise WorkerDied(str(error)) from error
+        except ray.exceptions.RayError as error:
+            raise DriverError(f"rollout worker {call.worker} failed: {error}") from error
+        self._on_rollout(result, call.kind)
+
+    def replace_worker(self, call: Rollout | WeightPush, error: BaseException) -> None:
+        """`call`'s worker died: a new one, unless an earlier report about the same process replaced it."""
+        if call.incarnation == self.worker_restarts[call.worker]:
+            self._replace_worker(call.worker, error)
+        self._scheduled[call.worker] = self.weight_sync.worker_versions[call.worker]
+
+    def finish_push(self, call: WeightPush) -> None:
+        try:
+            confirmed = ray.get(call.handle)
+        except ray.exceptions.RayError as error:
+            if call.incarnation != self.worker_restarts[call.worker] or not self._alive(self.workers[call.worker]):
+                self.replace_worker(call, error)
+                return
+            if call.version < self.weight_sync.latest.version or not self._alive(self.learner):
+                # the weights of a learner that died before handing them over: superseded, or
+                # about to be, once its failed step brings up a new learner
+                self.run_dir.event(f"weight sync of version {call.version} to {call.worker} failed: {error}")
+                return
+            raise DriverError(f"weight sync to {call.worker} failed: {error}") from error
+        seconds = self.weight_sync.confirm(call.worker, confirmed["version"])
+        self.metrics.observe_worker_version(call.worker, self.weight_sync.worker_versions[call.worker])
+        if seconds is not None:
+            self._last_sync_seconds = seconds
+            self.metrics.observe_weight_sync(seconds)
+
+    def finish_step(self, call: Step) -> list[WeightPush]:
+        try:
+            step: LearnerStep = ray.get(call.handle)
+        except ray.exceptions.RayActorError as error:
+            raise LearnerDied(f"the learner died during step {self.step + 1}: {error}") from error
+        except ray.exceptions.RayError as error:
+            raise DriverError(f"learner failed: {error}") from error
+        self.throughput.learner_busy_seconds += time.perf_counter() - call.started
+        self._checkpoints.trained(g.id for g in call.groups)
+        pushes: list[WeightPush] = []
+        if not step.result.skipped:
+            weights_ref = self._export_weights(step.policy_version)
+            self.weight_sync.publish(step.policy_version, weights_ref)
+            self._announce(step.policy_version, weights_ref)
+            pushes = self._push(step.policy_version)
+        self._on_learner_step(step, call.groups, self.weight_sync.latest.ref)
+        self._guard_non_finite(step.result, call.groups)
+        if self._progress is not None:
+            self._progress.update(1)
+            self._progress.set_postfix(self._postfix(), refresh=False)
+        return pushes
+
+    def at_step_boundary(self) -> None:
+        every = self.config.checkpoint.every_steps
+        if self.control.take_checkpoint_request():
+            self._checkpoint("requested")
+        elif every and self.step % every == 0:
+            self._checkpoint("periodic")
+
+    def replace_learner(self, error: BaseException) -> list[WeightPush]:
+        self._replace_learner(error)
+        return self._push(self.policy_version)
+
+    def wait_while_paused(self) -> None:
+        self._wait_while_paused(self._progress)
+
+    def describe(self) -> str:
+        return f"buffer {self.buffer.stats()}"
+
+    def _push(self, version: int) -> list[WeightPush]:
+        """Send the latest published weights (`version`) to every worker."""
+        pushes = []
+        for handle, worker in self.weight_sync.push(self.workers).items():
+            pushes.append(WeightPush(worker, version, handle, incarnation=self.worker_restarts[worker]))
+            self._scheduled[worker] = version
+        return pushes
 
     @staticmethod
     def _alive(actor: Any) -> bool:
@@ -481,7 +477,7 @@ class Driver:
             step = read_step(checkpoint)
         version = self._get(self.learner.renumber.remote(self.weight_sync.version + 1), "learner renumber")
         requeued = self.buffer.requeue_pending()
-        self._unacknowledged = []
+        self._checkpoints.forget_trained()
         self.step, self.policy_version = step, version
         self.run_dir.truncate_metrics(step)
         self.run_dir.event(
@@ -495,17 +491,17 @@ class Driver:
         self._announce(version, weights_ref)
         return weights_ref
 
-    def _guard_non_finite(self, result: dict[str, Any], groups: list[Group]) -> None:
+    def _guard_non_finite(self, result: StepResult, groups: list[Group]) -> None:
         """Log a step skipped for non-finite values with its batch; fail the run after too many in a row."""
-        if is_non_finite(result.get("skip_reason")):
+        if result.non_finite:
             ids = ", ".join(g.id for g in groups)
-            self.run_dir.event(f"learner step {self.step} skipped: {result['skip_reason']}; batch: {ids}")
+            self.run_dir.event(f"learner step {self.step} skipped: {result.skip_reason}; batch: {ids}")
             self.metrics.skipped_steps.labels(reason="non_finite").inc()
-        if self.non_finite.observe(result.get("skip_reason")):
+        if self.non_finite.observe(result):
             raise DriverError(
                 f"{self.non_finite.consecutive} learner steps in a row had non-finite loss or gradients "
                 f"(supervision.max_nonfinite_steps={self.non_finite.limit}); the weights were left unchanged; "
-                f"last: {result['skip_reason']}"
+                f"last: {result.skip_reason}"
             )
 
     def _export_weights(self, version: int) -> Any:
@@ -552,15 +548,11 @@ class Driver:
             prompt_format=self.prompt_format,
         )
 
-    def _replace_worker(self, name: str, dead: Any, error: BaseException) -> Any:
+    def _replace_worker(self, name: str, error: BaseException) -> Any:
         """Start a new actor for a rollout worker that died and load the newest weights into it.
 
-        Gives up, failing the run, after `supervision.max_worker_restarts` restarts of one worker. A
-        second failure report about the same dead actor (a rollout and a weight sync both in flight)
-        restarts nothing.
+        Gives up, failing the run, after `supervision.max_worker_restarts` restarts of one worker.
         """
-        if self.workers[name] is not dead:
-            return self.workers[name]
         limit = self.config.supervision.max_worker_restarts
         if self.worker_restarts[name] >= limit:
             raise DriverError(
@@ -606,24 +598,8 @@ class Driver:
             self.run_dir.event(f"weight announcement of version {version} refused: {conflict}")
 
     def _checkpoint(self, why: str) -> str:
-        """Commit the run at this step boundary (the learner is idle here).
-
-        Writes the learner's state (DeepSpeed checkpoint and Hugging Face model) and the driver's
-        counters, then acknowledges the groups trained since the last checkpoint: a run resumed from
-        here gets back, from the buffer's pending set, exactly the groups trained after it.
-        `driver.json` is written last; a checkpoint without it is incomplete and never resumed from.
-        """
-        path = checkpoint_path(self.run_dir, self.step)
-        if str(path) in self.checkpoints:
-            return str(path)
-        started = time.perf_counter()
-        try:
-            ray.get(self.learner.save_checkpoint.remote(str(path)))
-        except ray.exceptions.RayActorError as error:
-            raise LearnerDied(f"the learner died while checkpointing step {self.step}: {error}") from error
-        except ray.exceptions.RayError as error:
-            raise DriverError(f"learner checkpoint failed: {error}") from error
-        DriverState(
+        """Commit the run at this step boundary (the learner is idle here): see `Checkpoints.commit`."""
+        state = DriverState(
             step=self.step,
             policy_version=self.policy_version,
             filtered=self.filtered,
@@ -631,22 +607,22 @@ class Driver:
             initial_eval=self.initial_eval,
             warm_start=self.warm_start_info,
             curriculum=self.sampler.state_dict(),
-        ).write(self.run_dir, path)
-        self.buffer.ack(self._unacknowledged)
-        acknowledged, self._unacknowledged = len(self._unacknowledged), []
-        self.checkpoints.append(str(path))
-        self._prune_checkpoints()
-        self.run_dir.event(
-            f"checkpoint ({why}) at step {self.step}: {path} in {time.perf_counter() - started:.1f} s, "
-            f"{acknowledged} trained groups acknowledged"
         )
-        return str(path)
+        return self._checkpoints.commit(state, why)
 
-    def _prune_checkpoints(self) -> None:
-        """Delete all but the newest `checkpoint.keep_last` complete checkpoints (and incomplete older ones)."""
-        for directory in prune_checkpoints(self.run_dir, self.config.checkpoint.keep_last):
-            if str(directory) in self.checkpoints:
-                self.checkpoints.remove(str(directory))
+    def _save_learner(self, path: Path) -> None:
+        """The learner's DeepSpeed checkpoint and Hugging Face model, into `path`."""
+        try:
+            ray.get(self.learner.save_checkpoint.remote(str(path)))
+        except ray.exceptions.RayActorError as error:
+            raise LearnerDied(f"the learner died while checkpointing step {self.step}: {error}") from error
+        except ray.exceptions.RayError as error:
+            raise DriverError(f"learner checkpoint failed: {error}") from error
+
+    @property
+    def checkpoints(self) -> list[str]:
+        """This run's complete checkpoints, oldest first."""
+        return list(self._checkpoints.paths) if self._checkpoints is not None else []
 
     def _restore(self, checkpoint: Path) -> dict[str, torch.Tensor]:
         """The driver's and the curriculum's state at `checkpoint`; returns the policy weights saved there."""
@@ -660,7 +636,7 @@ class Driver:
         self.initial_eval = saved.initial_eval
         self.warm_start_info = saved.warm_start
         self.sampler.load_state_dict(saved.curriculum)  # as it was at the checkpoint, not later
-        self.checkpoints = [str(checkpoint)]
+        self._checkpoints.resumed(checkpoint)
         self.resumed_from = str(checkpoint)
         kept = self.run_dir.truncate_metrics(self.step)
         self.run_dir.event(f"metrics.jsonl kept its {kept} records up to step {self.step}")
@@ -691,6 +667,10 @@ class Driver:
         rescue's groups are not the policy's own pass rate on the prompt)."""
         self.throughput.generated_tokens += result.generated_tokens
         self.throughput.generated_groups += len(result.groups)
+        if self.stop_when is not None and self.control.may_start_work():
+            reason = self.stop_when(self.throughput)
+            if reason is not None:
+                self.control.request_stop(reason)
         self.metrics.observe_rollout(result.worker, result.generated_tokens, len(result.groups))
         for message in result.verifier_errors[:3]:
             self.run_dir.event(f"verifier error on {result.worker}: {message}")
@@ -798,9 +778,10 @@ class Driver:
             f"search share of generated tokens {counts.tokens / max(1, counts.tokens + counts.plain_tokens):.2f}"
         )
 
-    def _on_learner_step(self, result: dict[str, Any], groups: list[Group], weights_ref: Any) -> None:
+    def _on_learner_step(self, step: LearnerStep, groups: list[Group], weights_ref: Any) -> None:
+        result = step.result
         learner_version_before = self.policy_version
-        self.policy_version = result["policy_version"]
+        self.policy_version = step.policy_version
         self.step += 1
         self._filtered_since_step.clear()
         self._starvation_notice_at = 0
@@ -822,16 +803,16 @@ class Driver:
             "step": self.step,
             "policy_version": self.policy_version,
             "elapsed_seconds": wall,
-            "loss": result["loss"],
-            "kl": result.get("kl"),
-            "entropy": result.get("entropy"),
-            "clip_fraction": result.get("clip_fraction"),
-            "grad_norm": result.get("grad_norm"),
-            "skipped": result["skipped"],
-            "learner_step_seconds": result["seconds"],
+            "loss": result.loss,
+            "kl": result.kl,
+            "entropy": result.entropy,
+            "clip_fraction": result.clip_fraction,
+            "grad_norm": result.grad_norm,
+            "skipped": result.skipped,
+            "learner_step_seconds": result.seconds,
             "reward_mean": fmean(r for g in groups for r in g.rewards),
             "reward_by_distribution": {d: fmean(v) for d, v in sorted(rewards_by_distribution.items())},
-            "advantage_abs_mean": result.get("advantages_abs_mean"),
+            "advantage_abs_mean": result.advantages_abs_mean,
             "staleness_mean": fmean(staleness),
             "staleness_max": max(staleness),
             "buffer": self.buffer.stats(),
@@ -850,7 +831,7 @@ class Driver:
             "eval_accuracy": None,
         }
         # what the learner's algorithm options did this step (0 when an option is off)
-        record.update({key: result.get(key, 0) for key in LEARNER_OPTION_STATS})
+        record.update({key: getattr(result, key) for key in LEARNER_OPTION_STATS})
         if self.deepsearch is not None:
             record["deepsearch"] = self.deepsearch.counts.as_dict()
             record["tree_groups_trained"] = sum(is_tree_group(g) for g in groups)
@@ -873,16 +854,14 @@ class Driver:
         self.metrics.observe_step(
             step=self.step,
             policy_version=self.policy_version,
-            seconds=result["seconds"],
-            loss=result["loss"],
-            kl=result.get("kl"),
-            entropy=result.get("entropy"),
+            seconds=result.seconds,
+            loss=result.loss,
+            kl=result.kl,
+            entropy=result.entropy,
             reward_by_distribution=record["reward_by_distribution"],
             staleness=staleness,
             learner_idle_fraction=record["learner_idle_fraction"],
-            mismatch=(result.get("mismatch_k3", 0.0), result.get("mismatch_abs_mean", 0.0))
-            if result.get("mismatch_tokens")
-            else None,
+            mismatch=(result.mismatch_k3, result.mismatch_abs_mean) if result.mismatch_tokens else None,
         )
         self.metrics.observe_buffer(self.buffer.ready_count(), self.buffer.pending_count())
 

@@ -1,4 +1,4 @@
-"""Hints for all-fail prompts in a run (Guide, arXiv:2506.13923; Scaf-GRPO, arXiv:2510.19807; ALGORITHMS.md §6).
+"""Hints for all-fail prompts in a run (Guide, arXiv:2506.13923; Scaf-GRPO, arXiv:2510.19807; docs/algorithms.md §6).
 
 `HintRescue` is the `Rescue` of `learner.hints.enabled`: a prompt whose plain group failed every
 sample and that carries hints (procedural tasks do; JSONL lines may) is queued, and an idle worker

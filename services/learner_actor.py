@@ -15,14 +15,26 @@ import os
 import socket
 import time
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import ray
 import torch
 
+from learner.trainer import StepResult
 from orchard.config import RunConfig
 from orchard.records import Group
 from services import weight_store
+
+
+@dataclass(frozen=True)
+class LearnerStep:
+    """What the learner actor returns for one step: the trainer's result, the policy version the
+    learner holds after it (unchanged by a skipped step) and the call's own seconds."""
+
+    result: StepResult
+    policy_version: int
+    actor_seconds: float
 
 
 def collective(method: Callable[..., Any]) -> Callable[..., Any]:
@@ -110,15 +122,12 @@ class LearnerCore:
             self.trainer.export_weights()
 
     @collective
-    def train_step(self, groups: Sequence[Group]) -> dict[str, Any]:
+    def train_step(self, groups: Sequence[Group]) -> LearnerStep:
         started = time.perf_counter()
         result = self.trainer.train_step(groups)
         if not result.skipped:
             self.version += 1
-        record = dict(vars(result))
-        record["policy_version"] = self.version
-        record["actor_seconds"] = time.perf_counter() - started
-        return record
+        return LearnerStep(result, self.version, time.perf_counter() - started)
 
     @collective
     def export_weights(self) -> Any:

@@ -1,4 +1,4 @@
-"""DeepSearch's adaptive replay: correct solutions found by tree search, cached per prompt (ALGORITHMS.md §8).
+"""DeepSearch's adaptive replay: correct solutions found by tree search, cached per prompt (docs/algorithms.md §8).
 
 Reference: smiles724/DeepSearch, `deepsearch/register_replay_buffer.py` (a prompt's correct responses are
 registered when `0 < acc ≤ buffer_register_threshold`, default 0.25) and

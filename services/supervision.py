@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-
-def is_non_finite(skip_reason: str | None) -> bool:
-    """True for a learner step skipped because its loss or gradients were NaN or infinite."""
-    return skip_reason is not None and skip_reason.startswith("non-finite")
+if TYPE_CHECKING:
+    from learner.trainer import StepResult
 
 
 @dataclass
@@ -23,12 +22,12 @@ class NonFiniteGuard:
     total: int = 0
     reasons: list[str] = field(default_factory=list)
 
-    def observe(self, skip_reason: str | None) -> bool:
+    def observe(self, result: StepResult) -> bool:
         """Record one learner step's outcome; True when the run must give up."""
-        if not is_non_finite(skip_reason):
+        if not result.non_finite:
             self.consecutive = 0
             return False
         self.consecutive += 1
         self.total += 1
-        self.reasons.append(skip_reason)
+        self.reasons.append(result.skip_reason or "non-finite")
         return self.limit > 0 and self.consecutive >= self.limit

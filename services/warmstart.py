@@ -74,6 +74,7 @@ def warm_start(config: RunConfig, pool: PromptPool, log=print) -> tuple[dict[str
                     lr=config.warmstart.lr,
                     seed=warm_start_seed(config),
                     log_every=max(1, config.warmstart.steps // 5),
+                    log=log,
                 )
             )
 

@@ -1,4 +1,4 @@
-"""DeepSearch's tree rules: Monte Carlo tree search over reasoning steps (ALGORITHMS.md §8).
+"""DeepSearch's tree rules: Monte Carlo tree search over reasoning steps (docs/algorithms.md §8).
 
 Source: Wu et al., 2025, "DeepSearch: Overcome the Bottleneck of Reinforcement Learning with Verifiable
 Rewards via Monte Carlo Tree Search"; reference code smiles724/DeepSearch, `deepsearch/utils/mcts.py`

@@ -26,11 +26,11 @@ def make_buffer(
     """
     namespace = config.namespace or namespace
     if config.backend == "memory":
-        return MemoryBuffer(max_staleness=config.max_staleness), None
+        return MemoryBuffer(), None
     if config.redis_url:
         return _redis_buffer(config, config.redis_url, namespace), None
     if config.backend == "auto" and find_redis_server() is None:
-        return MemoryBuffer(max_staleness=config.max_staleness), None
+        return MemoryBuffer(), None
     if find_redis_server() is None:
         raise FileNotFoundError(
             f"buffer.backend 'redis' without buffer.redis_url needs a redis-server executable, and none is on PATH; "
@@ -45,4 +45,4 @@ def make_buffer(
 
 
 def _redis_buffer(config: BufferConfig, url: str, namespace: str) -> RedisBuffer:
-    return RedisBuffer(url, namespace, max_staleness=config.max_staleness, reconnect_seconds=config.reconnect_seconds)
+    return RedisBuffer(url, namespace, reconnect_seconds=config.reconnect_seconds)

@@ -33,8 +33,7 @@ class _Pending:
 class MemoryBuffer:
     """The replay buffer in this process's memory; lost when the process ends."""
 
-    def __init__(self, max_staleness: int = 1) -> None:
-        self.max_staleness = max_staleness  # kept for callers; `take` receives the minimum version itself
+    def __init__(self) -> None:
         self._lock = threading.Lock()
         self._ready: dict[int, dict[str, bytes]] = {}  # policy version -> group id -> bytes, in put order
         self._ready_version: dict[str, int] = {}  # group id -> policy version, for every ready group

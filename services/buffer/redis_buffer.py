@@ -243,11 +243,10 @@ class BufferUnavailable(RuntimeError):
 class RedisBuffer:
     """The replay buffer in Redis: survives the driver and the learner, and (with AOF) Redis restarts."""
 
-    def __init__(self, url: str, namespace: str, *, max_staleness: int, reconnect_seconds: float = 30.0) -> None:
+    def __init__(self, url: str, namespace: str, *, reconnect_seconds: float = 30.0) -> None:
         self.url = url
         self._shown_url = _without_password(url)  # for messages and logs
         self.namespace = namespace
-        self.max_staleness = max_staleness  # kept for callers; `take` receives the minimum version itself
         self.reconnect_seconds = reconnect_seconds
         self.retries = 0  # calls repeated after a lost connection, for tests and diagnostics
         self._previous_take_key: str | None = None

@@ -64,28 +64,28 @@ def test_overlong_lp_reg_hpt_and_hints_together(ray_local, tmp_path, warm_cache)
     results, trained = [], []
     on_learner_step = driver._on_learner_step
 
-    def spy(result, groups, weights_ref):
-        results.append(result)
+    def spy(step, groups, weights_ref):
+        results.append(step.result)
         trained.extend(groups)
-        return on_learner_step(result, groups, weights_ref)
+        return on_learner_step(step, groups, weights_ref)
 
     driver._on_learner_step = spy
     summary = driver.run()
 
     assert summary["steps"] == 6
-    assert all(math.isfinite(result["loss"]) for result in results)
-    assert sum(not result["skipped"] for result in results) >= 5
+    assert all(math.isfinite(result.loss) for result in results)
+    assert sum(not result.skipped for result in results) >= 5
     # HPT: all-fail groups reached the learner despite dynamic sampling and trained on their solution
-    assert sum(result["sft_groups"] for result in results) > 0
-    assert any(result["sft_loss"] > 0 for result in results)
+    assert sum(result.sft_groups for result in results) > 0
+    assert any(result.sft_loss > 0 for result in results)
     # hints: hinted groups were sampled and trained against the bare prompt
     hinted = [g for g in trained if any(c.source == "hint" for c in g.completions)]
-    assert hinted and sum(result["hinted_sequences"] for result in results) > 0
+    assert hinted and sum(result.hinted_sequences for result in results) > 0
     tokenizer = CharTokenizer()
     for group in hinted:
         assert tokenizer.decode(group.prompt_token_ids) == group.prompt.text  # the bare prompt, no hint
     # Lp-Reg regularised some low-probability negative tokens
-    assert sum(result["lp_reg_tokens"] for result in results) > 0
+    assert sum(result.lp_reg_tokens for result in results) > 0
     records = run_dir.read_metrics()
     assert [record["step"] for record in records] == [1, 2, 3, 4, 5, 6]
-    assert sum(record["sft_groups"] for record in records) == sum(result["sft_groups"] for result in results)
+    assert sum(record["sft_groups"] for record in records) == sum(result.sft_groups for result in results)

@@ -45,10 +45,10 @@ def make_group(version: int = 0, *, size: int = 8, tokens: int = 16, distributio
 @pytest.fixture(params=["memory", "redis"])
 def buffer(request) -> Buffer:
     if request.param == "memory":
-        yield MemoryBuffer(max_staleness=1)
+        yield MemoryBuffer()
         return
     server: RedisServer = request.getfixturevalue("redis_server")
-    redis_buffer = RedisBuffer(server.url, f"test-{uuid.uuid4().hex[:8]}", max_staleness=1, reconnect_seconds=5)
+    redis_buffer = RedisBuffer(server.url, f"test-{uuid.uuid4().hex[:8]}", reconnect_seconds=5)
     yield redis_buffer
     redis_buffer.close()
 
@@ -266,7 +266,7 @@ def test_an_unreachable_redis_at_start_is_buffer_unavailable_naming_the_url():
     url = f"redis://127.0.0.1:{free_port()}/0"
     started = time.monotonic()
     with pytest.raises(BufferUnavailable) as raised:
-        RedisBuffer(url, "nowhere", max_staleness=1, reconnect_seconds=1.0)
+        RedisBuffer(url, "nowhere", reconnect_seconds=1.0)
     elapsed = time.monotonic() - started
     assert 0.9 <= elapsed < 3.0
     assert url in str(raised.value) and "redis-server" in str(raised.value)
@@ -275,13 +275,13 @@ def test_an_unreachable_redis_at_start_is_buffer_unavailable_naming_the_url():
 def test_the_error_never_shows_a_password_in_the_url():
     url = f"redis://:hunter2@127.0.0.1:{free_port()}/0"
     with pytest.raises(BufferUnavailable) as raised:
-        RedisBuffer(url, "nowhere", max_staleness=1, reconnect_seconds=0.2)
+        RedisBuffer(url, "nowhere", reconnect_seconds=0.2)
     assert "hunter2" not in str(raised.value) and ":***@127.0.0.1" in str(raised.value)
 
 
 def test_a_redis_that_stays_down_fails_the_call_after_reconnect_seconds(start_redis_server):
     server = start_redis_server()
-    buffer = RedisBuffer(server.url, "down", max_staleness=1, reconnect_seconds=0.5)
+    buffer = RedisBuffer(server.url, "down", reconnect_seconds=0.5)
     buffer.put(make_group(0))
     server.stop()
     started = time.monotonic()
@@ -293,7 +293,7 @@ def test_a_redis_that_stays_down_fails_the_call_after_reconnect_seconds(start_re
 
 def test_a_redis_restart_keeps_unacknowledged_groups_and_calls_during_it_succeed(start_redis_server):
     server = start_redis_server(appendonly=True)
-    buffer = RedisBuffer(server.url, "restart", max_staleness=1, reconnect_seconds=20)
+    buffer = RedisBuffer(server.url, "restart", reconnect_seconds=20)
     before = [make_group(0) for _ in range(10)]
     for group in before:
         buffer.put(group)
@@ -326,15 +326,15 @@ def test_a_redis_restart_keeps_unacknowledged_groups_and_calls_during_it_succeed
 
 def test_named_state_survives_a_redis_restart(start_redis_server):
     server = start_redis_server(appendonly=True)
-    buffer = RedisBuffer(server.url, "state", max_staleness=1, reconnect_seconds=20)
+    buffer = RedisBuffer(server.url, "state", reconnect_seconds=20)
     buffer.save_state("curriculum", b"scheduler and value model")
     server.restart()
-    assert RedisBuffer(server.url, "state", max_staleness=1).load_state("curriculum") == b"scheduler and value model"
+    assert RedisBuffer(server.url, "state").load_state("curriculum") == b"scheduler and value model"
     buffer.close()
 
 
 def test_a_take_whose_answer_is_lost_is_retried_without_losing_groups(redis_server):
-    buffer = RedisBuffer(redis_server.url, f"lost-{uuid.uuid4().hex[:6]}", max_staleness=1, reconnect_seconds=5)
+    buffer = RedisBuffer(redis_server.url, f"lost-{uuid.uuid4().hex[:6]}", reconnect_seconds=5)
     for version in range(6):
         buffer.put(make_group(version))
     real_script = buffer._take_script
@@ -358,7 +358,7 @@ def test_a_take_whose_answer_is_lost_is_retried_without_losing_groups(redis_serv
 
 def test_corrupt_bytes_are_set_aside_counted_and_do_not_block_other_groups(redis_server):
     namespace = f"corrupt-{uuid.uuid4().hex[:6]}"
-    buffer = RedisBuffer(redis_server.url, namespace, max_staleness=1, reconnect_seconds=5)
+    buffer = RedisBuffer(redis_server.url, namespace, reconnect_seconds=5)
     good = [make_group(0), make_group(1), make_group(2)]
     for group in good:
         buffer.put(group)
@@ -385,10 +385,10 @@ def test_corrupt_bytes_are_set_aside_counted_and_do_not_block_other_groups(redis
 def test_make_buffer_memory_and_an_existing_redis(redis_server):
     buffer, server = make_buffer(BufferConfig(backend="memory"), namespace="run-1")
     assert isinstance(buffer, MemoryBuffer) and server is None
-    config = BufferConfig(backend="auto", redis_url=redis_server.url, namespace="chosen", max_staleness=2)
+    config = BufferConfig(backend="auto", redis_url=redis_server.url, namespace="chosen", reconnect_seconds=7)
     buffer, server = make_buffer(config, namespace="run-1")
     assert isinstance(buffer, RedisBuffer) and server is None
-    assert buffer.namespace == "chosen" and buffer.max_staleness == 2
+    assert buffer.namespace == "chosen" and buffer.reconnect_seconds == 7
     buffer.close()
 
 

@@ -84,6 +84,20 @@ def test_synchronous_mode_trains_only_on_policy(ray_local, tmp_path, warm_cache)
     conservation(summary)
 
 
+def test_a_stop_condition_ends_the_run_like_a_stop_request(ray_local, tmp_path, warm_cache):
+    config = small_config(tmp_path, warm_cache, "buffer.backend=memory", "max_steps=50")
+
+    def enough(throughput) -> str | None:
+        return "enough groups" if throughput.generated_groups >= 24 else None
+
+    run_dir = RunDirectory(tmp_path, "stop-when")
+    summary = Driver(config, run_dir, show_progress=False, stop_when=enough).run()
+    assert summary["state"] == "stopped" and summary["stopped_reason"] == "enough groups"
+    assert 24 <= summary["generated_groups"] < 24 + 16 and summary["steps"] < 50
+    assert summary["checkpoints"][-1].endswith(f"step-{summary['steps']}")  # the final checkpoint
+    conservation(summary)
+
+
 def test_a_raising_user_verifier_does_not_stop_the_run(ray_local, tmp_path, warm_cache):
     data = tmp_path / "tasks.jsonl"
     data.write_text(
@@ -150,7 +164,7 @@ def test_all_curricula_together_in_a_run_with_redis_state(ray_local, tmp_path, w
         assert 'orchard_scheduler_probability{distribution="d0"}' in text
         assert "orchard_value_model_error NaN" not in text
         # a restarted driver finds the curriculum where this one left it
-        saved = RedisBuffer(server.url, "curricula", max_staleness=1).load_state("curriculum")
+        saved = RedisBuffer(server.url, "curricula").load_state("curriculum")
         sampler = PromptSampler(driver.pool, config.curriculum)
         sampler.load_bytes(saved)
         assert sampler.probabilities() == pytest.approx(last["scheduler_probabilities"])

@@ -86,7 +86,6 @@ def test_the_cpu_recipe_checks_and_trains_a_step(ray_local, tmp_path, recipe_mod
         "basic_arithmetic",
         "chain_sum",
         "leg_counting",
-        "spell_backward",
     ]
     summary = Driver(config, RunDirectory(tmp_path, "recipe"), show_progress=False).run()
     assert summary["state"] == "finished" and summary["steps"] == 1

@@ -7,6 +7,7 @@ processes started later (Ray, CLI runs) pick their own port.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import random
@@ -141,7 +142,7 @@ def test_a_batch_without_signal_is_skipped_without_touching_the_weights():
     before = trainer.export_weights()
     groups = [make_group("same", "1+1=", ["2", "3"], [1.0, 1.0]), make_group("zero", "1+2=", ["3", "4"], [0.0, 0.0])]
     result = trainer.train_step(groups)
-    assert result.skipped and result.skip_reason == "no signal"
+    assert result.skipped and result.skip_reason == "no signal" and not result.non_finite
     assert result.advantages_abs_mean == 0.0 and result.num_sequences == 4
     assert max_difference(trainer.export_weights(), before) == 0.0
     assert trainer.step == 1 and trainer.policy_version == 0
@@ -221,7 +222,7 @@ def test_a_non_finite_loss_skips_the_step(stage):
     groups = random_groups()
     groups[2].completions[0].logprobs[0] = math.nan  # a broken behaviour logprob
     result = trainer.train_step(groups)
-    assert result.skipped and "non-finite loss" in result.skip_reason
+    assert result.skipped and result.non_finite and "non-finite loss" in result.skip_reason
     json.dumps(dict(vars(result)), allow_nan=False)
     assert max_difference(trainer.export_weights(), before) == 0.0
     # nothing accumulated leaks into the next step: it equals a fresh trainer's first step
@@ -248,7 +249,7 @@ def test_a_non_finite_gradient_skips_the_step(stage, monkeypatch):
 
     monkeypatch.setattr(trainer_module, "sequence_scores", nan_gradient)
     result = trainer.train_step(random_groups())
-    assert result.skipped and result.skip_reason.startswith("non-finite gradient norm")
+    assert result.skipped and result.non_finite and result.skip_reason.startswith("non-finite gradient norm")
     assert math.isfinite(result.loss) and result.loss != 0.0
     assert result.grad_norm == 0.0  # not finite, so reported as 0 (the value is in skip_reason)
     assert max_difference(trainer.export_weights(), before) == 0.0
@@ -307,9 +308,9 @@ def test_the_learner_actor_core_trains_and_exports_numpy():
         exported = core.export_weights()
         assert exported.keys() == initial.keys()
         assert all(np.array_equal(exported[name], initial[name]) for name in initial)
-        record = core.train_step(random_groups())
-        json.dumps(record, allow_nan=False)
-        assert record["policy_version"] == 4 and not record["skipped"]
+        step = core.train_step(random_groups())
+        json.dumps(dataclasses.asdict(step), allow_nan=False)
+        assert step.policy_version == 4 and not step.result.skipped
     finally:
         torch.set_num_threads(threads)
 

@@ -3,7 +3,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from orchard.records import Batch, Completion, Group, Prompt, RecordError
+from orchard.records import Completion, Group, Prompt, RecordError
 
 
 def make_group(rewards=(1.0, 0.0), version=3):
@@ -34,9 +34,7 @@ def test_derived_properties():
     group = make_group((1.0, 0.0, 0.0, 1.0))
     assert group.pass_rate == 0.5 and group.has_signal and group.policy_version == 3
     assert not make_group((1.0, 1.0)).has_signal
-    batch = Batch(groups=[group, make_group(version=1)], learner_version=4)
-    assert batch.staleness() == [1, 3]
-    assert batch.num_completions == 6 and batch.num_tokens == 12
+    assert group.num_tokens == 8  # four completions of two tokens
 
 
 def test_mismatched_logprobs_are_refused():

@@ -1,19 +1,26 @@
-"""Where a run's checkpoints live and which of them count.
+"""A run's checkpoints: where they live, which of them count, and committing one.
 
 A checkpoint is `runs/<id>/checkpoints/step-N/`: the learner's DeepSpeed state and Hugging Face model,
 then `driver.json` (the driver's counters, RNG and curriculum state), written last. A directory
 without `driver.json` was cut short and is never resumed from.
+
+Committing a checkpoint also acknowledges, in the buffer, the groups trained since the previous one
+(`Checkpoints`): until then they stay pending, so a run resumed from a checkpoint gets back exactly the
+groups trained after it, and a learner restarted from it trains them again.
 """
 
 from __future__ import annotations
 
 import json
 import shutil
+import time
 from collections import Counter
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from orchard.protocols import Buffer
 from services.run_dir import RunDirectory
 
 DRIVER_STATE = "driver.json"
@@ -110,3 +117,51 @@ class DriverState:
 
 def read_step(checkpoint: Path) -> int:
     return int(json.loads((checkpoint / DRIVER_STATE).read_text())["step"])
+
+
+class Checkpoints:
+    """Commits the run at step boundaries and acknowledges trained groups only there.
+
+    `save_learner(path)` writes the learner's state into `path` (it raises when the learner died);
+    `keep_last` complete checkpoints are kept (0: all).
+    """
+
+    def __init__(
+        self, run_dir: RunDirectory, buffer: Buffer, save_learner: Callable[[Path], None], *, keep_last: int
+    ) -> None:
+        self.run_dir, self.buffer, self.save_learner, self.keep_last = run_dir, buffer, save_learner, keep_last
+        self.paths: list[str] = []  # this run's complete checkpoints, oldest first
+        self.unacknowledged: list[str] = []  # groups trained since the last checkpoint
+
+    def trained(self, group_ids: Iterable[str]) -> None:
+        """Groups the learner has stepped on; the next checkpoint acknowledges them."""
+        self.unacknowledged.extend(group_ids)
+
+    def forget_trained(self) -> None:
+        """The learner went back to the last checkpoint: what it trained since is trained again."""
+        self.unacknowledged = []
+
+    def resumed(self, checkpoint: Path) -> None:
+        self.paths = [str(checkpoint)]
+
+    def commit(self, state: DriverState, why: str) -> str:
+        """Write the learner's state, then `driver.json`, then acknowledge; returns the checkpoint's path.
+
+        A second commit at the same step returns the first's path and writes nothing."""
+        path = checkpoint_path(self.run_dir, state.step)
+        if str(path) in self.paths:
+            return str(path)
+        started = time.perf_counter()
+        self.save_learner(path)
+        state.write(self.run_dir, path)
+        self.buffer.ack(self.unacknowledged)
+        acknowledged, self.unacknowledged = len(self.unacknowledged), []
+        self.paths.append(str(path))
+        for directory in prune_checkpoints(self.run_dir, self.keep_last):
+            if str(directory) in self.paths:
+                self.paths.remove(str(directory))
+        self.run_dir.event(
+            f"checkpoint ({why}) at step {state.step}: {path} in {time.perf_counter() - started:.1f} s, "
+            f"{acknowledged} trained groups acknowledged"
+        )
+        return str(path)

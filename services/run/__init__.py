@@ -1,0 +1,1 @@
+"""A run's orchestration: the admission gate, the loop and the parties it talks to."""
