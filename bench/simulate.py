@@ -3,9 +3,10 @@
 What it models, per learner step: rollout engines (continuous batching over a fixed number of
 sequence slots, each sequence decoding at a constant speed), a verifier pool, the Redis buffer
 (one server, FIFO), the learner (DeepSpeed ZeRO-3 data parallel) and weight sync (the learner
-sends each new version; every engine pauses to load it). Admission follows the bounded-staleness
-rule of ARCHITECTURE.md and AReaL: a group may start only while the groups started so far are at
-most (v + max_staleness + 1) * B, v being the newest version the engines hold; `max_staleness 0`
+sends each new version; every engine pauses to load it). Admission is the run loop's own
+`services.run.admission.AdmissionGate`, asked before every group starts: an engine holding version w
+starts a group only while the groups ready or in flight leave room in the batches that can still
+train a group of w, within `capacity_groups` (by default (max_staleness + 1) * B); `max_staleness 0`
 is the synchronous pipeline. Costs come from `Calibration`, every figure named with its source.
 
 Prints the calibration inputs, a check against the demo's measured async/sync speed-up, and the
@@ -23,8 +24,10 @@ import heapq
 import math
 import random
 import time
-from collections import deque
+from collections import Counter, deque
 from dataclasses import dataclass, field, replace
+
+from services.run.admission import AdmissionGate
 
 GB = 1e9
 
@@ -170,6 +173,12 @@ class PipelineCosts:
     max_response_tokens: int = 1 << 30
     prompt_tokens: int = 0
     token_quantum: int = 1  # completion lengths rounded up to a multiple of this (fewer events)
+    capacity_groups: int | None = None  # buffer.capacity_groups; None: (max_staleness + 1) * groups_per_step
+
+    @property
+    def gate(self) -> AdmissionGate:
+        capacity = self.capacity_groups or (self.max_staleness + 1) * self.groups_per_step
+        return AdmissionGate.of(self.groups_per_step, self.max_staleness, capacity)
 
     @property
     def full_speed_tokens_per_second(self) -> float:
@@ -338,7 +347,9 @@ class Simulation:
         self.counter = 0
         self.engines = [Engine(i, costs.slots_per_engine) for i in range(costs.engines)]
         self.ready: deque[Engine] = deque(self.engines)
-        self.started = 0
+        self.gate = costs.gate
+        self.in_flight = 0  # groups started and not yet in the buffer
+        self.buffered = Counter()  # policy version -> groups of it in the buffer
         self.engine_version = 0
         self.learner_version = 0
         self.learner_free_at = 0.0
@@ -386,12 +397,16 @@ class Simulation:
         return [-(-length // quantum) * quantum for length in lengths]
 
     # ---------------------------------------------------------------- rollout
-    def allowed(self) -> int:
-        return (self.engine_version + self.costs.max_staleness + 1) * self.costs.groups_per_step
+    def admits(self, engine: Engine) -> bool:
+        gate = self.gate
+        target = gate.training_version(self.learner_version, learner_busy=self.learner_running)
+        oldest = gate.oldest_trainable(target)
+        fresh = sum(count for version, count in self.buffered.items() if version >= oldest)
+        return gate.may_start(engine.version, target, fresh, self.in_flight)
 
     def dispatch(self, _=None) -> None:
         costs = self.costs
-        while self.started < self.allowed() and self.ready:
+        while self.ready and self.admits(self.ready[0]):
             engine = self.ready[0]
             if engine.free_slots < costs.group_size:
                 self.ready.popleft()
@@ -433,7 +448,7 @@ class Simulation:
         self.advance(engine)
         lengths = self.response_lengths()
         engine.free_slots -= costs.group_size
-        self.started += 1
+        self.in_flight += 1
         group = Group(engine.version, sum(lengths), costs.group_size)
         for length in lengths:
             self.counter += 1
@@ -479,24 +494,29 @@ class Simulation:
         self.at(self.redis(1, self.costs.group_bytes), self.stored, group)
 
     def stored(self, group: Group) -> None:
+        self.in_flight -= 1
         self.buffer.append(group)
+        self.buffered[group.version] += 1
         self.try_learner()
+        self.dispatch()
 
     def try_learner(self, _=None) -> None:
         costs = self.costs
         if self.learner_running or self.now < self.learner_free_at:
             return
-        oldest = self.learner_version - costs.max_staleness
-        while self.buffer and self.buffer[0].version < oldest:
-            self.buffer.popleft()
-        if len(self.buffer) < costs.groups_per_step:
+        # as the buffers take: stale groups dropped, then the oldest acceptable ones first
+        oldest = self.gate.oldest_trainable(self.learner_version)
+        if not self.gate.may_train(sum(n for version, n in self.buffered.items() if version >= oldest)):
             return
-        batch = [self.buffer.popleft() for _ in range(costs.groups_per_step)]
+        kept = sorted((group for group in self.buffer if group.version >= oldest), key=lambda group: group.version)
+        batch, self.buffer = kept[: costs.groups_per_step], deque(kept[costs.groups_per_step :])
+        self.buffered = Counter(group.version for group in self.buffer)
         taken = self.redis(len(batch) * 2, len(batch) * costs.group_bytes)  # take, then acknowledge
         self.learner_running = True
         end = taken + costs.learner_step_seconds
         self.record("learner", taken, end)
         self.at(end, self.trained, batch)
+        self.dispatch()
 
     def trained(self, batch: list[Group]) -> None:
         costs = self.costs
@@ -509,6 +529,7 @@ class Simulation:
         self.record("publish", self.now, self.learner_free_at)
         self.at(self.now + costs.arrival_seconds, self.weights_arrive, self.learner_version)
         self.at(self.learner_free_at, self.try_learner)
+        self.dispatch()
 
     def weights_arrive(self, version: int) -> None:
         pause = self.costs.engine_pause_seconds

@@ -408,7 +408,12 @@ class BufferConfig(Section):
     redis_url: str | None = Field(None, description="Existing Redis; None starts a private redis-server.")
     namespace: str | None = Field(None, description="Key prefix; defaults to the run id.")
     max_staleness: int = Field(1, ge=0, description="Oldest usable sample: learner version minus this (0 = on-policy).")
-    capacity_groups: int = Field(64, ge=1, description="Ready groups beyond which workers wait (backpressure).")
+    capacity_groups: int = Field(
+        64,
+        ge=1,
+        description="Groups ready or in flight beyond which workers wait (backpressure); the run admits fewer"
+        " when more could not be trained before going stale (services/run/admission.py).",
+    )
     reconnect_seconds: float = Field(
         30.0, gt=0, description="How long a lost Redis connection is retried, with backoff, before the run fails."
     )

@@ -23,7 +23,7 @@ from tests.e2e.tiny_run import TINY
 from tests.processes import read_control_url
 
 REPO = Path(__file__).resolve().parents[2]
-ORCHARD = [sys.executable, "-m", "orchard.cli"]
+ORCHARD = [sys.executable, "-m", "services.cli"]
 GROUPS_PER_STEP = 4  # TINY's learner.groups_per_step
 
 

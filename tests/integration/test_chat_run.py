@@ -12,9 +12,9 @@ import pyarrow.parquet as pq
 import pytest
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from orchard.cli import main as orchard
 from orchard.config import TinyModelConfig, load_config
 from rollout.instruct_model import CHATML_TEMPLATE, write_instruct_model
+from services.cli import main as orchard
 from services.driver import Driver
 from services.run_dir import RunDirectory
 

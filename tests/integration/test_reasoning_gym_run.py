@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from orchard.cli import main as orchard
 from orchard.config import TinyModelConfig, load_config
 from rollout.instruct_model import corpus_of, write_instruct_model
+from services.cli import main as orchard
 from services.driver import Driver
 from services.run_dir import RunDirectory
 from verifiers.reasoning_gym import ANSWER_INSTRUCTION

@@ -13,13 +13,19 @@ from orchard.config import RunConfig
 from services.run.admission import AdmissionGate
 
 
-def test_capacity_is_one_batch_when_synchronous_and_at_least_one_batch_otherwise():
-    assert AdmissionGate.of(batch_groups=16, max_staleness=0, capacity_groups=64).capacity == 16
-    assert AdmissionGate.of(batch_groups=16, max_staleness=1, capacity_groups=64).capacity == 64
-    assert AdmissionGate.of(batch_groups=16, max_staleness=2, capacity_groups=4).capacity == 16
+def test_room_is_the_batches_left_before_a_workers_groups_go_stale_within_the_capacity():
+    synchronous = AdmissionGate.of(batch_groups=16, max_staleness=0, capacity_groups=64)
+    assert synchronous.room(worker_version=5, training_version=5) == 16  # one batch, trained next
+    assert synchronous.room(worker_version=5, training_version=6) == 0  # nothing while the learner trains
+    gate = AdmissionGate.of(batch_groups=16, max_staleness=2, capacity_groups=40)
+    assert gate.room(worker_version=5, training_version=5) == 40  # three batches, capped by the capacity
+    assert gate.room(worker_version=5, training_version=6) == 32  # learner busy: batches 6 and 7
+    assert gate.room(worker_version=4, training_version=6) == 16  # its groups are last trainable at 6
+    assert gate.room(worker_version=3, training_version=6) == 0  # too old for any batch
     config = RunConfig.model_validate({"buffer": {"max_staleness": 2, "capacity_groups": 40}})
     gate = AdmissionGate.from_config(config)
     assert (gate.batch_groups, gate.max_staleness, gate.capacity) == (config.learner.groups_per_step, 2, 40)
+    assert AdmissionGate.of(batch_groups=16, max_staleness=1, capacity_groups=4).capacity == 16
 
 
 def test_an_inconsistent_gate_is_refused_with_its_numbers():

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from orchard.cli import main
 from orchard.config import ConfigError, load_config
+from services.cli import main
 from verifiers.sources import load_jsonl_prompts
 
 REPO = Path(__file__).resolve().parents[2]

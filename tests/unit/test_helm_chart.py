@@ -23,9 +23,9 @@ import yaml
 from fastapi.testclient import TestClient
 from redis.connection import parse_url
 
-from orchard.cli import build_parser, command_run, command_serve
 from orchard.config import ControlConfig, load_config
 from services.buffer.redis_buffer import MIN_REDIS_VERSION
+from services.cli import build_parser, command_run, command_serve
 from services.control.app import create_app
 from services.control.service import ControlService
 

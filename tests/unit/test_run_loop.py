@@ -231,6 +231,31 @@ def test_asynchronous_loop_overlaps_within_its_staleness_and_capacity(tmp_path):
     assert run.peak_admitted >= run.gate.capacity  # ... and the bound is reached (the learner is the bottleneck)
 
 
+@pytest.mark.parametrize("staleness", [1, 2])
+def test_a_learner_bound_run_generates_no_group_that_goes_stale(tmp_path, staleness):
+    """Workers twice as fast as the learner, a capacity of four batches: the gate admits only what the
+    next batches can take before it ages out, so every group put is trained (or still ready at the end)."""
+    run = FakeRun(
+        RunDirectory(tmp_path, "run"),
+        staleness=staleness,
+        capacity=64,
+        workers=2,
+        per_call=8,
+        batch=16,
+        rollout_seconds=1.0,
+        step_seconds=3.0,
+        max_steps=20,
+    )
+    run.loop().run()
+    stats = run.buffer.stats()
+    assert stats["stale"] == 0
+    assert stats["put"] == stats["taken"] + stats["ready"] and stats["ready"] <= staleness * 16
+    # the first batch, then 20 steps back to back (the learner never waits), then the last push
+    assert run.now == pytest.approx(1.0 + 20 * 3.0 + 0.1)
+    staleness_seen = [trained - version for trained, versions in run.trained for version in versions]
+    assert max(staleness_seen) == staleness
+
+
 def test_the_loop_stops_at_its_end_with_nothing_left_in_flight(tmp_path):
     run = FakeRun(RunDirectory(tmp_path, "run"), max_steps=3)
     loop = run.loop()
