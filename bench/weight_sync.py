@@ -34,8 +34,8 @@ from orchard.config import ModelConfig, RolloutConfig, TinyModelConfig
 from rollout.model import build_model
 from rollout.tokenizer import load_tokenizer
 from rollout.worker import RolloutWorker
-from services.weight_store import SharedWeightStore
-from services.weight_sync import WeightSync
+from services.weights.store import SharedWeightStore
+from services.weights.sync import WeightSync
 
 
 def main() -> None:

@@ -139,7 +139,7 @@ def tree_advantages(token_values: Tensor, value_mask: Tensor, group_index: Tenso
     trajectories. A group of one trajectory is not normalised at all (mean 0, std 1: `Â = v`), as
     the reference code does (smiles724/DeepSearch, `compute_mcts_outcome_advantage`, "sibling_mean_std").
     Siblings whose final scores are all equal (std 0) are centred only, so their step values are
-    not divided by ~0 (the driver drops such groups anyway, `services.deepsearch.tree_filter_reason`).
+    not divided by ~0 (the driver drops such groups anyway, `services.rescue.deepsearch.tree_filter_reason`).
     Rows without values (an all-zero mask row) take no part and get 0.
     """
     if token_values.dim() != 2 or token_values.shape != value_mask.shape:

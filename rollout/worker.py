@@ -414,7 +414,7 @@ class RolloutWorkerCore:
     def token_logprobs(self, prompt_token_ids: Sequence[int], completion_token_ids: Sequence[int]) -> list[float]:
         """The current policy's logprob of each completion token, as the engine reports them when it
         samples (`Engine.token_logprobs`); re-scores a cached solution before it joins a group
-        (`services.solution_cache.mix_into_group`'s `logprobs_of`)."""
+        (`services.rescue.solution_cache.mix_into_group`'s `logprobs_of`)."""
         self._check_weights()
         params = SamplingParams(
             temperature=self.config.temperature, top_p=self.config.top_p, max_new_tokens=self.config.max_new_tokens

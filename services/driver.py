@@ -46,12 +46,12 @@ from services.buffer.factory import make_buffer
 from services.control.run_control import RunControl, RunState, WeightVersionConflict
 from services.curriculum.filtering import REASONS as FILTER_REASONS
 from services.curriculum.sampler import PromptSampler
-from services.deepsearch import RescoreFailed, SearchRescue, is_tree_group
 from services.evaluation import WorkerEvaluator, evaluate_by_distribution
 from services.learner_actor import LearnerStep, create_learner
 from services.metrics import RunMetrics
 from services.placement import reserve, rollout_options
-from services.rescue import RescueQueue, build_rescues
+from services.rescue.deepsearch import RescoreFailed, SearchRescue, is_tree_group
+from services.rescue.queue import RescueQueue, build_rescues
 from services.run import loop
 from services.run.admission import AdmissionGate
 from services.run.checkpoints import Checkpoints, DriverState, latest_checkpoint, read_step
@@ -61,7 +61,7 @@ from services.samples import SampleKeeper, sample_records
 from services.supervision import NonFiniteGuard
 from services.trackers import Trackers
 from services.warmstart import warm_start
-from services.weight_sync import WeightSync, form_broadcast_group
+from services.weights.sync import WeightSync, form_broadcast_group
 from verifiers.sources import PromptPool
 
 

@@ -24,7 +24,7 @@ import torch
 from learner.trainer import StepResult
 from orchard.config import RunConfig
 from orchard.records import Group
-from services import weight_store
+from services.weights import store as weight_store
 
 
 @dataclass(frozen=True)

@@ -3,7 +3,7 @@
 The engine computes with fused copies of each layer's weights (q/k/v in one matrix, gate/up in one,
 transposed output projections; `FusedLayer`). Loading a version copies into the model's parameters
 and, where the fused tensors share the parameters' storage, into both at once; a pinned shared-memory
-version (`services.weight_store`) is read in place without any copy. Every tensor is checked for
+version (`services.weights.store`) is read in place without any copy. Every tensor is checked for
 name, shape, dtype and finiteness before anything is copied, so a refused update leaves the engine
 unchanged. `EngineWeights` is mixed into `TorchEngine`, whose model and geometry it reads.
 """
@@ -48,7 +48,7 @@ class EngineWeights:
         version now held.
 
         `state_dict` is a mapping of names to tensors or numpy arrays, or a weight source such as
-        `services.weight_store.WeightHandle`: an object with `version`, a `layout` of specs (`name`,
+        `services.weights.store.WeightHandle`: an object with `version`, a `layout` of specs (`name`,
         `shape`, `torch_dtype`) and `copy_into(targets) -> version`, which copies one consistent
         version, its own or a newer one, into `targets` and returns it.
 

@@ -9,8 +9,8 @@ import re
 
 from orchard.config import load_config
 from services.driver import Driver
+from services.rescue.solution_cache import RedisSolutionStore
 from services.run_dir import RunDirectory
-from services.solution_cache import RedisSolutionStore
 
 SETTINGS = [
     "max_minutes=null",

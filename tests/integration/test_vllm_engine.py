@@ -182,7 +182,7 @@ def test_weights_load_in_place_and_a_non_finite_version_is_refused(engine, model
 
 
 def test_weights_load_from_the_shared_memory_store_by_reference(engine, models):
-    from services.weight_store import SharedWeightStore
+    from services.weights.store import SharedWeightStore
 
     with SharedWeightStore(num_slots=3) as store:
         handle = store.write(7, models[0].state_dict())

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from services.driver import Driver
 from services.run_dir import RunDirectory
-from services.weight_sync import WeightSync
+from services.weights.sync import WeightSync
 from tests.integration.test_deepsearch_run import hard_tail_config
 
 #: vLLM's CPU attention runs head sizes of 32 and up: the tiny model of the DeepSearch run, 64 wide, 2 heads.

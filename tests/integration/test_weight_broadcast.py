@@ -15,7 +15,7 @@ from rollout.tokenizer import load_tokenizer
 from rollout.weight_broadcast import BroadcastGroup, BroadcastTicket, layout_of, open_store
 from rollout.worker import RolloutWorker, RolloutWorkerCore
 from services.learner_actor import LearnerActor
-from services.weight_sync import WeightSync, form_broadcast_group
+from services.weights.sync import WeightSync, form_broadcast_group
 
 BUCKET = 4096
 

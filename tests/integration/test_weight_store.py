@@ -19,7 +19,7 @@ from rollout.engines.torch_engine import TorchEngine
 from rollout.model import build_model
 from rollout.tokenizer import load_tokenizer
 from rollout.worker import RolloutWorker
-from services.weight_store import (
+from services.weights.store import (
     SEGMENT_DIR,
     SEGMENT_PREFIX,
     LayoutMismatchError,
@@ -30,7 +30,7 @@ from services.weight_store import (
     read_into,
     sweep_stale_segments,
 )
-from services.weight_sync import WeightSync
+from services.weights.sync import WeightSync
 
 pytestmark = pytest.mark.skipif(not SEGMENT_DIR.is_dir(), reason="needs /dev/shm")
 
@@ -190,7 +190,7 @@ def test_a_writer_that_dies_leaves_no_segment(tmp_path):
     script = textwrap.dedent(
         """
         import os, signal, sys, torch
-        from services.weight_store import SharedWeightStore
+        from services.weights.store import SharedWeightStore
         store = SharedWeightStore()
         store.write(1, {"w": torch.ones(1000)})
         print(store.segment, flush=True)

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from orchard.config import RunConfig
 from orchard.records import Completion, Group, Prompt
-from services.hints import HintRescue
-from services.rescue import RescueQueue
+from services.rescue.hints import HintRescue
+from services.rescue.queue import RescueQueue
 
 
 def all_fail(prompt_id: str, hints: tuple[str, ...]) -> Group:

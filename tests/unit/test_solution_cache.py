@@ -6,7 +6,7 @@ import pytest
 
 from orchard.config import SolutionCacheConfig
 from orchard.records import Completion, Group, Prompt, RecordError
-from services.solution_cache import (
+from services.rescue.solution_cache import (
     CachedSolution,
     MemorySolutionStore,
     SolutionCache,

@@ -10,7 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from rollout.weight_broadcast import BroadcastSpec, BroadcastTicket, layout_digest, layout_of, plan_buckets
-from services.weight_sync import WeightSync, WeightVersionError
+from services.weights.sync import WeightSync, WeightVersionError
 
 specs = st.lists(
     st.builds(

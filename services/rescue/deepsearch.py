@@ -6,7 +6,7 @@ docs/algorithms.md §8. `SearchRescue` is the `Rescue` of `rollout.strategy: mct
   (`RolloutWorkerCore.search`) while the search's generated tokens are at most
   `rollout.mcts.search_token_share` of the run's; past it, all-fail prompts are left to the sampler.
 - **Search results** (`on_search`): every correct trajectory is offered to the solution cache
-  (admission, `services.solution_cache`); the tree groups go on to the learner (with their per-token
+  (admission, `services.rescue.solution_cache`); the tree groups go on to the learner (with their per-token
   values, `Completion.token_values`), unless they hold no contrast (`tree_filter_reason`).
 - **Replay** (`replay`): every plain group's pass rate is observed (a prompt the policy now solves
   above the registration threshold retires its entries); a plain group of a prompt with fresh cached
@@ -29,7 +29,7 @@ from orchard.protocols import Buffer
 from orchard.records import Group, Prompt
 from services.buffer.redis_buffer import RedisBuffer
 from services.curriculum.filtering import ZERO_ADVANTAGE
-from services.solution_cache import MemorySolutionStore, RedisSolutionStore, SolutionCache, SolutionStore
+from services.rescue.solution_cache import MemorySolutionStore, RedisSolutionStore, SolutionCache, SolutionStore
 
 #: `logprobs_of(prompt token ids, completion token ids)`: the current policy's logprob of each token.
 LogprobsOf = Callable[[Sequence[int], Sequence[int]], list[float]]

@@ -2,7 +2,7 @@
 
 What is published for a version is a `WeightHandle` to the learner's shared-memory store (one node:
 each CPU worker pins the version and runs on it without a copy, or copies it straight from the
-segment into its engine, see `services/weight_store.py`), a
+segment into its engine, see `services/weights/store.py`), a
 dict of numpy arrays in the Ray object store (any number of nodes: Ray stores it once and every
 worker reads it zero-copy before copying into its engine), or an `ObjectRef` of either (what the
 learner actor's `export_weights` returns; `weight_sync.transport` in the config picks which). Every
@@ -25,7 +25,7 @@ from typing import Any
 import ray
 
 from rollout.weight_broadcast import BroadcastTicket
-from services.weight_store import WeightHandle
+from services.weights.store import WeightHandle
 
 
 class WeightVersionError(ValueError):
