@@ -60,7 +60,8 @@ from rollout.prompts import encode_prompt
 from rollout.strategies.tree_search import SearchSettings, TreeSearch, run_searches
 from rollout.worker import RolloutWorkerCore
 from services.cluster import connect_ray
-from services.driver import Driver, Throughput
+from services.driver import Driver
+from services.run.throughput import Throughput
 from services.run_dir import RunDirectory
 from services.warmstart import warm_start
 from verifiers.procedural import generate_prompt

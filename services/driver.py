@@ -22,11 +22,9 @@ recorded in the run's `RunMetrics`, which the control plane serves at `/metrics`
 from __future__ import annotations
 
 import random
-import sys
 import time
 from collections import Counter, defaultdict
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from statistics import fmean
 from typing import Any
@@ -41,7 +39,7 @@ from orchard.records import Group
 from rollout.prompts import PromptFormat, PromptRenderer
 from rollout.tokenizer import load_tokenizer
 from rollout.weight_broadcast import BroadcastTicket
-from rollout.worker import RolloutResult, RolloutWorker, RolloutWorkerCore
+from rollout.worker import RolloutWorker, RolloutWorkerCore
 from services.buffer.factory import make_buffer
 from services.control.run_control import RunControl, RunState, WeightVersionConflict
 from services.curriculum.filtering import REASONS as FILTER_REASONS
@@ -55,7 +53,9 @@ from services.rescue.queue import RescueQueue, build_rescues
 from services.run import loop
 from services.run.admission import AdmissionGate
 from services.run.checkpoints import Checkpoints, DriverState, latest_checkpoint, read_step
+from services.run.intake import Intake, LogprobsOf
 from services.run.loop import InFlight, LoopStalled, Rollout, RunLoop, Step, WeightPush, WorkerDied
+from services.run.throughput import Throughput
 from services.run_dir import RunDirectory
 from services.samples import SampleKeeper, sample_records
 from services.supervision import NonFiniteGuard
@@ -90,33 +90,10 @@ class LearnerDied(DriverError, loop.LearnerDied):
     """The learner actor's process died (the loop restarts it from the last checkpoint)."""
 
 
-@dataclass
-class Throughput:
-    """Counters over the RL phase, from which the summary's rates are derived."""
-
-    started: float = field(default_factory=time.perf_counter)
-    learner_busy_seconds: float = 0.0
-    eval_seconds: float = 0.0
-    generated_tokens: int = 0
-    generated_groups: int = 0
-    signal_groups: int = 0  # generated groups with non-zero advantage (the effective ratio's numerator)
-    trained_groups: int = 0
-    trained_tokens: int = 0
-
-    def wall(self) -> float:
-        return time.perf_counter() - self.started - self.eval_seconds
-
-    def learner_idle_fraction(self) -> float:
-        wall = self.wall()
-        return max(0.0, 1.0 - self.learner_busy_seconds / wall) if wall > 0 else 0.0
-
-
 #: Name of the curriculum's state in the buffer's named state (survives a driver restart).
 CURRICULUM_STATE = "curriculum"
 #: How often a paused driver looks for checkpoint requests while it waits.
 PAUSED_POLL_SECONDS = 0.5
-#: Steps' worth of groups dropped by the filters in a row before the run says it is starving.
-STARVATION_STEPS = 10
 
 
 class Driver:
@@ -147,11 +124,10 @@ class Driver:
         self.step = 0
         self.policy_version = 0
         self.filtered: Counter[str] = Counter()
-        self._filtered_since_step: Counter[str] = Counter()  # for the starvation notice
-        self._starvation_notice_at = 0
         self.staleness_seen: list[int] = []
         self.stopped_reason: str | None = None
         self._checkpoints: Checkpoints | None = None  # opens with the buffer
+        self.intake: Intake | None = None  # opens when the RL phase starts
         self._last_record: dict[str, Any] | None = None
         self.resumed_from: str | None = None
         self.deepsearch: SearchRescue | None = None  # rollout.strategy 'mcts'
@@ -290,6 +266,18 @@ class Driver:
                 self.run_dir.event(f"experiment trackers: {', '.join(self.trackers.names)}")
             self._setup()
             self.throughput = Throughput()
+            self.intake = Intake(
+                config,
+                self.buffer,
+                self.sampler,
+                self.rescue,
+                throughput=self.throughput,
+                filtered=self.filtered,
+                metrics=self.metrics,
+                run_dir=self.run_dir,
+                samples=self.samples,
+                rescorer=self._rescorer,
+            )
             if self.resumed_from is None:
                 initial_accuracy, initial_by_distribution = self._evaluate()
                 self.run_dir.event(f"warm-start held-out accuracy {initial_accuracy:.3f}")
@@ -370,7 +358,11 @@ class Driver:
             raise WorkerDied(str(error)) from error
         except ray.exceptions.RayError as error:
             raise DriverError(f"rollout worker {call.worker} failed: {error}") from error
-        self._on_rollout(result, call.kind)
+        self.intake.take(result, call.kind)
+        if self.stop_when is not None and self.control.may_start_work():
+            reason = self.stop_when(self.throughput)
+            if reason is not None:
+                self.control.request_stop(reason)
 
     def replace_worker(self, call: Rollout | WeightPush, error: BaseException) -> None:
         """`call`'s worker died: a new one, unless an earlier report about the same process replaced it."""
@@ -661,130 +653,26 @@ class Driver:
             return actor.rollout.remote(prompts)
         return self.rescue.by_name(kind).submit(actor, prompts)
 
-    def _on_rollout(self, result: RolloutResult, kind: str = "sample") -> None:
-        """Groups of a finished call: statistics, all-fail prompts offered for rescue, the rest filtered
-        and put in the buffer. Only plain samples inform the curriculum and the prompt statistics (a
-        rescue's groups are not the policy's own pass rate on the prompt)."""
-        self.throughput.generated_tokens += result.generated_tokens
-        self.throughput.generated_groups += len(result.groups)
-        if self.stop_when is not None and self.control.may_start_work():
-            reason = self.stop_when(self.throughput)
-            if reason is not None:
-                self.control.request_stop(reason)
-        self.metrics.observe_rollout(result.worker, result.generated_tokens, len(result.groups))
-        for message in result.verifier_errors[:3]:
-            self.run_dir.event(f"verifier error on {result.worker}: {message}")
-        groups = result.groups
-        self.samples.observe(groups)
-        if kind == "sample":
-            self.sampler.observe(groups)
-            for group in groups:
-                self.buffer.record_prompt_stats(
-                    group.prompt.id, group.prompt.distribution, group.pass_rate, group.policy_version
-                )
-            if self.deepsearch is not None:
-                groups = self._replay_solutions(result)
-            self.rescue.offer(groups)
-        elif self.deepsearch is not None and kind == self.deepsearch.name:
-            self._on_search(result)
-        kept = []
-        for group in groups:
-            self.throughput.signal_groups += group.has_signal
-            if self.deepsearch is not None and is_tree_group(group):
-                reason = self.deepsearch.filter_reason(group)
-            else:
-                reason = self.sampler.filter_reason(group)
-            if reason is not None and kind == "sample" and self._hpt_trains(group):
-                reason = None  # HPT trains it on the prompt's reference solution
-            if reason is not None:
-                self.filtered[reason] += 1
-                self._filtered_since_step[reason] += 1
-                self.metrics.observe_filtered(reason)
-                continue
-            kept.append(group)
-        if kept:
-            self.buffer.put_many(kept)
-        self._notice_starvation()
-        self.metrics.observe_buffer(self.buffer.ready_count(), self.buffer.pending_count())
-
-    def _notice_starvation(self) -> None:
-        """An event (and a line on stderr) when the filters have dropped `STARVATION_STEPS` steps' worth of
-        groups since the last step, and again at every doubling: a policy that solves none (or all) of its
-        prompts gives the learner nothing, and a run that waits silently looks hung."""
-        dropped = sum(self._filtered_since_step.values())
-        first_notice = STARVATION_STEPS * self.config.learner.groups_per_step
-        if dropped < max(self._starvation_notice_at, first_notice):
-            return
-        self._starvation_notice_at = 2 * dropped
-        reasons = ", ".join(f"{reason} {count}" for reason, count in self._filtered_since_step.most_common())
-        message = (
-            f"no learner step for {dropped} groups: the filters dropped them all ({reasons}); a policy that"
-            " solves none (or all) of its prompts gives no signal: train a longer warm start (warmstart.steps),"
-            " check the answer format in the samples (orchard samples), or relax learner.dynamic_sampling and the"
-            " curriculum filters"
-        )
-        self.run_dir.event(message)
-        print(f"orchard: {message}", file=sys.stderr, flush=True)
-
-    def _hpt_trains(self, group: Group) -> bool:
-        """Whether HPT switches this plain group to the SFT loss of its prompt's solution, so that the
-        filters (dynamic sampling drops all-fail groups) must let it through to the learner."""
-        hpt = self.config.learner.hpt
-        return hpt.enabled and bool(group.prompt.solution) and group.pass_rate <= hpt.pass_rate_threshold
-
-    def _replay_solutions(self, result: RolloutResult) -> list[Group]:
-        """Plain groups with the solution cache applied: retirement observed, cached solutions mixed in
-        (re-scored by the worker that sampled the group)."""
-        actor = self.workers.get(result.worker)
+    def _rescorer(self, worker: str) -> LogprobsOf | None:
+        """How rollout worker `worker` scores a cached solution (a blocking call), or None when it is gone."""
+        actor = self.workers.get(worker)
+        if actor is None:
+            return None
 
         def logprobs_of(prompt_ids, token_ids) -> list[float]:
             try:
                 return ray.get(actor.token_logprobs.remote(list(prompt_ids), list(token_ids)), timeout=60)
             except (ray.exceptions.RayError, TimeoutError) as error:
-                raise RescoreFailed(f"{result.worker}: {type(error).__name__}") from error
+                raise RescoreFailed(f"{worker}: {type(error).__name__}") from error
 
-        retired = self.deepsearch.counts.entries_retired
-        groups, events = self.deepsearch.replay(
-            result.groups, result.generated_tokens, logprobs_of=logprobs_of if actor is not None else None
-        )
-        for message in events:
-            self.run_dir.event(message)
-        self.metrics.observe_solution_cache(
-            served=sum(c.source == "cache" for g in groups for c in g.completions),
-            retired=self.deepsearch.counts.entries_retired - retired,
-        )
-        return groups
-
-    def _on_search(self, result: RolloutResult) -> None:
-        """A tree-search call: its cost metered, its solutions offered to the cache, one event line."""
-        searched = len(result.groups) + len(result.unsearched_prompts)
-        solved = sum(any(c.correct for c in g.completions) for g in result.groups)
-        admitted = self.deepsearch.on_search(
-            result.groups, prompts=searched, nodes_expanded=result.nodes_expanded, tokens=result.generated_tokens
-        )
-        self.metrics.observe_search(
-            nodes_expanded=result.nodes_expanded,
-            tokens=result.generated_tokens,
-            solved=solved,
-            unsolved=searched - solved,
-        )
-        self.metrics.observe_solution_cache(admitted=admitted)
-        counts = self.deepsearch.counts
-        self.run_dir.event(
-            f"tree search on {result.worker} at policy version {result.policy_version}: {searched} prompts, "
-            f"{solved} solved, {sum(len(g.completions) for g in result.groups)} trajectories, "
-            f"{result.nodes_expanded} nodes expanded, {result.generated_tokens} tokens in "
-            f"{result.generate_seconds + result.verify_seconds:.2f} s; {admitted} solutions cached; "
-            f"search share of generated tokens {counts.tokens / max(1, counts.tokens + counts.plain_tokens):.2f}"
-        )
+        return logprobs_of
 
     def _on_learner_step(self, step: LearnerStep, groups: list[Group], weights_ref: Any) -> None:
         result = step.result
         learner_version_before = self.policy_version
         self.policy_version = step.policy_version
         self.step += 1
-        self._filtered_since_step.clear()
-        self._starvation_notice_at = 0
+        self.intake.stepped()
         self.throughput.trained_groups += len(groups)
         self.throughput.trained_tokens += sum(g.num_tokens for g in groups)
         rewards_by_distribution: dict[str, list[float]] = defaultdict(list)

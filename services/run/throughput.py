@@ -1,0 +1,27 @@
+"""Counters over a run's RL phase, from which its rates are derived."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+
+@dataclass
+class Throughput:
+    """Counters over the RL phase, from which the summary's rates are derived."""
+
+    started: float = field(default_factory=time.perf_counter)
+    learner_busy_seconds: float = 0.0
+    eval_seconds: float = 0.0
+    generated_tokens: int = 0
+    generated_groups: int = 0
+    signal_groups: int = 0  # generated groups with non-zero advantage (the effective ratio's numerator)
+    trained_groups: int = 0
+    trained_tokens: int = 0
+
+    def wall(self) -> float:
+        return time.perf_counter() - self.started - self.eval_seconds
+
+    def learner_idle_fraction(self) -> float:
+        wall = self.wall()
+        return max(0.0, 1.0 - self.learner_busy_seconds / wall) if wall > 0 else 0.0
