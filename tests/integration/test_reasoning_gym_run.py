@@ -16,7 +16,10 @@ from services.run_dir import RunDirectory
 from verifiers.reasoning_gym import ANSWER_INSTRUCTION
 
 RECIPE = Path(__file__).resolve().parents[2] / "configs" / "recipes" / "reasoning-gym-cpu.yaml"
-TINY = TinyModelConfig(hidden_size=64, num_layers=2, num_heads=2, num_kv_heads=1, intermediate_size=128)
+# positions for reasoning-gym's own ~70-word instruction, which the recipe's tokenizer was not trained on
+TINY = TinyModelConfig(
+    hidden_size=64, num_layers=2, num_heads=2, num_kv_heads=1, intermediate_size=128, max_position_embeddings=512
+)
 GENERATORS = ["basic_arithmetic", "leg_counting", "spell_backward"]
 SMALL = [
     "max_minutes=null",
