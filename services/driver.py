@@ -277,6 +277,7 @@ class Driver:
                 run_dir=self.run_dir,
                 samples=self.samples,
                 rescorer=self._rescorer,
+                deepsearch=self.deepsearch,
             )
             if self.resumed_from is None:
                 initial_accuracy, initial_by_distribution = self._evaluate()
@@ -444,7 +445,7 @@ class Driver:
             return False
         return True
 
-    def _replace_learner(self, error: BaseException) -> Any:
+    def _replace_learner(self, error: BaseException) -> None:
         """Start a new learner from the last checkpoint (the warm start before the first) after one died.
 
         The groups trained since that checkpoint were never acknowledged: they go back to the buffer
@@ -481,7 +482,6 @@ class Driver:
         weights_ref = self._export_weights(version)
         self.weight_sync.publish(version, weights_ref)
         self._announce(version, weights_ref)
-        return weights_ref
 
     def _guard_non_finite(self, result: StepResult, groups: list[Group]) -> None:
         """Log a step skipped for non-finite values with its batch; fail the run after too many in a row."""

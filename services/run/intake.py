@@ -46,14 +46,16 @@ class Intake:
         run_dir: RunDirectory,
         samples: SampleKeeper,
         rescorer: Callable[[str], LogprobsOf | None],
+        deepsearch: SearchRescue | None,
     ) -> None:
         """`filtered`: the run's count of groups dropped, by reason (kept across a resume); `rescorer(worker)`:
-        how that worker scores a cached solution, or None when it is gone."""
+        how that worker scores a cached solution, or None when it is gone; `deepsearch`: the tree-search
+        rescue among `rescue`'s, when the run has one."""
         self.config, self.buffer, self.sampler, self.rescue = config, buffer, sampler, rescue
         self.throughput, self.filtered, self.metrics = throughput, filtered, metrics
         self.run_dir, self.samples = run_dir, samples
         self.rescorer = rescorer
-        self.deepsearch = next((r for r in rescue.rescues if isinstance(r, SearchRescue)), None)
+        self.deepsearch = deepsearch
         self._filtered_since_step: Counter[str] = Counter()
         self._starvation_notice_at = 0
 

@@ -152,13 +152,16 @@ class RunLoop:
             if gate.may_train(port.fresh_ready(oldest)):
                 issued.append(port.start_step(gate.batch_groups, oldest))
                 training = True
-        target = gate.training_version(port.policy_version, learner_busy=training)
-        fresh = port.fresh_ready(gate.oldest_trainable(target))
         rollouts = [call for call in self.in_flight if isinstance(call, Rollout)]
         busy = {call.worker for call in rollouts}
+        idle = [(worker, version) for worker, version in port.scheduled_versions().items() if worker not in busy]
+        if not idle:
+            return issued  # no buffer query on the events where every worker is generating
+        target = gate.training_version(port.policy_version, learner_busy=training)
+        fresh = port.fresh_ready(gate.oldest_trainable(target))
         generating = sum(len(call.prompts) for call in rollouts)
-        for worker, version in port.scheduled_versions().items():
-            if worker not in busy and gate.may_start(version, target, fresh, generating):
+        for worker, version in idle:
+            if gate.may_start(version, target, fresh, generating):
                 rollout = port.start_rollout(worker)
                 issued.append(rollout)
                 generating += len(rollout.prompts)
