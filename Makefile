@@ -43,7 +43,7 @@ test-unit: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/lint-imports
+	deploy/lint-imports.sh $(BIN)/lint-imports
 
 format: $(STAMP)
 	$(BIN)/ruff format .

@@ -16,9 +16,9 @@ import statistics
 import tempfile
 
 from orchard.config import load_config
-from services.cluster import connect_ray
-from services.driver import Driver
-from services.run_dir import RunDirectory
+from orchard.services.cluster import connect_ray
+from orchard.services.driver import Driver
+from orchard.services.run_dir import RunDirectory
 
 
 def main() -> None:

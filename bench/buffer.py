@@ -32,8 +32,8 @@ from collections.abc import Callable
 import redis
 
 from orchard.records import Completion, Group, Prompt
-from services.buffer.redis_buffer import RedisBuffer
-from services.redis_server import RedisServer
+from orchard.services.buffer.redis_buffer import RedisBuffer
+from orchard.services.redis_server import RedisServer
 
 Entry = tuple[str, int, bytes]  # group id, policy version, Group.to_bytes()
 

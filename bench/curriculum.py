@@ -40,9 +40,9 @@ from pathlib import Path
 from typing import Any
 
 from orchard.config import load_config
-from services.cluster import connect_ray
-from services.driver import Driver
-from services.run_dir import RunDirectory
+from orchard.services.cluster import connect_ray
+from orchard.services.driver import Driver
+from orchard.services.run_dir import RunDirectory
 
 OUT = Path(__file__).resolve().parent / "out" / "curriculum"
 MIX = [("reversal", 1), ("sorting", 2), ("counting", 2), ("addition", 2), ("multiplication", 2)]

@@ -56,17 +56,17 @@ import torch
 
 from orchard.config import load_config
 from orchard.records import Prompt
-from rollout.prompts import encode_prompt
-from rollout.strategies.tree_search import SearchSettings, TreeSearch, run_searches
-from rollout.worker import RolloutWorkerCore
-from services.cluster import connect_ray
-from services.driver import Driver
-from services.run.throughput import Throughput
-from services.run_dir import RunDirectory
-from services.warmstart import warm_start
-from verifiers.procedural import generate_prompt
-from verifiers.registry import safe_verify
-from verifiers.sources import PromptPool
+from orchard.rollout.prompts import encode_prompt
+from orchard.rollout.strategies.tree_search import SearchSettings, TreeSearch, run_searches
+from orchard.rollout.worker import RolloutWorkerCore
+from orchard.services.cluster import connect_ray
+from orchard.services.driver import Driver
+from orchard.services.run.throughput import Throughput
+from orchard.services.run_dir import RunDirectory
+from orchard.services.warmstart import warm_start
+from orchard.verifiers.procedural import generate_prompt
+from orchard.verifiers.registry import safe_verify
+from orchard.verifiers.sources import PromptPool
 
 PLAIN_FILTER = 16
 PLAIN_BUDGET = 64
@@ -364,9 +364,9 @@ def learnability_main(args: argparse.Namespace) -> None:
     """How much any finder of solutions could teach: the held-out greedy accuracy of each hard-tail
     distribution after supervised steps on N correct answers of fresh training prompts of it, from
     each seed's warm start of the training mix (batch 16, N/16 steps, the learner's learning rate)."""
-    from learner.sft import sft_train
-    from rollout.model import build_model
-    from services.evaluation import evaluate_by_distribution
+    from orchard.learner.sft import sft_train
+    from orchard.rollout.model import build_model
+    from orchard.services.evaluation import evaluate_by_distribution
 
     started = time.perf_counter()
     counts = sorted(set(args.solutions))

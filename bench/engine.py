@@ -38,10 +38,10 @@ import torch
 
 from orchard.config import ModelConfig, TinyModelConfig
 from orchard.protocols import SamplingParams
-from rollout.engines.kernels import forward_tokens_kernel
-from rollout.engines.torch_engine import TorchEngine
-from rollout.model import build_model, save_model
-from rollout.tokenizer import CharTokenizer
+from orchard.rollout.engines.kernels import forward_tokens_kernel
+from orchard.rollout.engines.torch_engine import TorchEngine
+from orchard.rollout.model import build_model, save_model
+from orchard.rollout.tokenizer import CharTokenizer
 
 CONFIGS = {
     "demo (h128 L4)": TinyModelConfig(
@@ -108,7 +108,7 @@ def matmuls_alone(engine: TorchEngine, batch: int, prompt_length: int, new_token
 
 def vllm_engine(model: torch.nn.Module, tokenizer: CharTokenizer, directory: str) -> object:
     """A `VLLMEngine` on `model`'s weights (written to `directory` as a Hugging Face checkpoint)."""
-    from rollout.engines.vllm import VLLMEngine
+    from orchard.rollout.engines.vllm import VLLMEngine
 
     save_model(model, tokenizer, directory)
     return VLLMEngine(directory, dtype="float32", enforce_eager=True, eos_token_ids=())

@@ -21,16 +21,16 @@ import time
 
 import torch
 
-from learner.algorithms import logprob_mismatch, truncated_importance_weights
-from learner.batching import sequence_logprobs
 from orchard.config import DEMO_CONFIG, load_config
+from orchard.learner.algorithms import logprob_mismatch, truncated_importance_weights
+from orchard.learner.batching import sequence_logprobs
 from orchard.protocols import SamplingParams
-from rollout.engines.torch_engine import TorchEngine
-from rollout.model import DTYPES, build_model, save_model
-from rollout.prompts import encode_prompt
-from rollout.tokenizer import load_tokenizer
-from services.warmstart import warm_start
-from verifiers.sources import PromptPool
+from orchard.rollout.engines.torch_engine import TorchEngine
+from orchard.rollout.model import DTYPES, build_model, save_model
+from orchard.rollout.prompts import encode_prompt
+from orchard.rollout.tokenizer import load_tokenizer
+from orchard.services.warmstart import warm_start
+from orchard.verifiers.sources import PromptPool
 
 
 def learner_logprobs(model, prompt: list[int], completion: list[int]) -> torch.Tensor:
@@ -84,7 +84,7 @@ def main() -> None:
         engines = {"torch": lambda m=model: TorchEngine(m, tokenizer)}
         directory = tempfile.TemporaryDirectory(prefix="orchard-mismatch-")
         if not args.no_vllm:
-            from rollout.engines.vllm import VLLMEngine
+            from orchard.rollout.engines.vllm import VLLMEngine
 
             save_model(model, tokenizer, directory.name)
             engines["vLLM (CPU)"] = lambda path=directory.name, dtype=dtype: VLLMEngine(

@@ -27,7 +27,7 @@ import time
 from collections import Counter, deque
 from dataclasses import dataclass, field, replace
 
-from services.run.admission import AdmissionGate
+from orchard.services.run.admission import AdmissionGate
 
 GB = 1e9
 
@@ -629,7 +629,7 @@ def measure_redis_costs(sizes: tuple[int, int] = (16 * 1024, 512 * 1024), rounds
     from two value sizes."""
     import redis
 
-    from services.redis_server import RedisServer
+    from orchard.services.redis_server import RedisServer
 
     per_pair = []
     # Append-only with an fsync per write, as the buffer's own redis-server and the Helm chart's.
@@ -659,7 +659,7 @@ def measure_redis_costs(sizes: tuple[int, int] = (16 * 1024, 512 * 1024), rounds
 
 def measure_math_verify_seconds(count: int = 200) -> float:
     from orchard.records import Prompt
-    from verifiers.math_answer import MathVerifier
+    from orchard.verifiers.math_answer import MathVerifier
 
     verifier = MathVerifier()
     prompt = Prompt("p", "Compute the sum.", "\\frac{7}{3}", "math")

@@ -23,7 +23,7 @@ import time
 
 import torch
 
-from rollout.weight_broadcast import BroadcastGroup, layout_of, open_store
+from orchard.rollout.weight_broadcast import BroadcastGroup, layout_of, open_store
 
 TENSORS = 32
 

@@ -29,13 +29,13 @@ import time
 import ray
 import torch
 
-from learner.weights import state_dict_to_numpy
 from orchard.config import ModelConfig, RolloutConfig, TinyModelConfig
-from rollout.model import build_model
-from rollout.tokenizer import load_tokenizer
-from rollout.worker import RolloutWorker
-from services.weights.store import SharedWeightStore
-from services.weights.sync import WeightSync
+from orchard.learner.weights import state_dict_to_numpy
+from orchard.rollout.model import build_model
+from orchard.rollout.tokenizer import load_tokenizer
+from orchard.rollout.worker import RolloutWorker
+from orchard.services.weights.store import SharedWeightStore
+from orchard.services.weights.sync import WeightSync
 
 
 def main() -> None:

@@ -14,8 +14,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from learner.algorithms import lp_reg_proxy_logprobs, token_entropy
-from learner.sft import IGNORE_INDEX, pad_supervised_batch
+from orchard.learner.algorithms import lp_reg_proxy_logprobs, token_entropy
+from orchard.learner.sft import IGNORE_INDEX, pad_supervised_batch
 from orchard.records import Group
 
 

@@ -18,7 +18,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from learner.algorithms import (
+from orchard.config import LearnerConfig
+from orchard.learner.algorithms import (
     hpt_weights,
     outcome_advantages,
     overlong_penalty,
@@ -26,8 +27,7 @@ from learner.algorithms import (
     tree_advantages,
     truncation_rewards,
 )
-from learner.batching import TrainingTensors
-from orchard.config import LearnerConfig
+from orchard.learner.batching import TrainingTensors
 from orchard.records import Group
 
 

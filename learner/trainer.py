@@ -33,7 +33,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from learner.algorithms import (
+from orchard.config import LearnerConfig
+from orchard.learner.algorithms import (
     aggregate,
     hint_clip_ranges,
     kl_penalty,
@@ -44,15 +45,14 @@ from learner.algorithms import (
     sft_loss,
     truncated_importance_weights,
 )
-from learner.batching import (
+from orchard.learner.batching import (
     TrainingTensors,
     build_sft_tensors,
     build_training_tensors,
     sequence_logprobs,
     sequence_scores,
 )
-from learner.signals import select_signals, shaped_rewards, token_advantages
-from orchard.config import LearnerConfig
+from orchard.learner.signals import select_signals, shaped_rewards, token_advantages
 from orchard.records import Group
 
 

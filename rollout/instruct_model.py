@@ -6,7 +6,7 @@ It stands in for the instruct models people bring (same files, same Auto classes
 machinery) where none can be downloaded: the tests, and the CPU recipe `configs/recipes/
 reasoning-gym-cpu.yaml`, whose warm start teaches it the answer format. Build one with
 
-    python -m rollout.instruct_model DIRECTORY [--config CONFIG.yaml] [--vocab-size 1024]
+    python -m orchard.rollout.instruct_model DIRECTORY [--config CONFIG.yaml] [--vocab-size 1024]
 
 which trains the tokenizer on the prompts and answers of CONFIG's data sources (default: the demo's).
 """
@@ -96,7 +96,7 @@ def corpus_of(config_path: str | None, *, prompts: int = 4000) -> list[str]:
     """Prompt texts and reference solutions (else answers) of a run config's data sources (the demo's when
     None), rendered with its prompt template and system prompt: what the tokenizer will see most."""
     from orchard.config import DEMO_CONFIG, load_config
-    from verifiers.sources import PromptPool
+    from orchard.verifiers.sources import PromptPool
 
     config = load_config(config_path or DEMO_CONFIG, ["data.held_out_size=0"])
     pool = PromptPool.from_config(config.data)

@@ -13,7 +13,7 @@ import torch
 from transformers import AutoModelForCausalLM, PreTrainedModel, Qwen2Config, Qwen2ForCausalLM
 
 from orchard.config import ModelConfig, TinyModelConfig
-from rollout.tokenizer import CharTokenizer, HFTokenizer, Tokenizer, load_tokenizer
+from orchard.rollout.tokenizer import CharTokenizer, HFTokenizer, Tokenizer, load_tokenizer
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 

@@ -29,7 +29,7 @@ from typing import Any
 
 from orchard.config import DataConfig
 from orchard.records import ChatMessage, Prompt
-from rollout.tokenizer import CharTokenizer, Tokenizer
+from orchard.rollout.tokenizer import CharTokenizer, Tokenizer
 
 
 class PromptFormatError(ValueError):

@@ -19,13 +19,13 @@ import torch
 from orchard.config import ModelConfig, RolloutConfig
 from orchard.protocols import SamplingParams, Verifier
 from orchard.records import Completion, Group, Prompt
-from rollout.engines.torch_engine import TorchEngine
-from rollout.model import build_model
-from rollout.prompts import PromptFormat, PromptRenderer
-from rollout.strategies.tree_search import SearchSettings, TreeSearch, run_searches
-from rollout.tokenizer import load_tokenizer
-from rollout.weight_broadcast import BroadcastTicket
-from verifiers.registry import get_verifier, safe_verify
+from orchard.rollout.engines.torch_engine import TorchEngine
+from orchard.rollout.model import build_model
+from orchard.rollout.prompts import PromptFormat, PromptRenderer
+from orchard.rollout.strategies.tree_search import SearchSettings, TreeSearch, run_searches
+from orchard.rollout.tokenizer import load_tokenizer
+from orchard.rollout.weight_broadcast import BroadcastTicket
+from orchard.verifiers.registry import get_verifier, safe_verify
 
 
 def verifier_name(prompt: Prompt) -> str:
@@ -128,7 +128,7 @@ class RolloutWorkerCore:
     ) -> list[int]:
         """Join the learner's weight-broadcast group (`rollout/weight_broadcast.py`); returns the ranks
         taken: one for the torch engine, one per tensor-parallel GPU worker for vLLM."""
-        from rollout.weight_broadcast import BroadcastGroup
+        from orchard.rollout.weight_broadcast import BroadcastGroup
 
         if self._broadcast is not None:
             self._broadcast[0].close()
@@ -143,7 +143,7 @@ class RolloutWorkerCore:
     def _receive_broadcast(self, version: int, started: float) -> dict[str, Any]:
         """Take `version` from the broadcast the learner is sending. Always takes part, even when the
         engine refuses the version, so the learner and the other workers are not left waiting."""
-        from rollout.weight_broadcast import BroadcastSource
+        from orchard.rollout.weight_broadcast import BroadcastSource
 
         if self._broadcast is None:
             raise RuntimeError(f"rollout worker {self.worker_id} got a broadcast version but joined no broadcast group")
@@ -447,7 +447,7 @@ def build_engine(
     adds its end-of-turn token, `PromptRenderer.stop_token_ids`)."""
     eos_token_ids = tuple(eos_token_ids) if eos_token_ids is not None else (tokenizer.eos_id,)
     if rollout_config.engine == "vllm":
-        from rollout.engines.vllm import VLLMEngine
+        from orchard.rollout.engines.vllm import VLLMEngine
 
         settings = rollout_config.vllm
         path = str(model_config.path) if model_config.kind == "hf" else _tiny_checkpoint(model_config, tokenizer)
@@ -481,7 +481,7 @@ def _tiny_checkpoint(model_config: ModelConfig, tokenizer: Any) -> str:
     import tempfile
     from pathlib import Path
 
-    from rollout.model import save_model
+    from orchard.rollout.model import save_model
 
     key = hashlib.sha256(json.dumps(model_config.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()[:16]
     root = Path(os.environ.get("ORCHARD_CACHE", Path.home() / ".cache" / "orchard")) / "engine-checkpoints"

@@ -19,7 +19,7 @@ def _load(args: argparse.Namespace) -> RunConfig:
 
 
 def _run_directory(config: RunConfig, run_dir: str | None):
-    from services.run_dir import RunDirectory, new_run_id
+    from orchard.services.run_dir import RunDirectory, new_run_id
 
     if run_dir:
         path = Path(run_dir)
@@ -39,13 +39,13 @@ def command_run(args: argparse.Namespace) -> int:
             raise ConfigError([("--resume", f"{resumed} is not a run directory (no config.yaml)")])
         args.config, args.run_dir = str(resumed / "config.yaml"), str(resumed)
     config = _load(args)
-    from services.buffer.redis_buffer import BufferUnavailable
-    from services.cluster import connect_ray
-    from services.control.app import create_app
-    from services.control.run_control import RunState
-    from services.control.server import ControlPlaneError, ControlServer
-    from services.control.service import ControlService
-    from services.driver import DriverError
+    from orchard.services.buffer.redis_buffer import BufferUnavailable
+    from orchard.services.cluster import connect_ray
+    from orchard.services.control.app import create_app
+    from orchard.services.control.run_control import RunState
+    from orchard.services.control.server import ControlPlaneError, ControlServer
+    from orchard.services.control.service import ControlService
+    from orchard.services.driver import DriverError
 
     token = config.control.resolved_token()
     service = ControlService()
@@ -85,9 +85,9 @@ def command_run(args: argparse.Namespace) -> int:
 
 def command_serve(args: argparse.Namespace) -> int:
     """The control plane alone; runs are created with `POST /v1/runs`."""
-    from services.control.app import create_app
-    from services.control.server import ControlPlaneError, ControlServer
-    from services.control.service import ControlService
+    from orchard.services.control.app import create_app
+    from orchard.services.control.server import ControlPlaneError, ControlServer
+    from orchard.services.control.service import ControlService
 
     token = os.environ.get("ORCHARD_TOKEN") or None
     try:
@@ -102,7 +102,7 @@ def command_serve(args: argparse.Namespace) -> int:
 
 def command_client(args: argparse.Namespace) -> int:
     """`status|pause|resume|stop|checkpoint`: one call of the control plane's REST API."""
-    from services.control.client import ControlClient, ControlClientError, format_status
+    from orchard.services.control.client import ControlClient, ControlClientError, format_status
 
     try:
         with ControlClient(args.url, token=args.token) as client:
@@ -129,8 +129,8 @@ def command_client(args: argparse.Namespace) -> int:
 
 def command_samples(args: argparse.Namespace) -> int:
     """The latest rollouts of a run as the model saw them (runs/<id>/samples.jsonl)."""
-    from services.run_dir import read_jsonl
-    from services.samples import format_samples
+    from orchard.services.run_dir import read_jsonl
+    from orchard.services.samples import format_samples
 
     path = Path(args.run_dir) / "samples.jsonl"
     if not (Path(args.run_dir) / "config.yaml").is_file():

@@ -32,37 +32,37 @@ from typing import Any
 import ray
 import torch
 
-from learner.trainer import StepResult
 from orchard.config import RunConfig
+from orchard.learner.trainer import StepResult
 from orchard.protocols import Buffer
 from orchard.records import Group
-from rollout.prompts import PromptFormat, PromptRenderer
-from rollout.tokenizer import load_tokenizer
-from rollout.weight_broadcast import BroadcastTicket
-from rollout.worker import RolloutWorker, RolloutWorkerCore
-from services.buffer.factory import make_buffer
-from services.control.run_control import RunControl, RunState, WeightVersionConflict
-from services.curriculum.filtering import REASONS as FILTER_REASONS
-from services.curriculum.sampler import PromptSampler
-from services.evaluation import WorkerEvaluator, evaluate_by_distribution
-from services.learner_actor import LearnerStep, create_learner
-from services.metrics import RunMetrics
-from services.placement import reserve, rollout_options
-from services.rescue.deepsearch import RescoreFailed, SearchRescue, is_tree_group
-from services.rescue.queue import RescueQueue, build_rescues
-from services.run import loop
-from services.run.admission import AdmissionGate
-from services.run.checkpoints import Checkpoints, DriverState, latest_checkpoint, read_step
-from services.run.intake import Intake, LogprobsOf
-from services.run.loop import InFlight, LoopStalled, Rollout, RunLoop, Step, WeightPush, WorkerDied
-from services.run.throughput import Throughput
-from services.run_dir import RunDirectory
-from services.samples import SampleKeeper, sample_records
-from services.supervision import NonFiniteGuard
-from services.trackers import Trackers
-from services.warmstart import warm_start
-from services.weights.sync import WeightSync, form_broadcast_group
-from verifiers.sources import PromptPool
+from orchard.rollout.prompts import PromptFormat, PromptRenderer
+from orchard.rollout.tokenizer import load_tokenizer
+from orchard.rollout.weight_broadcast import BroadcastTicket
+from orchard.rollout.worker import RolloutWorker, RolloutWorkerCore
+from orchard.services.buffer.factory import make_buffer
+from orchard.services.control.run_control import RunControl, RunState, WeightVersionConflict
+from orchard.services.curriculum.filtering import REASONS as FILTER_REASONS
+from orchard.services.curriculum.sampler import PromptSampler
+from orchard.services.evaluation import WorkerEvaluator, evaluate_by_distribution
+from orchard.services.learner_actor import LearnerStep, create_learner
+from orchard.services.metrics import RunMetrics
+from orchard.services.placement import reserve, rollout_options
+from orchard.services.rescue.deepsearch import RescoreFailed, SearchRescue, is_tree_group
+from orchard.services.rescue.queue import RescueQueue, build_rescues
+from orchard.services.run import loop
+from orchard.services.run.admission import AdmissionGate
+from orchard.services.run.checkpoints import Checkpoints, DriverState, latest_checkpoint, read_step
+from orchard.services.run.intake import Intake, LogprobsOf
+from orchard.services.run.loop import InFlight, LoopStalled, Rollout, RunLoop, Step, WeightPush, WorkerDied
+from orchard.services.run.throughput import Throughput
+from orchard.services.run_dir import RunDirectory
+from orchard.services.samples import SampleKeeper, sample_records
+from orchard.services.supervision import NonFiniteGuard
+from orchard.services.trackers import Trackers
+from orchard.services.warmstart import warm_start
+from orchard.services.weights.sync import WeightSync, form_broadcast_group
+from orchard.verifiers.sources import PromptPool
 
 
 class DriverError(RuntimeError):
@@ -172,7 +172,7 @@ class Driver:
             state_dict = self._restore(checkpoint)
         else:
             state_dict, self.warm_start_info = warm_start(config, self.pool, log=self.run_dir.event)
-        from learner.weights import state_dict_to_numpy
+        from orchard.learner.weights import state_dict_to_numpy
 
         initial_ref = ray.put(state_dict_to_numpy(state_dict))
         self._initial_weights_ref = initial_ref  # a learner that dies before any checkpoint starts again from these

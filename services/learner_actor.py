@@ -21,10 +21,10 @@ from typing import Any
 import ray
 import torch
 
-from learner.trainer import StepResult
 from orchard.config import RunConfig
+from orchard.learner.trainer import StepResult
 from orchard.records import Group
-from services.weights import store as weight_store
+from orchard.services.weights import store as weight_store
 
 
 @dataclass(frozen=True)
@@ -84,11 +84,11 @@ class LearnerCore:
         if not torch.cuda.is_available():
             os.environ.setdefault("DS_ACCELERATOR", "cpu")
         torch.set_num_threads(config.learner.torch_threads)
-        from learner.trainer import GRPOTrainer
-        from learner.weights import numpy_to_state_dict
-        from rollout.model import build_model
-        from rollout.prompts import PromptFormat, PromptRenderer
-        from rollout.tokenizer import load_tokenizer
+        from orchard.learner.trainer import GRPOTrainer
+        from orchard.learner.weights import numpy_to_state_dict
+        from orchard.rollout.model import build_model
+        from orchard.rollout.prompts import PromptFormat, PromptRenderer
+        from orchard.rollout.tokenizer import load_tokenizer
 
         self.tokenizer = tokenizer = load_tokenizer(config.model)
         model = build_model(config.model, tokenizer)
@@ -140,7 +140,7 @@ class LearnerCore:
         `RolloutWorkerCore.load_weights`. `auto` becomes shared memory on a single-node cluster and
         falls back to the object store when the segment cannot be created (say, a small /dev/shm).
         """
-        from learner.weights import state_dict_to_numpy
+        from orchard.learner.weights import state_dict_to_numpy
 
         if self.rank:
             return self._gather_on_peer()
@@ -168,7 +168,7 @@ class LearnerCore:
     def open_weight_broadcast(self, world_size: int) -> dict[str, Any]:
         """Open the broadcast group's rendezvous on this node: its address and the weights' layout,
         for every member's `join_weight_broadcast` (all called at once; see `rollout/weight_broadcast.py`)."""
-        from rollout.weight_broadcast import layout_of, open_store
+        from orchard.rollout.weight_broadcast import layout_of, open_store
 
         if self.rank:
             return self._gather_on_peer()
@@ -180,7 +180,7 @@ class LearnerCore:
 
     def join_weight_broadcast(self, world_size: int, backend: str) -> int:
         """Join the group as rank 0 (the sender); blocks until every worker has joined."""
-        from rollout.weight_broadcast import BroadcastGroup
+        from orchard.rollout.weight_broadcast import BroadcastGroup
 
         if getattr(self, "_broadcast", None) is not None:
             self._broadcast.close()
@@ -210,7 +210,7 @@ class LearnerCore:
     def export_weights_object_store(self) -> Any:
         """The current weights as numpy arrays for the object store, whatever the transport (the
         driver's evaluator and restarted workers under transport 'nccl')."""
-        from learner.weights import state_dict_to_numpy
+        from orchard.learner.weights import state_dict_to_numpy
 
         if self.rank:
             return self._gather_on_peer()
@@ -297,7 +297,7 @@ def create_learner(
 ) -> tuple[Any, list[Any]]:
     """The learner's actors: (rank 0, the other ranks), each in its own bundle of `placement` (one
     rank and no placement groups is allowed too). The driver calls rank 0 only."""
-    from services.placement import learner_options
+    from orchard.services.placement import learner_options
 
     ranks = config.cluster.learner_ranks
     if ranks == 1:

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from learner.trainer import StepResult
+    from orchard.learner.trainer import StepResult
 
 
 @dataclass

@@ -13,10 +13,10 @@ from typing import Any
 import torch
 
 from orchard.config import RunConfig
-from rollout.model import build_model
-from rollout.prompts import PromptFormat, PromptRenderer
-from rollout.tokenizer import load_tokenizer
-from verifiers.sources import PromptPool
+from orchard.rollout.model import build_model
+from orchard.rollout.prompts import PromptFormat, PromptRenderer
+from orchard.rollout.tokenizer import load_tokenizer
+from orchard.verifiers.sources import PromptPool
 
 #: Bumped when the SFT recipe changes in a way the cache key cannot see.
 WARM_START_FORMAT = 1
@@ -46,7 +46,7 @@ def warm_start_seed(config: RunConfig) -> int:
 
 def warm_start(config: RunConfig, pool: PromptPool, log=print) -> tuple[dict[str, Any], dict[str, Any]]:
     """The initial policy's state dict, and what it cost (`cached`, `seconds`, final loss)."""
-    from learner.sft import cached_warm_start, sft_train
+    from orchard.learner.sft import cached_warm_start, sft_train
 
     tokenizer = load_tokenizer(config.model)
     started = time.perf_counter()

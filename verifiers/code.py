@@ -29,7 +29,7 @@ from typing import Any
 
 from orchard.protocols import VerifierResult
 from orchard.records import Prompt
-from verifiers.sandbox import SandboxError, SandboxLimits, SandboxResult, run_sandboxed
+from orchard.verifiers.sandbox import SandboxError, SandboxLimits, SandboxResult, run_sandboxed
 
 _FENCED_BLOCK = re.compile(r"```[ \t]*([A-Za-z0-9_+.-]*)[^\n]*\n(.*?)```", re.DOTALL)
 _OPEN_PYTHON_FENCE = re.compile(r"```[ \t]*(?:python3?|py)[^\n]*\n", re.IGNORECASE)

@@ -65,7 +65,7 @@ from reasoning_gym.factory import DATASETS
 from orchard.config import ReasoningGymDataset, ReasoningGymSource
 from orchard.protocols import VerifierResult
 from orchard.records import Prompt
-from verifiers.datasets import SourceError
+from orchard.verifiers.datasets import SourceError
 
 VERIFIER_NAME = "reasoning_gym"
 ANSWER_OPEN, ANSWER_CLOSE = "<answer>", "</answer>"

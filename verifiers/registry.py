@@ -24,19 +24,19 @@ class VerifierError(ValueError):
 
 def _builtin(name: str) -> Verifier | None:
     if name == "procedural":
-        from verifiers.procedural import ProceduralVerifier
+        from orchard.verifiers.procedural import ProceduralVerifier
 
         return ProceduralVerifier()
     if name == "math":
-        from verifiers.math_answer import MathVerifier
+        from orchard.verifiers.math_answer import MathVerifier
 
         return MathVerifier()
     if name == "code":
-        from verifiers.code import CodeVerifier
+        from orchard.verifiers.code import CodeVerifier
 
         return CodeVerifier()
     if name == "reasoning_gym":
-        from verifiers.reasoning_gym import ReasoningGymVerifier
+        from orchard.verifiers.reasoning_gym import ReasoningGymVerifier
 
         return ReasoningGymVerifier()
     return None

@@ -16,8 +16,8 @@ from pathlib import Path
 
 from orchard.config import DataConfig, JsonlSource, ProceduralSource, ReasoningGymSource
 from orchard.records import Prompt
-from verifiers.datasets import SourceError, load_table_prompts
-from verifiers.procedural import check_family, distribution_name, generate_prompt
+from orchard.verifiers.datasets import SourceError, load_table_prompts
+from orchard.verifiers.procedural import check_family, distribution_name, generate_prompt
 
 __all__ = ["PromptPool", "SourceError", "load_jsonl_prompts"]
 
@@ -129,7 +129,7 @@ class PromptPool:
             if isinstance(source, ProceduralSource):
                 sources.append(_Procedural(source))
             elif isinstance(source, ReasoningGymSource):
-                from verifiers.reasoning_gym import load_reasoning_gym_prompts
+                from orchard.verifiers.reasoning_gym import load_reasoning_gym_prompts
 
                 names = ", ".join(dataset.name for dataset in source.datasets)
                 sources.append(_Listed(load_reasoning_gym_prompts(source), source.weight, f"reasoning-gym ({names})"))

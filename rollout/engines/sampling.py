@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from orchard.protocols import SamplingParams
-from rollout.tokenizer import Tokenizer
+from orchard.rollout.tokenizer import Tokenizer
 
 
 def validate_params(params: SamplingParams) -> None:

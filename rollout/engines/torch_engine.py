@@ -44,10 +44,10 @@ import torch.nn.functional as F
 from transformers import PretrainedConfig, Qwen2ForCausalLM
 
 from orchard.protocols import GenerationOutput, SamplingParams
-from rollout.engines.engine_weights import EngineWeights, FusedLayer
-from rollout.engines.kernels import forward_tokens_kernel
-from rollout.engines.sampling import find_stop, gumbel_noise, sample_next, top_next_tokens, validate_params
-from rollout.tokenizer import Tokenizer
+from orchard.rollout.engines.engine_weights import EngineWeights, FusedLayer
+from orchard.rollout.engines.kernels import forward_tokens_kernel
+from orchard.rollout.engines.sampling import find_stop, gumbel_noise, sample_next, top_next_tokens, validate_params
+from orchard.rollout.tokenizer import Tokenizer
 
 #: Compact the batch once this fraction of its rows has finished (a gather of the cache costs about as
 #: much as one decode step, so compacting on every finish would not pay).

@@ -48,8 +48,8 @@ import numpy as np
 import torch
 
 from orchard.protocols import GenerationOutput, SamplingParams
-from rollout.engines.engine_weights import all_finite, read_only_tensor
-from rollout.engines.sampling import validate_params
+from orchard.rollout.engines.engine_weights import all_finite, read_only_tensor
+from orchard.rollout.engines.sampling import validate_params
 
 #: vLLM's finish reasons and ours ("abort" and others mean the request did not finish normally).
 FINISH_REASONS = {"stop": "stop", "length": "length"}
@@ -307,7 +307,7 @@ class WeightLoaderExtension:
         """Join the learner's weight broadcast group as rank `first_rank` + this worker's rank."""
         from vllm.distributed.parallel_state import get_world_group
 
-        from rollout.weight_broadcast import BroadcastGroup
+        from orchard.rollout.weight_broadcast import BroadcastGroup
 
         rank = first_rank + get_world_group().rank
         self.orchard_broadcast = BroadcastGroup.join(host, port, rank, world_size, backend="nccl", timeout_s=timeout_s)

@@ -35,7 +35,7 @@ from dataclasses import dataclass, field, replace
 
 from orchard.config import MCTSConfig
 from orchard.protocols import GenerationOutput, SamplingParams, VerifierResult
-from rollout.strategies.mcts import (
+from orchard.rollout.strategies.mcts import (
     Node,
     add_child,
     backup,

@@ -6,9 +6,9 @@ from pathlib import Path
 
 from orchard.config import BufferConfig
 from orchard.protocols import Buffer
-from services.buffer.memory import MemoryBuffer
-from services.buffer.redis_buffer import RedisBuffer
-from services.redis_server import INSTALL_HINT, RedisServer, find_redis_server
+from orchard.services.buffer.memory import MemoryBuffer
+from orchard.services.buffer.redis_buffer import RedisBuffer
+from orchard.services.redis_server import INSTALL_HINT, RedisServer, find_redis_server
 
 
 def make_buffer(

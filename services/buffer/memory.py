@@ -15,7 +15,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 from orchard.records import Group, RecordError
-from services.buffer import STAT_KEYS, PassRateStats, decode_group
+from orchard.services.buffer import STAT_KEYS, PassRateStats, decode_group
 
 log = logging.getLogger(__name__)
 

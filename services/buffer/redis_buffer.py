@@ -37,7 +37,7 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from orchard.records import Group, RecordError
-from services.buffer import STAT_KEYS, PassRateStats, decode_group
+from orchard.services.buffer import STAT_KEYS, PassRateStats, decode_group
 
 log = logging.getLogger(__name__)
 

@@ -19,8 +19,8 @@ from pydantic import BaseModel, Field
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from orchard.config import ConfigError, RunConfig, apply_overrides, config_from_dict, load_config
-from services.control.run_control import ControlConflict, RunState
-from services.control.service import ControlService, RunNotFound, RunStatus
+from orchard.services.control.run_control import ControlConflict, RunState
+from orchard.services.control.service import ControlService, RunNotFound, RunStatus
 
 PROMETHEUS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 _bearer = HTTPBearer(auto_error=False)

@@ -20,9 +20,9 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from orchard.config import RunConfig
-from services.control.run_control import ControlConflict, RunControl, RunState, WeightAnnouncement
-from services.metrics import RunMetrics
-from services.run_dir import RunDirectory, new_run_id
+from orchard.services.control.run_control import ControlConflict, RunControl, RunState, WeightAnnouncement
+from orchard.services.metrics import RunMetrics
+from orchard.services.run_dir import RunDirectory, new_run_id
 
 
 class RunNotFound(KeyError):
@@ -89,7 +89,7 @@ class RunHandle:
 
     def execute(self, *, show_progress: bool = False) -> dict[str, Any]:
         """Run the driver to the end in this thread; returns the summary (raises what failed the run)."""
-        from services.driver import Driver
+        from orchard.services.driver import Driver
 
         self.driver = Driver(
             self.config,
@@ -121,7 +121,7 @@ def launch_in_thread(handle: RunHandle) -> None:
     """Execute `handle` in a daemon thread, joining (or starting) the Ray cluster first."""
 
     def target() -> None:
-        from services.cluster import connect_ray
+        from orchard.services.cluster import connect_ray
 
         try:
             connect_ray(handle.config)

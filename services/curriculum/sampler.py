@@ -24,13 +24,13 @@ from typing import Any
 
 import torch
 
-from learner.algorithms import group_advantages
 from orchard.config import CurriculumConfig
+from orchard.learner.algorithms import group_advantages
 from orchard.records import Group, Prompt
-from services.curriculum.filtering import group_filter_reason
-from services.curriculum.ucb import UCBScheduler
-from services.curriculum.value_model import PromptValueModel, nearest_to_target
-from verifiers.sources import PromptPool
+from orchard.services.curriculum.filtering import group_filter_reason
+from orchard.services.curriculum.ucb import UCBScheduler
+from orchard.services.curriculum.value_model import PromptValueModel, nearest_to_target
+from orchard.verifiers.sources import PromptPool
 
 STATE_VERSION = 1
 

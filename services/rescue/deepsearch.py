@@ -27,9 +27,9 @@ from typing import Any
 from orchard.config import RunConfig
 from orchard.protocols import Buffer
 from orchard.records import Group, Prompt
-from services.buffer.redis_buffer import RedisBuffer
-from services.curriculum.filtering import ZERO_ADVANTAGE
-from services.rescue.solution_cache import MemorySolutionStore, RedisSolutionStore, SolutionCache, SolutionStore
+from orchard.services.buffer.redis_buffer import RedisBuffer
+from orchard.services.curriculum.filtering import ZERO_ADVANTAGE
+from orchard.services.rescue.solution_cache import MemorySolutionStore, RedisSolutionStore, SolutionCache, SolutionStore
 
 #: `logprobs_of(prompt token ids, completion token ids)`: the current policy's logprob of each token.
 LogprobsOf = Callable[[Sequence[int], Sequence[int]], list[float]]

@@ -93,11 +93,11 @@ def build_rescues(config: RunConfig) -> list[Rescue]:
     """The rescues a run's config asks for, in order of preference (the first that wants a prompt gets it)."""
     rescues: list[Rescue] = []
     if config.rollout.strategy == "mcts":  # DeepSearch: tree search, its solutions cached and replayed
-        from services.rescue.deepsearch import SearchRescue
+        from orchard.services.rescue.deepsearch import SearchRescue
 
         rescues.append(SearchRescue(config))
     if config.learner.hints.enabled:  # Guide, Scaf-GRPO: sampled again with the prompt's hints in context
-        from services.rescue.hints import HintRescue
+        from orchard.services.rescue.hints import HintRescue
 
         rescues.append(HintRescue(config))
     return rescues

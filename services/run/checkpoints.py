@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from orchard.protocols import Buffer
-from services.run_dir import RunDirectory
+from orchard.services.run_dir import RunDirectory
 
 DRIVER_STATE = "driver.json"
 

@@ -16,14 +16,14 @@ from collections.abc import Callable, Sequence
 from orchard.config import RunConfig
 from orchard.protocols import Buffer
 from orchard.records import Group
-from rollout.worker import RolloutResult
-from services.curriculum.sampler import PromptSampler
-from services.metrics import RunMetrics
-from services.rescue.deepsearch import SearchRescue, is_tree_group
-from services.rescue.queue import RescueQueue
-from services.run.throughput import Throughput
-from services.run_dir import RunDirectory
-from services.samples import SampleKeeper
+from orchard.rollout.worker import RolloutResult
+from orchard.services.curriculum.sampler import PromptSampler
+from orchard.services.metrics import RunMetrics
+from orchard.services.rescue.deepsearch import SearchRescue, is_tree_group
+from orchard.services.rescue.queue import RescueQueue
+from orchard.services.run.throughput import Throughput
+from orchard.services.run_dir import RunDirectory
+from orchard.services.samples import SampleKeeper
 
 #: Steps' worth of groups dropped by the filters in a row before the run says it is starving.
 STARVATION_STEPS = 10

@@ -17,8 +17,8 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from orchard.records import Group, Prompt
-from services.control.run_control import RunControl
-from services.run.admission import AdmissionGate
+from orchard.services.control.run_control import RunControl
+from orchard.services.run.admission import AdmissionGate
 
 
 @dataclass(eq=False)

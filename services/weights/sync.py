@@ -24,8 +24,8 @@ from typing import Any
 
 import ray
 
-from rollout.weight_broadcast import BroadcastTicket
-from services.weights.store import WeightHandle
+from orchard.rollout.weight_broadcast import BroadcastTicket
+from orchard.services.weights.store import WeightHandle
 
 
 class WeightVersionError(ValueError):

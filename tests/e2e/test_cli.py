@@ -10,7 +10,7 @@ from pathlib import Path
 from tests.e2e.tiny_run import TINY
 
 REPO = Path(__file__).resolve().parents[2]
-ORCHARD = [sys.executable, "-m", "services.cli"]
+ORCHARD = [sys.executable, "-m", "orchard"]
 
 
 def orchard(*args: str, cwd: Path = REPO, timeout: int = 600) -> subprocess.CompletedProcess:

@@ -21,7 +21,7 @@ from tests.e2e.tiny_run import TINY
 from tests.processes import read_control_url
 
 REPO = Path(__file__).resolve().parents[2]
-ORCHARD = [sys.executable, "-m", "services.cli"]
+ORCHARD = [sys.executable, "-m", "orchard"]
 TOKEN = "e2e-token"
 PAUSE_SECONDS = 5.0
 

@@ -34,7 +34,7 @@ from tests.e2e.tiny_run import TINY
 from tests.unit.test_dashboards import all_dashboard_queries, exposed_labels, missing_from_exposition
 
 REPO = Path(__file__).resolve().parents[2]
-ORCHARD = [sys.executable, "-m", "services.cli"]
+ORCHARD = [sys.executable, "-m", "orchard"]
 CONTROL_LINE = re.compile(r"orchard: control plane at (http://\S+)")
 #: Apt package of the Prometheus server binary (Debian, Ubuntu).
 PROMETHEUS_PACKAGE = "prometheus"

@@ -10,8 +10,8 @@ import time
 
 import ray
 
-from services.driver import Driver
-from services.run_dir import RunDirectory
+from orchard.services.driver import Driver
+from orchard.services.run_dir import RunDirectory
 from tests.faults.test_worker_death import kill_worker_when, run_in_thread
 from tests.integration.test_driver import conservation, small_config
 

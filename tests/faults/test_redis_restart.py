@@ -5,9 +5,9 @@ from __future__ import annotations
 import threading
 import time
 
-from services.driver import Driver
-from services.redis_server import RedisServer
-from services.run_dir import RunDirectory
+from orchard.services.driver import Driver
+from orchard.services.redis_server import RedisServer
+from orchard.services.run_dir import RunDirectory
 from tests.integration.test_driver import conservation, small_config
 
 

@@ -18,12 +18,12 @@ from pathlib import Path
 import httpx
 import pytest
 
-from services.redis_server import find_redis_server
+from orchard.services.redis_server import find_redis_server
 from tests.e2e.tiny_run import TINY
 from tests.processes import read_control_url
 
 REPO = Path(__file__).resolve().parents[2]
-ORCHARD = [sys.executable, "-m", "services.cli"]
+ORCHARD = [sys.executable, "-m", "orchard"]
 GROUPS_PER_STEP = 4  # TINY's learner.groups_per_step
 
 

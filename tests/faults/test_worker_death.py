@@ -13,8 +13,8 @@ import time
 import pytest
 import ray
 
-from services.driver import Driver, DriverError
-from services.run_dir import RunDirectory
+from orchard.services.driver import Driver, DriverError
+from orchard.services.run_dir import RunDirectory
 from tests.integration.test_driver import conservation, small_config
 
 

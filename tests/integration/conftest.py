@@ -10,7 +10,7 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from services.redis_server import INSTALL_HINT, RedisServer, find_redis_server
+from orchard.services.redis_server import INSTALL_HINT, RedisServer, find_redis_server
 
 
 @pytest.fixture(scope="module")

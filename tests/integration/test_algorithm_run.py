@@ -9,9 +9,9 @@ import json
 import math
 
 from orchard.config import load_config
-from rollout.tokenizer import CharTokenizer
-from services.driver import Driver
-from services.run_dir import RunDirectory
+from orchard.rollout.tokenizer import CharTokenizer
+from orchard.services.driver import Driver
+from orchard.services.run_dir import RunDirectory
 
 SETTINGS = [
     "max_minutes=null",

@@ -16,12 +16,12 @@ import redis
 from orchard.config import BufferConfig
 from orchard.protocols import Buffer
 from orchard.records import Completion, Group, Prompt
-from services.buffer import STAT_KEYS, PassRateStats
-from services.buffer import factory as factory_module
-from services.buffer.factory import make_buffer
-from services.buffer.memory import MemoryBuffer
-from services.buffer.redis_buffer import BufferUnavailable, RedisBuffer
-from services.redis_server import RedisServer, free_port
+from orchard.services.buffer import STAT_KEYS, PassRateStats
+from orchard.services.buffer import factory as factory_module
+from orchard.services.buffer.factory import make_buffer
+from orchard.services.buffer.memory import MemoryBuffer
+from orchard.services.buffer.redis_buffer import BufferUnavailable, RedisBuffer
+from orchard.services.redis_server import RedisServer, free_port
 
 
 def make_group(version: int = 0, *, size: int = 8, tokens: int = 16, distribution: str = "addition") -> Group:

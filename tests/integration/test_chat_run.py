@@ -13,10 +13,10 @@ import pytest
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from orchard.config import TinyModelConfig, load_config
-from rollout.instruct_model import CHATML_TEMPLATE, write_instruct_model
-from services.cli import main as orchard
-from services.driver import Driver
-from services.run_dir import RunDirectory
+from orchard.rollout.instruct_model import CHATML_TEMPLATE, write_instruct_model
+from orchard.services.cli import main as orchard
+from orchard.services.driver import Driver
+from orchard.services.run_dir import RunDirectory
 
 SETTINGS = [
     "max_steps=4",

@@ -9,10 +9,10 @@ from __future__ import annotations
 import pytest
 from fastapi.testclient import TestClient
 
-from services.control.app import create_app
-from services.control.run_control import RunState
-from services.control.service import ControlService, RunHandle
-from services.metrics import RUN_STATES
+from orchard.services.control.app import create_app
+from orchard.services.control.run_control import RunState
+from orchard.services.control.service import ControlService, RunHandle
+from orchard.services.metrics import RUN_STATES
 
 TOKEN = "s3cret-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}

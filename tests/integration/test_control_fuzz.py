@@ -10,8 +10,8 @@ import pytest
 import schemathesis
 from hypothesis import HealthCheck, settings
 
-from services.control.app import create_app
-from services.control.service import ControlService
+from orchard.services.control.app import create_app
+from orchard.services.control.service import ControlService
 
 TOKEN = "fuzz-token"
 

@@ -8,9 +8,9 @@ import json
 import re
 
 from orchard.config import load_config
-from services.driver import Driver
-from services.rescue.solution_cache import RedisSolutionStore
-from services.run_dir import RunDirectory
+from orchard.services.driver import Driver
+from orchard.services.rescue.solution_cache import RedisSolutionStore
+from orchard.services.run_dir import RunDirectory
 
 SETTINGS = [
     "max_minutes=null",

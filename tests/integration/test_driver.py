@@ -7,11 +7,11 @@ import json
 import pytest
 
 from orchard.config import load_config
-from services.buffer.redis_buffer import RedisBuffer
-from services.curriculum.sampler import PromptSampler
-from services.driver import Driver
-from services.redis_server import RedisServer
-from services.run_dir import RunDirectory
+from orchard.services.buffer.redis_buffer import RedisBuffer
+from orchard.services.curriculum.sampler import PromptSampler
+from orchard.services.driver import Driver
+from orchard.services.redis_server import RedisServer
+from orchard.services.run_dir import RunDirectory
 
 SMALL = [
     "max_steps=3",

@@ -3,8 +3,8 @@ gloo here), a learner of two ZeRO-3 ranks, and the actors in placement groups.""
 
 from __future__ import annotations
 
-from services.driver import Driver
-from services.run_dir import RunDirectory
+from orchard.services.driver import Driver
+from orchard.services.run_dir import RunDirectory
 from tests.integration.test_driver import conservation, small_config
 
 
@@ -48,13 +48,13 @@ def test_vllm_runs_evaluate_on_a_rollout_worker(ray_local):
     with the version it holds (here a torch worker stands in for the vLLM one)."""
     import ray
 
-    from learner.weights import state_dict_to_numpy
     from orchard.config import ModelConfig, RolloutConfig, TinyModelConfig
+    from orchard.learner.weights import state_dict_to_numpy
     from orchard.records import Prompt
-    from rollout.model import build_model
-    from rollout.tokenizer import load_tokenizer
-    from rollout.worker import RolloutWorker
-    from services.evaluation import WorkerEvaluator, evaluate_by_distribution
+    from orchard.rollout.model import build_model
+    from orchard.rollout.tokenizer import load_tokenizer
+    from orchard.rollout.worker import RolloutWorker
+    from orchard.services.evaluation import WorkerEvaluator, evaluate_by_distribution
 
     model = ModelConfig(tiny=TinyModelConfig(hidden_size=32, intermediate_size=64, num_layers=2))
     worker = RolloutWorker.options(num_cpus=0.5).remote("worker-0", model, RolloutConfig(max_new_tokens=4))

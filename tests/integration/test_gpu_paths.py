@@ -11,9 +11,9 @@ import torch
 
 from orchard.config import ModelConfig, TinyModelConfig
 from orchard.protocols import SamplingParams
-from rollout.engines.torch_engine import TorchEngine
-from rollout.model import build_model
-from rollout.tokenizer import load_tokenizer
+from orchard.rollout.engines.torch_engine import TorchEngine
+from orchard.rollout.model import build_model
+from orchard.rollout.tokenizer import load_tokenizer
 
 pytestmark = pytest.mark.gpu
 
@@ -42,7 +42,7 @@ def test_torch_engine_on_cuda_matches_the_cpu_greedily():
 
 
 def _member(rank: int, port: int, state_bytes: int, bucket_bytes: int, results) -> None:
-    from rollout.weight_broadcast import BroadcastGroup, layout_of
+    from orchard.rollout.weight_broadcast import BroadcastGroup, layout_of
 
     torch.cuda.set_device(rank)
     generator = torch.Generator(device="cuda").manual_seed(0)

@@ -9,9 +9,9 @@ import torch
 from orchard.config import ModelConfig, RolloutConfig, TinyModelConfig
 from orchard.protocols import GenerationOutput
 from orchard.records import Prompt
-from rollout.prompts import encode_prompt, hinted_prompt_text
-from rollout.worker import RolloutWorkerCore
-from verifiers.procedural import make_prompt
+from orchard.rollout.prompts import encode_prompt, hinted_prompt_text
+from orchard.rollout.worker import RolloutWorkerCore
+from orchard.verifiers.procedural import make_prompt
 
 TINY = TinyModelConfig(
     hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=128, max_position_embeddings=64

@@ -8,11 +8,11 @@ import pytest
 import ray
 import torch
 
-from learner.weights import state_dict_to_numpy
 from orchard.config import ConfigError, RunConfig, config_from_dict
-from rollout.model import build_model
-from services.learner_actor import create_learner
-from services.placement import reserve
+from orchard.learner.weights import state_dict_to_numpy
+from orchard.rollout.model import build_model
+from orchard.services.learner_actor import create_learner
+from orchard.services.placement import reserve
 from tests.integration.test_trainer import MAX_LENGTH, MODEL_CONFIG, TEMPERATURE, TOKENIZER, random_groups
 
 
@@ -61,7 +61,7 @@ def train_one_and_two_ranks(tmp_path, *, gpus: int) -> None:
         assert (tmp_path / "step-2" / "model" / "config.json").is_file()
         # the checkpoint's model is a whole Hugging Face checkpoint: a run (or vLLM) can start from it
         from orchard.config import ModelConfig
-        from rollout.model import load_model_and_tokenizer
+        from orchard.rollout.model import load_model_and_tokenizer
 
         model, _ = load_model_and_tokenizer(ModelConfig(kind="hf", path=str(tmp_path / "step-2" / "model")))
         assert sum(p.numel() for p in model.parameters()) > 0

@@ -6,7 +6,7 @@ import pytest
 import ray
 
 from orchard.config import RunConfig
-from services.placement import (
+from orchard.services.placement import (
     PlacementError,
     learner_bundles,
     learner_options,

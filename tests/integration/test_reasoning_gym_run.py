@@ -9,11 +9,11 @@ from pathlib import Path
 import pytest
 
 from orchard.config import TinyModelConfig, load_config
-from rollout.instruct_model import corpus_of, write_instruct_model
-from services.cli import main as orchard
-from services.driver import Driver
-from services.run_dir import RunDirectory
-from verifiers.reasoning_gym import ANSWER_INSTRUCTION
+from orchard.rollout.instruct_model import corpus_of, write_instruct_model
+from orchard.services.cli import main as orchard
+from orchard.services.driver import Driver
+from orchard.services.run_dir import RunDirectory
+from orchard.verifiers.reasoning_gym import ANSWER_INSTRUCTION
 
 RECIPE = Path(__file__).resolve().parents[2] / "configs" / "recipes" / "reasoning-gym-cpu.yaml"
 # positions for reasoning-gym's own ~70-word instruction, which the recipe's tokenizer was not trained on

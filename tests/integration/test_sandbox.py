@@ -22,8 +22,8 @@ import uuid
 
 import pytest
 
-from verifiers import sandbox
-from verifiers.sandbox import UID_POOL, Limit, SandboxLimits, run_sandboxed
+from orchard.verifiers import sandbox
+from orchard.verifiers.sandbox import UID_POOL, Limit, SandboxLimits, run_sandboxed
 
 FAST = SandboxLimits(wall_seconds=2, cpu_seconds=1, memory_bytes=256 * 2**20, output_bytes=4096)
 as_root = pytest.mark.skipif(os.geteuid() != 0, reason="the sandbox's own uid (and RLIMIT_NPROC) needs root")

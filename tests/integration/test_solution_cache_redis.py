@@ -6,7 +6,7 @@ import threading
 
 from orchard.config import SolutionCacheConfig
 from orchard.records import Completion, Group, Prompt
-from services.rescue.solution_cache import CachedSolution, RedisSolutionStore, SolutionCache, admit
+from orchard.services.rescue.solution_cache import CachedSolution, RedisSolutionStore, SolutionCache, admit
 
 PROMPT = Prompt(id="multiplication-d1:53*8=", text="53*8=", answer="424", distribution="multiplication/d1")
 

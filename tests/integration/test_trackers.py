@@ -26,7 +26,7 @@ from hypothesis import strategies as st
 from mlflow.utils.validation import _validate_metric_name, _validate_param_name
 
 from orchard.config import DEMO_CONFIG, ConfigError, LoggingConfig, load_config
-from services.trackers import (
+from orchard.services.trackers import (
     MLFLOW_MAX_PARAM_LENGTH,
     Trackers,
     flatten_metrics,

@@ -16,15 +16,15 @@ import numpy as np
 import pytest
 import torch
 
-import learner.trainer as trainer_module
-from learner.algorithms import policy_loss
-from learner.batching import build_training_tensors, sequence_logprobs
-from learner.sft import cache_key_digest, cached_warm_start, sft_train
-from learner.trainer import GRPOTrainer, StepResult
-from learner.weights import numpy_to_state_dict, state_dict_to_numpy
+import orchard.learner.trainer as trainer_module
 from orchard.config import LearnerConfig, RunConfig
+from orchard.learner.algorithms import policy_loss
+from orchard.learner.batching import build_training_tensors, sequence_logprobs
+from orchard.learner.sft import cache_key_digest, cached_warm_start, sft_train
+from orchard.learner.trainer import GRPOTrainer, StepResult
+from orchard.learner.weights import numpy_to_state_dict, state_dict_to_numpy
 from orchard.records import Completion, Group, Prompt
-from rollout.model import build_model
+from orchard.rollout.model import build_model
 from tests.integration.trainer_setup import MODEL_CONFIG, TOKENIZER, restore_environment  # noqa: F401
 
 TEMPERATURE = 0.8
@@ -153,7 +153,7 @@ def test_a_batch_without_signal_is_skipped_without_touching_the_weights():
 
 def full_batch_reference(groups: list[Group], config: LearnerConfig) -> tuple[float, float]:
     """Loss and gradient norm of the whole batch in one plain forward/backward (no DeepSpeed)."""
-    from learner.algorithms import group_advantages
+    from orchard.learner.algorithms import group_advantages
 
     model = tiny_model()
     tensors = build_training_tensors(groups, TOKENIZER.pad_id)
@@ -293,7 +293,7 @@ def test_checkpoint_round_trip_restores_weights_optimizer_and_counters(stage, tm
 
 
 def test_the_learner_actor_core_trains_and_exports_numpy():
-    from services.learner_actor import LearnerCore
+    from orchard.services.learner_actor import LearnerCore
 
     threads = torch.get_num_threads()
     try:

@@ -9,11 +9,11 @@ import math
 import pytest
 import torch
 
-from learner.batching import build_sft_tensors, sequence_logprobs
-from learner.trainer import GRPOTrainer
 from orchard.config import DEMO_CONFIG, LearnerConfig, load_config
+from orchard.learner.batching import build_sft_tensors, sequence_logprobs
+from orchard.learner.trainer import GRPOTrainer
 from orchard.records import Completion, Group, Prompt
-from rollout.model import build_model
+from orchard.rollout.model import build_model
 from tests.integration.trainer_setup import MODEL_CONFIG, TOKENIZER, restore_environment  # noqa: F401
 
 TEMPERATURE = 1.0
@@ -294,7 +294,7 @@ def test_each_recipe_trains(recipe):
 def on_policy_group(trainer: GRPOTrainer, name: str = "on-policy", *, shift: float = 0.0) -> Group:
     """`signal_group` whose behaviour logprobs are the trainer's own for its current weights, plus `shift`."""
     built = signal_group(name)
-    from learner.batching import build_training_tensors
+    from orchard.learner.batching import build_training_tensors
 
     tensors = build_training_tensors([built], TOKENIZER.pad_id)
     with torch.no_grad():

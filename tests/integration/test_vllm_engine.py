@@ -15,8 +15,8 @@ import torch
 
 from orchard.config import ModelConfig
 from orchard.protocols import SamplingParams
-from rollout.model import build_model, save_model
-from rollout.tokenizer import CharTokenizer
+from orchard.rollout.model import build_model, save_model
+from orchard.rollout.tokenizer import CharTokenizer
 
 #: Largest |logprob difference| accepted between vLLM and the Hugging Face forward (float32 on a CPU).
 LOGPROB_TOLERANCE = 1e-4
@@ -27,7 +27,7 @@ PROMPTS = [[1, *TOKENIZER.encode(text)] for text in ("12+34=", "sort: cba ->", "
 
 def hf_logprobs(model, prompt, completion, temperature=1.0, top_p=1.0):
     """log π(completion token | prefix) under `temperature` and top-p (renormalised over the nucleus)."""
-    from rollout.engines.vllm import processed_logprobs
+    from orchard.rollout.engines.vllm import processed_logprobs
 
     with torch.no_grad():
         logits = model(torch.tensor([prompt + completion])).logits[0, len(prompt) - 1 : -1].double()
@@ -48,7 +48,7 @@ def checkpoint(tmp_path_factory, models):
 
 @pytest.fixture(scope="module")
 def engine(ray_local, checkpoint):
-    from rollout.engines.vllm import VLLMEngine
+    from orchard.rollout.engines.vllm import VLLMEngine
 
     actor = ray_local.remote(VLLMEngine).remote(
         checkpoint, dtype="float32", enforce_eager=True, seed=0, eos_token_ids=(TOKENIZER.eos_id,), max_logprobs=100
@@ -128,7 +128,7 @@ def test_next_token_candidates_are_the_most_probable_tokens_of_the_forward(engin
     for prompt, candidates in zip(PROMPTS, answers, strict=True):
         with torch.no_grad():
             logits = models[0](torch.tensor([prompt])).logits[0, -1].double()
-        from rollout.engines.vllm import processed_logprobs
+        from orchard.rollout.engines.vllm import processed_logprobs
 
         expected = processed_logprobs(torch.log_softmax(logits, -1), temperature, top_p)
         values, tokens = expected.topk(5)
@@ -149,7 +149,7 @@ def test_token_logprobs_rescore_a_completion_as_generate_reports_it(engine, mode
 
 
 def test_rescoring_at_another_temperature_needs_the_whole_vocabulary(ray_local, checkpoint):
-    from rollout.engines.vllm import VLLMEngine
+    from orchard.rollout.engines.vllm import VLLMEngine
 
     actor = ray_local.remote(VLLMEngine).remote(checkpoint, dtype="float32", enforce_eager=True, max_logprobs=20)
     try:
@@ -182,7 +182,7 @@ def test_weights_load_in_place_and_a_non_finite_version_is_refused(engine, model
 
 
 def test_weights_load_from_the_shared_memory_store_by_reference(engine, models):
-    from services.weights.store import SharedWeightStore
+    from orchard.services.weights.store import SharedWeightStore
 
     with SharedWeightStore(num_slots=3) as store:
         handle = store.write(7, models[0].state_dict())
@@ -194,7 +194,7 @@ def test_weights_load_from_the_shared_memory_store_by_reference(engine, models):
 
 
 def test_a_group_sharing_a_prompt_reuses_its_cached_prefix(ray_local, checkpoint):
-    from rollout.engines.vllm import VLLMEngine
+    from orchard.rollout.engines.vllm import VLLMEngine
 
     actor = ray_local.remote(VLLMEngine).remote(checkpoint, dtype="float32", enforce_eager=True, block_size=32)
     try:
@@ -209,7 +209,7 @@ def test_a_group_sharing_a_prompt_reuses_its_cached_prefix(ray_local, checkpoint
 
 
 def test_a_head_size_the_cpu_attention_cannot_run_is_refused_before_start(tmp_path):
-    from rollout.engines.vllm import VLLMEngine
+    from orchard.rollout.engines.vllm import VLLMEngine
 
     model = build_model(ModelConfig(tiny={"hidden_size": 32, "num_heads": 4, "num_kv_heads": 2}), TOKENIZER)
     save_model(model, TOKENIZER, tmp_path)
@@ -219,7 +219,7 @@ def test_a_head_size_the_cpu_attention_cannot_run_is_refused_before_start(tmp_pa
 
 def test_end_of_turn_tokens_end_a_completion_and_stay_in_its_tokens(ray_local, checkpoint):
     """A chat template's end-of-turn token (here the character 'a') ends a completion as eos does."""
-    from rollout.engines.vllm import VLLMEngine
+    from orchard.rollout.engines.vllm import VLLMEngine
 
     [end_of_turn] = TOKENIZER.encode("a")
     actor = ray_local.remote(VLLMEngine).remote(

@@ -25,7 +25,7 @@ def engine():
     pytest.importorskip("vllm")
     if not MODEL_PATH:
         pytest.skip("set ORCHARD_TEST_HF_MODEL to a local Hugging Face checkpoint directory (e.g. Qwen2.5-0.5B)")
-    from rollout.engines.vllm import VLLMEngine
+    from orchard.rollout.engines.vllm import VLLMEngine
 
     return VLLMEngine(
         MODEL_PATH,

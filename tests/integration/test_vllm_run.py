@@ -4,9 +4,9 @@ DeepSearch's tree search and the re-scoring of cached solutions on vLLM."""
 
 from __future__ import annotations
 
-from services.driver import Driver
-from services.run_dir import RunDirectory
-from services.weights.sync import WeightSync
+from orchard.services.driver import Driver
+from orchard.services.run_dir import RunDirectory
+from orchard.services.weights.sync import WeightSync
 from tests.integration.test_deepsearch_run import hard_tail_config
 
 #: vLLM's CPU attention runs head sizes of 32 and up: the tiny model of the DeepSearch run, 64 wide, 2 heads.

@@ -8,14 +8,14 @@ import pytest
 import ray
 import torch
 
-from learner.weights import state_dict_to_numpy
 from orchard.config import ModelConfig, RunConfig, TinyModelConfig
-from rollout.model import build_model
-from rollout.tokenizer import load_tokenizer
-from rollout.weight_broadcast import BroadcastGroup, BroadcastTicket, layout_of, open_store
-from rollout.worker import RolloutWorker, RolloutWorkerCore
-from services.learner_actor import LearnerActor
-from services.weights.sync import WeightSync, form_broadcast_group
+from orchard.learner.weights import state_dict_to_numpy
+from orchard.rollout.model import build_model
+from orchard.rollout.tokenizer import load_tokenizer
+from orchard.rollout.weight_broadcast import BroadcastGroup, BroadcastTicket, layout_of, open_store
+from orchard.rollout.worker import RolloutWorker, RolloutWorkerCore
+from orchard.services.learner_actor import LearnerActor
+from orchard.services.weights.sync import WeightSync, form_broadcast_group
 
 BUCKET = 4096
 

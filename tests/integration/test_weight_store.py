@@ -13,13 +13,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from learner.weights import numpy_to_state_dict, state_dict_to_numpy
 from orchard.config import ModelConfig, RolloutConfig, TinyModelConfig
-from rollout.engines.torch_engine import TorchEngine
-from rollout.model import build_model
-from rollout.tokenizer import load_tokenizer
-from rollout.worker import RolloutWorker
-from services.weights.store import (
+from orchard.learner.weights import numpy_to_state_dict, state_dict_to_numpy
+from orchard.rollout.engines.torch_engine import TorchEngine
+from orchard.rollout.model import build_model
+from orchard.rollout.tokenizer import load_tokenizer
+from orchard.rollout.worker import RolloutWorker
+from orchard.services.weights.store import (
     SEGMENT_DIR,
     SEGMENT_PREFIX,
     LayoutMismatchError,
@@ -30,7 +30,7 @@ from services.weights.store import (
     read_into,
     sweep_stale_segments,
 )
-from services.weights.sync import WeightSync
+from orchard.services.weights.sync import WeightSync
 
 pytestmark = pytest.mark.skipif(not SEGMENT_DIR.is_dir(), reason="needs /dev/shm")
 
@@ -190,7 +190,7 @@ def test_a_writer_that_dies_leaves_no_segment(tmp_path):
     script = textwrap.dedent(
         """
         import os, signal, sys, torch
-        from services.weights.store import SharedWeightStore
+        from orchard.services.weights.store import SharedWeightStore
         store = SharedWeightStore()
         store.write(1, {"w": torch.ones(1000)})
         print(store.segment, flush=True)

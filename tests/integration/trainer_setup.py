@@ -9,7 +9,7 @@ from collections.abc import Iterator
 import pytest
 
 from orchard.config import ModelConfig, TinyModelConfig
-from rollout.tokenizer import CharTokenizer
+from orchard.rollout.tokenizer import CharTokenizer
 
 TOKENIZER = CharTokenizer()
 MODEL_CONFIG = ModelConfig(

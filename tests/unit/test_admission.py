@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from orchard.config import RunConfig
-from services.run.admission import AdmissionGate
+from orchard.services.run.admission import AdmissionGate
 
 
 def test_room_is_the_batches_left_before_a_workers_groups_go_stale_within_the_capacity():

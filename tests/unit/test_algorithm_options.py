@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from learner.algorithms import (
+from orchard.learner.algorithms import (
     hint_clip_ranges,
     hpt_weights,
     lp_reg_loss,

@@ -7,11 +7,11 @@ import math
 import pytest
 import torch
 
-from learner.batching import build_training_tensors, sequence_logprobs
 from orchard.config import ModelConfig, TinyModelConfig
+from orchard.learner.batching import build_training_tensors, sequence_logprobs
 from orchard.records import Completion, Group, Prompt
-from rollout.model import build_model
-from rollout.tokenizer import CharTokenizer
+from orchard.rollout.model import build_model
+from orchard.rollout.tokenizer import CharTokenizer
 
 
 def completion(token_ids: list[int], logprobs: list[float], reward: float = 0.0) -> Completion:

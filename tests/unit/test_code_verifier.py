@@ -9,9 +9,9 @@ import re
 import pytest
 
 from orchard.records import Prompt
-from verifiers.code import CodeVerifier, extract_code, parse_tests
-from verifiers.registry import get_verifier, safe_verify
-from verifiers.sandbox import SandboxLimits
+from orchard.verifiers.code import CodeVerifier, extract_code, parse_tests
+from orchard.verifiers.registry import get_verifier, safe_verify
+from orchard.verifiers.sandbox import SandboxLimits
 
 LIMITS = SandboxLimits(wall_seconds=2, cpu_seconds=1, memory_bytes=256 * 2**20, output_bytes=4096)
 VERIFIER = CodeVerifier(limits=LIMITS)

@@ -2,7 +2,7 @@ import pytest
 import yaml
 
 from orchard.config import DEMO_CONFIG, ConfigError, RunConfig, apply_overrides, config_from_dict, load_config
-from services.cli import main
+from orchard.services.cli import main
 
 
 def problems_of(data):

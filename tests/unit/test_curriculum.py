@@ -10,11 +10,11 @@ import pytest
 
 from orchard.config import CurriculumConfig, DataConfig, ProceduralSource
 from orchard.records import Completion, Group, Prompt
-from services.curriculum.filtering import TOO_EASY, TOO_HARD, ZERO_ADVANTAGE, filter_reason
-from services.curriculum.sampler import PromptSampler, absolute_advantages
-from services.curriculum.ucb import UCBScheduler, softmax, ucb_scores
-from services.curriculum.value_model import PromptValueModel, nearest_to_target, prompt_features
-from verifiers.sources import PromptPool
+from orchard.services.curriculum.filtering import TOO_EASY, TOO_HARD, ZERO_ADVANTAGE, filter_reason
+from orchard.services.curriculum.sampler import PromptSampler, absolute_advantages
+from orchard.services.curriculum.ucb import UCBScheduler, softmax, ucb_scores
+from orchard.services.curriculum.value_model import PromptValueModel, nearest_to_target, prompt_features
+from orchard.verifiers.sources import PromptPool
 
 
 def make_group(distribution: str, correct: list[bool], text: str = "1+1=") -> Group:

@@ -12,8 +12,8 @@ from datasets import Dataset, DatasetDict
 
 from orchard.config import DataConfig, HFDatasetSource, JsonlSource, ParquetSource, load_config
 from orchard.records import ChatMessage, Completion, Group
-from verifiers.datasets import SourceError, load_table_prompts
-from verifiers.sources import PromptPool
+from orchard.verifiers.datasets import SourceError, load_table_prompts
+from orchard.verifiers.sources import PromptPool
 
 
 def verl_row(index: int, *, source: str = "openai/gsm8k") -> dict:

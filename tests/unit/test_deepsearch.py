@@ -6,10 +6,10 @@ import pytest
 
 from orchard.config import config_from_dict
 from orchard.records import Completion, Group, Prompt
-from services.buffer.memory import MemoryBuffer
-from services.rescue.deepsearch import RescoreFailed, SearchRescue, is_tree_group, tree_filter_reason
-from services.rescue.queue import build_rescues
-from services.rescue.solution_cache import MemorySolutionStore
+from orchard.services.buffer.memory import MemoryBuffer
+from orchard.services.rescue.deepsearch import RescoreFailed, SearchRescue, is_tree_group, tree_filter_reason
+from orchard.services.rescue.queue import build_rescues
+from orchard.services.rescue.solution_cache import MemorySolutionStore
 
 PROMPT = Prompt(id="addition-d1:12+34=", text="12+34=", answer="46", distribution="addition/d1")
 

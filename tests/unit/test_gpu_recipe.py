@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from orchard.config import ConfigError, load_config
-from services.cli import main
-from verifiers.sources import load_jsonl_prompts
+from orchard.services.cli import main
+from orchard.verifiers.sources import load_jsonl_prompts
 
 REPO = Path(__file__).resolve().parents[2]
 RECIPE = REPO / "configs" / "recipes" / "math-1.5b.yaml"

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from orchard.config import RunConfig
 from orchard.records import Completion, Group, Prompt
-from services.rescue.hints import HintRescue
-from services.rescue.queue import RescueQueue
+from orchard.services.rescue.hints import HintRescue
+from orchard.services.rescue.queue import RescueQueue
 
 
 def all_fail(prompt_id: str, hints: tuple[str, ...]) -> Group:

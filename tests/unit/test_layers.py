@@ -1,5 +1,6 @@
 """The import contract of pyproject.toml ([tool.importlinter]): every import points downward, services
--> rollout | learner -> verifiers -> orchard, checked by import-linter on the source tree."""
+-> rollout | learner -> verifiers -> the core, checked by import-linter on the layout a wheel installs
+(deploy/lint-imports.sh, what `make lint` runs)."""
 
 import subprocess
 import sys
@@ -10,6 +11,30 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def test_every_import_points_downward():
     lint_imports = Path(sys.executable).parent / "lint-imports"
-    result = subprocess.run([str(lint_imports), "--no-cache"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        ["bash", str(ROOT / "deploy" / "lint-imports.sh"), str(lint_imports)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "1 kept, 0 broken" in result.stdout
+
+
+def test_an_upward_import_breaks_the_contract(tmp_path):
+    """The check can fail: a verifier importing the services layer is reported."""
+    staged = tmp_path / "repo"
+    staged.mkdir()
+    for name in ("orchard", "services", "learner", "rollout", "verifiers", "deploy", "pyproject.toml"):
+        subprocess.run(["cp", "-r", str(ROOT / name), str(staged / name)], check=True)
+    upward = staged / "verifiers" / "upward.py"
+    upward.write_text("from orchard.services import driver\n")
+    lint_imports = Path(sys.executable).parent / "lint-imports"
+    result = subprocess.run(
+        ["bash", str(staged / "deploy" / "lint-imports.sh"), str(lint_imports)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode != 0
+    assert "orchard.verifiers.upward -> orchard.services.driver" in result.stdout

@@ -10,7 +10,7 @@ import pytest
 
 from orchard.config import MCTSConfig
 from orchard.protocols import GenerationOutput, SamplingParams, VerifierResult
-from rollout.strategies.mcts import (
+from orchard.rollout.strategies.mcts import (
     Node,
     backup,
     backup_weight,
@@ -29,7 +29,7 @@ from rollout.strategies.mcts import (
     untried,
     update_value,
 )
-from rollout.strategies.tree_search import (
+from orchard.rollout.strategies.tree_search import (
     PriorRequest,
     SearchSettings,
     TreeSearch,

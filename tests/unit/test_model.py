@@ -3,8 +3,8 @@ import torch
 from transformers import Qwen2ForCausalLM
 
 from orchard.config import ModelConfig, TinyModelConfig
-from rollout.model import build_model, load_model_and_tokenizer, save_model, tiny_qwen2_config
-from rollout.tokenizer import CharTokenizer
+from orchard.rollout.model import build_model, load_model_and_tokenizer, save_model, tiny_qwen2_config
+from orchard.rollout.tokenizer import CharTokenizer
 
 SMALL = TinyModelConfig(hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=64)
 

@@ -7,9 +7,9 @@ import pytest
 
 from orchard.config import DataConfig, TinyModelConfig
 from orchard.records import ChatMessage, Prompt
-from rollout.instruct_model import CHATML_TEMPLATE, write_instruct_model
-from rollout.prompts import PromptFormat, PromptFormatError, PromptRenderer, encode_prompt
-from rollout.tokenizer import CharTokenizer, HFTokenizer
+from orchard.rollout.instruct_model import CHATML_TEMPLATE, write_instruct_model
+from orchard.rollout.prompts import PromptFormat, PromptFormatError, PromptRenderer, encode_prompt
+from orchard.rollout.tokenizer import CharTokenizer, HFTokenizer
 
 QUESTION = Prompt(id="q", text="12+34=", answer="46", distribution="addition/d1")
 CHAT = Prompt(

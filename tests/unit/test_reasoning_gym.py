@@ -21,8 +21,8 @@ from reasoning_gym.utils import SYSTEM_PROMPTS
 
 from orchard.config import DataConfig, ReasoningGymDataset, ReasoningGymSource
 from orchard.records import Completion, Group, Prompt
-from verifiers.datasets import SourceError
-from verifiers.reasoning_gym import (
+from orchard.verifiers.datasets import SourceError
+from orchard.verifiers.reasoning_gym import (
     ANSWER_INSTRUCTION,
     SYMPY_PARSED,
     NotPlain,
@@ -34,8 +34,8 @@ from verifiers.reasoning_gym import (
     refused_math,
     to_plain,
 )
-from verifiers.registry import VerifierError, get_verifier
-from verifiers.sources import PromptPool
+from orchard.verifiers.registry import VerifierError, get_verifier
+from orchard.verifiers.sources import PromptPool
 
 #: Cheap generators with a single reference answer each (all exist in reasoning-gym 0.1.25).
 DATASET_SIZES = {"basic_arithmetic": 6, "leg_counting": 5, "chain_sum": 4, "word_sorting": 5}

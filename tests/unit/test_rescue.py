@@ -1,5 +1,5 @@
 from orchard.records import Completion, Group, Prompt
-from services.rescue.queue import RescueQueue, is_all_fail
+from orchard.services.rescue.queue import RescueQueue, is_all_fail
 
 
 def group(prompt_id: str, correct: list[bool], distribution: str = "addition/d1") -> Group:

@@ -8,8 +8,8 @@ import math
 import pytest
 import torch
 
-from learner.algorithms import MAX_LOG_RATIO, logprob_mismatch, truncated_importance_weights
 from orchard.config import LearnerConfig
+from orchard.learner.algorithms import MAX_LOG_RATIO, logprob_mismatch, truncated_importance_weights
 
 
 def test_tis_weights_are_the_ratio_capped_and_detached():

@@ -6,7 +6,7 @@ import threading
 
 import pytest
 
-from services.control.run_control import (
+from orchard.services.control.run_control import (
     TRANSITIONS,
     ControlConflict,
     RunControl,

@@ -12,12 +12,12 @@ from pathlib import Path
 import pytest
 
 from orchard.records import Completion, Group, Prompt
-from services.buffer.memory import MemoryBuffer
-from services.control.run_control import RunControl, RunState
-from services.run.admission import AdmissionGate
-from services.run.checkpoints import Checkpoints, DriverState, latest_checkpoint, read_step
-from services.run.loop import LearnerDied, LoopStalled, Rollout, RunLoop, Step, WeightPush, WorkerDied
-from services.run_dir import RunDirectory
+from orchard.services.buffer.memory import MemoryBuffer
+from orchard.services.control.run_control import RunControl, RunState
+from orchard.services.run.admission import AdmissionGate
+from orchard.services.run.checkpoints import Checkpoints, DriverState, latest_checkpoint, read_step
+from orchard.services.run.loop import LearnerDied, LoopStalled, Rollout, RunLoop, Step, WeightPush, WorkerDied
+from orchard.services.run_dir import RunDirectory
 
 
 @dataclass

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from learner.batching import build_training_tensors
-from learner.signals import select_signals, shaped_rewards, token_advantages
 from orchard.config import LearnerConfig
+from orchard.learner.batching import build_training_tensors
+from orchard.learner.signals import select_signals, shaped_rewards, token_advantages
 from orchard.records import Completion, Group, Prompt
 
 

@@ -6,7 +6,7 @@ import pytest
 
 from orchard.config import SolutionCacheConfig
 from orchard.records import Completion, Group, Prompt, RecordError
-from services.rescue.solution_cache import (
+from orchard.services.rescue.solution_cache import (
     CachedSolution,
     MemorySolutionStore,
     SolutionCache,

@@ -8,8 +8,8 @@ import re
 
 import pytest
 
-from verifiers.procedural import FAMILIES, answer_hints, generate_prompt
-from verifiers.sources import SourceError, load_jsonl_prompts
+from orchard.verifiers.procedural import FAMILIES, answer_hints, generate_prompt
+from orchard.verifiers.sources import SourceError, load_jsonl_prompts
 
 
 def test_answer_hints_go_from_shape_to_a_concrete_prefix():

@@ -8,7 +8,7 @@ import random
 import pytest
 
 from orchard.config import DataConfig
-from verifiers.sources import PromptPool, SourceError, load_jsonl_prompts
+from orchard.verifiers.sources import PromptPool, SourceError, load_jsonl_prompts
 
 
 def write_lines(path, lines):

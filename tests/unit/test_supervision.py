@@ -1,7 +1,7 @@
 """Give-up rules as pure objects."""
 
-from learner.trainer import StepResult
-from services.supervision import NonFiniteGuard
+from orchard.learner.trainer import StepResult
+from orchard.services.supervision import NonFiniteGuard
 
 
 def step(skip_reason: str | None = None, *, non_finite: bool = False) -> StepResult:

@@ -6,7 +6,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from orchard.config import ModelConfig
-from rollout.tokenizer import (
+from orchard.rollout.tokenizer import (
     CHAR_TOKENIZER_FILE,
     REPLACEMENT_CHAR,
     CharTokenizer,

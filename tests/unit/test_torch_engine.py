@@ -17,11 +17,11 @@ from transformers import Qwen2ForCausalLM
 
 from orchard.config import ModelConfig, TinyModelConfig
 from orchard.protocols import Engine, SamplingParams
-from rollout.engines import torch_engine
-from rollout.engines.sampling import find_stop, gumbel_noise, sample_next
-from rollout.engines.torch_engine import TorchEngine, _prefill_mask
-from rollout.model import build_model, tiny_qwen2_config
-from rollout.tokenizer import CharTokenizer
+from orchard.rollout.engines import torch_engine
+from orchard.rollout.engines.sampling import find_stop, gumbel_noise, sample_next
+from orchard.rollout.engines.torch_engine import TorchEngine, _prefill_mask
+from orchard.rollout.model import build_model, tiny_qwen2_config
+from orchard.rollout.tokenizer import CharTokenizer
 
 TINY = TinyModelConfig(
     hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=128, max_position_embeddings=64
@@ -649,7 +649,7 @@ KERNEL_GEOMETRIES = {
 
 @pytest.fixture(scope="module")
 def kernel():
-    from rollout.engines.kernels import forward_tokens_kernel
+    from orchard.rollout.engines.kernels import forward_tokens_kernel
 
     op = forward_tokens_kernel()
     if op is None and shutil.which("g++") is None and shutil.which("c++") is None:
@@ -734,7 +734,7 @@ def test_kernel_refuses_inputs_outside_the_cache_naming_them(kernel, engine, tok
 
 
 def test_the_engine_runs_in_plain_torch_when_the_kernel_cannot_be_built(model, tokenizer, prompts, monkeypatch):
-    from rollout.engines import kernels
+    from orchard.rollout.engines import kernels
 
     def no_compiler() -> None:
         raise RuntimeError("no C++ compiler (g++ or c++) on PATH")

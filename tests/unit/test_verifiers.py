@@ -8,9 +8,9 @@ import pytest
 
 from orchard.protocols import VerifierResult
 from orchard.records import Prompt
-from verifiers.math_answer import MathVerifier
-from verifiers.procedural import DIFFICULTIES, FAMILIES, ProceduralVerifier, generate_prompt
-from verifiers.registry import VerifierError, get_verifier, safe_verify
+from orchard.verifiers.math_answer import MathVerifier
+from orchard.verifiers.procedural import DIFFICULTIES, FAMILIES, ProceduralVerifier, generate_prompt
+from orchard.verifiers.registry import VerifierError, get_verifier, safe_verify
 
 
 def always_right(prompt: Prompt, completion: str) -> bool:

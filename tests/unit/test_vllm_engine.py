@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from orchard.protocols import SamplingParams
-from rollout.engines.vllm import (
+from orchard.rollout.engines.vllm import (
     RequestPlan,
     completion_logprobs_from_prompt_logprobs,
     generations_from_request_outputs,

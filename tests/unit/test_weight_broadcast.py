@@ -9,8 +9,8 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from rollout.weight_broadcast import BroadcastSpec, BroadcastTicket, layout_digest, layout_of, plan_buckets
-from services.weights.sync import WeightSync, WeightVersionError
+from orchard.rollout.weight_broadcast import BroadcastSpec, BroadcastTicket, layout_digest, layout_of, plan_buckets
+from orchard.services.weights.sync import WeightSync, WeightVersionError
 
 specs = st.lists(
     st.builds(

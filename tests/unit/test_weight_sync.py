@@ -1,6 +1,6 @@
 import pytest
 
-from services.weights.sync import WeightSync, WeightVersionError
+from orchard.services.weights.sync import WeightSync, WeightVersionError
 
 
 def test_versions_only_move_forward():
@@ -44,7 +44,7 @@ def test_push_without_publication_is_refused():
 
 
 def handle(version: int):
-    from services.weights.store import TensorSpec, WeightHandle
+    from orchard.services.weights.store import TensorSpec, WeightHandle
 
     layout = (TensorSpec("w", "float32", (2, 3), 0),)
     return WeightHandle(segment="orchard-weights-test", slot=version % 2, version=version, layout=layout, slot_bytes=64)
@@ -82,7 +82,7 @@ def test_a_worker_confirming_a_newer_version_completes_the_sync_once():
 def test_auto_transport_is_shared_memory_only_on_one_node(monkeypatch, tmp_path):
     import ray
 
-    from services.weights import store as weight_store
+    from orchard.services.weights import store as weight_store
 
     monkeypatch.setattr(weight_store, "SEGMENT_DIR", tmp_path)
     assert weight_store.resolve_transport("object_store") == "object_store"
