@@ -14,4 +14,4 @@ for layer in services learner rollout verifiers; do
     cp -r "$repo/$layer" "$stage/orchard/$layer"
 done
 cd "$stage"  # import-linter puts the working directory first on sys.path
-PYTHONPATH="$stage" "$lint_imports" --no-cache --config "$repo/pyproject.toml"
+PYTHONPATH="$stage" "$lint_imports" --no-cache "$repo/pyproject.toml"

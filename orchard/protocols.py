@@ -37,6 +37,34 @@ class GenerationOutput:
 
 
 @runtime_checkable
+class WeightSource(Protocol):
+    """Weights an engine copies from instead of a mapping of tensors (the shared-memory store's
+    `WeightHandle`, a weight broadcast's `BroadcastSource`).
+
+    `layout`: a spec per tensor (`name`, `shape`, `torch_dtype`), checked before anything is copied;
+    `copy_into(targets)` copies one consistent version, `version` or a newer one, into the tensors
+    `targets` names and returns the version copied.
+    """
+
+    version: int
+    layout: Sequence[Any]
+
+    def copy_into(self, targets: Mapping[str, torch.Tensor]) -> int: ...
+
+
+@runtime_checkable
+class PinnableWeightSource(WeightSource, Protocol):
+    """A weight source whose versions a reader on the same node may use in place: while `pinnable`,
+    `pin()` returns read-only `views` of one complete `version` that the writer leaves alone until
+    the pin's `release()`."""
+
+    @property
+    def pinnable(self) -> bool: ...
+
+    def pin(self) -> Any: ...
+
+
+@runtime_checkable
 class Engine(Protocol):
     """Batched generation with per-token logprobs and in-place weight updates (`TorchEngine`,
     `VLLMEngine`).
@@ -49,9 +77,9 @@ class Engine(Protocol):
       them).
     - `token_logprobs`: per `(prompt, completion)`, the logprob `generate` would report for each
       completion token (re-scoring a cached solution under the current weights).
-    - `load_weights`: become policy `version` (a mapping of tensors, or a weight source with `layout`
-      and `copy_into`); returns the version held, which a weight source may make newer. A refused
-      update raises and leaves the engine serving what it held.
+    - `load_weights`: become policy `version` (a mapping of tensors, or a `WeightSource`); returns the
+      version held, which a weight source may make newer. A refused update raises and leaves the
+      engine serving what it held.
     - `eos_token_ids` end a completion; `weights_valid` is False while a torn copy left the weights
       inconsistent; `has_loaded_weights` once any version was loaded; `receives_broadcast`: the
       engine's own worker processes join the learner's weight broadcast (`join_broadcast`,
@@ -74,7 +102,18 @@ class Engine(Protocol):
         self, sequences: Sequence[tuple[Sequence[int], Sequence[int]]], params: SamplingParams
     ) -> list[list[float]]: ...
 
-    def load_weights(self, state_dict: Mapping[str, torch.Tensor] | Any, version: int) -> int: ...
+    def load_weights(self, state_dict: Mapping[str, torch.Tensor] | WeightSource, version: int) -> int: ...
+
+
+@runtime_checkable
+class BroadcastEngine(Engine, Protocol):
+    """An engine whose own worker processes take the learner's weight broadcast (`receives_broadcast`
+    True: vLLM on GPUs): they join the group at ranks from `first_rank` on (returned), and receive
+    each version straight into the engine, returning the version now held."""
+
+    def join_broadcast(self, host: str, port: int, first_rank: int, world_size: int, timeout_s: float) -> list[int]: ...
+
+    def receive_broadcast(self, version: int, layout: tuple, bucket_bytes: int) -> int: ...
 
 
 @dataclass(frozen=True)

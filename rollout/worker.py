@@ -17,7 +17,7 @@ import ray
 import torch
 
 from orchard.config import ModelConfig, RolloutConfig
-from orchard.protocols import SamplingParams, Verifier
+from orchard.protocols import BroadcastEngine, SamplingParams, Verifier
 from orchard.records import Completion, Group, Prompt
 from orchard.rollout.engines.torch_engine import TorchEngine
 from orchard.rollout.model import build_model
@@ -52,6 +52,9 @@ class RolloutResult:
     unsearched_prompts: list[str] = field(default_factory=list)
     #: Hinted rollouts only: per group id, the hint tier (0 = most abstract) whose samples the group holds.
     hint_tiers: dict[str, int] = field(default_factory=dict)
+    #: Plain rollouts asked to `score` completions: (prompt token ids, completion token ids) -> the
+    #: policy's logprob of each completion token, by the weights that generated the groups.
+    solution_logprobs: dict[tuple[tuple[int, ...], tuple[int, ...]], list[float]] = field(default_factory=dict)
 
 
 @dataclass
@@ -133,6 +136,8 @@ class RolloutWorkerCore:
         if self._broadcast is not None:
             self._broadcast[0].close()
         if self.engine.receives_broadcast:
+            if not isinstance(self.engine, BroadcastEngine):
+                raise TypeError(f"{type(self.engine).__name__} receives broadcasts but is no BroadcastEngine")
             ranks = self.engine.join_broadcast(host, port, first_rank, world_size, timeout_s)
             self._broadcast = (None, tuple(layout), bucket_bytes)
             return ranks
@@ -207,8 +212,16 @@ class RolloutWorkerCore:
             )
         return completions
 
-    def rollout(self, prompts: Sequence[Prompt], group_size: int | None = None) -> RolloutResult:
-        """Generate `group_size` completions of every prompt, score them, return one group each."""
+    def rollout(
+        self,
+        prompts: Sequence[Prompt],
+        group_size: int | None = None,
+        score: Mapping[str, Sequence[Sequence[int]]] | None = None,
+    ) -> RolloutResult:
+        """Generate `group_size` completions of every prompt, score them, return one group each.
+
+        `score`: completions (token ids) by prompt id whose logprobs under this policy the caller wants
+        too (cached solutions it may mix into the groups), returned in `solution_logprobs`."""
         self._check_weights()
         group_size = group_size or self.config.group_size
         prompt_ids = self.renderer.encode_many(prompts)
@@ -237,7 +250,25 @@ class RolloutWorkerCore:
             generate_seconds=generated - started,
             verify_seconds=time.perf_counter() - generated,
             verifier_errors=errors,
+            solution_logprobs=self._score(prompts, prompt_ids, score or {}),
         )
+
+    def _score(
+        self, prompts: Sequence[Prompt], prompt_ids: Sequence[list[int]], score: Mapping[str, Sequence[Sequence[int]]]
+    ) -> dict[tuple[tuple[int, ...], tuple[int, ...]], list[float]]:
+        """The policy's logprobs of the completions `score` names for `prompts`, in one engine call."""
+        pairs = [
+            (tuple(ids), tuple(completion))
+            for prompt, ids in zip(prompts, prompt_ids, strict=True)
+            for completion in score.get(prompt.id, ())
+        ]
+        if not pairs:
+            return {}
+        params = SamplingParams(
+            temperature=self.config.temperature, top_p=self.config.top_p, max_new_tokens=self.config.max_new_tokens
+        )
+        scored = self.engine.token_logprobs([(list(p), list(c)) for p, c in pairs], params)
+        return dict(zip(pairs, scored, strict=True))
 
     def rollout_with_hints(self, prompts: Sequence[Prompt], group_size: int | None = None) -> RolloutResult:
         """Sample prompts whose plain samples all failed again with a hint in context (Guide, Scaf-GRPO).
@@ -413,8 +444,7 @@ class RolloutWorkerCore:
 
     def token_logprobs(self, prompt_token_ids: Sequence[int], completion_token_ids: Sequence[int]) -> list[float]:
         """The current policy's logprob of each completion token, as the engine reports them when it
-        samples (`Engine.token_logprobs`); re-scores a cached solution before it joins a group
-        (`services.rescue.solution_cache.mix_into_group`'s `logprobs_of`)."""
+        samples (`Engine.token_logprobs`)."""
         self._check_weights()
         params = SamplingParams(
             temperature=self.config.temperature, top_p=self.config.top_p, max_new_tokens=self.config.max_new_tokens

@@ -7,10 +7,16 @@ The driver evaluates with an engine of its own (`RolloutWorkerCore`, CPU runs) o
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Callable, Sequence
 from statistics import fmean
 from typing import Any
 
 import ray
+
+from orchard.config import RunConfig
+from orchard.records import Prompt
+from orchard.rollout.prompts import PromptFormat
+from orchard.rollout.worker import RolloutWorkerCore
 
 
 def evaluate_by_distribution(evaluator: Any, prompts: list) -> tuple[float, dict[str, float]]:
@@ -39,3 +45,48 @@ class WorkerEvaluator:
         result = ray.get(self._worker().evaluate.remote(prompts))
         self.policy_version = result.policy_version
         return result
+
+
+class HeldOut:
+    """A run's held-out evaluation: the first `eval.num_prompts` held-out prompts, answered greedily by
+    the newest weights, by an engine of the driver's own (torch engine) or by worker-0 (vLLM)."""
+
+    def __init__(
+        self,
+        config: RunConfig,
+        prompts: Sequence[Prompt],
+        prompt_format: PromptFormat,
+        *,
+        worker: Callable[[], Any],
+        readable: Callable[[Any], Any],
+        log: Callable[[str], None],
+    ) -> None:
+        """`worker()`: the current actor of worker-0; `readable(weights)`: a published version as weights
+        one reader can fetch (`LearnerGroup.readable`)."""
+        self.prompts = list(prompts[: config.eval.num_prompts])
+        self.readable, self.log = readable, log
+        if config.rollout.engine == "vllm":  # no engine in the driver: a rollout worker answers
+            self.evaluator: Any = WorkerEvaluator(worker)
+        else:
+            self.evaluator = RolloutWorkerCore(
+                "evaluator", config.model, config.rollout, seed=config.seed, prompt_format=prompt_format
+            )
+
+    def load(self, version: int, weights: Any) -> None:
+        """The weights to evaluate (a state dict, numpy arrays or a weight handle) as policy `version`."""
+        self.evaluator.load_weights(version, weights)
+
+    def evaluate(self, version: int, weights: Any | None = None) -> tuple[float, dict[str, float]]:
+        """Accuracy, overall and by distribution, of policy `version` (published as `weights`; None: the
+        version loaded last). When those weights can no longer be read (their learner died before
+        exporting them; its restart publishes new ones), the version loaded last answers, logged."""
+        if (
+            weights is not None
+            and version > self.evaluator.policy_version
+            and not isinstance(self.evaluator, WorkerEvaluator)
+        ):
+            try:
+                self.load(version, ray.get(self.readable(weights)))
+            except ray.exceptions.RayActorError as error:
+                self.log(f"evaluation of version {version} used version {self.evaluator.policy_version}: {error}")
+        return evaluate_by_distribution(self.evaluator, self.prompts)

@@ -45,7 +45,7 @@ def collective(method: Callable[..., Any]) -> Callable[..., Any]:
     def run(self: LearnerCore, *args: Any, **kwargs: Any) -> Any:
         pending = [getattr(peer, method.__name__).remote(*args, **kwargs) for peer in self._peers]
         result = method(self, *args, **kwargs)
-        ray.get(pending)
+        ray.get([ref for refs in pending for ref in (refs if isinstance(refs, list) else [refs])])
         return result
 
     return run
@@ -121,17 +121,28 @@ class LearnerCore:
         if self.trainer.config.zero_stage == 3:
             self.trainer.export_weights()
 
-    @collective
-    def train_step(self, groups: Sequence[Group]) -> LearnerStep:
+    @collective  # outermost: Ray reads num_returns from the unwrapped function
+    @ray.method(num_returns=2)
+    def train_step(self, groups: Sequence[Group]) -> tuple[LearnerStep, Any]:
+        """One step on `groups`, and the new weights for the rollout workers as a second return value (its
+        own object, so the caller publishes it without fetching it): what `export_weights` gives, or
+        None when the step was skipped (nothing changed) or transport 'nccl' broadcasts them instead."""
         started = time.perf_counter()
         result = self.trainer.train_step(groups)
+        weights = None
         if not result.skipped:
             self.version += 1
-        return LearnerStep(result, self.version, time.perf_counter() - started)
+            if self.weight_transport_setting != "nccl":
+                weights = self._export()
+        return LearnerStep(result, self.version, time.perf_counter() - started), weights
 
     @collective
     def export_weights(self) -> Any:
-        """The current weights for the rollout workers, by the configured transport.
+        """The current weights for the rollout workers (after a restart; a step returns its own)."""
+        return self._export()
+
+    def _export(self) -> Any:
+        """The current weights for the rollout workers, by the configured transport (every rank calls it).
 
         Shared memory: the parameters are copied straight into the learner's `SharedWeightStore`
         (checked finite on the way) and the return value is a small `WeightHandle`; CPU workers view

@@ -17,6 +17,8 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 
+from orchard.protocols import PinnableWeightSource, WeightSource
+
 
 class FusedLayer(NamedTuple):
     """One decoder layer's weights, with q/k/v and gate/up fused (copies; see `TorchEngine.refresh`)."""
@@ -47,10 +49,11 @@ class EngineWeights:
         """Copy new weights into the model's tensors in place and become policy `version`; returns the
         version now held.
 
-        `state_dict` is a mapping of names to tensors or numpy arrays, or a weight source such as
-        `services.weights.store.WeightHandle`: an object with `version`, a `layout` of specs (`name`,
-        `shape`, `torch_dtype`) and `copy_into(targets) -> version`, which copies one consistent
-        version, its own or a newer one, into `targets` and returns it.
+        `state_dict` is a mapping of names to tensors or numpy arrays, or a `WeightSource`
+        (`orchard/protocols.py`; the shared-memory store's `WeightHandle`, a broadcast's
+        `BroadcastSource`): `version`, a `layout` of specs (`name`, `shape`, `torch_dtype`) and
+        `copy_into(targets) -> version`, which copies one consistent version, its own or a newer one,
+        into `targets` and returns it.
 
         `version` must exceed the current `policy_version` (the first load may also equal it); a weight
         source must carry that same version, and the engine becomes the version the source actually
@@ -67,7 +70,7 @@ class EngineWeights:
         parameters are views into the fused tensors (`_share_fused_storage`), so no second copy is
         made; when `refresh` builds fused tensors of another form it is called after the copy instead.
 
-        A weight source that can also `pin()` a version (shared memory on this node) is not copied
+        A `PinnableWeightSource` (shared memory on this node) is not copied
         at all when the engine runs on the CPU in the source's dtypes: the parameters and fused
         tensors become read-only views of the pinned version (`_load_pinned`), which the writer
         leaves alone until the engine loads another version and releases it.
@@ -79,12 +82,12 @@ class EngineWeights:
             )
         source = None if isinstance(state_dict, Mapping) else state_dict
         if source is not None:
-            if not (hasattr(source, "layout") and callable(getattr(source, "copy_into", None))):
+            if not isinstance(source, WeightSource):
                 raise TypeError(
-                    f"load_weights takes a mapping of tensors or arrays, or a weight source with `layout` and "
-                    f"`copy_into`, not a {type(source).__name__}"
+                    f"load_weights takes a mapping of tensors or arrays, or a weight source with `version`, "
+                    f"`layout` and `copy_into`, not a {type(source).__name__}"
                 )
-            if getattr(source, "version", version) != version:
+            if source.version != version:
                 raise ValueError(f"load_weights got version {version} with weights of version {source.version}")
             entries: Mapping[str, Any] = {spec.name: spec for spec in source.layout}
         else:
@@ -122,7 +125,7 @@ class EngineWeights:
             shown = "; ".join(problems[:8]) + (f"; and {len(problems) - 8} more" if len(problems) > 8 else "")
             raise ValueError(f"load_weights refused version {version} (the engine keeps its weights): {shown}")
         with torch.no_grad():
-            if source is not None and callable(getattr(source, "pin", None)) and getattr(source, "pinnable", True):
+            if isinstance(source, PinnableWeightSource) and source.pinnable:
                 loaded = self._load_pinned(source, updates)
                 if loaded is not None:
                     self.weights_valid = True

@@ -47,7 +47,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from orchard.protocols import GenerationOutput, SamplingParams
+from orchard.protocols import GenerationOutput, PinnableWeightSource, SamplingParams
 from orchard.rollout.engines.engine_weights import all_finite, read_only_tensor
 from orchard.rollout.engines.sampling import validate_params
 
@@ -523,7 +523,7 @@ class VLLMEngine:
         self._check_version(version)
         if isinstance(state_dict, Mapping):
             payload: Any = named_tensors(state_dict)
-        elif self.in_process and getattr(state_dict, "pinnable", False):
+        elif self.in_process and isinstance(state_dict, PinnableWeightSource) and state_dict.pinnable:
             payload = state_dict
         else:
             targets = {spec.name: torch.empty(spec.shape, dtype=spec.torch_dtype) for spec in state_dict.layout}

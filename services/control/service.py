@@ -17,11 +17,12 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, Field
 
 from orchard.config import RunConfig
 from orchard.services.control.run_control import ControlConflict, RunControl, RunState, WeightAnnouncement
 from orchard.services.metrics import RunMetrics
+from orchard.services.run.report import RunProgress
 from orchard.services.run_dir import RunDirectory, new_run_id
 
 
@@ -42,31 +43,16 @@ class WeightsInfo(BaseModel):
     announced_at: float
 
 
-class RunStatus(BaseModel):
-    """A run as `GET /v1/runs/{id}` shows it."""
-
-    model_config = ConfigDict(ser_json_inf_nan="null")
+class RunStatus(RunProgress):
+    """A run as `GET /v1/runs/{id}` shows it: its identity and state, and its progress."""
 
     id: str
     state: RunState
     reason: str | None = Field(None, description="Why the run stopped or failed.")
     run_dir: str
     created_at: float
-    step: int = 0
     max_steps: int
-    policy_version: int = 0
-    worker_versions: dict[str, int] = Field(default_factory=dict, description="Policy version each worker holds.")
     weights: WeightsInfo | None = Field(None, description="The newest announced policy version.")
-    reward_mean: float | None = None
-    reward_by_distribution: dict[str, float] = Field(default_factory=dict)
-    eval_accuracy: float | None = Field(None, description="Latest greedy held-out accuracy.")
-    staleness_mean: float | None = None
-    learner_steps_per_second: float = 0.0
-    rollout_tokens_per_second: float = 0.0
-    learner_idle_fraction: float | None = None
-    buffer: dict[str, int] = Field(default_factory=dict)
-    filtered: dict[str, int] = Field(default_factory=dict)
-    checkpoints: list[str] = Field(default_factory=list)
 
 
 class RunHandle:
@@ -103,7 +89,7 @@ class RunHandle:
         return self.summary
 
     def status(self) -> RunStatus:
-        progress = self.driver.progress() if self.driver is not None else {}
+        progress = self.driver.progress() if self.driver is not None else RunProgress()
         weights: WeightAnnouncement | None = self.control.weights
         return RunStatus(
             id=self.id,
@@ -113,7 +99,7 @@ class RunHandle:
             created_at=self.created_at,
             max_steps=self.config.max_steps,
             weights=WeightsInfo(**vars(weights)) if weights else None,
-            **progress,
+            **dict(progress),
         )
 
 

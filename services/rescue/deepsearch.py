@@ -10,8 +10,8 @@ docs/algorithms.md §8. `SearchRescue` is the `Rescue` of `rollout.strategy: mct
   values, `Completion.token_values`), unless they hold no contrast (`tree_filter_reason`).
 - **Replay** (`replay`): every plain group's pass rate is observed (a prompt the policy now solves
   above the registration threshold retires its entries); a plain group of a prompt with fresh cached
-  solutions gets them in place of wrong completions, re-scored by the worker that sampled the group
-  when it can be reached. Such a group is no longer all-fail, so the prompt is served from the
+  solutions gets them in place of wrong completions, scored by the worker that sampled the group in
+  the same call (`to_score` names them when the call is issued). Such a group is no longer all-fail, so the prompt is served from the
   cache instead of being searched again.
 
 The cache lives beside the replay buffer: in the buffer's Redis namespace when the buffer is Redis
@@ -27,8 +27,11 @@ from typing import Any
 from orchard.config import RunConfig
 from orchard.protocols import Buffer
 from orchard.records import Group, Prompt
+from orchard.rollout.worker import RolloutResult
 from orchard.services.buffer.redis_buffer import RedisBuffer
 from orchard.services.curriculum.filtering import ZERO_ADVANTAGE
+from orchard.services.metrics import RunMetrics
+from orchard.services.rescue.queue import Rescue
 from orchard.services.rescue.solution_cache import MemorySolutionStore, RedisSolutionStore, SolutionCache, SolutionStore
 
 #: `logprobs_of(prompt token ids, completion token ids)`: the current policy's logprob of each token.
@@ -37,6 +40,19 @@ LogprobsOf = Callable[[Sequence[int], Sequence[int]], list[float]]
 
 class RescoreFailed(RuntimeError):
     """A cached solution could not be re-scored (the worker that would score it is gone)."""
+
+
+def scored_by(result: RolloutResult) -> LogprobsOf:
+    """`logprobs_of` answered from what the rollout call scored (`RolloutResult.solution_logprobs`); a
+    solution it was not asked to score (cached after the call was issued) raises `RescoreFailed`."""
+
+    def logprobs_of(prompt_token_ids: Sequence[int], token_ids: Sequence[int]) -> list[float]:
+        scored = result.solution_logprobs.get((tuple(prompt_token_ids), tuple(token_ids)))
+        if scored is None:
+            raise RescoreFailed(f"{result.worker} was not asked to score it (cached after the call was issued)")
+        return scored
+
+    return logprobs_of
 
 
 def is_tree_group(group: Group) -> bool:
@@ -96,7 +112,7 @@ class SearchCounts:
 
 
 @dataclass
-class SearchRescue:
+class SearchRescue(Rescue):
     """Tree search for all-fail prompts, with the solution cache (see the module)."""
 
     config: RunConfig
@@ -107,6 +123,8 @@ class SearchRescue:
     #: every sample): what a found solution is admitted against. Bounded; a prompt not here counts as 0.
     plain_pass_rate: dict[str, float] = field(default_factory=dict)
     max_tracked_prompts: int = 4096
+    log: Callable[[str], None] = print
+    metrics: RunMetrics | None = None
 
     # ----------------------------------------------------------------------------- the rescue
     def wants(self, group: Group) -> bool:
@@ -116,6 +134,74 @@ class SearchRescue:
 
     def submit(self, worker: Any, prompts: Sequence[Prompt]) -> Any:
         return worker.search.remote(list(prompts))
+
+    # ----------------------------------------------------------------------------- hooks of the data path
+    def open(self, buffer: Buffer, log: Callable[[str], None], metrics: RunMetrics) -> None:
+        self.log, self.metrics = log, metrics
+        cache = self.open_cache(buffer)
+        log(
+            f"tree search for all-fail prompts; solution cache in {type(cache.store).__name__} "
+            f"({len(cache.prompt_ids())} prompts cached)"
+        )
+
+    def to_score(self, prompts: Sequence[Prompt], policy_version: int) -> dict[str, list[list[int]]]:
+        """The cached solutions a plain group of each prompt may get: the sampling worker scores them with
+        the policy it samples with, in the same call (`replay`'s `logprobs_of`)."""
+        if self.cache is None or not self.cache.config.enabled or self.cache.config.mix_per_group == 0:
+            return {}
+        wanted = {}
+        for prompt in prompts:
+            entries = self.cache.lookup(prompt.id, policy_version)
+            if entries:
+                wanted[prompt.id] = [list(entry.token_ids) for entry in entries]
+        return wanted
+
+    def on_plain(self, result: RolloutResult, groups: list[Group]) -> list[Group]:
+        """Plain groups with the solution cache applied: retirement observed, cached solutions mixed in,
+        with the logprobs the sampling worker gave them in the same call."""
+        retired = self.counts.entries_retired
+        groups, events = self.replay(groups, result.generated_tokens, logprobs_of=scored_by(result))
+        for message in events:
+            self.log(message)
+        if self.metrics is not None:
+            self.metrics.observe_solution_cache(
+                served=sum(c.source == "cache" for g in groups for c in g.completions),
+                retired=self.counts.entries_retired - retired,
+            )
+        return groups
+
+    def on_result(self, result: RolloutResult) -> None:
+        """A tree-search call: its cost metered, its solutions offered to the cache, one event line."""
+        searched = len(result.groups) + len(result.unsearched_prompts)
+        solved = sum(any(c.correct for c in g.completions) for g in result.groups)
+        admitted = self.on_search(
+            result.groups, prompts=searched, nodes_expanded=result.nodes_expanded, tokens=result.generated_tokens
+        )
+        if self.metrics is not None:
+            self.metrics.observe_search(
+                nodes_expanded=result.nodes_expanded,
+                tokens=result.generated_tokens,
+                solved=solved,
+                unsolved=searched - solved,
+            )
+            self.metrics.observe_solution_cache(admitted=admitted)
+        counts = self.counts
+        self.log(
+            f"tree search on {result.worker} at policy version {result.policy_version}: {searched} prompts, "
+            f"{solved} solved, {sum(len(g.completions) for g in result.groups)} trajectories, "
+            f"{result.nodes_expanded} nodes expanded, {result.generated_tokens} tokens in "
+            f"{result.generate_seconds + result.verify_seconds:.2f} s; {admitted} solutions cached; "
+            f"search share of generated tokens {counts.tokens / max(1, counts.tokens + counts.plain_tokens):.2f}"
+        )
+
+    def claims(self, group: Group) -> bool:
+        return is_tree_group(group)
+
+    def step_figures(self, groups: Sequence[Group]) -> dict[str, Any]:
+        return {"deepsearch": self.counts.as_dict(), "tree_groups_trained": sum(is_tree_group(g) for g in groups)}
+
+    def summary(self) -> dict[str, Any]:
+        return {"deepsearch": self.figures()}
 
     # ----------------------------------------------------------------------------- the cache
     def open_cache(self, buffer: Buffer) -> SolutionCache:
@@ -193,7 +279,7 @@ class SearchRescue:
             self.counts.tree_groups_dropped += 1
         return reason
 
-    def summary(self) -> dict[str, Any]:
+    def figures(self) -> dict[str, Any]:
         figures: dict[str, Any] = self.counts.as_dict()
         figures["cached_prompts"] = len(self.cache.prompt_ids()) if self.cache is not None else 0
         figures["search_token_share"] = self.counts.tokens / max(1, self.counts.tokens + self.counts.plain_tokens)

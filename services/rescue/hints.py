@@ -19,10 +19,11 @@ from typing import Any
 
 from orchard.config import RunConfig
 from orchard.records import Group, Prompt
+from orchard.services.rescue.queue import Rescue
 
 
 @dataclass
-class HintRescue:
+class HintRescue(Rescue):
     """Sampling with hints in context for all-fail prompts that have hints, once a prompt has failed
     `learner.hints.after_failures` plain groups (Scaf-GRPO hints only where learning has stalled)."""
 

@@ -10,27 +10,67 @@ which prompts it takes and how it calls the worker.
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 from orchard.config import RunConfig
+from orchard.protocols import Buffer
 from orchard.records import Group, Prompt
+from orchard.rollout.worker import RolloutResult
+from orchard.services.metrics import RunMetrics
 
 
-class Rescue(Protocol):
-    """One way of retrying all-fail prompts on a rollout worker."""
+class Rescue:
+    """One way of retrying all-fail prompts on a rollout worker.
+
+    `wants` and `submit` make a rescue; the other methods are hooks into the run's data path, which do
+    nothing unless a rescue needs them (DeepSearch's solution cache uses all of them)."""
 
     #: Names the kind of call in events and metrics, e.g. "search" or "hint".
     name: str
 
     def wants(self, group: Group) -> bool:
         """Whether this all-fail group's prompt should be retried this way."""
-        ...
+        raise NotImplementedError
 
     def submit(self, worker: Any, prompts: Sequence[Prompt]) -> Any:
         """Issue the call on `worker` (a `RolloutWorker` actor); returns the Ray ref of a `RolloutResult`."""
-        ...
+        raise NotImplementedError
+
+    def open(self, buffer: Buffer, log: Callable[[str], None], metrics: RunMetrics) -> None:
+        """Attach to the run as it starts: its buffer, event log and metrics."""
+
+    def to_score(self, prompts: Sequence[Prompt], policy_version: int) -> dict[str, list[list[int]]]:
+        """Completions (token ids, by prompt id) that a plain rollout of `prompts` at `policy_version`
+        should also score with the policy it samples with (`RolloutResult.solution_logprobs`)."""
+        return {}
+
+    def on_plain(self, result: RolloutResult, groups: list[Group]) -> list[Group]:
+        """A plain rollout's groups, seen (and possibly changed) before they are offered for rescue."""
+        return groups
+
+    def on_result(self, result: RolloutResult) -> None:
+        """One of this rescue's own calls finished."""
+
+    def claims(self, group: Group) -> bool:
+        """Whether `group` is filtered by this rescue's `filter_reason` instead of the sampler's."""
+        return False
+
+    def filter_reason(self, group: Group) -> str | None:
+        """Why a group this rescue claims is dropped, or None to keep it."""
+        return None
+
+    def step_figures(self, groups: Sequence[Group]) -> dict[str, Any]:
+        """What this rescue adds to a learner step's record in metrics.jsonl (`groups`: the step's batch)."""
+        return {}
+
+    def summary(self) -> dict[str, Any]:
+        """What this rescue adds to the run's summary.json."""
+        return {}
+
+    def close(self) -> None:
+        """The run ends: release what `open` took."""
 
 
 def is_all_fail(group: Group) -> bool:
@@ -87,6 +127,38 @@ class RescueQueue:
 
     def by_name(self, name: str) -> Rescue:
         return next(r for r in self.rescues if r.name == name)
+
+    # ------------------------------------------------------------------ every rescue's hooks, in order
+    def open(self, buffer: Buffer, log: Callable[[str], None], metrics: RunMetrics) -> None:
+        for rescue in self.rescues:
+            rescue.open(buffer, log, metrics)
+
+    def to_score(self, prompts: Sequence[Prompt], policy_version: int) -> dict[str, list[list[int]]]:
+        wanted: dict[str, list[list[int]]] = {}
+        for rescue in self.rescues:
+            for prompt_id, completions in rescue.to_score(prompts, policy_version).items():
+                wanted.setdefault(prompt_id, []).extend(completions)
+        return wanted
+
+    def on_plain(self, result: RolloutResult) -> list[Group]:
+        groups = list(result.groups)
+        for rescue in self.rescues:
+            groups = rescue.on_plain(result, groups)
+        return groups
+
+    def owner(self, group: Group) -> Rescue | None:
+        """The rescue whose filter applies to `group`, if any."""
+        return next((r for r in self.rescues if r.claims(group)), None)
+
+    def step_figures(self, groups: Sequence[Group]) -> dict[str, Any]:
+        return {key: value for rescue in self.rescues for key, value in rescue.step_figures(groups).items()}
+
+    def summary(self) -> dict[str, Any]:
+        return {key: value for rescue in self.rescues for key, value in rescue.summary().items()}
+
+    def close(self) -> None:
+        for rescue in self.rescues:
+            rescue.close()
 
 
 def build_rescues(config: RunConfig) -> list[Rescue]:

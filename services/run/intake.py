@@ -1,7 +1,9 @@
 """The intake: a finished rollout call's way into the buffer.
 
 rollout result → counters and metrics → prompt statistics and the curriculum (plain samples only) →
-the solution cache and the rescue queue for all-fail prompts → the filters → the buffer. Only plain
+the rescues' hooks (DeepSearch mixes in cached solutions; a rescue's own call reports to it) and the
+rescue queue for all-fail prompts → the filters (a rescue's own for the groups it claims, the
+sampler's for the rest) → the buffer. Only plain
 samples inform the curriculum and the prompt statistics: a rescue's groups are not the policy's own
 pass rate on the prompt. When the filters drop everything for `STARVATION_STEPS` steps' worth of
 groups, the run says so.
@@ -11,7 +13,6 @@ from __future__ import annotations
 
 import sys
 from collections import Counter
-from collections.abc import Callable, Sequence
 
 from orchard.config import RunConfig
 from orchard.protocols import Buffer
@@ -19,7 +20,6 @@ from orchard.records import Group
 from orchard.rollout.worker import RolloutResult
 from orchard.services.curriculum.sampler import PromptSampler
 from orchard.services.metrics import RunMetrics
-from orchard.services.rescue.deepsearch import SearchRescue, is_tree_group
 from orchard.services.rescue.queue import RescueQueue
 from orchard.services.run.throughput import Throughput
 from orchard.services.run_dir import RunDirectory
@@ -27,9 +27,6 @@ from orchard.services.samples import SampleKeeper
 
 #: Steps' worth of groups dropped by the filters in a row before the run says it is starving.
 STARVATION_STEPS = 10
-
-#: `(prompt token ids, completion token ids) -> the sampling worker's logprobs of the completion`.
-LogprobsOf = Callable[[Sequence[int], Sequence[int]], list[float]]
 
 
 class Intake:
@@ -45,17 +42,11 @@ class Intake:
         metrics: RunMetrics,
         run_dir: RunDirectory,
         samples: SampleKeeper,
-        rescorer: Callable[[str], LogprobsOf | None],
-        deepsearch: SearchRescue | None,
     ) -> None:
-        """`filtered`: the run's count of groups dropped, by reason (kept across a resume); `rescorer(worker)`:
-        how that worker scores a cached solution, or None when it is gone; `deepsearch`: the tree-search
-        rescue among `rescue`'s, when the run has one."""
+        """`filtered`: the run's count of groups dropped, by reason (kept across a resume)."""
         self.config, self.buffer, self.sampler, self.rescue = config, buffer, sampler, rescue
         self.throughput, self.filtered, self.metrics = throughput, filtered, metrics
         self.run_dir, self.samples = run_dir, samples
-        self.rescorer = rescorer
-        self.deepsearch = deepsearch
         self._filtered_since_step: Counter[str] = Counter()
         self._starvation_notice_at = 0
 
@@ -75,18 +66,15 @@ class Intake:
                 self.buffer.record_prompt_stats(
                     group.prompt.id, group.prompt.distribution, group.pass_rate, group.policy_version
                 )
-            if self.deepsearch is not None:
-                groups = self._replay_solutions(result)
+            groups = self.rescue.on_plain(result)
             self.rescue.offer(groups)
-        elif self.deepsearch is not None and kind == self.deepsearch.name:
-            self._on_search(result)
+        else:
+            self.rescue.by_name(kind).on_result(result)
         kept = []
         for group in groups:
             self.throughput.signal_groups += group.has_signal
-            if self.deepsearch is not None and is_tree_group(group):
-                reason = self.deepsearch.filter_reason(group)
-            else:
-                reason = self.sampler.filter_reason(group)
+            owner = self.rescue.owner(group)
+            reason = (owner or self.sampler).filter_reason(group)
             if reason is not None and kind == "sample" and self._hpt_trains(group):
                 reason = None  # HPT trains it on the prompt's reference solution
             if reason is not None:
@@ -129,41 +117,3 @@ class Intake:
         filters (dynamic sampling drops all-fail groups) must let it through to the learner."""
         hpt = self.config.learner.hpt
         return hpt.enabled and bool(group.prompt.solution) and group.pass_rate <= hpt.pass_rate_threshold
-
-    def _replay_solutions(self, result: RolloutResult) -> list[Group]:
-        """Plain groups with the solution cache applied: retirement observed, cached solutions mixed in
-        (re-scored by the worker that sampled the group)."""
-        retired = self.deepsearch.counts.entries_retired
-        groups, events = self.deepsearch.replay(
-            result.groups, result.generated_tokens, logprobs_of=self.rescorer(result.worker)
-        )
-        for message in events:
-            self.run_dir.event(message)
-        self.metrics.observe_solution_cache(
-            served=sum(c.source == "cache" for g in groups for c in g.completions),
-            retired=self.deepsearch.counts.entries_retired - retired,
-        )
-        return groups
-
-    def _on_search(self, result: RolloutResult) -> None:
-        """A tree-search call: its cost metered, its solutions offered to the cache, one event line."""
-        searched = len(result.groups) + len(result.unsearched_prompts)
-        solved = sum(any(c.correct for c in g.completions) for g in result.groups)
-        admitted = self.deepsearch.on_search(
-            result.groups, prompts=searched, nodes_expanded=result.nodes_expanded, tokens=result.generated_tokens
-        )
-        self.metrics.observe_search(
-            nodes_expanded=result.nodes_expanded,
-            tokens=result.generated_tokens,
-            solved=solved,
-            unsolved=searched - solved,
-        )
-        self.metrics.observe_solution_cache(admitted=admitted)
-        counts = self.deepsearch.counts
-        self.run_dir.event(
-            f"tree search on {result.worker} at policy version {result.policy_version}: {searched} prompts, "
-            f"{solved} solved, {sum(len(g.completions) for g in result.groups)} trajectories, "
-            f"{result.nodes_expanded} nodes expanded, {result.generated_tokens} tokens in "
-            f"{result.generate_seconds + result.verify_seconds:.2f} s; {admitted} solutions cached; "
-            f"search share of generated tokens {counts.tokens / max(1, counts.tokens + counts.plain_tokens):.2f}"
-        )

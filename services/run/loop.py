@@ -45,14 +45,20 @@ class WeightPush:
 
 @dataclass(eq=False)
 class Step:
-    """A learner step in flight on `groups`."""
+    """A learner step in flight on `groups`; `weights`: the handle of the weights it will produce (ready
+    together with `handle`; unused when the step is skipped)."""
 
     groups: list[Group]
     started: float
     handle: Any
+    weights: Any = None
 
 
 InFlight = Rollout | WeightPush | Step
+
+
+class DriverError(RuntimeError):
+    """The run cannot continue; the message says which component failed and why."""
 
 
 class WorkerDied(Exception):

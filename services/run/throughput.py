@@ -22,6 +22,15 @@ class Throughput:
     def wall(self) -> float:
         return time.perf_counter() - self.started - self.eval_seconds
 
+    def per_second(self, count: float) -> float:
+        """`count` over the wall time so far (0 before any time has passed)."""
+        wall = self.wall()
+        return count / wall if wall > 0 else 0.0
+
+    def effective_ratio(self) -> float:
+        """The share of generated groups with a learning signal."""
+        return self.signal_groups / max(1, self.generated_groups)
+
     def learner_idle_fraction(self) -> float:
         wall = self.wall()
         return max(0.0, 1.0 - self.learner_busy_seconds / wall) if wall > 0 else 0.0

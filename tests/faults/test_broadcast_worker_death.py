@@ -34,7 +34,7 @@ def test_a_killed_worker_rejoins_a_new_broadcast_group(ray_local, tmp_path, warm
     summary = outcome["summary"]
     assert summary["steps"] == 6 and summary["state"] == "finished"
     conservation(summary)
-    assert driver.worker_restarts["worker-0"] >= 1
+    assert driver.pool.incarnations["worker-0"] >= 1
     events = (run_dir.path / "events.log").read_text()
     assert events.count("weight broadcast group formed") >= 2
     assert driver.weight_sync.worker_versions["worker-0"] >= 4  # versions after the restart arrived
@@ -59,12 +59,12 @@ def test_a_killed_learner_is_replaced_and_broadcasts_to_a_new_group(ray_local, t
     while driver.step < 4:
         assert time.monotonic() < deadline, "the run did not reach step 4"
         time.sleep(0.005)
-    os.kill(ray.get(driver.learner.pid.remote()), signal.SIGKILL)
+    os.kill(ray.get(driver.learners.actor.pid.remote()), signal.SIGKILL)
     thread.join(400)
     assert "error" not in outcome, outcome.get("error")
     summary = outcome["summary"]
     assert summary["steps"] == 8 and summary["state"] == "finished"
-    assert driver.learner_restarts == 1
+    assert driver.learners.restarts == 1
     events = (run_dir.path / "events.log").read_text()
     assert "learner died" in events and events.count("weight broadcast group formed") >= 2
     assert min(driver.weight_sync.worker_versions.values()) > 4  # versions of the new learner arrived

@@ -38,7 +38,7 @@ def kill_worker_when(driver: Driver, step: int, timeout: float = 240.0) -> int:
     while driver.step < step:
         assert time.monotonic() < deadline, f"the run did not reach step {step}"
         time.sleep(0.05)
-    pid = ray.get(driver.workers["worker-0"].pid.remote())
+    pid = ray.get(driver.pool.actors["worker-0"].pid.remote())
     os.kill(pid, signal.SIGKILL)
     return pid
 
@@ -54,7 +54,7 @@ def test_a_killed_rollout_worker_is_restarted_and_the_run_loses_nothing(ray_loca
     summary = outcome["summary"]
     assert summary["steps"] == 8 and summary["state"] == "finished"
     conservation(summary)
-    assert driver.worker_restarts["worker-0"] >= 1
+    assert driver.pool.incarnations["worker-0"] >= 1
     assert driver.weight_sync.worker_versions["worker-0"] == summary["policy_version"]
     assert "rollout worker worker-0 died" in (run_dir.path / "events.log").read_text()
     assert 'orchard_worker_restarts_total{worker="worker-0"} 1.0' in driver.metrics.render().decode()
@@ -95,12 +95,12 @@ def test_a_killed_learner_restarts_from_its_checkpoint_and_trains_the_lost_steps
     while not when(driver.step):
         assert time.monotonic() < deadline, "the run did not reach the step to kill at"
         time.sleep(0.005)
-    os.kill(ray.get(driver.learner.pid.remote()), signal.SIGKILL)
+    os.kill(ray.get(driver.learners.actor.pid.remote()), signal.SIGKILL)
     thread.join(300)
     assert "error" not in outcome, outcome.get("error")
     summary = outcome["summary"]
     assert summary["steps"] == 10 and summary["state"] == "finished"
-    assert driver.learner_restarts == 1
+    assert driver.learners.restarts == 1
     events = (run_dir.path / "events.log").read_text()
     assert "learner died" in events and "groups requeued" in events
     steps = [record["step"] for record in run_dir.read_metrics()]

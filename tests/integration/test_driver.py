@@ -165,7 +165,7 @@ def test_all_curricula_together_in_a_run_with_redis_state(ray_local, tmp_path, w
         assert "orchard_value_model_error NaN" not in text
         # a restarted driver finds the curriculum where this one left it
         saved = RedisBuffer(server.url, "curricula").load_state("curriculum")
-        sampler = PromptSampler(driver.pool, config.curriculum)
+        sampler = PromptSampler(driver.prompt_pool, config.curriculum)
         sampler.load_bytes(saved)
         assert sampler.probabilities() == pytest.approx(last["scheduler_probabilities"])
     finally:

@@ -29,7 +29,7 @@ def test_short_run_with_broadcast_weights_in_placement_groups(ray_local, tmp_pat
     assert summary["steps"] == 3 and summary["policy_version"] == 3
     events = (run_dir.path / "events.log").read_text()
     assert "weight broadcast group formed: 3 ranks over gloo" in events
-    assert len(driver._learner_peers) == 1
+    assert len(driver.learners.peers) == 1
     # versions after the first arrived by broadcast, and every worker confirmed some
     assert driver.weight_sync.latest.transport == "broadcast"
     assert summary["weight_sync_seconds_mean"] is not None

@@ -49,7 +49,7 @@ def train_one_and_two_ranks(tmp_path, *, gpus: int) -> None:
         assert len(learners[2][1]) == 1
         for step in range(2):
             groups = random_groups(seed=step)
-            results = ray.get([learners[ranks][0].train_step.remote(groups) for ranks in (1, 2)])
+            results = ray.get([learners[ranks][0].train_step.remote(groups)[0] for ranks in (1, 2)])
             assert [r.result.skipped for r in results] == [False, False]
             assert results[0].result.loss == pytest.approx(results[1].result.loss, rel=tolerance)
         one, two = ray.get([learners[ranks][0].export_weights.remote() for ranks in (1, 2)])

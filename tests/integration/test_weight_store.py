@@ -15,6 +15,7 @@ import torch
 
 from orchard.config import ModelConfig, RolloutConfig, TinyModelConfig
 from orchard.learner.weights import numpy_to_state_dict, state_dict_to_numpy
+from orchard.protocols import PinnableWeightSource
 from orchard.rollout.engines.torch_engine import TorchEngine
 from orchard.rollout.model import build_model
 from orchard.rollout.tokenizer import load_tokenizer
@@ -84,6 +85,7 @@ def test_a_handle_reads_back_exactly_what_was_written(tokenizer):
     with SharedWeightStore() as store:
         handle = store.write(1, state)
         assert handle.version == 1 and (SEGMENT_DIR / handle.segment).exists()
+        assert isinstance(handle, PinnableWeightSource)  # what the engines accept (orchard/protocols.py)
         targets = empty_like(state)
         assert read_into(handle, targets) == 1
         for name in state:

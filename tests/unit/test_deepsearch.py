@@ -92,7 +92,7 @@ def test_found_solutions_are_cached_mixed_into_later_groups_and_retired_once_sol
     found = tree([1.0, -1.0], version=2)
     assert search.on_search([found], prompts=1, nodes_expanded=3, tokens=40) == 1
     assert (search.counts.prompts_searched, search.counts.prompts_solved, search.counts.nodes_expanded) == (1, 1, 3)
-    assert search.summary()["cached_prompts"] == 1
+    assert search.figures()["cached_prompts"] == 1
 
     # a later all-fail group of the prompt gets the cached solution, re-scored by the current policy
     seen = []
@@ -123,7 +123,7 @@ def test_found_solutions_are_cached_mixed_into_later_groups_and_retired_once_sol
     [solved], events = search.replay([plain([True, True, False, False])], generated_tokens=8)
     assert not any(c.source == "cache" for c in solved.completions)
     assert search.counts.entries_retired == 1 and "retired" in events[0]
-    assert search.cache.prompt_ids() == [] and search.summary()["cached_prompts"] == 0
+    assert search.cache.prompt_ids() == [] and search.figures()["cached_prompts"] == 0
 
 
 def test_admission_uses_the_prompts_latest_plain_pass_rate():
@@ -148,3 +148,66 @@ def test_tracked_pass_rates_are_bounded(tracked):
     prompts = [Prompt(id=f"p{i}", text=f"{i}=", answer="1", distribution="d") for i in range(5)]
     search.replay([plain([False], prompt=p) for p in prompts], generated_tokens=5)
     assert list(search.plain_pass_rate) == [p.id for p in prompts[-tracked:]]
+
+
+def test_the_data_path_hooks_score_cached_solutions_in_the_sampling_call():
+    """`to_score` names the cached solutions a plain call should score; `on_plain` mixes them in with the
+    logprobs that call returned, and falls back to the cached ones for a solution it did not score."""
+    from orchard.rollout.worker import RolloutResult
+    from orchard.services.rescue.queue import RescueQueue
+
+    search = rescue()
+    queue = RescueQueue([search])
+    log: list[str] = []
+    search.log = log.append
+    assert queue.to_score([PROMPT], policy_version=0) == {}  # nothing cached yet
+    search.replay([plain([False] * 4)], generated_tokens=8)
+    queue.rescues[0].on_result(
+        RolloutResult(
+            groups=[tree([1.0, -1.0], version=2)],
+            worker="w",
+            policy_version=2,
+            generated_tokens=40,
+            generate_seconds=0.1,
+            verify_seconds=0.0,
+            strategy="mcts",
+            nodes_expanded=3,
+        )
+    )
+    assert "tree search on w at policy version 2: 1 prompts, 1 solved" in log[-1]
+    assert queue.to_score([PROMPT], policy_version=5) == {PROMPT.id: [[4, 6]]}
+
+    def plain_result(scored):
+        return RolloutResult(
+            groups=[plain([False] * 4, version=5)],
+            worker="w",
+            policy_version=5,
+            generated_tokens=8,
+            generate_seconds=0.1,
+            verify_seconds=0.0,
+            solution_logprobs=scored,
+        )
+
+    [mixed] = queue.on_plain(plain_result({((1, 2), (4, 6)): [-0.125, -0.25]}))
+    [cached] = [c for c in mixed.completions if c.source == "cache"]
+    assert cached.logprobs == [-0.125, -0.25] and cached.policy_version == 5
+    # the same tokens scored for another prompt's context are not this prompt's logprobs
+    [mixed] = queue.on_plain(plain_result({((7, 7), (4, 6)): [-0.125, -0.25]}))
+    [cached] = [c for c in mixed.completions if c.source == "cache"]
+    assert cached.logprobs == [-0.5, -0.5] and cached.policy_version == 2
+    assert "was not asked to score it" in log[-1]
+
+
+def test_the_queue_routes_filters_and_reports_through_the_rescue_that_claims_a_group():
+    from orchard.services.rescue.queue import RescueQueue
+
+    config = config_from_dict({"rollout": {"strategy": "mcts"}, "learner": {"hints": {"enabled": True}}})
+    queue = RescueQueue(build_rescues(config))
+    queue.open(MemoryBuffer(), log=lambda message: None, metrics=None)
+    search, hints = queue.rescues
+    assert queue.owner(tree([1.0, -1.0])) is search and queue.owner(plain([False, True])) is None
+    assert queue.owner(tree([1.0, 1.0])).filter_reason(tree([1.0, 1.0])) is not None  # no contrast
+    figures = queue.step_figures([tree([1.0, -1.0]), plain([True, False])])
+    assert figures["tree_groups_trained"] == 1 and figures["deepsearch"]["tree_groups_dropped"] == 1
+    assert set(queue.summary()) == {"deepsearch"}  # the hint rescue adds nothing to the summary
+    assert hints.to_score([PROMPT], 0) == {} and hints.on_plain(None, [plain([False])])[0].pass_rate == 0

@@ -27,6 +27,10 @@ def test_every_package_of_the_checkout_is_declared():
 
 @pytest.mark.slow
 def test_the_wheel_installs_one_namespace(tmp_path):
+    source = tmp_path / "source"  # a copy: setuptools builds in the source tree (build/, *.egg-info)
+    source.mkdir()
+    for name in ("pyproject.toml", "README.md", "orchard", *LAYERS):
+        subprocess.run(["cp", "-r", str(ROOT / name), str(source / name)], check=True)
     subprocess.run(
         [
             sys.executable,
@@ -36,7 +40,7 @@ def test_the_wheel_installs_one_namespace(tmp_path):
             "--quiet",
             "--no-deps",
             "--no-build-isolation",
-            str(ROOT),
+            str(source),
             "-w",
             str(tmp_path),
         ],
