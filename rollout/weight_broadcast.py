@@ -87,6 +87,16 @@ class BroadcastStats:
     extra: dict[str, float] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class Rendezvous:
+    """Where a broadcast group meets (rank 0's store), what it carries, and over which backend."""
+
+    host: str
+    port: int
+    layout: tuple[BroadcastSpec, ...]
+    backend: str
+
+
 def layout_of(state_dict: Mapping[str, torch.Tensor]) -> tuple[BroadcastSpec, ...]:
     """The broadcast layout of `state_dict`: every floating-point tensor in key order, a tensor that
     shares its storage with an earlier one (tied embeddings) left out, since engines accept a tied

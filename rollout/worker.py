@@ -57,6 +57,16 @@ class RolloutResult:
     solution_logprobs: dict[tuple[tuple[int, ...], tuple[int, ...]], list[float]] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class WeightsLoaded:
+    """A worker's answer to a weight load: the policy version it now holds, how long the load took, and
+    whether it was skipped (it already held that version or a newer one)."""
+
+    version: int
+    seconds: float = 0.0
+    skipped: bool = False
+
+
 @dataclass
 class EvalResult:
     """Greedy correctness of each prompt, by the policy version that answered."""
@@ -96,7 +106,7 @@ class RolloutWorkerCore:
     def policy_version(self) -> int:
         return self.engine.policy_version
 
-    def load_weights(self, version: int, state_dict: Mapping[str, Any] | Any) -> dict[str, Any]:
+    def load_weights(self, version: int, state_dict: Mapping[str, Any] | Any) -> WeightsLoaded:
         """Swap in policy `version`; returns the version now held and how long the swap took.
 
         `state_dict` is a dict of arrays or tensors (the object-store path) or a weight source such as
@@ -113,9 +123,9 @@ class RolloutWorkerCore:
             and self.engine.has_loaded_weights
             and version <= self.engine.policy_version
         ):
-            return {"version": self.engine.policy_version, "seconds": 0.0, "skipped": True}
+            return WeightsLoaded(self.engine.policy_version, skipped=True)
         loaded = self.engine.load_weights(state_dict, version)
-        return {"version": loaded, "seconds": time.perf_counter() - started, "skipped": False}
+        return WeightsLoaded(loaded, time.perf_counter() - started)
 
     def join_weight_broadcast(
         self,
@@ -145,7 +155,7 @@ class RolloutWorkerCore:
         self._broadcast = (group, tuple(layout), bucket_bytes)
         return [first_rank]
 
-    def _receive_broadcast(self, version: int, started: float) -> dict[str, Any]:
+    def _receive_broadcast(self, version: int, started: float) -> WeightsLoaded:
         """Take `version` from the broadcast the learner is sending. Always takes part, even when the
         engine refuses the version, so the learner and the other workers are not left waiting."""
         from orchard.rollout.weight_broadcast import BroadcastSource
@@ -161,7 +171,7 @@ class RolloutWorkerCore:
                 loaded = self.engine.load_weights(source, version)
             finally:
                 source.drain()
-        return {"version": loaded, "seconds": time.perf_counter() - started, "skipped": False}
+        return WeightsLoaded(loaded, time.perf_counter() - started)
 
     def _check_weights(self) -> None:
         if not self.engine.weights_valid:

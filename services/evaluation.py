@@ -16,7 +16,7 @@ import ray
 from orchard.config import RunConfig
 from orchard.records import Prompt
 from orchard.rollout.prompts import PromptFormat
-from orchard.rollout.worker import RolloutWorkerCore
+from orchard.rollout.worker import RolloutWorkerCore, WeightsLoaded
 
 
 def evaluate_by_distribution(evaluator: Any, prompts: list) -> tuple[float, dict[str, float]]:
@@ -38,8 +38,8 @@ class WorkerEvaluator:
         self._worker = worker  # a callable returning the current actor (it may have been replaced)
         self.policy_version = -1
 
-    def load_weights(self, version: int, weights: Any) -> dict[str, Any]:
-        return {"version": version, "seconds": 0.0, "skipped": True}  # the worker gets every version anyway
+    def load_weights(self, version: int, weights: Any) -> WeightsLoaded:
+        return WeightsLoaded(version, skipped=True)  # the worker gets every version anyway
 
     def evaluate(self, prompts: list) -> Any:
         result = ray.get(self._worker().evaluate.remote(prompts))

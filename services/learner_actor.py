@@ -24,6 +24,7 @@ import torch
 from orchard.config import RunConfig
 from orchard.learner.trainer import StepResult
 from orchard.records import Group
+from orchard.rollout.weight_broadcast import BroadcastStats, Rendezvous
 from orchard.services.weights import store as weight_store
 
 
@@ -176,7 +177,7 @@ class LearnerCore:
     # ------------------------------------------------------------------ transport 'nccl': broadcast
 
     @collective
-    def open_weight_broadcast(self, world_size: int) -> dict[str, Any]:
+    def open_weight_broadcast(self, world_size: int) -> Rendezvous | None:
         """Open the broadcast group's rendezvous on this node: its address and the weights' layout,
         for every member's `join_weight_broadcast` (all called at once; see `rollout/weight_broadcast.py`)."""
         from orchard.rollout.weight_broadcast import layout_of, open_store
@@ -187,7 +188,7 @@ class LearnerCore:
         self._broadcast_store, host = open_store(world_size, timeout_s=settings.timeout_seconds)
         self._broadcast_layout = layout_of(self._live_weights())
         backend = "nccl" if torch.cuda.is_available() else "gloo"
-        return {"host": host, "port": self._broadcast_store.port, "layout": self._broadcast_layout, "backend": backend}
+        return Rendezvous(host, self._broadcast_store.port, self._broadcast_layout, backend)
 
     def join_weight_broadcast(self, world_size: int, backend: str) -> int:
         """Join the group as rank 0 (the sender); blocks until every worker has joined."""
@@ -207,15 +208,14 @@ class LearnerCore:
         return 0
 
     @collective
-    def broadcast_weights(self) -> dict[str, Any]:
+    def broadcast_weights(self) -> BroadcastStats | None:
         """Send the current weights as `self.version` to every worker of the group (they must be
         receiving: the driver sends each a `BroadcastTicket`); returns what was sent and how fast."""
         if self.rank:
             return self._gather_on_peer()
-        stats = self._broadcast.send(
+        return self._broadcast.send(
             self._live_weights(), self.version, self._broadcast_layout, self._weight_sync_settings.bucket_bytes
         )
-        return {"version": stats.version, "bytes": stats.bytes, "buckets": stats.buckets, "seconds": stats.seconds}
 
     @collective
     def export_weights_object_store(self) -> Any:

@@ -129,8 +129,8 @@ class LearnerGroup:
             timeout_s=settings.timeout_seconds,
         )
         self.log(
-            f"weight broadcast group formed: {group['world_size']} ranks over {group['backend']} "
-            f"at {group['host']}:{group['port']}, buckets of {settings.bucket_mb} MiB"
+            f"weight broadcast group formed: {group.world_size} ranks over {group.backend} "
+            f"at {group.host}:{group.port}, buckets of {settings.bucket_mb} MiB"
         )
 
     # ------------------------------------------------------------------ checkpoints and restarts

@@ -99,7 +99,7 @@ class RolloutPool:
                 self.log(f"weight sync of version {call.version} to {call.worker} failed: {error}")
                 return
             raise DriverError(f"weight sync to {call.worker} failed: {error}") from error
-        seconds = self.weight_sync.confirm(call.worker, confirmed["version"])
+        seconds = self.weight_sync.confirm(call.worker, confirmed.version)
         self.metrics.observe_worker_version(call.worker, self.weight_sync.worker_versions[call.worker])
         if seconds is not None:
             self.last_sync_seconds = seconds
@@ -130,8 +130,8 @@ class RolloutPool:
         weights = learners.readable(latest.ref)
         confirmed = get(actor.load_weights.remote(latest.version, weights), f"weights for restarted {name}")
         learners.form_broadcast_group(self.actors)
-        self.weight_sync.confirm(name, confirmed["version"])
-        self.metrics.observe_worker_version(name, confirmed["version"])
+        self.weight_sync.confirm(name, confirmed.version)
+        self.metrics.observe_worker_version(name, confirmed.version)
         self.metrics.worker_restarts.labels(worker=name).inc()
 
     def close(self) -> None:

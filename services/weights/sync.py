@@ -24,7 +24,7 @@ from typing import Any
 
 import ray
 
-from orchard.rollout.weight_broadcast import BroadcastTicket
+from orchard.rollout.weight_broadcast import BroadcastTicket, Rendezvous
 from orchard.services.weights.store import WeightHandle
 
 
@@ -111,35 +111,45 @@ class WeightSync:
         """Blocking push to every worker; returns seconds from publish to the last worker loaded."""
         pending = self.push(workers)
         for ref, name in pending.items():
-            self.confirm(name, ray.get(ref)["version"])
+            self.confirm(name, ray.get(ref).version)
         return max(self.latest.confirmed.values()) if self.latest and self.latest.confirmed else 0.0
+
+
+@dataclass(frozen=True)
+class FormedGroup:
+    """A weight-broadcast group as formed: where it met, its backend and its size."""
+
+    host: str
+    port: int
+    backend: str
+    world_size: int
 
 
 def form_broadcast_group(
     learner: Any, workers: Mapping[str, Any], *, ranks_per_worker: int, bucket_bytes: int, timeout_s: float
-) -> dict[str, Any]:
+) -> FormedGroup:
     """Transport 'nccl': put the learner (rank 0) and every worker in a new weight-broadcast group.
 
     Every member joins at once (the group forms only when all have joined); a worker running a
     rollout joins when that call returns. A vLLM worker takes `ranks_per_worker` ranks, one per
-    tensor-parallel GPU. Called at the start and again after any member was replaced. Returns the
-    group's address, backend ('nccl' when the learner has a GPU, else 'gloo') and size.
+    tensor-parallel GPU. Called at the start and again after any member was replaced. The backend is
+    'nccl' when the learner has a GPU, else 'gloo'.
     """
     world_size = 1 + ranks_per_worker * len(workers)
-    info = ray.get(learner.open_weight_broadcast.remote(world_size))
-    calls = [learner.join_weight_broadcast.remote(world_size, info["backend"])]
+    meeting: Rendezvous = ray.get(learner.open_weight_broadcast.remote(world_size))
+    calls = [learner.join_weight_broadcast.remote(world_size, meeting.backend)]
     for index, actor in enumerate(workers.values()):
         calls.append(
             actor.join_weight_broadcast.remote(
-                info["host"],
-                info["port"],
+                meeting.host,
+                meeting.port,
                 1 + index * ranks_per_worker,
                 world_size,
-                info["layout"],
+                meeting.layout,
                 bucket_bytes,
-                backend=info["backend"],
+                backend=meeting.backend,
                 timeout_s=timeout_s,
             )
         )
     ray.get(calls)
-    return {"host": info["host"], "port": info["port"], "backend": info["backend"], "world_size": world_size}
+    return FormedGroup(meeting.host, meeting.port, meeting.backend, world_size)

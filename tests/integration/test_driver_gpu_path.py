@@ -62,7 +62,7 @@ def test_vllm_runs_evaluate_on_a_rollout_worker(ray_local):
         weights = state_dict_to_numpy(build_model(model, load_tokenizer(model)).state_dict())
         ray.get(worker.load_weights.remote(4, weights))
         evaluator = WorkerEvaluator(lambda: worker)
-        assert evaluator.load_weights(5, None)["skipped"]
+        assert evaluator.load_weights(5, None).skipped
         prompts = [Prompt(id=f"p{i}", text=f"{i}+1=", answer=str(i + 1), distribution=f"d{i % 2}") for i in range(4)]
         accuracy, by_distribution = evaluate_by_distribution(evaluator, prompts)
         assert 0.0 <= accuracy <= 1.0 and set(by_distribution) == {"d0", "d1"}

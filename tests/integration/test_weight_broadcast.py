@@ -172,7 +172,7 @@ def test_the_learner_broadcasts_into_rollout_workers(ray_local):
             bucket_bytes=config.weight_sync.bucket_bytes,
             timeout_s=config.weight_sync.timeout_seconds,
         )
-        assert group["backend"] == "gloo" and group["world_size"] == 3
+        assert group.backend == "gloo" and group.world_size == 3
 
         sync = WeightSync()
         version = ray.get(learner.renumber.remote(1))
@@ -181,7 +181,7 @@ def test_the_learner_broadcasts_into_rollout_workers(ray_local):
         assert sync.push_and_wait(workers) >= 0
         sent = ray.get(sent)
         assert sync.worker_versions == {"worker-0": 1, "worker-1": 1}
-        assert sent["buckets"] > 1 and sent["bytes"] > config.weight_sync.bucket_bytes
+        assert sent.buckets > 1 and sent.bytes > config.weight_sync.bucket_bytes
 
         local = RolloutWorkerCore("check", config.model, config.rollout)
         local.load_weights(1, ray.get(learner.export_weights_object_store.remote()))

@@ -365,10 +365,10 @@ def test_two_worker_actors_load_through_handles(ray_local, tokenizer, num_slots)
         assert store.latest.version >= 5
         newest = store.latest.version
         replies = ray_local.get([w.load_weights.remote(3, stale) for w in workers.values()])
-        assert [r["version"] for r in replies] == [newest, newest]
+        assert [r.version for r in replies] == [newest, newest]
         # ... and the later requests for the versions in between cost nothing
         late = ray_local.get([w.load_weights.remote(newest, store.latest) for w in workers.values()])
-        assert [(r["version"], r["skipped"]) for r in late] == [(newest, True), (newest, True)]
+        assert [(r.version, r.skipped) for r in late] == [(newest, True), (newest, True)]
         node = ray_local.get_runtime_context().get_node_id()
         assert store.latest.node_id in (None, node)
     for worker in workers.values():
