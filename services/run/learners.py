@@ -58,13 +58,11 @@ class LearnerGroup:
     ) -> None:
         """`initial_weights`: an object-store reference to the warm start's weights (where a learner that
         dies before the first checkpoint starts again); `log`: the run's event log."""
-        self.config, self.placement, self.weight_sync, self.control, self.log = (
-            config,
-            placement,
-            weight_sync,
-            control,
-            log,
-        )
+        self.config = config
+        self.placement = placement
+        self.weight_sync = weight_sync
+        self.control = control
+        self.log = log
         self._initial_weights = initial_weights
         self.actor, self.peers = create_learner(config, initial_weights, placement)
         self.restarts = 0

@@ -185,22 +185,30 @@ def full_batch_reference(groups: list[Group], config: LearnerConfig) -> tuple[fl
         (3, "token-mean"),
     ],
 )
-def test_micro_batch_size_does_not_change_the_step(stage, aggregation):
+def test_micro_batching_does_not_change_the_step(stage, aggregation):
+    """Micro-batches of 2 sequences, of the whole batch, or by a token budget: the same step."""
     groups = random_groups(seed=3, count=3, size=5)
-    results: dict[int, StepResult] = {}
+    settings = {
+        "small": {"micro_batch_size": 2},
+        "whole": {"micro_batch_size": 64},
+        "tokens": {"micro_batch_size": 64, "max_tokens_per_micro_batch": 40},
+    }
+    results: dict[str, StepResult] = {}
     weights = {}
-    for micro_batch_size in (2, 64):
-        trainer = make_trainer(zero_stage=stage, micro_batch_size=micro_batch_size, aggregation=aggregation)
-        results[micro_batch_size] = trainer.train_step(groups)
-        weights[micro_batch_size] = trainer.export_weights()
-    small, whole = results[2], results[64]
+    for name, batching in settings.items():
+        trainer = make_trainer(zero_stage=stage, aggregation=aggregation, **batching)
+        results[name] = trainer.train_step(groups)
+        weights[name] = trainer.export_weights()
     loss, grad_norm = full_batch_reference(groups, trainer.config)
-    for result in (small, whole):
+    for result in results.values():
         assert result.loss == pytest.approx(loss, rel=1e-5, abs=1e-6)
         assert result.grad_norm == pytest.approx(grad_norm, rel=1e-4)
-    assert small.entropy == pytest.approx(whole.entropy, rel=1e-5)
-    assert small.clip_fraction == pytest.approx(whole.clip_fraction, abs=1e-6)
-    assert max_difference(weights[2], weights[64]) < 1e-4
+        assert result.entropy == pytest.approx(results["whole"].entropy, rel=1e-5)
+        assert result.clip_fraction == pytest.approx(results["whole"].clip_fraction, abs=1e-6)
+    for name in ("small", "tokens"):
+        assert max_difference(weights[name], weights["whole"]) < 1e-4, name
+    # length-sorted micro-batches pad less than one batch padded to its longest sequence
+    assert 0 <= results["tokens"].padding_share < results["whole"].padding_share
 
 
 # ------------------------------------------------------------------------------------------ refusals and skips
@@ -308,9 +316,11 @@ def test_the_learner_actor_core_trains_and_exports_numpy():
         exported = core.export_weights()
         assert exported.keys() == initial.keys()
         assert all(np.array_equal(exported[name], initial[name]) for name in initial)
-        step = core.train_step(random_groups())
+        step, weights = core.train_step(random_groups())  # the step's new weights come with it
         json.dumps(dataclasses.asdict(step), allow_nan=False)
         assert step.policy_version == 4 and not step.result.skipped
+        assert weights.keys() == initial.keys()
+        assert any(not np.array_equal(weights[name], initial[name]) for name in initial)
     finally:
         torch.set_num_threads(threads)
 
