@@ -21,6 +21,18 @@ from torch import Tensor
 #: Bound on |log π_θ − log π_old| before `exp`, so a very stale or very unlikely behaviour token
 #: cannot overflow the ratio to inf (the same ±20 bound verl applies); inside it nothing changes.
 MAX_LOG_RATIO = 20.0
+#: Bound on the k3 estimator's value, `k3 = exp(δ) − δ − 1` with δ clamped to ±`MAX_LOG_RATIO` first
+#: (verl's `low_var_kl` bounds it to [−10, 10]; k3 ≥ 0, so only the upper bound acts): one token far
+#: from the reference (δ = 20 would give ~4.9e8) cannot dominate a step's penalty. Beyond it the
+#: token's penalty is constant and passes no gradient.
+MAX_K3 = 10.0
+
+
+def bounded_k3(delta: Tensor) -> Tensor:
+    """`min(exp(δ') − δ' − 1, MAX_K3)` with `δ' = clamp(δ, ±MAX_LOG_RATIO)`: Schulman's k3 estimator
+    bounded as verl bounds it (`low_var_kl`); unchanged for |δ| up to about 2.4, where k3 reaches 10."""
+    delta = delta.clamp(-MAX_LOG_RATIO, MAX_LOG_RATIO)
+    return (torch.expm1(delta) - delta).clamp(max=MAX_K3)
 
 
 def masked_mean(values: Tensor, mask: Tensor, dim: int | None = None) -> Tensor:
@@ -278,20 +290,28 @@ def _token_mean(values: Tensor, mask: Tensor, max_length: int | None) -> Tensor:
     return masked_mean(values, mask)
 
 
+def active_rows(mask: Tensor) -> int:
+    """Rows the mask keeps any token of: the `N` of the per-sequence aggregations. A row the mask
+    removes entirely (an empty completion, a row masked out whole) counts in no denominator, so
+    masking a row never scales the rest of the loss down."""
+    return int((mask.sum(-1) > 0).sum())
+
+
 def _seq_mean_token_sum(values: Tensor, mask: Tensor, max_length: int | None) -> Tensor:
-    """`mean_i(Σ_t m·ℓ)` — longer sequences weigh more."""
-    return (values * mask).sum(-1).mean()
+    """`mean_i(Σ_t m·ℓ)` over the active rows — longer sequences weigh more."""
+    return (values * mask).sum() / max(1, active_rows(mask))
 
 
 def _seq_mean_token_mean(values: Tensor, mask: Tensor, max_length: int | None) -> Tensor:
-    """Original GRPO: `mean_i(Σ_t m·ℓ / Σ_t m)` — every sequence weighs the same."""
-    return masked_mean(values, mask, dim=-1).mean()
+    """Original GRPO: `mean_i(Σ_t m·ℓ / Σ_t m)` over the active rows — every sequence weighs the same."""
+    return masked_mean(values, mask, dim=-1).sum() / max(1, active_rows(mask))
 
 
 def _seq_mean_token_sum_norm(values: Tensor, mask: Tensor, max_length: int | None) -> Tensor:
-    """Dr. GRPO: `Σ_{i,t} m·ℓ / (N · L_max)` with a constant `L_max` (default: the padded width T)."""
+    """Dr. GRPO: `Σ_{i,t} m·ℓ / (N · L_max)` with a constant `L_max` (default: the padded width T) and
+    `N` the active rows."""
     length = max_length if max_length is not None else values.shape[-1]
-    return (values * mask).sum() / (values.shape[0] * length)
+    return (values * mask).sum() / (max(1, active_rows(mask)) * length)
 
 
 AGGREGATIONS: dict[str, Callable[[Tensor, Tensor, int | None], Tensor]] = {
@@ -303,7 +323,10 @@ AGGREGATIONS: dict[str, Callable[[Tensor, Tensor, int | None], Tensor]] = {
 
 
 def aggregate(values: Tensor, mask: Tensor, aggregation: str = "token-mean", max_length: int | None = None) -> Tensor:
-    """Reduce per-token values [N, T] to a scalar with one of `AGGREGATIONS` (docs/algorithms.md §2)."""
+    """Reduce per-token values [N, T] to a scalar with one of `AGGREGATIONS` (docs/algorithms.md §2).
+
+    Every aggregation's denominator counts only what the mask keeps: tokens for token-mean, and for the
+    per-sequence ones the rows with at least one kept token (`active_rows`)."""
     if aggregation not in AGGREGATIONS:
         raise ValueError(f"aggregation {aggregation!r} is unknown; choose one of {sorted(AGGREGATIONS)}")
     if values.dim() != 2 or values.shape != mask.shape:
@@ -504,8 +527,7 @@ def lp_reg_loss(
     if not bool(selected.any()):
         return per_token_loss, selected
     ratio = torch.exp((logprobs - old_logprobs).clamp(-MAX_LOG_RATIO, MAX_LOG_RATIO))
-    delta = (proxy_logprobs - logprobs).clamp(-MAX_LOG_RATIO, MAX_LOG_RATIO)
-    regularised = -ratio * advantages + coef * (torch.expm1(delta) - delta)
+    regularised = -ratio * advantages + coef * bounded_k3(proxy_logprobs - logprobs)
     return torch.where(selected, regularised, per_token_loss), selected
 
 
@@ -560,7 +582,7 @@ def _k2(delta: Tensor) -> Tensor:
 
 
 def _k3(delta: Tensor) -> Tensor:
-    return torch.expm1(delta) - delta
+    return bounded_k3(delta)
 
 
 KL_ESTIMATORS: dict[str, Callable[[Tensor], Tensor]] = {"k1": _k1, "k2": _k2, "k3": _k3}
@@ -571,7 +593,8 @@ def kl_penalty(logprobs: Tensor, ref_logprobs: Tensor, kind: str = "k3") -> Tens
 
     With `δ = log π_ref − log π_θ`: `k1 = −δ`, `k2 = ½δ²`, `k3 = exp(δ) − δ − 1` (unbiased and
     non-negative). Source: J. Schulman, "Approximating KL Divergence" (2020, joschu.net/blog/kl-approx);
-    k3 is GRPO's penalty (DeepSeekMath eq. 4).
+    k3 is GRPO's penalty (DeepSeekMath eq. 4). k3 is bounded as verl bounds it (`bounded_k3`: δ
+    clamped to ±20, the value to at most 10), so one far-off token cannot dominate a step.
     """
     if kind not in KL_ESTIMATORS:
         raise ValueError(f"KL kind {kind!r} is unknown; choose one of {sorted(KL_ESTIMATORS)}")

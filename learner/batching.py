@@ -73,6 +73,32 @@ class TrainingTensors:
         )
 
 
+def micro_batch_rows(lengths: Tensor, *, max_sequences: int, max_tokens: int | None = None) -> list[Tensor]:
+    """Row indices of each micro-batch of sequences of `lengths` (tokens, prompt and completion).
+
+    Rows go longest first, so a micro-batch (trimmed to its own longest row) pads little. With
+    `max_tokens` (verl's dynamic batch size) a micro-batch takes rows while rows × its longest row stays
+    within the budget — a row longer than the budget goes alone — so short sequences travel in larger
+    micro-batches; without it, `max_sequences` rows each."""
+    order = torch.argsort(lengths, descending=True, stable=True)
+    if max_tokens is None:
+        return list(order.split(max_sequences))
+    batches, start = [], 0
+    while start < len(order):
+        width = max(int(lengths[order[start]]), 1)  # the longest row of this micro-batch: its first
+        count = max(1, max_tokens // width)
+        batches.append(order[start : start + count])
+        start += count
+    return batches
+
+
+def padding_share(lengths: Tensor, batches: Sequence[Tensor]) -> float:
+    """The share of the tokens computed over `batches` (rows × each micro-batch's longest row) that are
+    padding."""
+    computed = sum(len(rows) * int(lengths[rows].max()) for rows in batches if len(rows))
+    return 1.0 - int(lengths.sum()) / computed if computed else 0.0
+
+
 def build_training_tensors(groups: Sequence[Group], pad_id: int) -> TrainingTensors:
     """Stack every completion of `groups` as `prompt_token_ids + completion.token_ids`.
 

@@ -13,7 +13,7 @@ weights and optimizer state, bf16 forward and backward); any other dtype trains 
 
 Micro-batching never changes the result: micro-batch `j` contributes `loss_j · w_j` with
 `w_j = tokens_j / tokens` (token-mean) or `w_j = sequences_j / sequences` (the per-sequence
-aggregations), so the accumulated gradient is the gradient of the loss aggregated over the whole
+aggregations, counting only sequences with a completion token), so the accumulated gradient is the gradient of the loss aggregated over the whole
 batch, whatever `micro_batch_size` is. HPT's SFT examples form their own micro-batches weighted by
 their share of the SFT tokens, so the step's loss is `Σ α·L_RL + β·L_SFT`.
 """
@@ -35,6 +35,7 @@ from torch import Tensor
 
 from orchard.config import LearnerConfig
 from orchard.learner.algorithms import (
+    active_rows,
     aggregate,
     hint_clip_ranges,
     kl_penalty,
@@ -49,6 +50,7 @@ from orchard.learner.batching import (
     TrainingTensors,
     build_sft_tensors,
     build_training_tensors,
+    micro_batch_rows,
     sequence_logprobs,
     sequence_scores,
 )
@@ -90,6 +92,7 @@ class StepResult:
     mismatch_abs_max: float = 0.0
     mismatch_tokens: int = 0
     tis_weight_mean: float = 0.0  # mean truncated importance weight over the RL tokens (learner.tis_cap)
+    padding_share: float = 0.0  # share of the tokens the micro-batches computed that were padding
 
 
 def _finite_or_zero(value: float) -> float:
@@ -266,8 +269,8 @@ class GRPOTrainer:
                 micro = rl.select(chunk)
                 if self.config.aggregation == "token-mean":
                     weight = micro.num_tokens / rl.num_tokens
-                else:
-                    weight = len(chunk) / rl.num_sequences
+                else:  # rows without a completion token count in no denominator (`active_rows`)
+                    weight = active_rows(micro.completion_mask) / active_rows(rl.completion_mask)
                 width = micro.input_ids.shape[1]
                 scaled_advantages = rl_advantages[chunk, :width] * rl_row_weights[chunk].unsqueeze(-1)
                 jobs.append(("rl", micro, scaled_advantages, weight))
@@ -277,6 +280,10 @@ class GRPOTrainer:
             for chunk in self._micro_batches(sft):
                 micro = sft.select(chunk)
                 jobs.append(("sft", micro, sft_weights[chunk], micro.num_tokens / sft.num_tokens))
+        computed = sum(micro.attention_mask.numel() for _, micro, _, _ in jobs)
+        summary["padding_share"] = 1.0 - sum(int(micro.attention_mask.sum()) for _, micro, _, _ in jobs) / max(
+            1, computed
+        )
         nonfinite_loss: str | None = None
         rl_tokens = rl.num_tokens if rl_signal else 0
         for index, (kind, micro, micro_advantages, weight) in enumerate(jobs):
@@ -338,10 +345,13 @@ class GRPOTrainer:
     # ------------------------------------------------------------------------------------ signals
 
     def _micro_batches(self, tensors: TrainingTensors) -> list[Tensor]:
-        """Row indices of each micro-batch, longest sequences first so each one pads little."""
-        lengths = tensors.attention_mask.sum(-1)
-        order = torch.argsort(lengths, descending=True, stable=True)
-        return list(order.split(self.config.micro_batch_size))
+        """Row indices of each micro-batch (`micro_batch_rows`: by `max_tokens_per_micro_batch` when set,
+        else `micro_batch_size` rows)."""
+        return micro_batch_rows(
+            tensors.attention_mask.sum(-1),
+            max_sequences=self.config.micro_batch_size,
+            max_tokens=self.config.max_tokens_per_micro_batch,
+        )
 
     def _micro_batch_loss(self, micro: TrainingTensors, advantages: Tensor) -> tuple[Tensor, dict[str, float]]:
         """The micro-batch's RL loss aggregated over itself alone, and sums for the step's statistics.

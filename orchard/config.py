@@ -539,6 +539,13 @@ class LearnerConfig(Section):
     grad_clip: float = Field(1.0, gt=0, description="Gradient norm clip.")
     groups_per_step: int = Field(16, ge=1, description="Groups per learner step (B).")
     micro_batch_size: int = Field(64, ge=1, description="Sequences per forward/backward micro-batch.")
+    max_tokens_per_micro_batch: int | None = Field(
+        None,
+        ge=1,
+        description="Build micro-batches by tokens instead of `micro_batch_size` sequences: rows sorted by length,"
+        " each micro-batch at most this many tokens (rows × its longest row; a longer row goes alone), so little"
+        " padding is computed (verl's dynamic batch size). The result of a step does not depend on it.",
+    )
     advantage: Literal["grpo", "dr_grpo", "lite_ppo", "rloo"] = Field(
         "grpo",
         description="Advantage estimator: 'grpo' (r − group mean) / group std; 'dr_grpo' r − group mean (no std; needs"

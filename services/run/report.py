@@ -24,6 +24,7 @@ LEARNER_OPTION_STATS = (
     "mismatch_abs_max",
     "mismatch_tokens",
     "tis_weight_mean",
+    "padding_share",
 )
 
 

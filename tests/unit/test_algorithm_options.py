@@ -221,6 +221,24 @@ def test_lp_reg_regularises_the_lowest_probability_negative_tokens_the_proxy_kee
     close(logprobs.grad, [[0.0, 1.0 + (1.0 - 1.2), 0.0, 0.0, 0.0]])
 
 
+def test_lp_reg_penalty_is_the_bounded_k3():
+    # a spark the proxy keeps with far more mass than the policy gives it: π = e^−30, π_proxy = 0.5,
+    # δ = ln 0.5 + 30 = 29.31 → clamped to 20 → e^20 − 21 bounded to 10: ℓ = −ρÂ + 10 = 1 + 10
+    logprobs = torch.tensor([[-30.0]])
+    loss, selected = lp_reg_loss(
+        torch.zeros(1, 1),
+        logprobs,
+        logprobs,
+        torch.tensor([[math.log(0.5)]]),
+        -torch.ones(1, 1),
+        torch.ones(1, 1),
+        coef=1.0,
+        low_fraction=1.0,
+    )
+    assert selected.tolist() == [[True]]
+    close(loss, [[11.0]])
+
+
 def test_lp_reg_leaves_everything_alone_without_negative_tokens_or_coefficient():
     per_token = torch.ones(1, 2)
     logprobs = torch.log(torch.tensor([[0.1, 0.2]]))

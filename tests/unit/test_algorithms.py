@@ -13,8 +13,11 @@ from orchard.learner.algorithms import (
     ADVANTAGE_ESTIMATORS,
     AGGREGATIONS,
     KL_ESTIMATORS,
+    MAX_K3,
     MAX_LOG_RATIO,
+    active_rows,
     aggregate,
+    bounded_k3,
     group_advantages,
     kl_penalty,
     masked_mean,
@@ -238,6 +241,26 @@ def test_policy_loss_errors(logprobs, old, advantages, mask, kwargs, message):
         policy_loss(logprobs, old, advantages, mask, **kwargs)
 
 
+@pytest.mark.parametrize("aggregation", sorted(AGGREGATIONS))
+def test_a_row_the_mask_removes_entirely_counts_in_no_denominator(aggregation):
+    # rows: [1, 2, 3] all kept, [4, 5, _] two kept; a third row with no kept token (an empty
+    # completion) must leave every aggregation exactly as the two rows alone give it:
+    #   token-mean (1+2+3+4+5)/5 = 3; seq-mean-token-mean (2 + 4.5)/2 = 3.25;
+    #   seq-mean-token-sum (6 + 9)/2 = 7.5; seq-mean-token-sum-norm 15 / (2 · 3) = 2.5
+    values = torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0], [7.0, 8.0, 9.0]])
+    mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 1.0, 0.0], [0.0, 0.0, 0.0]])
+    expected = {
+        "token-mean": 3.0,
+        "seq-mean-token-mean": 3.25,
+        "seq-mean-token-sum": 7.5,
+        "seq-mean-token-sum-norm": 2.5,
+    }
+    assert active_rows(mask) == 2
+    assert aggregate(values, mask, aggregation).item() == pytest.approx(expected[aggregation])
+    assert aggregate(values[:2], mask[:2], aggregation).item() == pytest.approx(expected[aggregation])
+    assert aggregate(values, torch.zeros_like(mask), aggregation).item() == 0.0  # nothing kept: 0, not NaN
+
+
 def test_aggregate_errors_and_registry():
     assert set(AGGREGATIONS) == {"token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"}
     with pytest.raises(ValueError, match=r"must both be \[N, T\], got \(3,\) and \(3,\)"):
@@ -260,6 +283,19 @@ def test_kl_estimators():
     # k3 = e^δ − δ − 1: 0.5 + 0.6931472 − 1 = 0.1931472; 2 − 0.6931472 − 1 = 0.3068528
     close(kl_penalty(logprobs, reference, "k3"), [[0.1931472, 0.3068528, 0.0]])
     assert set(KL_ESTIMATORS) == {"k1", "k2", "k3"}
+
+
+def test_k3_is_bounded_for_extreme_log_ratios():
+    # δ = 20: e^20 − 21 ≈ 4.85e8 unbounded; bounded to MAX_K3 = 10. δ = −1000 is clamped to −20 first:
+    # e^−20 + 20 − 1 ≈ 19 > 10 → 10. δ = 1: e − 2 = 0.7182818, below the bound and unchanged.
+    delta = torch.tensor([20.0, -1000.0, 1.0, 0.0], requires_grad=True)
+    values = bounded_k3(delta)
+    close(values.detach(), [MAX_K3, MAX_K3, math.e - 2, 0.0])
+    values.sum().backward()
+    # no gradient where the bound acts; e^δ − 1 = 1.7182818 at δ = 1
+    close(delta.grad, [0.0, 0.0, math.e - 1, 0.0])
+    far = kl_penalty(torch.tensor([[-50.0, -1.0]]), torch.tensor([[0.0, -1.0]]), "k3")
+    close(far, [[MAX_K3, 0.0]])  # δ = 50: one far-off token adds at most 10
 
 
 def test_kl_errors():

@@ -136,3 +136,24 @@ def test_a_real_model_reproduces_its_own_sampling_logprobs():
         logprobs, _ = sequence_logprobs(model, tensors.input_ids, tensors.attention_mask, temperature)
     mask = tensors.completion_mask.bool()
     torch.testing.assert_close(logprobs[mask], tensors.old_logprobs[mask], atol=1e-5, rtol=1e-5)
+
+
+def test_micro_batches_by_sequences_or_by_a_token_budget():
+    from orchard.learner.batching import micro_batch_rows, padding_share
+
+    # rows 0..5 of lengths 10, 2, 9, 3, 2, 1; longest first: 0 (10), 2 (9), 3 (3), 1 (2), 4 (2), 5 (1)
+    lengths = torch.tensor([10, 2, 9, 3, 2, 1])
+    fixed = micro_batch_rows(lengths, max_sequences=3)
+    assert [rows.tolist() for rows in fixed] == [[0, 2, 3], [1, 4, 5]]
+    # computed 3·10 + 3·2 = 36 tokens for 27 real ones: 9/36 padding
+    assert padding_share(lengths, fixed) == pytest.approx(9 / 36)
+    # budget 20: ⌊20/10⌋ = 2 rows of width 10, then ⌊20/3⌋ = 6 ≥ the 4 left
+    budget = micro_batch_rows(lengths, max_sequences=3, max_tokens=20)
+    assert [rows.tolist() for rows in budget] == [[0, 2], [3, 1, 4, 5]]
+    assert all(len(rows) * int(lengths[rows].max()) <= 20 for rows in budget)
+    # computed 2·10 + 4·3 = 32 for 27: 5/32 padding
+    assert padding_share(lengths, budget) == pytest.approx(5 / 32)
+    # a row longer than the budget goes alone; every row is in exactly one micro-batch
+    alone = micro_batch_rows(lengths, max_sequences=3, max_tokens=4)
+    assert [rows.tolist() for rows in alone][:2] == [[0], [2]]
+    assert sorted(int(row) for rows in alone for row in rows) == list(range(6))
