@@ -1,4 +1,10 @@
-"""Learner step time: token-budget micro-batches against fixed ones, on a batch with a long tail of lengths.
+"""Learner step time: data-parallel ranks, and token-budget micro-batches against fixed ones.
+
+Data parallelism: learner steps/s of 2 DeepSpeed ranks (two processes over gloo, one thread each, each
+training on its share of the batch) against 1 rank (one process, one thread) on the same global batch
+(16 groups of 8 completions of 16–64 tokens), a rank per core.
+
+Micro-batches, on a batch with a long tail of lengths:
 
 One `GRPOTrainer` (DeepSpeed, ZeRO 0, float32, on the CPU) per setting, the same model (width 256,
 4 layers, 512 positions) and the same batch: 8 groups of 8 completions whose lengths follow a long
@@ -12,7 +18,7 @@ The two steps compute the same update (tests/integration/test_trainer.py checks 
 the cost. Steps alternate between the settings (a warm-up step each first) and the median is reported
 with the padding share each computed.
 
-Run: `python bench/learner.py [--steps 5] [--threads 2]`.
+Run: `python bench/learner.py [--steps 5] [--threads 2] [--no-ranks]`.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ import os
 import random
 import statistics
 import time
+from typing import Any
 
 import torch
 
@@ -39,13 +46,13 @@ MODEL = ModelConfig(
 )
 
 
-def long_tail_groups(seed: int, groups: int = 8, size: int = 8) -> list[Group]:
+def long_tail_groups(seed: int, groups: int = 8, size: int = 8, long_share: float = 0.125) -> list[Group]:
     rng = random.Random(seed)
     batch = []
     for g in range(groups):
         completions = []
         for i in range(size):
-            length = rng.randint(320, 448) if rng.random() < 0.125 else rng.randint(16, 64)
+            length = rng.randint(320, 448) if rng.random() < long_share else rng.randint(16, 64)
             tokens = [rng.randint(4, 30) for _ in range(length)]
             completions.append(
                 Completion(
@@ -68,11 +75,55 @@ def trainer(**learner: object) -> GRPOTrainer:
     return GRPOTrainer(model, config, pad_id=TOKENIZER.pad_id, seed=0, temperature=1.0, max_length=448)
 
 
+def rank_steps(rank: int, world: int, port: int, steps: int, results: Any) -> None:
+    """One data-parallel rank (a process of its own): `steps` timed steps after a warm-up."""
+    os.environ.update(
+        DS_ACCELERATOR="cpu", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world)
+    )
+    os.environ["LOCAL_RANK"] = str(rank)
+    torch.set_num_threads(1)
+    learner = trainer(micro_batch_size=16)
+    groups = long_tail_groups(seed=1, groups=16, long_share=0.0)
+    times = []
+    for step in range(steps + 1):
+        started = time.perf_counter()
+        learner.train_step(groups)
+        if step:
+            times.append(time.perf_counter() - started)
+    if rank == 0:
+        results.put(statistics.median(times))
+
+
+def data_parallel_speed(steps: int) -> None:
+    import multiprocessing
+
+    context = multiprocessing.get_context("spawn")
+    medians = {}
+    for world in (1, 2):
+        results = context.Queue()
+        port = 29500 + random.randint(0, 20000)
+        processes = [
+            context.Process(target=rank_steps, args=(rank, world, port, steps, results)) for rank in range(world)
+        ]
+        for process in processes:
+            process.start()
+        medians[world] = results.get(timeout=1800)
+        for process in processes:
+            process.join()
+    print(f"\n{'ranks':<8}{'step s (median)':>17}{'steps/s':>10}")
+    for world, seconds in medians.items():
+        print(f"{world:<8}{seconds:>17.3f}{1 / seconds:>10.2f}")
+    print(f"ratio 2 ranks / 1 rank learner steps/s: {medians[1] / medians[2]:.2f}x (target >= 1.6x)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--no-ranks", action="store_true", help="skip the data-parallel comparison")
     args = parser.parse_args()
+    if not args.no_ranks:
+        data_parallel_speed(args.steps)
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     torch.set_num_threads(args.threads)
 

@@ -80,6 +80,8 @@ def micro_batch_rows(lengths: Tensor, *, max_sequences: int, max_tokens: int | N
     `max_tokens` (verl's dynamic batch size) a micro-batch takes rows while rows × its longest row stays
     within the budget — a row longer than the budget goes alone — so short sequences travel in larger
     micro-batches; without it, `max_sequences` rows each."""
+    if len(lengths) == 0:
+        return []
     order = torch.argsort(lengths, descending=True, stable=True)
     if max_tokens is None:
         return list(order.split(max_sequences))
@@ -90,6 +92,21 @@ def micro_batch_rows(lengths: Tensor, *, max_sequences: int, max_tokens: int | N
         batches.append(order[start : start + count])
         start += count
     return batches
+
+
+def shard_groups(group_tokens: Sequence[int], ranks: int) -> list[list[int]]:
+    """The groups (by index) each of `ranks` data-parallel ranks trains: whole groups, balanced by tokens
+    (largest first, each to the rank with the fewest tokens so far, the lower rank on ties), each rank's
+    list in index order. Deterministic, so every rank computes the same split."""
+    if ranks < 1:
+        raise ValueError(f"ranks must be at least 1, got {ranks}")
+    loads = [0] * ranks
+    shares: list[list[int]] = [[] for _ in range(ranks)]
+    for group in sorted(range(len(group_tokens)), key=lambda g: (-group_tokens[g], g)):
+        rank = min(range(ranks), key=lambda r: (loads[r], r))
+        shares[rank].append(group)
+        loads[rank] += group_tokens[group]
+    return [sorted(share) for share in shares]
 
 
 def padding_share(lengths: Tensor, batches: Sequence[Tensor]) -> float:

@@ -21,6 +21,7 @@ their share of the SFT tokens, so the step's loss is `Σ α·L_RL + β·L_SFT`.
 from __future__ import annotations
 
 import copy
+import json
 import math
 import os
 import socket
@@ -53,6 +54,7 @@ from orchard.learner.batching import (
     micro_batch_rows,
     sequence_logprobs,
     sequence_scores,
+    shard_groups,
 )
 from orchard.learner.signals import select_signals, shaped_rewards, token_advantages
 from orchard.records import Group
@@ -262,11 +264,15 @@ class GRPOTrainer:
 
         totals = {"loss": 0.0, "kl": 0.0, "entropy": 0.0, "clipped": 0.0, "sft": 0.0, "lp_reg": 0, "tis": 0.0}
         mismatch = {"k3": 0.0, "abs_sum": 0.0, "abs_max": 0.0, "tokens": 0}
+        rank, world = data_parallel()
         jobs: list[tuple[str, TrainingTensors, Tensor, float]] = []  # (kind, micro-batch, its advantages, weight)
         if rl_signal:
-            rl_advantages, rl_row_weights = advantages[rows], rl_weights[rows]
-            for chunk in self._micro_batches(rl):
-                micro = rl.select(chunk)
+            # this rank's share: whole groups; weights relative to the whole batch (every rank's rows)
+            mine = own_rows(rl.group_index, rl.attention_mask.sum(-1), len(groups), rank, world)
+            share = rl.select(mine)
+            rl_advantages, rl_row_weights = advantages[rows][mine], rl_weights[rows][mine]
+            for chunk in self._micro_batches(share):
+                micro = share.select(chunk)
                 if self.config.aggregation == "token-mean":
                     weight = micro.num_tokens / rl.num_tokens
                 else:  # rows without a completion token count in no denominator (`active_rows`)
@@ -277,13 +283,15 @@ class GRPOTrainer:
         if sft_examples:
             sft = build_sft_tensors([(prompt, solution) for prompt, solution, _ in sft_examples], self.pad_id)
             sft_weights = torch.tensor([weight for *_, weight in sft_examples])
-            for chunk in self._micro_batches(sft):
-                micro = sft.select(chunk)
-                jobs.append(("sft", micro, sft_weights[chunk], micro.num_tokens / sft.num_tokens))
+            mine = own_rows(torch.arange(len(sft_examples)), sft.attention_mask.sum(-1), len(sft_examples), rank, world)
+            share = sft.select(mine)
+            for chunk in self._micro_batches(share):
+                micro = share.select(chunk)
+                jobs.append(("sft", micro, sft_weights[mine][chunk], micro.num_tokens / sft.num_tokens))
+        real = sum(int(micro.attention_mask.sum()) for _, micro, _, _ in jobs)
+        if world > 1:  # ZeRO's collectives need as many forward/backward passes on every rank
+            jobs += idle_jobs(rl if rl_signal else None, sft if sft_examples else None, len(jobs))
         computed = sum(micro.attention_mask.numel() for _, micro, _, _ in jobs)
-        summary["padding_share"] = 1.0 - sum(int(micro.attention_mask.sum()) for _, micro, _, _ in jobs) / max(
-            1, computed
-        )
         nonfinite_loss: str | None = None
         rl_tokens = rl.num_tokens if rl_signal else 0
         for index, (kind, micro, micro_advantages, weight) in enumerate(jobs):
@@ -291,18 +299,20 @@ class GRPOTrainer:
                 loss, stats = self._micro_batch_loss(micro, micro_advantages)
             else:
                 loss, stats = self._sft_micro_batch_loss(micro, micro_advantages)
-            scaled = loss * weight
-            if not torch.isfinite(scaled):
-                what = "loss" if kind == "rl" else "SFT loss"
-                nonfinite_loss = f"non-finite {what} ({float(loss.detach())}) in micro-batch {index}"
-                # NaN gradients make DeepSpeed's own overflow check discard everything accumulated so
-                # far (ZeRO) and the stage-0 norm check below refuse the step.
-                self.engine.set_gradient_accumulation_boundary(True)
-                self.engine.backward(scaled * math.nan, scale_wrt_gas=False)
-                break
+            # DeepSpeed averages the ranks' gradients; each rank's share of the sum is scaled up to match
+            scaled = loss * (weight * world)
             self.engine.set_gradient_accumulation_boundary(index == len(jobs) - 1)
+            if not torch.isfinite(scaled):
+                if nonfinite_loss is None:
+                    what = "loss" if kind == "rl" else "SFT loss"
+                    nonfinite_loss = f"non-finite {what} ({float(loss.detach())}) in micro-batch {index}"
+                # NaN gradients make the norm check refuse the step on every rank (ZeRO's own overflow
+                # check discards everything accumulated; stage 0's check below); the remaining
+                # micro-batches still run, as the other ranks' collectives expect them
+                self.engine.backward(scaled * math.nan, scale_wrt_gas=False)
+                continue
             self.engine.backward(scaled, scale_wrt_gas=False)
-            totals["loss"] += float(scaled.detach())
+            totals["loss"] += float(scaled.detach()) / world
             if kind == "rl":
                 totals["kl"] += stats["kl_sum"]
                 totals["entropy"] += stats["entropy_sum"]
@@ -317,6 +327,16 @@ class GRPOTrainer:
                     mismatch["tokens"] += seen["tokens"]
             else:
                 totals["sft"] += stats["sft_loss"] * weight
+        if world > 1:  # the step's figures over every rank's share
+            summed = all_reduce_sum(
+                [*totals.values(), *(mismatch[k] for k in ("k3", "abs_sum", "tokens")), computed, real]
+            )
+            totals = dict(zip(totals, summed[: len(totals)], strict=True))
+            mismatch["k3"], mismatch["abs_sum"], tokens = summed[len(totals) : len(totals) + 3]
+            mismatch["tokens"], totals["lp_reg"] = int(tokens), int(totals["lp_reg"])
+            computed, real = summed[-2:]
+            mismatch["abs_max"] = all_reduce_max(mismatch["abs_max"])
+        summary["padding_share"] = 1.0 - real / max(1, computed)
 
         applied, grad_norm = self._optimizer_step()
         tokens = max(rl_tokens, 1)
@@ -484,10 +504,23 @@ class GRPOTrainer:
             tag=f"step{self.step}",
             client_state={"step": self.step, "policy_version": self.policy_version},
         )
+        rank, world = data_parallel()
+        if rank == 0:  # the optimizer state is sharded by rank: a resume needs as many ranks
+            (directory / RANKS_FILE).write_text(json.dumps({"learner_ranks": world}))
         return directory
 
     def load_checkpoint(self, path: str | Path) -> None:
-        """Restore the newest checkpoint `save_checkpoint` wrote under `path`, counters included."""
+        """Restore the newest checkpoint `save_checkpoint` wrote under `path`, counters included. A
+        checkpoint written by another number of learner ranks is refused, naming both."""
+        ranks_file = Path(path) / RANKS_FILE
+        if ranks_file.is_file():
+            saved = json.loads(ranks_file.read_text())["learner_ranks"]
+            world = data_parallel()[1]
+            if saved != world:
+                raise ValueError(
+                    f"checkpoint {path} was written by {saved} learner ranks and this learner has {world}: DeepSpeed's "
+                    f"optimizer state is partitioned by rank; resume with cluster.learner_ranks={saved}"
+                )
         load_path, client_state = self.engine.load_checkpoint(str(path))
         if load_path is None:
             raise FileNotFoundError(
@@ -495,6 +528,57 @@ class GRPOTrainer:
             )
         self.step = int(client_state.get("step", 0))
         self.policy_version = int(client_state.get("policy_version", 0))
+
+
+#: Beside a checkpoint: how many data-parallel ranks wrote it.
+RANKS_FILE = "learner_ranks.json"
+
+
+def data_parallel() -> tuple[int, int]:
+    """This process's data-parallel rank and the number of ranks (0, 1 without a process group)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def own_rows(group_index: Tensor, lengths: Tensor, groups: int, rank: int, world: int) -> Tensor:
+    """The rows (of sequences `lengths` long, of groups `group_index`) that data-parallel `rank` of
+    `world` trains: whole groups, balanced by tokens (`shard_groups`)."""
+    if world == 1:
+        return torch.arange(len(group_index))
+    tokens = torch.zeros(groups, dtype=torch.long).index_add_(0, group_index, lengths.long())
+    share = shard_groups(tokens.tolist(), world)[rank]
+    return torch.isin(group_index, torch.tensor(share, dtype=group_index.dtype)).nonzero().squeeze(-1)
+
+
+def idle_jobs(
+    rl: TrainingTensors | None, sft: TrainingTensors | None, count: int
+) -> list[tuple[str, TrainingTensors, Tensor, float]]:
+    """Micro-batches of weight 0 (one row of the batch) that bring this rank's count of forward and
+    backward passes up to the largest of any rank's, so that every rank takes part in each of ZeRO's
+    gathers and reductions; they change no gradient."""
+    most = int(all_reduce_max(float(count)))
+    first = torch.tensor([0])
+    if rl is not None:
+        micro = rl.select(first)
+        job = ("rl", micro, torch.zeros(1, micro.input_ids.shape[1]), 0.0)
+    else:
+        job = ("sft", sft.select(first), torch.zeros(1), 0.0)
+    return [job] * (most - count)
+
+
+def all_reduce_sum(values: Sequence[float]) -> list[float]:
+    """`values` summed over every data-parallel rank."""
+    tensor = torch.tensor([float(v) for v in values], dtype=torch.float64)
+    torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.SUM)
+    return tensor.tolist()
+
+
+def all_reduce_max(value: float) -> float:
+    """The largest `value` of any data-parallel rank."""
+    tensor = torch.tensor([float(value)], dtype=torch.float64)
+    torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.MAX)
+    return float(tensor.item())
 
 
 def _cpu_copy(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:

@@ -826,10 +826,11 @@ class ClusterConfig(Section):
     learner_ranks: int = Field(
         1,
         ge=1,
-        description="DeepSpeed ranks of the learner, one actor and one bundle each (ZeRO-3 shards the model's"
-        " parameters, gradients and optimizer state across them). Every rank trains on the whole batch: memory"
-        " is divided, the step's compute is not. More than 1 needs cluster.placement_groups and weight_sync"
-        " transport 'object_store' or 'nccl'.",
+        description="Data-parallel DeepSpeed ranks of the learner, one actor and one bundle each: each trains on"
+        " its share of the batch (whole groups, balanced by tokens), the loss normalised over the whole batch, so"
+        " N ranks take the step one rank would (ZeRO-3 also shards parameters, gradients and optimizer state"
+        " across them). A checkpoint resumes only with the number of ranks that wrote it. More than 1 needs"
+        " cluster.placement_groups and weight_sync transport 'object_store' or 'nccl'.",
     )
     rollout_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
         "PACK", description="Ray placement strategy of the rollout bundles."

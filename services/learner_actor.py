@@ -3,9 +3,9 @@
 With `cluster.learner_ranks` > 1 the learner is that many actors, DeepSpeed ranks of one process
 group (`create_learner`). The driver talks to rank 0 only; rank 0 makes the same call on every other
 rank (`collective`) since DeepSpeed's ZeRO-3 steps, gathers and checkpoints need all ranks, and only
-rank 0 publishes weights. Every rank trains on the whole batch, so the ranks' gradients are equal and
-the result is the single-rank one; ZeRO-3 divides the memory of parameters, gradients and optimizer
-state among them.
+rank 0 publishes weights. Every rank receives the whole batch and trains on its share of it (data
+parallelism, `GRPOTrainer.train_step`), the loss normalised over the whole batch, so the step is the
+single-rank one; ZeRO-3 also divides the memory of parameters, gradients and optimizer state among them.
 """
 
 from __future__ import annotations

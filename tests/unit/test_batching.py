@@ -157,3 +157,25 @@ def test_micro_batches_by_sequences_or_by_a_token_budget():
     alone = micro_batch_rows(lengths, max_sequences=3, max_tokens=4)
     assert [rows.tolist() for rows in alone][:2] == [[0], [2]]
     assert sorted(int(row) for rows in alone for row in rows) == list(range(6))
+    assert micro_batch_rows(torch.tensor([], dtype=torch.long), max_sequences=3) == []  # no rows, no micro-batch
+
+
+def test_groups_are_shared_whole_among_ranks_balanced_by_tokens():
+    from orchard.learner.batching import shard_groups
+
+    # tokens 50, 10, 40, 30: largest first — 50 → rank 0; 40 → rank 1; 30 → rank 1 (40 < 50); 10 → rank 0 (50 < 70)
+    assert shard_groups([50, 10, 40, 30], 2) == [[0, 1], [2, 3]]
+    assert shard_groups([5, 5, 5], 1) == [[0, 1, 2]]
+    assert shard_groups([7], 3) == [[0], [], []]  # fewer groups than ranks: some ranks train nothing
+    with pytest.raises(ValueError, match="ranks must be at least 1"):
+        shard_groups([1], 0)
+
+
+def test_a_rank_takes_the_rows_of_its_groups():
+    from orchard.learner.trainer import own_rows
+
+    group_index = torch.tensor([0, 0, 1, 1, 2, 2])  # three groups of two rows
+    lengths = torch.tensor([9, 9, 1, 1, 5, 5])  # group tokens 18, 2, 10: rank 0 gets group 0, rank 1 groups 1, 2
+    assert own_rows(group_index, lengths, 3, 0, 2).tolist() == [0, 1]
+    assert own_rows(group_index, lengths, 3, 1, 2).tolist() == [2, 3, 4, 5]
+    assert own_rows(group_index, lengths, 3, 0, 1).tolist() == [0, 1, 2, 3, 4, 5]
