@@ -8,6 +8,8 @@ tiny gradients by their own scale, so float32 rounding differences grow to a few
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import ray
@@ -135,3 +137,25 @@ def train_one_and_two_ranks(
 def test_several_ranks_need_placement_groups_and_a_cross_node_transport(settings, words):
     with pytest.raises(ConfigError, match=words):
         config_from_dict(settings)
+
+
+def test_a_non_finite_loss_on_one_rank_skips_the_step_on_every_rank(ray_local):
+    """A broken behaviour logprob in one group: only the rank that trains it sees a non-finite loss,
+    and every rank skips the step (the reduced gradients are non-finite); the next step trains."""
+    initial = state_dict_to_numpy(build_model(MODEL_CONFIG, TOKENIZER, seed=5).state_dict())
+    config = run_config(2)
+    placement = reserve(config)
+    rank0, peers = create_learner(config, initial, placement)
+    try:
+        batch = random_groups(seed=0, count=3)
+        batch[2].completions[0].logprobs[0] = math.nan
+        step = ray.get(rank0.train_step.remote(batch)[0])
+        assert step.result.skipped and step.result.non_finite and step.policy_version == 0
+        exported = ray.get(rank0.export_weights.remote())
+        assert all(np.array_equal(exported[name], initial[name]) for name in initial)
+        step = ray.get(rank0.train_step.remote(random_groups(seed=1))[0])
+        assert not step.result.skipped and step.policy_version == 1
+    finally:
+        for actor in [rank0, *peers]:
+            ray.kill(actor)
+        placement.release()
