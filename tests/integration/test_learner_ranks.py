@@ -49,7 +49,7 @@ def test_two_ranks_train_like_one_and_export_through_rank_0(ray_local, tmp_path)
         ("seq-mean-token-mean", 64, 3),
         ("seq-mean-token-sum", 64, 3),
         ("seq-mean-token-sum-norm", 64, 3),
-        ("token-mean", 2, 3),  # rank 0: 2 groups, 4 micro-batches; rank 1: 1 group, 2 (and 2 idle ones)
+        ("token-mean", 2, 3),  # rank 0: 1 group, 2 micro-batches (and 2 idle ones); rank 1: 2 groups, 4
         ("token-mean", 64, 1),  # fewer groups than ranks: rank 1 trains nothing, and takes part
     ],
     ids=["seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm", "uneven-micro-batches", "one-group"],
