@@ -274,11 +274,14 @@ class RolloutWorkerCore:
         ]
         if not pairs:
             return {}
-        params = SamplingParams(
+        scored = self.engine.token_logprobs([(list(p), list(c)) for p, c in pairs], self._scoring_params())
+        return dict(zip(pairs, scored, strict=True))
+
+    def _scoring_params(self) -> SamplingParams:
+        """The sampling distribution whose logprobs `generate` reports (temperature and top-p)."""
+        return SamplingParams(
             temperature=self.config.temperature, top_p=self.config.top_p, max_new_tokens=self.config.max_new_tokens
         )
-        scored = self.engine.token_logprobs([(list(p), list(c)) for p, c in pairs], params)
-        return dict(zip(pairs, scored, strict=True))
 
     def rollout_with_hints(self, prompts: Sequence[Prompt], group_size: int | None = None) -> RolloutResult:
         """Sample prompts whose plain samples all failed again with a hint in context (Guide, Scaf-GRPO).
@@ -456,10 +459,7 @@ class RolloutWorkerCore:
         """The current policy's logprob of each completion token, as the engine reports them when it
         samples (`Engine.token_logprobs`)."""
         self._check_weights()
-        params = SamplingParams(
-            temperature=self.config.temperature, top_p=self.config.top_p, max_new_tokens=self.config.max_new_tokens
-        )
-        return self.engine.token_logprobs([(prompt_token_ids, completion_token_ids)], params)[0]
+        return self.engine.token_logprobs([(prompt_token_ids, completion_token_ids)], self._scoring_params())[0]
 
     def ping(self) -> str:
         return self.worker_id

@@ -32,7 +32,13 @@ from orchard.services.buffer.redis_buffer import RedisBuffer
 from orchard.services.curriculum.filtering import ZERO_ADVANTAGE
 from orchard.services.metrics import RunMetrics
 from orchard.services.rescue.queue import Rescue
-from orchard.services.rescue.solution_cache import MemorySolutionStore, RedisSolutionStore, SolutionCache, SolutionStore
+from orchard.services.rescue.solution_cache import (
+    MemorySolutionStore,
+    RedisSolutionStore,
+    SolutionCache,
+    SolutionStore,
+    newest,
+)
 
 #: `logprobs_of(prompt token ids, completion token ids)`: the current policy's logprob of each token.
 LogprobsOf = Callable[[Sequence[int], Sequence[int]], list[float]]
@@ -145,13 +151,15 @@ class SearchRescue(Rescue):
         )
 
     def to_score(self, prompts: Sequence[Prompt], policy_version: int) -> dict[str, list[list[int]]]:
-        """The cached solutions a plain group of each prompt may get: the sampling worker scores them with
-        the policy it samples with, in the same call (`replay`'s `logprobs_of`)."""
-        if self.cache is None or not self.cache.config.enabled or self.cache.config.mix_per_group == 0:
+        """The cached solutions a plain group of each prompt may get (the newest `mix_per_group`, as mixing
+        picks them): the sampling worker scores them with the policy it samples with, in the same call
+        (`replay`'s `logprobs_of`)."""
+        config = self.cache.config if self.cache is not None else None
+        if config is None or not config.enabled or config.mix_per_group == 0:
             return {}
         wanted = {}
         for prompt in prompts:
-            entries = self.cache.lookup(prompt.id, policy_version)
+            entries = newest(self.cache.lookup(prompt.id, policy_version), config.mix_per_group)
             if entries:
                 wanted[prompt.id] = [list(entry.token_ids) for entry in entries]
         return wanted

@@ -143,6 +143,11 @@ def fresh(entries: Sequence[CachedSolution], policy_version: int, max_version_la
     return [entry for entry in entries if policy_version - entry.policy_version <= max_version_lag]
 
 
+def newest(solutions: Sequence[CachedSolution], count: int) -> list[CachedSolution]:
+    """The `count` solutions of the newest policy versions (the order mixing uses)."""
+    return sorted(solutions, key=lambda s: s.policy_version, reverse=True)[:count]
+
+
 def mix_into_group(
     group: Group,
     solutions: Sequence[CachedSolution],
@@ -154,7 +159,7 @@ def mix_into_group(
     (newest versions first), and how many were replaced. With `logprobs_of(prompt ids, completion ids)`
     the solutions are re-scored by the current policy and stamped with the group's version."""
     wrong = [i for i, c in enumerate(group.completions) if not c.correct][::-1]
-    chosen = sorted(solutions, key=lambda s: s.policy_version, reverse=True)[: min(count, len(wrong))]
+    chosen = newest(solutions, min(count, len(wrong)))
     if not chosen:
         return group, 0
     completions = list(group.completions)
