@@ -1,4 +1,4 @@
-"""Learner step time: data-parallel ranks, and token-budget micro-batches against fixed ones.
+"""Learner step time and memory: data-parallel ranks, token-budget micro-batches, LoRA against full fine-tuning.
 
 Data parallelism: learner steps/s of 2 DeepSpeed ranks (two processes over gloo, one thread each, each
 training on its share of the batch) against 1 rank (one process, one thread) on the same global batch
@@ -18,7 +18,11 @@ The two steps compute the same update (tests/integration/test_trainer.py checks 
 the cost. Steps alternate between the settings (a warm-up step each first) and the median is reported
 with the padding share each computed.
 
-Run: `python bench/learner.py [--steps 5] [--threads 2] [--no-ranks]`.
+LoRA: the same model and batch, full fine-tuning against LoRA adapters (rank 8 and 32, every linear
+layer but the tied output head): the bytes of the optimizer's state after a step (Adam's two moments of
+every trainable parameter), the trainable parameters, and the median step time.
+
+Run: `python bench/learner.py [--steps 5] [--threads 2] [--parts ranks,tokens,lora]`.
 """
 
 from __future__ import annotations
@@ -116,17 +120,20 @@ def data_parallel_speed(steps: int) -> None:
     print(f"ratio 2 ranks / 1 rank learner steps/s: {medians[1] / medians[2]:.2f}x (target >= 1.6x)")
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=5)
-    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
-    parser.add_argument("--no-ranks", action="store_true", help="skip the data-parallel comparison")
-    args = parser.parse_args()
-    if not args.no_ranks:
-        data_parallel_speed(args.steps)
-    os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    torch.set_num_threads(args.threads)
+def alternate(settings: dict[str, GRPOTrainer], groups: list[Group], steps: int) -> dict[str, list[Any]]:
+    """Step every setting in turn `steps` + 1 times; per setting, the results and the times after the warm-up."""
+    times: dict[str, list[float]] = {name: [] for name in settings}
+    results: dict[str, list[Any]] = {name: [] for name in settings}
+    for step in range(steps + 1):  # the first step of each is a warm-up
+        for name, learner in settings.items():
+            started = time.perf_counter()
+            results[name].append(learner.train_step(groups))
+            if step:
+                times[name].append(time.perf_counter() - started)
+    return {name: [times[name], results[name]] for name in settings}
 
+
+def token_budget_speed(steps: int) -> None:
     groups = long_tail_groups(seed=0)
     lengths = sorted(len(c.token_ids) + len(g.prompt_token_ids) for g in groups for c in g.completions)
     median = int(statistics.median(lengths))
@@ -139,21 +146,61 @@ def main() -> None:
         "tokens ×16": trainer(max_tokens_per_micro_batch=16 * median),
         "tokens ×32": trainer(max_tokens_per_micro_batch=32 * median),
     }
-    times: dict[str, list[float]] = {name: [] for name in settings}
-    padding: dict[str, float] = {}
-    for step in range(args.steps + 1):  # the first step of each is a warm-up
-        for name, learner in settings.items():
-            started = time.perf_counter()
-            result = learner.train_step(groups)
-            if step:
-                times[name].append(time.perf_counter() - started)
-            padding[name] = result.padding_share
+    measured = alternate(settings, groups, steps)
+    times = {name: measured[name][0] for name in settings}
+    padding = {name: measured[name][1][-1].padding_share for name in settings}
     print(f"\n{'setting':<12}{'step s (median)':>17}{'padding share':>15}")
     for name in settings:
         print(f"{name:<12}{statistics.median(times[name]):>17.3f}{padding[name]:>14.1%}")
     for name in ("tokens ×16", "tokens ×32"):
         ratio = statistics.median(times["fixed"]) / statistics.median(times[name])
         print(f"ratio fixed/{name} step time: {ratio:.2f}x (target >= 1.5x, padding share < 10 %)")
+
+
+def optimizer_state_bytes(learner: GRPOTrainer) -> int:
+    """Bytes of every tensor in the optimizer's state (ZeRO 0: DeepSpeed steps the torch optimizer itself)."""
+    state = learner.engine.optimizer.state
+    return sum(t.numel() * t.element_size() for entry in state.values() for t in entry.values() if torch.is_tensor(t))
+
+
+def lora_memory(steps: int) -> None:
+    groups = long_tail_groups(seed=0, long_share=0.0)
+    settings = {
+        "full": trainer(micro_batch_size=16),
+        "LoRA r=8": trainer(micro_batch_size=16, lora={"rank": 8, "alpha": 16}),
+        "LoRA r=32": trainer(micro_batch_size=16, lora={"rank": 32, "alpha": 64}),
+    }
+    measured = alternate(settings, groups, steps)
+    state = {name: optimizer_state_bytes(learner) for name, learner in settings.items()}
+    print(f"\n{'setting':<12}{'trainable params':>18}{'optimizer state MiB':>21}{'step s (median)':>17}")
+    for name, learner in settings.items():
+        trainable = sum(p.numel() for p in learner.engine.module.parameters() if p.requires_grad)
+        seconds = statistics.median(measured[name][0])
+        print(f"{name:<12}{trainable:>18,}{state[name] / 2**20:>21.2f}{seconds:>17.3f}")
+    for name in ("LoRA r=8", "LoRA r=32"):
+        print(f"ratio {name}/full optimizer-state memory: {state[name] / state['full']:.3f}")
+
+
+PARTS = {"ranks": data_parallel_speed, "tokens": token_budget_speed, "lora": lora_memory}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--parts", default=",".join(PARTS), help=f"which comparisons, of {', '.join(PARTS)}")
+    args = parser.parse_args()
+    parts = args.parts.split(",")
+    unknown = set(parts) - set(PARTS)
+    if unknown:
+        parser.error(f"--parts: unknown {', '.join(sorted(unknown))}; choose from {', '.join(PARTS)}")
+    if "ranks" in parts:  # first: its processes set up their own DeepSpeed environment
+        data_parallel_speed(args.steps)
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    torch.set_num_threads(args.threads)
+    for name in parts:
+        if name != "ranks":
+            PARTS[name](args.steps)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,9 @@ hinted samples' clip range, KL to a reference), adds HPT's SFT loss for the grou
 through a real `deepspeed.initialize` engine (ZeRO stage 0-3 from `LearnerConfig`). On a machine
 without CUDA DeepSpeed runs on its CPU accelerator as a single-rank process group. A model built in
 bfloat16 (`model.dtype: bfloat16`, the GPU recipes) trains in DeepSpeed's bf16 mode (fp32 master
-weights and optimizer state, bf16 forward and backward); any other dtype trains in that dtype.
+weights and optimizer state, bf16 forward and backward); any other dtype trains in that dtype. With
+`learner.lora` the model is wrapped with LoRA adapters first (`learner.lora`): only they are in the
+optimizer, the KL reference is the base with the adapters off, and every export is the merged policy.
 
 Micro-batching never changes the result: micro-batch `j` contributes `loss_j · w_j` with
 `w_j = tokens_j / tokens` (token-mean) or `w_j = sequences_j / sequences` (the per-sequence
@@ -20,6 +22,7 @@ their share of the SFT tokens, so the step's loss is `Σ α·L_RL + β·L_SFT`.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import math
@@ -56,6 +59,7 @@ from orchard.learner.batching import (
     sequence_scores,
     shard_groups,
 )
+from orchard.learner.lora import add_adapters, merged_state_dict
 from orchard.learner.signals import select_signals, shaped_rewards, token_advantages
 from orchard.records import Group
 
@@ -206,8 +210,11 @@ class GRPOTrainer:
         self._deepspeed = deepspeed
         torch.manual_seed(seed)
         bf16 = next(model.parameters()).dtype == torch.bfloat16
-        # The reference is copied before DeepSpeed takes the model (ZeRO-3 partitions it in place).
-        reference = copy.deepcopy(model) if config.kl_coef > 0 else None
+        # The reference is copied before DeepSpeed takes the model (ZeRO-3 partitions it in place). With
+        # LoRA the frozen base is the reference: the policy with its adapters switched off.
+        reference = copy.deepcopy(model) if config.kl_coef > 0 and not config.lora.enabled else None
+        if config.lora.enabled:
+            model = add_adapters(model, config.lora)
         self.engine, _, _, _ = deepspeed.initialize(
             model=model,
             model_parameters=[p for p in model.parameters() if p.requires_grad],
@@ -434,9 +441,8 @@ class GRPOTrainer:
             tis_weight_sum = float((weights * mask).sum())
         loss = aggregate(per_token, mask, config.aggregation, self.max_length)
         kl_sum = 0.0
-        if self.reference is not None:
-            with torch.no_grad():
-                reference_logprobs, _ = sequence_logprobs(self.reference, input_ids, attention_mask, self.temperature)
+        if config.kl_coef > 0:
+            reference_logprobs = self._reference_logprobs(input_ids, attention_mask)
             kl = kl_penalty(logprobs, reference_logprobs, config.kl_kind)
             loss = loss + config.kl_coef * aggregate(kl, mask, config.aggregation, self.max_length)
             kl_sum = float((kl.detach() * mask).sum())
@@ -448,6 +454,14 @@ class GRPOTrainer:
             "tis_weight_sum": tis_weight_sum,
             "mismatch": mismatch,
         }
+
+    def _reference_logprobs(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        """Logprobs of the tokens under the KL reference: the initial policy's copy, or with LoRA the base."""
+        with torch.no_grad():
+            if self.reference is not None:
+                return sequence_logprobs(self.reference, input_ids, attention_mask, self.temperature)[0]
+            with self.engine.module.disable_adapter():
+                return sequence_logprobs(self.engine, input_ids, attention_mask, self.temperature)[0]
 
     def _sft_micro_batch_loss(self, micro: TrainingTensors, weights: Tensor) -> tuple[Tensor, dict[str, float]]:
         """HPT: β-weighted token-mean NLL of the reference solutions in the micro-batch."""
@@ -487,13 +501,44 @@ class GRPOTrainer:
         """The full policy state dict on the CPU (a copy), with the model's own key names.
 
         Under ZeRO-3 the partitioned parameters are gathered first. Keys are exactly those of
-        `model.state_dict()` (with tied embeddings, whatever the model reports).
+        `model.state_dict()` (with tied embeddings, whatever the model reports); with LoRA those of the
+        base model, each adapted weight merged (`learner.lora.merged_state_dict`).
         """
-        module = self.engine.module
+        with self._gathered():
+            return _cpu_copy(self._policy_state())
+
+    def live_weights(self) -> dict[str, Tensor]:
+        """`export_weights` without the copy where there is one to spare: the module's own tensors when
+        nothing is gathered or merged, so they must be read before the next step changes them."""
         if self.config.zero_stage == 3:
-            with self._deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
-                return _cpu_copy(module.state_dict())
-        return _cpu_copy(module.state_dict())
+            return self.export_weights()
+        return self._policy_state()
+
+    def _policy_state(self) -> dict[str, Tensor]:
+        module = self.engine.module
+        return merged_state_dict(module) if self.config.lora.enabled else module.state_dict()
+
+    def save_model(self, directory: str | Path) -> dict[str, Tensor]:
+        """The policy as a Hugging Face model under `directory/model` (merged with LoRA) and, with LoRA,
+        the adapter alone under `directory/adapter` (for `PeftModel.from_pretrained` on the base).
+        Every rank calls it (ZeRO-3 gathers); rank 0 writes. Returns the weights written."""
+        module = self.engine.module
+        writes = data_parallel()[0] == 0
+        with self._gathered():
+            weights = _cpu_copy(self._policy_state())
+            if writes and self.config.lora.enabled:
+                module.save_pretrained(str(Path(directory) / "adapter"))
+        if writes:
+            base = module.get_base_model() if self.config.lora.enabled else module
+            # transformers removes the tied keys from the dict it is given: give it its own
+            base.save_pretrained(str(Path(directory) / "model"), state_dict=dict(weights))
+        return weights
+
+    def _gathered(self) -> contextlib.AbstractContextManager[Any]:
+        """Every parameter whole inside the context: ZeRO-3 gathers its partitions (all ranks must enter)."""
+        if self.config.zero_stage != 3:
+            return contextlib.nullcontext()
+        return self._deepspeed.zero.GatheredParameters(list(self.engine.module.parameters()), modifier_rank=None)
 
     def save_checkpoint(self, path: str | Path) -> Path:
         """A DeepSpeed checkpoint (weights, optimizer, counters) under `path`, tagged `step<N>`."""

@@ -528,6 +528,38 @@ class HPTConfig(Section):
     )
 
 
+class LoraConfig(Section):
+    """LoRA through `peft` (Hu et al., 2021, arXiv:2106.09685): the base weights stay frozen and each targeted
+    linear layer learns W + (α/r)·B·A; only A and B train and live in the optimizer. The rollout engines and
+    the checkpoint's `model/` receive the merged weights; `adapter/` holds the adapter alone."""
+
+    rank: int = Field(0, ge=0, description="r, the adapters' rank; 0: no LoRA, every weight trains.")
+    alpha: float = Field(16.0, gt=0, description="α: the merged update is (α/r)·B·A.")
+    dropout: float = Field(
+        0.0,
+        ge=0,
+        lt=1,
+        description="Dropout on the adapters' input while training (the engines never drop): above 0 the"
+        " learner's logprobs of a sample are noisy, so on-policy importance ratios differ from 1.",
+    )
+    target_modules: list[str] | Literal["all-linear"] = Field(
+        "all-linear",
+        description="Module names (or name suffixes, as peft matches them) that get adapters; 'all-linear': every"
+        " linear layer but the output head. A layer whose weight is tied to another (tied embeddings) is refused.",
+    )
+
+    @field_validator("target_modules")
+    @classmethod
+    def _some_target(cls, value: list[str] | str) -> list[str] | str:
+        if isinstance(value, list) and not value:
+            raise ValueError("name at least one module to adapt (e.g. ['q_proj', 'v_proj']), or 'all-linear'")
+        return value
+
+    @property
+    def enabled(self) -> bool:
+        return self.rank > 0
+
+
 #: Advantage estimators of `learner.advantage` and the `advantage_std` each implies (docs/algorithms.md §1).
 ADVANTAGE_STD = {"grpo": "group", "dr_grpo": "none", "lite_ppo": "batch", "rloo": "none"}
 
@@ -593,6 +625,7 @@ class LearnerConfig(Section):
     lp_reg: LpRegConfig = Field(default_factory=LpRegConfig, description="Lp-Reg low-probability regularisation.")
     hints: HintsConfig = Field(default_factory=HintsConfig, description="Training on hinted completions.")
     hpt: HPTConfig = Field(default_factory=HPTConfig, description="HPT switch between SFT and RL signals.")
+    lora: LoraConfig = Field(default_factory=LoraConfig, description="LoRA adapters instead of full fine-tuning.")
     torch_threads: int = Field(1, ge=1, description="Intra-op threads of the learner.")
     num_cpus: float = Field(1.0, gt=0, description="Ray CPUs reserved for the learner.")
 

@@ -161,7 +161,7 @@ class LearnerCore:
             if store.latest is not None and store.latest.version == self.version:
                 return store.latest  # no step since the last export: the same weights
             try:
-                return store.write(self.version, self._live_weights())
+                return store.write(self.version, self.trainer.live_weights())
             except weight_store.WeightStoreError as error:
                 if (
                     self.weight_transport_setting != "auto"
@@ -186,7 +186,7 @@ class LearnerCore:
             return self._gather_on_peer()
         settings = self._weight_sync_settings
         self._broadcast_store, host = open_store(world_size, timeout_s=settings.timeout_seconds)
-        self._broadcast_layout = layout_of(self._live_weights())
+        self._broadcast_layout = layout_of(self.trainer.live_weights())
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         return Rendezvous(host, self._broadcast_store.port, self._broadcast_layout, backend)
 
@@ -214,7 +214,7 @@ class LearnerCore:
         if self.rank:
             return self._gather_on_peer()
         return self._broadcast.send(
-            self._live_weights(), self.version, self._broadcast_layout, self._weight_sync_settings.bucket_bytes
+            self.trainer.live_weights(), self.version, self._broadcast_layout, self._weight_sync_settings.bucket_bytes
         )
 
     @collective
@@ -239,12 +239,6 @@ class LearnerCore:
                 )
         return self.weight_transport
 
-    def _live_weights(self) -> dict[str, torch.Tensor]:
-        """The module's own parameter tensors (no copy), gathered first under ZeRO-3."""
-        if self.trainer.config.zero_stage == 3:
-            return self.trainer.export_weights()
-        return self.trainer.engine.module.state_dict()
-
     def close(self) -> None:
         """Remove the shared-memory segment (also done when the process exits or dies)."""
         if self._weight_store is not None:
@@ -253,12 +247,12 @@ class LearnerCore:
     @collective
     def save_checkpoint(self, path: str) -> str:
         """DeepSpeed state (weights, optimizer, counters; every rank writes its shards) under `path`, the
-        policy as a Hugging Face model with its tokenizer under `path/model` (rank 0): loadable with
-        `from_pretrained`, by vLLM, and as `model: {kind: hf, path: .../model}`."""
+        policy as a Hugging Face model with its tokenizer under `path/model` (rank 0; merged with LoRA, whose
+        adapter alone goes to `path/adapter`): loadable with `from_pretrained`, by vLLM, and as
+        `model: {kind: hf, path: .../model}`."""
         self.trainer.save_checkpoint(path)
-        weights = self.trainer.export_weights()
+        self.trainer.save_model(path)
         if self.rank == 0:
-            self.trainer.engine.module.save_pretrained(f"{path}/model", state_dict=weights)
             self.tokenizer.save_pretrained(f"{path}/model")
         return path
 

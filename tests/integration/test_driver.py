@@ -194,3 +194,28 @@ def test_a_run_whose_groups_are_all_filtered_says_so(ray_local, tmp_path, warm_c
     assert notices and "the filters dropped them all (zero_advantage " in notices[0]
     assert "warmstart.steps" in notices[0]
     assert "orchard: no learner step for 20 groups" in capsys.readouterr().err
+
+
+def test_a_lora_run_samples_with_the_merged_policy_and_checkpoints_the_adapter(ray_local, tmp_path, warm_cache):
+    """Synchronous, so every step trains on samples of its own policy version: the workers' logprobs
+    agree with the learner's only if the workers run the merged weights (base + adapters)."""
+    config = small_config(
+        tmp_path,
+        warm_cache,
+        "buffer.backend=memory",
+        "buffer.max_staleness=0",
+        "learner.lora={rank: 8, alpha: 16}",
+        "learner.lr=0.01",
+        "checkpoint.every_steps=3",
+    )
+    run_dir = RunDirectory(tmp_path, "lora")
+    summary = Driver(config, run_dir, show_progress=False).run()
+    assert summary["steps"] == 3 and summary["policy_version"] == 3
+    metrics = run_dir.read_metrics()
+    later = [m for m in metrics if m["step"] > 1]
+    assert all(m["mismatch_tokens"] > 0 for m in later)
+    assert all(m["mismatch_abs_max"] < 1e-3 for m in later), [m["mismatch_abs_max"] for m in later]
+    checkpoint = run_dir.path / "checkpoints" / "step-3"
+    assert (checkpoint / "adapter" / "adapter_model.safetensors").is_file()
+    assert (checkpoint / "model" / "config.json").is_file()
+    conservation(summary)

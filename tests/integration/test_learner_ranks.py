@@ -23,7 +23,9 @@ from orchard.services.placement import reserve
 from tests.integration.test_trainer import MAX_LENGTH, MODEL_CONFIG, TEMPERATURE, TOKENIZER, random_groups
 
 
-def run_config(ranks: int, gpus: int = 0, aggregation: str = "token-mean", micro_batch_size: int = 64) -> RunConfig:
+def run_config(
+    ranks: int, gpus: int = 0, aggregation: str = "token-mean", micro_batch_size: int = 64, lora: int = 0
+) -> RunConfig:
     return RunConfig(
         model=MODEL_CONFIG,
         rollout={"temperature": TEMPERATURE, "max_new_tokens": MAX_LENGTH},
@@ -33,6 +35,7 @@ def run_config(ranks: int, gpus: int = 0, aggregation: str = "token-mean", micro
             "num_cpus": 0.5,
             "aggregation": aggregation,
             "micro_batch_size": micro_batch_size,
+            "lora": {"rank": lora},
         },
         weight_sync={"transport": "object_store"},
         cluster={"placement_groups": True, "learner_ranks": ranks, "learner_gpus": gpus, "ready_timeout_seconds": 60},
@@ -60,6 +63,13 @@ def test_two_ranks_train_like_one_for_every_aggregation(ray_local, tmp_path, agg
     )
 
 
+def test_two_ranks_with_lora_adapters_train_like_one_and_export_merged_weights(ray_local, tmp_path):
+    """Both ranks start from the same adapters (seeded alike), so their shares of the batch give one update;
+    the export under the base model's keys is the merged policy, and the checkpoint holds the adapter."""
+    train_one_and_two_ranks(tmp_path, gpus=0, lora=4)
+    assert (tmp_path / "step-2" / "adapter" / "adapter_config.json").is_file()
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="two learner ranks on GPUs need two GPUs")
 def test_two_ranks_on_two_gpus_train_like_one(ray_local, tmp_path):
@@ -75,6 +85,7 @@ def train_one_and_two_ranks(
     micro_batch_size: int = 64,
     groups: int = 3,
     checkpoint: bool = True,
+    lora: int = 0,
 ) -> None:
     # on GPUs the one-rank learner may run on the CPU: other rounding
     loss_tolerance, tolerance = (1e-5, 5e-5) if gpus == 0 else (1e-3, 1e-3)
@@ -87,6 +98,7 @@ def train_one_and_two_ranks(
                 gpus=gpus if ranks == 2 or torch.cuda.device_count() > 2 else 0,
                 aggregation=aggregation,
                 micro_batch_size=micro_batch_size,
+                lora=lora,
             )
             placements.append(placement := reserve(config))
             learners[ranks] = create_learner(config, initial, placement)
@@ -98,7 +110,7 @@ def train_one_and_two_ranks(
             assert results[0].result.loss == pytest.approx(results[1].result.loss, rel=loss_tolerance)
             assert results[0].result.num_tokens == results[1].result.num_tokens
         one, two = ray.get([learners[ranks][0].export_weights.remote() for ranks in (1, 2)])
-        assert set(one) == set(two)
+        assert set(one) == set(two) == set(initial)
         assert max(float(np.abs(one[name] - two[name]).max()) for name in one) < tolerance
         assert any(not np.array_equal(one[name], initial[name]) for name in one)  # it did train
         if not checkpoint:

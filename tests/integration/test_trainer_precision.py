@@ -12,9 +12,10 @@ from tests.integration.test_trainer import make_trainer, random_groups, tiny_mod
 from tests.integration.trainer_setup import restore_environment  # noqa: F401
 
 
-@pytest.mark.parametrize("zero_stage", [0, 3])
-def test_a_bf16_model_trains_in_bf16_mode_and_exports_bf16(zero_stage):
-    trainer = make_trainer(tiny_model().to(torch.bfloat16), zero_stage=zero_stage)
+@pytest.mark.parametrize(("zero_stage", "lora"), [(0, 0), (3, 0), (0, 8), (3, 8)], ids=["0", "3", "0-lora", "3-lora"])
+def test_a_bf16_model_trains_in_bf16_mode_and_exports_bf16(zero_stage, lora):
+    """With LoRA too: the merged export is in the base model's dtype."""
+    trainer = make_trainer(tiny_model().to(torch.bfloat16), zero_stage=zero_stage, lora={"rank": lora})
     assert trainer.engine.bfloat16_enabled()
     before = trainer.export_weights()
     result = trainer.train_step(random_groups())

@@ -235,3 +235,25 @@ def test_end_of_turn_tokens_end_a_completion_and_stay_in_its_tokens(ray_local, c
             assert output.text == TOKENIZER.decode(output.token_ids[:-1])
     finally:
         ray_local.kill(actor)
+
+
+def test_a_lora_policy_runs_as_its_merged_weights(engine, models):
+    """What a LoRA learner pushes (the merged state dict under the base model's keys) loads into vLLM,
+    which then samples the adapted policy: its logprobs are those of the peft model's forward."""
+    import copy
+
+    from orchard.config import LoraConfig
+    from orchard.learner.lora import add_adapters, lora_layers, merged_state_dict
+
+    torch.manual_seed(0)
+    policy = add_adapters(copy.deepcopy(models[0]), LoraConfig(rank=8, alpha=16.0))
+    with torch.no_grad():
+        for layer in lora_layers(policy).values():
+            layer.lora_B["default"].weight.normal_(0, 0.05)
+    assert call(engine, "load_weights", merged_state_dict(policy), 30) == 30
+    params = SamplingParams(temperature=1.0, max_new_tokens=12, seed=10)
+    for prompt, output in zip(PROMPTS, call(engine, "generate", PROMPTS, params), strict=True):
+        expected = hf_logprobs(policy, prompt, output.token_ids)
+        assert max(abs(a - b) for a, b in zip(output.logprobs, expected, strict=True)) < LOGPROB_TOLERANCE
+        base = hf_logprobs(models[0], prompt, output.token_ids)
+        assert max(abs(a - b) for a, b in zip(output.logprobs, base, strict=True)) > 1e-3  # not the base
