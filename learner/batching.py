@@ -25,11 +25,11 @@ class TrainingTensors:
 
     input_ids: Tensor  # [N, L] long, prompt + completion, then pad_id
     attention_mask: Tensor  # [N, L] long, 1 on real tokens
-    completion_mask: Tensor  # [N, L] float, 1 on completion tokens
+    completion_mask: Tensor  # [N, L] float, 1 on completion tokens the policy sampled (not on tool observations)
     old_logprobs: Tensor  # [N, L] float, behaviour logprob of token t at position t (0 elsewhere)
     rewards: Tensor  # [N] float
     group_index: Tensor  # [N] long, which group (0..len(groups)-1) each sequence belongs to
-    lengths: Tensor | None = None  # [N] long, completion tokens
+    lengths: Tensor | None = None  # [N] long, completion tokens the policy sampled
     truncated: Tensor | None = None  # [N] bool, cut off by the length limit (finish_reason "length")
     hinted: Tensor | None = None  # [N] bool, sampled with a hint in context (source "hint")
     tree: Tensor | None = None  # [N] bool, a tree-search trajectory (source "tree")
@@ -122,7 +122,9 @@ def build_training_tensors(groups: Sequence[Group], pad_id: int) -> TrainingTens
     Rewards are copied as they are (a non-finite reward is the trainer's to refuse, not ours). A hinted
     completion (source "hint") is stacked after the group's prompt tokens, which are the unhinted
     prompt's, with the logprobs it was sampled with in the hinted context. A tree trajectory's
-    `token_values` land at its completion positions (`value_mask` 1 there).
+    `token_values` land at its completion positions (`value_mask` 1 there). A multi-turn trajectory's
+    observation tokens (`observation_spans`) stay in the sequence, as context for what follows, with
+    `completion_mask` 0: no loss, KL or entropy on them, and `lengths` counts only the policy's tokens.
     """
     if pad_id < 0:
         raise ValueError(f"pad_id must be a non-negative token id, got {pad_id}")
@@ -154,6 +156,8 @@ def build_training_tensors(groups: Sequence[Group], pad_id: int) -> TrainingTens
         input_ids[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
         attention_mask[row, : len(ids)] = 1
         completion_mask[row, prompt_length : len(ids)] = 1.0
+        for start, end in completions[row].observation_spans:
+            completion_mask[row, prompt_length + start : prompt_length + end] = 0.0
         old_logprobs[row, prompt_length : len(ids)] = torch.tensor(logprobs, dtype=torch.float32)
         values = completions[row].token_values
         if values is not None and values:
@@ -166,7 +170,7 @@ def build_training_tensors(groups: Sequence[Group], pad_id: int) -> TrainingTens
         old_logprobs=old_logprobs,
         rewards=torch.tensor([reward for *_, reward, _ in rows], dtype=torch.float32),
         group_index=torch.tensor([index for *_, index in rows], dtype=torch.long),
-        lengths=torch.tensor([len(c.token_ids) for c in completions], dtype=torch.long),
+        lengths=torch.tensor([c.policy_token_count for c in completions], dtype=torch.long),
         truncated=torch.tensor([c.finish_reason == "length" for c in completions], dtype=torch.bool),
         hinted=torch.tensor([c.source == "hint" for c in completions], dtype=torch.bool),
         tree=torch.tensor([c.source == "tree" for c in completions], dtype=torch.bool),

@@ -381,6 +381,58 @@ class VLLMConfig(Section):
     enforce_eager: bool = Field(False, description="Skip CUDA graph capture (faster start, slower decode).")
 
 
+class MultiTurnConfig(Section):
+    """Rollouts in turns with tool calls: generation stops where the policy closes a tool call, the call
+    runs (the built-in `python` tool in the process sandbox of `verifiers/sandbox.py`), its output is
+    appended as an observation, and generation continues (`rollout/multi_turn.py`; docs/algorithms.md §10).
+    `rollout.max_new_tokens` bounds the whole trajectory after the prompt, observations included."""
+
+    enabled: bool = Field(False, description="Sample trajectories with tool calls instead of single answers.")
+    max_turns: int = Field(
+        4, ge=1, description="Policy turns (generations) per trajectory; a call in the last is not run."
+    )
+    max_tool_calls: int = Field(3, ge=0, description="Tool calls per trajectory; a further call ends it.")
+    tool_output_chars: int = Field(
+        512,
+        ge=8,
+        description="Characters of a tool's output kept in the observation; longer output is cut and flagged.",
+    )
+    tools: list[str] = Field(
+        default_factory=lambda: ["python"],
+        min_length=1,
+        description="Tools the policy may call: 'python' (the sandbox), or a user's tool as a dotted path"
+        " 'package.module:function' (a function of the call's text returning the observation's text).",
+    )
+    call_open: str = Field(
+        "<{tool}>", min_length=1, description="What opens a call; `{tool}` stands for the tool's name."
+    )
+    call_close: str = Field(
+        "</{tool}>", min_length=1, description="What closes a call (generation stops there); `{tool}` as in call_open."
+    )
+    observation: str = Field(
+        "<output>{output}</output>",
+        description="How a call's output is appended to the trajectory; `{output}` stands for the output.",
+    )
+    tool_seconds: float = Field(5.0, gt=0, le=600, description="Wall-clock limit of one tool call.")
+    tool_memory_mb: int = Field(512, ge=64, description="Address space of a `python` tool call, MiB.")
+    tool_threads: int = Field(2, ge=1, description="Tool calls run at once per worker.")
+
+    @model_validator(mode="after")
+    def _templates_hold_their_fields(self) -> MultiTurnConfig:
+        if "{output}" not in self.observation:
+            raise ValueError(f"observation {self.observation!r} must contain '{{output}}', where the output goes")
+        return self
+
+    def close_marks(self) -> dict[str, str]:
+        """Per tool (by the name the policy calls it), the text that closes its call (a stop string of every turn)."""
+        return {tool_name(tool): self.call_close.replace("{tool}", tool_name(tool)) for tool in self.tools}
+
+
+def tool_name(tool: str) -> str:
+    """How the policy names `tool` in a call: the built-in's name, or a dotted path's last part."""
+    return tool.rpartition(":")[2].rpartition(".")[2]
+
+
 class RolloutConfig(Section):
     engine: Literal["torch", "vllm"] = Field("torch", description="Generation engine of the workers.")
     num_workers: int = Field(1, ge=1, description="RolloutWorker actors.")
@@ -399,6 +451,29 @@ class RolloutConfig(Section):
     torch_threads: int = Field(1, ge=1, description="Intra-op threads of each worker's torch engine.")
     mcts: MCTSConfig = Field(default_factory=MCTSConfig, description="DeepSearch tree search (strategy 'mcts').")
     vllm: VLLMConfig = Field(default_factory=VLLMConfig, description="vLLM engine settings (engine 'vllm').")
+    multi_turn: MultiTurnConfig = Field(
+        default_factory=MultiTurnConfig, description="Trajectories with tool calls (multi-turn rollouts)."
+    )
+
+    @model_validator(mode="after")
+    def _stops_leave_tool_calls_whole(self) -> RolloutConfig:
+        turns = self.multi_turn
+        if not turns.enabled:
+            return self
+        if self.strategy != "sample":
+            raise ValueError(f"multi_turn works with strategy 'sample' (got {self.strategy!r})")
+        names = [tool_name(tool) for tool in turns.tools]
+        if len(set(names)) != len(names):
+            raise ValueError(f"multi_turn.tools {turns.tools} name one tool twice ({names})")
+        texts = {"call_open": turns.call_open, "call_close": turns.call_close}  # what the policy writes
+        for stop in self.stop:
+            for field_name, text in texts.items():
+                if stop and stop in text.replace("{tool}", names[0]):
+                    raise ValueError(
+                        f"stop string {stop!r} occurs in multi_turn.{field_name} {text!r}: generation would stop inside"
+                        " a tool call; remove it from rollout.stop or change the call's format"
+                    )
+        return self
 
 
 class BufferConfig(Section):
@@ -751,6 +826,13 @@ class WarmStartConfig(Section):
     batch_size: int = Field(64, ge=1)
     lr: float = Field(1e-3, gt=0)
     cache_dir: str | None = Field(None, description="Where the warm-started model is cached; default ~/.cache/orchard.")
+    tool_demonstrations: float = Field(
+        1.0,
+        ge=0,
+        le=1,
+        description="With rollout.multi_turn: the share of the prompts carrying a tool call (`metadata.tool_call`)"
+        " whose target demonstrates the call; the others show the bare answer, so that RL learns when to call.",
+    )
     seed: int | None = Field(
         None,
         description="Seed of the supervised stage's example order; None: the run's seed. A fixed seed gives runs of"
@@ -907,6 +989,11 @@ class RunConfig(Section):
             raise ValueError(
                 f"cluster.rollout_gpus_per_worker ({gpus}) must equal rollout.vllm.tensor_parallel_size"
                 f" ({tensor_parallel}): each vLLM engine gets one bundle of that many GPUs"
+            )
+        if self.rollout.multi_turn.enabled and self.learner.hints.enabled:
+            raise ValueError(
+                "rollout.multi_turn and learner.hints cannot be combined: hinted rollouts are single answers;"
+                " turn one of them off"
             )
         if self.cluster.learner_ranks > 1 and not self.cluster.placement_groups:
             raise ValueError(

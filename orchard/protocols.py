@@ -24,6 +24,9 @@ class SamplingParams:
     max_new_tokens: int = 32
     stop: tuple[str, ...] = ()
     seed: int | None = None
+    #: The caller may continue some of these sequences (prompt, completion and more tokens) in its next
+    #: call, as a multi-turn trajectory does: an engine may keep what saves computing them again.
+    resumable: bool = False
 
 
 @dataclass

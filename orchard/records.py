@@ -14,9 +14,9 @@ from typing import Any
 import msgpack
 
 #: Bumped whenever the wire layout of `Group` changes; readers refuse versions they do not know.
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 #: Older layouts this build still reads (their records lack fields added since; defaults apply).
-READABLE_SCHEMAS = (1, 2, 3)
+READABLE_SCHEMAS = (1, 2, 3, 4)
 #: Roles a chat message of a prompt may have.
 CHAT_ROLES = ("system", "user", "assistant")
 
@@ -85,6 +85,15 @@ class Completion:
     #: Per-token scores of a tree trajectory (the value of the step each token belongs to); None
     #: for outcome-rewarded completions, whose every token gets the completion's advantage.
     token_values: list[float] | None = None
+    #: Multi-turn trajectories: `[start, end)` ranges of `token_ids` that a tool wrote (observations),
+    #: in order. The policy did not sample them: their logprobs are 0 and the learner gives them no
+    #: loss, KL or entropy, and counts only the other tokens.
+    observation_spans: list[tuple[int, int]] = field(default_factory=list)
+
+    @property
+    def policy_token_count(self) -> int:
+        """Tokens the policy sampled: all but the observations'."""
+        return len(self.token_ids) - sum(end - start for start, end in self.observation_spans)
 
     def __post_init__(self) -> None:
         if len(self.token_ids) != len(self.logprobs):
@@ -98,6 +107,19 @@ class Completion:
             raise RecordError(
                 f"completion has {len(self.token_ids)} token ids but {len(self.token_values)} token values"
             )
+        spans = [tuple(span) for span in self.observation_spans]  # msgpack returns lists
+        previous_end = 0
+        for span in spans:
+            if len(span) != 2 or not all(isinstance(i, int) for i in span):
+                raise RecordError(f"observation span {list(span)!r} is not a pair of token indices [start, end)")
+            start, end = span
+            if not previous_end <= start < end <= len(self.token_ids):
+                raise RecordError(
+                    f"observation spans {[list(s) for s in spans]} must be ordered, non-empty and non-overlapping"
+                    f" ranges of the completion's {len(self.token_ids)} tokens"
+                )
+            previous_end = end
+        self.observation_spans = spans  # type: ignore[assignment]
 
 
 @dataclass
@@ -164,6 +186,7 @@ class Group:
                     "verifier_error": c.verifier_error,
                     "source": c.source,
                     "token_values": c.token_values,
+                    "observation_spans": c.observation_spans,
                 }
                 for c in self.completions
             ],

@@ -21,11 +21,20 @@ from orchard.protocols import BroadcastEngine, SamplingParams, Verifier
 from orchard.records import Completion, Group, Prompt
 from orchard.rollout.engines.torch_engine import TorchEngine
 from orchard.rollout.model import build_model
+from orchard.rollout.multi_turn import Trajectory, TurnLoop, count_calls
 from orchard.rollout.prompts import PromptFormat, PromptRenderer
 from orchard.rollout.strategies.tree_search import SearchSettings, TreeSearch, run_searches
 from orchard.rollout.tokenizer import load_tokenizer
+from orchard.rollout.tools import load_tools
 from orchard.rollout.weight_broadcast import BroadcastTicket
 from orchard.verifiers.registry import get_verifier, safe_verify
+
+
+def tool_counts(outputs: Sequence[Any]) -> dict[str, Any]:
+    """A rollout's `tool_calls` and `tool_errors` (empty unless its outputs are trajectories)."""
+    trajectories = [o for o in outputs if isinstance(o, Trajectory)]
+    errors = [f"{call.tool}: {call.error}" for t in trajectories for call in t.calls if call.outcome == "raised"]
+    return {"tool_calls": dict(count_calls(trajectories)), "tool_errors": errors}
 
 
 def verifier_name(prompt: Prompt) -> str:
@@ -55,6 +64,9 @@ class RolloutResult:
     #: Plain rollouts asked to `score` completions: (prompt token ids, completion token ids) -> the
     #: policy's logprob of each completion token, by the weights that generated the groups.
     solution_logprobs: dict[tuple[tuple[int, ...], tuple[int, ...]], list[float]] = field(default_factory=dict)
+    #: Multi-turn rollouts: tool calls by (tool, outcome), and the errors of tools that raised.
+    tool_calls: dict[tuple[str, str], int] = field(default_factory=dict)
+    tool_errors: list[str] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -98,6 +110,8 @@ class RolloutWorkerCore:
             model_config, rollout_config, self.tokenizer, seed=seed, eos_token_ids=self.renderer.stop_token_ids
         )
         self._broadcast: tuple[Any, tuple, int] | None = None  # (group, layout, bucket bytes): transport 'nccl'
+        multi_turn = rollout_config.multi_turn
+        self.turns = TurnLoop(multi_turn, load_tools(multi_turn), self.tokenizer) if multi_turn.enabled else None
         self._verifiers: dict[str, Verifier] = {}
         self._calls = 0
         self._seed = seed
@@ -199,12 +213,17 @@ class RolloutWorkerCore:
     def _scored(
         self, prompt: Prompt, outputs: Sequence[Any], version: int, errors: list[str], *, source: str = "sample"
     ) -> list[Completion]:
-        """A completion of `prompt` for each engine output, verified; verifier errors go to `errors`."""
+        """A completion of `prompt` for each engine output or multi-turn `Trajectory`, verified (a
+        trajectory on its final answer); verifier errors go to `errors`."""
         verifier = self._verifier(prompt)
         completions = []
         for output in outputs:
-            text = output.text or self.tokenizer.decode(output.token_ids)
-            result = safe_verify(verifier, prompt, text)
+            spans: list[tuple[int, int]] = []
+            if isinstance(output, Trajectory):
+                text, answer, spans = self.tokenizer.decode(output.token_ids), output.answer, output.observation_spans
+            else:
+                text = answer = output.text or self.tokenizer.decode(output.token_ids)
+            result = safe_verify(verifier, prompt, answer)
             if result.error:
                 errors.append(f"{prompt.id}: {result.error}")
             completions.append(
@@ -218,9 +237,16 @@ class RolloutWorkerCore:
                     correct=result.correct,
                     verifier_error=result.error,
                     source=source,
+                    observation_spans=list(spans),
                 )
             )
         return completions
+
+    def _generate(self, prompts: list[list[int]], params: SamplingParams) -> list[Any]:
+        """Engine outputs, or with `rollout.multi_turn` trajectories with tool calls."""
+        if self.turns is None:
+            return self.engine.generate(prompts, params)
+        return self.turns.run(self.engine.generate, prompts, params)
 
     def rollout(
         self,
@@ -238,7 +264,7 @@ class RolloutWorkerCore:
         batch = [ids for ids in prompt_ids for _ in range(group_size)]
         version = self.engine.policy_version
         started = time.perf_counter()
-        outputs = self.engine.generate(batch, self._params(greedy=False))
+        outputs = self._generate(batch, self._params(greedy=False))
         generated = time.perf_counter()
         groups, errors = [], []
         for index, prompt in enumerate(prompts):
@@ -256,11 +282,12 @@ class RolloutWorkerCore:
             groups=groups,
             worker=self.worker_id,
             policy_version=version,
-            generated_tokens=sum(len(o.token_ids) for o in outputs),
+            generated_tokens=sum(o.policy_tokens if isinstance(o, Trajectory) else len(o.token_ids) for o in outputs),
             generate_seconds=generated - started,
             verify_seconds=time.perf_counter() - generated,
             verifier_errors=errors,
             solution_logprobs=self._score(prompts, prompt_ids, score or {}),
+            **tool_counts(outputs),
         )
 
     def _score(
@@ -349,9 +376,12 @@ class RolloutWorkerCore:
     def evaluate(self, prompts: Sequence[Prompt]) -> EvalResult:
         """Greedy answers to `prompts`, checked by their verifiers."""
         self._check_weights()
-        outputs = self.engine.generate(self.renderer.encode_many(prompts), self._params(greedy=True))
-        texts = [o.text or self.tokenizer.decode(o.token_ids) for o in outputs]
-        correct = [safe_verify(self._verifier(p), p, t).correct for p, t in zip(prompts, texts, strict=True)]
+        outputs = self._generate(self.renderer.encode_many(prompts), self._params(greedy=True))
+        if self.turns is None:
+            answers = texts = [o.text or self.tokenizer.decode(o.token_ids) for o in outputs]
+        else:
+            answers, texts = [o.answer for o in outputs], [self.tokenizer.decode(o.token_ids) for o in outputs]
+        correct = [safe_verify(self._verifier(p), p, a).correct for p, a in zip(prompts, answers, strict=True)]
         return EvalResult(correct=correct, policy_version=self.engine.policy_version, completions=texts)
 
     def search(

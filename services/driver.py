@@ -606,6 +606,7 @@ class Driver:
             value_model_abs_error=self.sampler.value_model_error(),
             max_staleness=self.config.buffer.max_staleness,
             staleness_mean=fmean(self.staleness_seen) if self.staleness_seen else 0.0,
+            tool_calls=dict(throughput.tool_calls),
             **self.rescue.summary(),
         )
         return summary.model_dump()

@@ -134,6 +134,12 @@ class RunMetrics:
             ["event"],
             registry=registry,
         )
+        self.tool_calls = Counter(
+            "orchard_tool_calls",
+            "Tool calls of multi-turn rollouts, by tool and outcome (ok, error, limit; raised: the tool itself failed).",
+            ["tool", "outcome"],
+            registry=registry,
+        )
         self.worker_restarts = Counter(
             "orchard_worker_restarts", "Rollout worker actors restarted after they died.", ["worker"], registry=registry
         )
@@ -192,6 +198,10 @@ class RunMetrics:
     def observe_rollout(self, worker: str, tokens: int, groups: int) -> None:
         self.rollout_tokens.labels(worker=worker).inc(tokens)
         self.rollout_groups.inc(groups)
+
+    def observe_tool_calls(self, calls: dict[tuple[str, str], int]) -> None:
+        for (tool, outcome), count in calls.items():
+            self.tool_calls.labels(tool=tool, outcome=outcome).inc(count)
 
     def observe_filtered(self, reason: str, count: int = 1) -> None:
         self.filtered_groups.labels(reason=reason).inc(count)

@@ -13,7 +13,9 @@ from typing import Any
 import torch
 
 from orchard.config import RunConfig
+from orchard.records import Prompt
 from orchard.rollout.model import build_model
+from orchard.rollout.multi_turn import demonstration
 from orchard.rollout.prompts import PromptFormat, PromptRenderer
 from orchard.rollout.tokenizer import load_tokenizer
 from orchard.verifiers.sources import PromptPool
@@ -36,6 +38,8 @@ def warm_start_key(config: RunConfig) -> dict[str, Any]:
         "data": config.data.model_dump(mode="json"),
         "warmstart": config.warmstart.model_dump(mode="json", exclude={"cache_dir", "seed"}),
         "seed": warm_start_seed(config),
+        # tool-call demonstrations are written in the configured call format
+        "multi_turn": config.rollout.multi_turn.model_dump(mode="json") if config.rollout.multi_turn.enabled else None,
     }
 
 
@@ -60,9 +64,11 @@ def warm_start(config: RunConfig, pool: PromptPool, log=print) -> tuple[dict[str
         rng = random.Random(config.data.seed + 1)
         prompts = pool.train_examples(config.warmstart.steps * config.warmstart.batch_size, rng)
         renderer = PromptRenderer(tokenizer, PromptFormat.from_config(config.data))
-        # the reference solution when the prompt has one (written as the model should write it, e.g. in the
-        # answer format the prompt asks for), else the bare answer
-        examples = [(renderer.encode(p), renderer.encode_answer(p.solution or p.answer)) for p in prompts]
+        chooser = random.Random(config.data.seed + 2)
+        targets = [
+            demonstrated_answer(config, p, chooser.random() < config.warmstart.tool_demonstrations) for p in prompts
+        ]
+        examples = [(renderer.encode(p), renderer.encode_answer(t)) for p, t in zip(prompts, targets, strict=True)]
         log(f"warm start: {config.warmstart.steps} supervised steps on {len(examples)} reference answers")
         with _all_cores():
             losses.extend(
@@ -88,6 +94,17 @@ def warm_start(config: RunConfig, pool: PromptPool, log=print) -> tuple[dict[str
         "final_loss": losses[-1] if losses else None,
     }
     return model.state_dict(), info
+
+
+def demonstrated_answer(config: RunConfig, prompt: Prompt, call: bool = True) -> str:
+    """What the warm start teaches for `prompt`: with `rollout.multi_turn` and `call`, the tool call that
+    solves it when it carries one (`metadata["tool_call"]`), its observation and the answer; else the
+    reference solution when it has one (written as the model should write it, e.g. in the answer format
+    the prompt asks for), else the bare answer."""
+    tool_call = prompt.metadata.get("tool_call")
+    if call and config.rollout.multi_turn.enabled and isinstance(tool_call, dict):
+        return demonstration(config.rollout.multi_turn, tool_call, prompt.answer)
+    return prompt.solution or prompt.answer
 
 
 @contextmanager

@@ -10,6 +10,14 @@ character-level model whose answer is one line:
 | sorting | 4 digits `sort:3142=` → `1234` | 6 digits | 8 digits |
 | reversal | 4 letters `rev:abcd=` → `dcba` | 6 letters | 8 letters |
 | counting | `count a:abaab=` → `3` over 6 letters of "ab" | 9 letters of "abc" | 12 letters of "abcd" |
+| big_multiplication | 3-digit × 3-digit `mul:482*937=` → `451634` | 4-digit × 4-digit | 5-digit × 5-digit |
+
+`big_multiplication` is beyond what the demo's model computes in its head, and one line of Python
+away: its prompts carry the call that solves them (`metadata["tool_call"]`, `print(482*937)`), from
+which a warm start shows the policy the format of a tool call (`rollout.multi_turn`). Its reward gives
+partial credit (`metadata["partial_credit"]`): the share of the answer's characters right at their
+position, so that an answer copied from the tool's output with one digit wrong still teaches; only the
+exact answer is correct.
 
 Generators are pure functions of a `random.Random`, so a seed reproduces a prompt set. Prompt ids
 are derived from the text, so the same task always has the same id. Every prompt carries its
@@ -64,12 +72,25 @@ def counting(difficulty: int, rng: random.Random) -> tuple[str, str]:
     return f"count {target}:{text}=", str(text.count(target))
 
 
+def big_multiplication(difficulty: int, rng: random.Random) -> tuple[str, str]:
+    digits = difficulty + 2
+    a, b = _number(digits, rng), _number(digits, rng)
+    return f"mul:{a}*{b}=", str(a * b)
+
+
+#: Families whose prompts carry the tool call that solves them: the call's text from the prompt's text.
+TOOL_CALLS: dict[str, Callable[[str], str]] = {
+    "big_multiplication": lambda text: f"print({text.removeprefix('mul:').removesuffix('=')})",
+}
+
+
 FAMILIES: dict[str, Generator] = {
     "addition": addition,
     "multiplication": multiplication,
     "sorting": sorting,
     "reversal": reversal,
     "counting": counting,
+    "big_multiplication": big_multiplication,
 }
 
 
@@ -99,12 +120,16 @@ def answer_hints(answer: str) -> tuple[str, str, str]:
 
 
 def make_prompt(family: str, difficulty: int, text: str, answer: str) -> Prompt:
+    metadata: dict[str, object] = {"verifier": "procedural", "family": family, "difficulty": difficulty}
+    if family in TOOL_CALLS:
+        metadata["tool_call"] = {"tool": "python", "call": TOOL_CALLS[family](text), "output": answer}
+        metadata["partial_credit"] = True
     return Prompt(
         id=f"{family}-d{difficulty}:{text}",
         text=text,
         answer=answer,
         distribution=distribution_name(family, difficulty),
-        metadata={"verifier": "procedural", "family": family, "difficulty": difficulty},
+        metadata=metadata,
         solution=answer,
         hints=answer_hints(answer),
     )
@@ -117,12 +142,25 @@ def generate_prompt(family: str, difficulty: int, rng: random.Random) -> Prompt:
     return make_prompt(family, difficulty, text, answer)
 
 
+def position_share(answer: str, reference: str) -> float:
+    """The share of `reference`'s characters that `answer` has at the same position, over the longer of
+    the two (so extra characters cost as much as missing ones)."""
+    if not answer and not reference:
+        return 1.0
+    matches = sum(a == b for a, b in zip(answer, reference, strict=False))
+    return matches / max(len(answer), len(reference))
+
+
 @dataclass(frozen=True)
 class ProceduralVerifier:
-    """Exact match of the completion (surrounding whitespace ignored) with the reference answer."""
+    """Exact match of the completion (surrounding whitespace ignored) with the reference answer; for a
+    prompt with `metadata["partial_credit"]` the reward of a wrong answer is `position_share` of it."""
 
     name: str = "procedural"
 
     def verify(self, prompt: Prompt, completion: str) -> VerifierResult:
-        correct = completion.strip() == prompt.answer
-        return VerifierResult(reward=1.0 if correct else 0.0, correct=correct)
+        answer = completion.strip()
+        correct = answer == prompt.answer
+        if correct or not prompt.metadata.get("partial_credit"):
+            return VerifierResult(reward=1.0 if correct else 0.0, correct=correct)
+        return VerifierResult(reward=position_share(answer, prompt.answer), correct=False)

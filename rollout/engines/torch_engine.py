@@ -44,6 +44,7 @@ import torch.nn.functional as F
 from transformers import PretrainedConfig, Qwen2ForCausalLM
 
 from orchard.protocols import GenerationOutput, SamplingParams
+from orchard.rollout.engines.continuation import KeptPrefixes, window_mask
 from orchard.rollout.engines.engine_weights import EngineWeights, FusedLayer
 from orchard.rollout.engines.kernels import forward_tokens_kernel
 from orchard.rollout.engines.sampling import find_stop, gumbel_noise, sample_next, top_next_tokens, validate_params
@@ -95,6 +96,10 @@ class TorchEngine(EngineWeights):
         self._aliases = {"lm_head.weight": "model.embed_tokens.weight"} if self._tied else {}
         if any(name.endswith(("o_proj.bias", "mlp.gate_proj.bias", "mlp.down_proj.bias")) for name in self._parameters):
             raise ValueError("TorchEngine cannot run this model: biases outside q/k/v are not implemented")
+        #: Keys and values kept for the next call to continue from (`SamplingParams.resumable`).
+        self._kept = KeptPrefixes()
+        #: Prompt tokens run through the model by `generate` so far (kept prefixes not counted).
+        self.prefilled_tokens = 0
         self.refresh()
         self._kernel = forward_tokens_kernel() if fused_kernel else None
 
@@ -165,6 +170,8 @@ class TorchEngine(EngineWeights):
                 )
             )
         self._layers = layers
+        if hasattr(self, "_kept"):
+            self._kept.clear()  # computed by the weights replaced
         self._embed = get("model.embed_tokens.weight").detach()
         self._final_norm = get("model.norm.weight").detach()
         self._lm_head = self._embed if self._tied else get("lm_head.weight").detach()
@@ -423,14 +430,16 @@ class TorchEngine(EngineWeights):
         self._check_prompts(prompt_lists, new_tokens=params.max_new_tokens)
         seed = params.seed if params.seed is not None else int(torch.randint(2**62, ()).item())
         generator = torch.Generator(device=self.device).manual_seed(seed)
+        kept, self._kept = self._kept, KeptPrefixes()  # what the last call kept lives for this call only
         outputs: list[GenerationOutput] = []
         for first in range(0, len(prompt_lists), self.max_batch_size):
-            outputs += self._generate_batch(prompt_lists[first : first + self.max_batch_size], params, generator)
+            chunk = prompt_lists[first : first + self.max_batch_size]
+            outputs += self._generate_batch(chunk, params, generator, kept)
         return outputs
 
     @torch.inference_mode()
     def _generate_batch(
-        self, prompts: list[list[int]], params: SamplingParams, generator: torch.Generator
+        self, prompts: list[list[int]], params: SamplingParams, generator: torch.Generator, kept: KeptPrefixes
     ) -> list[GenerationOutput]:
         batch, steps = len(prompts), params.max_new_tokens
         prompt_length = max(len(prompt) for prompt in prompts)
@@ -442,7 +451,12 @@ class TorchEngine(EngineWeights):
         source = [distinct.setdefault(tuple(prompt), len(distinct)) for prompt in prompts]
         token_ids, pad_counts, prompt_valid = self._left_pad([list(prompt) for prompt in distinct])
         cache = self._new_cache(len(distinct), slots)
-        hidden = self._prefill(token_ids, prompt_valid, pad_counts, cache)
+        prefixes = [kept.longest_prefix(prompt) for prompt in distinct] if len(kept) else []
+        if prefixes and all(prefix is not None for prefix in prefixes):
+            hidden = self._continue(token_ids, prompt_valid, pad_counts, cache, prefixes)  # type: ignore[arg-type]
+        else:
+            hidden = self._prefill(token_ids, prompt_valid, pad_counts, cache)
+            self.prefilled_tokens += int(prompt_valid.sum())
         if len(distinct) < batch:
             rows_of = torch.tensor(source, device=device)
             cache, hidden = cache.index_select(2, rows_of), hidden[rows_of]
@@ -484,6 +498,13 @@ class TorchEngine(EngineWeights):
                 for row, finish_step, text in self._finished_rows(new, rows, checked, eos, params, stop_tokens, finish):
                     finish[row], lengths[row], texts[row] = "stop", finish_step + 1, text
                     finished_in_batch += 1
+                    if params.resumable and text is not None:  # ended on a stop string: may be continued
+                        position = rows.index(row)
+                        # every token but the last has its keys and values in the cache by now
+                        sequence = prompts[row] + token_table[row, :finish_step].tolist()
+                        first_slot = int(pad_counts[position])
+                        end = first_slot + len(sequence)
+                        self._kept.keep(sequence, cache[:, :, position, :, first_slot:end].clone())
                 checked = step + 1
             if last or finished_in_batch == len(rows):
                 break
@@ -510,6 +531,33 @@ class TorchEngine(EngineWeights):
                 )
             )
         return outputs
+
+    def _continue(
+        self,
+        token_ids: torch.Tensor,
+        valid: torch.Tensor,
+        pad_counts: torch.Tensor,
+        cache: torch.Tensor,
+        prefixes: list[torch.Tensor],
+    ) -> torch.Tensor:
+        """`_prefill` for prompts that each extend a kept sequence: its keys and values are copied into
+        the row's slots, and only the window of the longest new part runs through the model (a row
+        whose new part is shorter has some of its kept tokens computed again, identically)."""
+        length = token_ids.shape[1]
+        window = 1
+        for row, prefix in enumerate(prefixes):
+            first = int(pad_counts[row])
+            kept = prefix.shape[3]
+            # the window attends over every slot before it, padding masked: masked, but never garbage,
+            # since a masked NaN still poisons the weighted sum (0 · NaN)
+            cache[:, :, row, :, :first] = 0
+            cache[:, :, row, :, first : first + kept] = prefix
+            window = max(window, length - first - kept)
+        start = length - window
+        positions = (torch.arange(start, length, device=self.device) - pad_counts[:, None]).clamp(min=0)
+        hidden = self._forward(token_ids[:, start:], positions, window_mask(valid, start), cache, start, last_only=True)
+        self.prefilled_tokens += int(valid[:, start:].sum())
+        return hidden[:, -1]
 
     def _finished_rows(
         self,

@@ -58,6 +58,10 @@ class Intake:
         self.metrics.observe_rollout(result.worker, result.generated_tokens, len(result.groups))
         for message in result.verifier_errors[:3]:
             self.run_dir.event(f"verifier error on {result.worker}: {message}")
+        self.metrics.observe_tool_calls(result.tool_calls)
+        self.throughput.count_tool_calls(result.tool_calls)
+        for message in result.tool_errors[:3]:
+            self.run_dir.event(f"tool raised on {result.worker}: {message}")
         groups = result.groups
         self.samples.observe(groups)
         if kind == "sample":

@@ -133,3 +133,5 @@ class RunSummary(BaseModel):
     max_staleness: int
     #: Over every group trained in the run (the progress's is the latest step's).
     staleness_mean: float
+    #: Multi-turn rollouts: tool calls by "tool/outcome" (outcomes of `rollout.tools.TOOL_OUTCOMES`).
+    tool_calls: dict[str, int] = {}

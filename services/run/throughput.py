@@ -18,6 +18,13 @@ class Throughput:
     signal_groups: int = 0  # generated groups with non-zero advantage (the effective ratio's numerator)
     trained_groups: int = 0
     trained_tokens: int = 0
+    #: Multi-turn rollouts: tool calls by "tool/outcome".
+    tool_calls: dict[str, int] = field(default_factory=dict)
+
+    def count_tool_calls(self, calls: dict[tuple[str, str], int]) -> None:
+        for (tool, outcome), count in calls.items():
+            key = f"{tool}/{outcome}"
+            self.tool_calls[key] = self.tool_calls.get(key, 0) + count
 
     def wall(self) -> float:
         return time.perf_counter() - self.started - self.eval_seconds

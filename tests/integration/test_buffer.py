@@ -77,6 +77,19 @@ def test_put_take_ack_round_trip_preserves_the_bytes(buffer):
     assert (stats["put"], stats["taken"], stats["acked"], stats["ready"], stats["pending"]) == (1, 1, 1, 0, 0)
 
 
+def test_a_multi_turn_group_keeps_its_observation_spans_through_the_buffer(buffer):
+    group = make_group(version=2, tokens=30)
+    for completion in group.completions:
+        completion.observation_spans = [(4, 12), (20, 26)]
+        completion.logprobs[4:12] = [0.0] * 8
+        completion.logprobs[20:26] = [0.0] * 6
+    buffer.put(group)
+    (taken,) = buffer.take(1, min_policy_version=0)
+    assert taken.to_bytes() == group.to_bytes()
+    assert [c.observation_spans for c in taken.completions] == [[(4, 12), (20, 26)]] * 8
+    assert [c.policy_token_count for c in taken.completions] == [16] * 8
+
+
 def test_take_from_an_empty_buffer_returns_nothing(buffer):
     assert buffer.take(8, min_policy_version=0) == []
     assert buffer.take(0, min_policy_version=0) == []

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from orchard.config import DEMO_CONFIG, LearnerConfig, load_config
-from orchard.learner.batching import build_sft_tensors, sequence_logprobs
+from orchard.learner.batching import build_sft_tensors, build_training_tensors, sequence_logprobs, sequence_scores
 from orchard.learner.trainer import GRPOTrainer
 from orchard.records import Completion, Group, Prompt
 from orchard.rollout.model import build_model
@@ -337,3 +337,57 @@ def test_recomputed_old_logprobs_make_the_ratio_one_and_tis_weighs_the_behaviour
     assert 0 < corrected_result.tis_weight_mean <= 2.0
     assert corrected_result.loss != pytest.approx(recomputed_result.loss)
     assert changed(weights(recomputed), weights(corrected)) > 0
+
+
+# ------------------------------------------------------------------------------------------ multi-turn
+
+
+def tool_group(name: str, observation_logprob: float) -> Group:
+    """Multi-turn completions: a call, the tool's observation (logprobs `observation_logprob`, which the
+    learner must never read), and an answer; rewards differ so the group has signal."""
+    completions = []
+    for index, (call, output, answer, reward) in enumerate([("1+2", "3", "3", 1.0), ("1+2", "3", "4", 0.0)]):
+        head = TOKENIZER.encode(f"<python>print({call})</python>")
+        observation = TOKENIZER.encode(f"<output>{output}</output>")
+        tail = TOKENIZER.encode(answer)
+        tokens = head + observation + tail
+        completions.append(
+            Completion(
+                text=TOKENIZER.decode(tokens),
+                token_ids=tokens,
+                logprobs=[-2.0 - 0.1 * index] * len(head)
+                + [observation_logprob] * len(observation)
+                + [-1.5] * len(tail),
+                policy_version=0,
+                reward=reward,
+                observation_spans=[(len(head), len(head) + len(observation))],
+            )
+        )
+    return Group(
+        prompt=Prompt(id=name, text="1+2=", answer="3", distribution="tools"),
+        prompt_token_ids=TOKENIZER.encode("1+2="),
+        completions=completions,
+        id=name,
+    )
+
+
+def test_observation_tokens_weigh_nothing_in_the_loss_the_kl_and_the_entropy():
+    """Two learners, the same multi-turn group but for the logprobs recorded on its observation tokens:
+    the same step, to the bit. The entropy is the mean over the policy's own tokens alone."""
+    config = {"kl_coef": 0.5, "micro_batch_size": 4}
+    first, second = make_trainer(**config), make_trainer(**config)
+    group = tool_group("calls", observation_logprob=0.0)
+    tensors = build_training_tensors([group], TOKENIZER.pad_id)
+    with torch.no_grad():
+        scores = sequence_scores(first.engine.module, tensors.input_ids, tensors.attention_mask, TEMPERATURE)
+    mask = tensors.completion_mask
+    expected_entropy = float((scores.entropy * mask).sum() / mask.sum())
+
+    a = first.train_step([group])
+    b = second.train_step([tool_group("calls", observation_logprob=-40.0)])
+    policy_tokens = sum(c.policy_token_count for c in group.completions)
+    assert a.num_tokens == b.num_tokens == policy_tokens < group.num_tokens
+    assert (a.loss, a.kl, a.entropy) == (b.loss, b.kl, b.entropy)
+    assert a.entropy == pytest.approx(expected_entropy, rel=1e-5)
+    assert weights(first).keys() == weights(second).keys()
+    assert all(torch.equal(weights(first)[k], weights(second)[k]) for k in weights(first))

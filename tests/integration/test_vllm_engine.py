@@ -257,3 +257,34 @@ def test_a_lora_policy_runs_as_its_merged_weights(engine, models):
         assert max(abs(a - b) for a, b in zip(output.logprobs, expected, strict=True)) < LOGPROB_TOLERANCE
         base = hf_logprobs(models[0], prompt, output.token_ids)
         assert max(abs(a - b) for a, b in zip(output.logprobs, base, strict=True)) > 1e-3  # not the base
+
+
+def test_multi_turn_trajectories_continue_on_vllm(engine):
+    """The turn loop over vLLM: one-character call marks make the untrained model call a user's tool
+    often; each later turn is the whole sequence so far as one prompt (vLLM's prefix cache reuses it),
+    and the logprobs of every turn are vLLM's of the sampled tokens in that full context."""
+    from orchard.config import MultiTurnConfig
+    from orchard.rollout.multi_turn import TurnLoop
+    from orchard.rollout.tools import load_tools
+
+    config = MultiTurnConfig(
+        enabled=True,
+        tools=["tests.unit.test_multi_turn:echo"],
+        call_open="a",
+        call_close="b",
+        observation="[{output}]",
+        max_turns=4,
+    )
+    loop = TurnLoop(config, load_tools(config), TOKENIZER)
+    params = SamplingParams(temperature=1.0, max_new_tokens=40, seed=11)
+    try:
+        trajectories = loop.run(lambda prompts, p: call(engine, "generate", prompts, p), PROMPTS * 4, params)
+    finally:
+        loop.close()
+    called = [t for t in trajectories if t.calls]
+    assert called, [TOKENIZER.decode(t.token_ids) for t in trajectories]
+    assert any(t.turns > 1 for t in called)
+    for trajectory in called:
+        start, end = trajectory.observation_spans[0]
+        assert TOKENIZER.decode(trajectory.token_ids[start:end]).startswith("[")
+        assert len(trajectory.token_ids) <= 40

@@ -241,6 +241,7 @@ def populated_metrics() -> RunMetrics:
     metrics.declare_workers(["0", "1"])
     metrics.observe_rollout("0", tokens=120, groups=4)
     metrics.observe_filtered("all_wrong", 2)
+    metrics.observe_tool_calls({("python", "ok"): 3, ("python", "limit"): 1})
     metrics.observe_buffer(ready=3, pending=1)
     metrics.observe_weight_sync(0.02)
     metrics.observe_worker_version("0", 1)

@@ -135,3 +135,25 @@ def test_safe_verify_contains_raising_and_non_finite_verifiers():
     assert nan.reward == 0.0 and "non-finite reward" in nan.error
     fine = safe_verify(get_verifier("procedural"), prompt, "2")
     assert fine.correct and fine.error is None
+
+
+def test_big_multiplication_carries_its_tool_call_and_gives_partial_credit():
+    import random
+
+    from orchard.verifiers.procedural import position_share
+
+    prompt = generate_prompt("big_multiplication", 1, random.Random(0))
+    a, b = prompt.text.removeprefix("mul:").removesuffix("=").split("*")
+    assert len(a) == len(b) == 3 and prompt.answer == str(int(a) * int(b))
+    assert prompt.metadata["tool_call"] == {"tool": "python", "call": f"print({a}*{b})", "output": prompt.answer}
+    verifier = ProceduralVerifier()
+    exact = verifier.verify(prompt, f" {prompt.answer}\n")
+    assert (exact.reward, exact.correct) == (1.0, True)
+    one_off = prompt.answer[:-1] + str((int(prompt.answer[-1]) + 1) % 10)
+    near = verifier.verify(prompt, one_off)
+    assert near.correct is False and near.reward == pytest.approx((len(prompt.answer) - 1) / len(prompt.answer))
+    assert position_share("12", "1234") == 0.5 and position_share("123456", "12") == pytest.approx(2 / 6)
+    assert verifier.verify(prompt, "").reward == 0.0
+    # other families stay exact-match only
+    other = generate_prompt("addition", 1, random.Random(0))
+    assert verifier.verify(other, other.answer[:-1] + "x").reward == 0.0
