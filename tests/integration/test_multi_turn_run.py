@@ -42,9 +42,6 @@ def test_a_multi_turn_run_trains_on_tool_trajectories_and_resumes(ray_local, tmp
     calls = summary["tool_calls"]
     assert sum(calls.values()) > 0 and set(calls) <= {f"python/{o}" for o in ("ok", "error", "limit")}, calls
     assert summary["buffer"]["acked"] == summary["trained_groups"] > 0
-    # what the workers wrote: trajectories whose observations are recorded as such
-    samples = [json.loads(line) for line in (run_dir.path / "samples.jsonl").read_text().splitlines()]
-    assert any("<output>" in sample["completion"] for sample in samples), samples[:2]
 
     resumed = subprocess.run(
         [sys.executable, "-m", "orchard", "run", "--resume", str(run_dir.path), "--set", "max_steps=3", "--quiet"],

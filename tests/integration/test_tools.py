@@ -110,3 +110,55 @@ def test_the_torch_engine_continues_a_trajectory_from_the_keys_it_kept(fused_ker
     assert len(continuing._kept) > 0
     continuing.refresh()
     assert len(continuing._kept) == 0
+
+
+def test_the_learner_scores_the_policy_tokens_of_a_trajectory_as_the_engine_sampled_them():
+    """Trajectories sampled by the torch engine over several turns (continued from kept keys), stacked for
+    the learner: on every token the policy sampled, the learner's logprob of it is the engine's; the
+    observation tokens are masked."""
+    from orchard.learner.batching import build_training_tensors, sequence_logprobs
+    from orchard.records import Completion, Group, Prompt
+
+    model = build_model(ModelConfig(tiny={"num_layers": 2}), TOKENIZER, seed=2)
+    engine = TorchEngine(model, TOKENIZER)
+    config = MultiTurnConfig(
+        enabled=True,
+        tools=["tests.unit.test_multi_turn:echo"],
+        call_open="a",
+        call_close="b",
+        observation="[{output}]",
+        max_turns=4,
+    )
+    loop = TurnLoop(config, load_tools(config), TOKENIZER)
+    prompts = [[1, *TOKENIZER.encode(f"q{i}:")] for i in range(48)]
+    try:
+        trajectories = loop.run(engine.generate, prompts, SamplingParams(max_new_tokens=96, seed=4))
+    finally:
+        loop.close()
+    assert sum(t.turns > 1 for t in trajectories) >= 3, [t.turns for t in trajectories]
+    groups = [
+        Group(
+            prompt=Prompt(id=f"p{i}", text="q", answer="", distribution="d"),
+            prompt_token_ids=prompt,
+            completions=[
+                Completion(
+                    text="",
+                    token_ids=t.token_ids,
+                    logprobs=t.logprobs,
+                    policy_version=0,
+                    observation_spans=t.observation_spans,
+                )
+            ],
+        )
+        for i, (prompt, t) in enumerate(zip(prompts, trajectories, strict=True))
+    ]
+    tensors = build_training_tensors(groups, TOKENIZER.pad_id)
+    with torch.no_grad():
+        learner, _ = sequence_logprobs(model, tensors.input_ids, tensors.attention_mask, 1.0)
+    mask = tensors.completion_mask.bool()
+    assert int(mask.sum()) == sum(t.policy_tokens for t in trajectories)
+    difference = (learner - tensors.old_logprobs).abs()[mask]
+    assert float(difference.max()) < 1e-4
+    observed = tensors.attention_mask.bool() & ~mask
+    observed[:, : max(len(p) for p in prompts)] = False  # prompts aside
+    assert int(observed.sum()) > 0 and float(tensors.old_logprobs[observed].abs().max()) == 0.0

@@ -276,9 +276,9 @@ def test_multi_turn_trajectories_continue_on_vllm(engine):
         max_turns=4,
     )
     loop = TurnLoop(config, load_tools(config), TOKENIZER)
-    params = SamplingParams(temperature=1.0, max_new_tokens=40, seed=11)
+    params = SamplingParams(temperature=1.0, max_new_tokens=96, seed=11)
     try:
-        trajectories = loop.run(lambda prompts, p: call(engine, "generate", prompts, p), PROMPTS * 4, params)
+        trajectories = loop.run(lambda prompts, p: call(engine, "generate", prompts, p), PROMPTS * 16, params)
     finally:
         loop.close()
     called = [t for t in trajectories if t.calls]
@@ -287,4 +287,4 @@ def test_multi_turn_trajectories_continue_on_vllm(engine):
     for trajectory in called:
         start, end = trajectory.observation_spans[0]
         assert TOKENIZER.decode(trajectory.token_ids[start:end]).startswith("[")
-        assert len(trajectory.token_ids) <= 40
+        assert len(trajectory.token_ids) <= 96
