@@ -31,25 +31,34 @@ KEY_FILE = "key.json"
 ModelT = TypeVar("ModelT", bound=torch.nn.Module)
 
 
+#: `(prompt ids, target ids)`, optionally with `[start, end)` ranges of the target that are context only
+#: (a demonstrated tool call's observation: shown, never predicted).
+SupervisedExample = tuple[Sequence[int], Sequence[int]] | tuple[Sequence[int], Sequence[int], Sequence[tuple[int, int]]]
+
+
 def pad_supervised_batch(
-    examples: Sequence[tuple[Sequence[int], Sequence[int]]], pad_id: int
+    examples: Sequence[SupervisedExample], pad_id: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Right-padded `input_ids`, `attention_mask` and next-token `labels` (target tokens only)."""
-    width = max(len(prompt) + len(target) for prompt, target in examples)
+    """Right-padded `input_ids`, `attention_mask` and next-token `labels` (target tokens only, but for
+    an example's context-only ranges)."""
+    width = max(len(example[0]) + len(example[1]) for example in examples)
     input_ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
     attention_mask = torch.zeros((len(examples), width), dtype=torch.long)
     labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
-    for row, (prompt, target) in enumerate(examples):
+    for row, example in enumerate(examples):
+        prompt, target = example[0], example[1]
         ids = list(prompt) + list(target)
         input_ids[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
         attention_mask[row, : len(ids)] = 1
         labels[row, len(prompt) : len(ids)] = torch.tensor(target, dtype=torch.long)
+        for start, end in example[2] if len(example) > 2 else ():
+            labels[row, len(prompt) + start : len(prompt) + end] = IGNORE_INDEX
     return input_ids, attention_mask, labels
 
 
 def sft_train(
     model: torch.nn.Module,
-    examples: list[tuple[list[int], list[int]]],
+    examples: Sequence[SupervisedExample],
     *,
     steps: int,
     batch_size: int,
@@ -59,18 +68,20 @@ def sft_train(
     log: Callable[[str], Any] | None = None,
     pad_id: int = 0,
 ) -> list[float]:
-    """Train `model` on `(prompt_ids, target_ids)` pairs; returns the loss of every step.
+    """Train `model` on `(prompt_ids, target_ids[, context-only ranges])` examples; returns the loss of
+    every step.
 
     Each step draws `batch_size` examples (reshuffled epochs, seeded by `seed`) and minimises the
-    mean cross-entropy of the target tokens given everything before them; prompt tokens and
-    padding are masked out of the loss. Plain `torch.optim.AdamW` at `lr`. The model is left in
+    mean cross-entropy of the target tokens given everything before them; prompt tokens, padding and
+    a target's context-only ranges are masked out of the loss. Plain `torch.optim.AdamW` at `lr`. The model is left in
     the mode it arrived in. `pad_id` only fills the padding (it is never attended to or trained on).
     """
     if steps < 0 or batch_size < 1 or log_every < 1:
         raise ValueError(f"need steps >= 0, batch_size >= 1, log_every >= 1; got {steps}, {batch_size}, {log_every}")
     if steps and not examples:
         raise ValueError("sft_train needs at least one example to train on")
-    for index, (prompt, target) in enumerate(examples):
+    for index, example in enumerate(examples):
+        prompt, target = example[0], example[1]
         if not prompt or not target:
             raise ValueError(
                 f"example {index} has {len(prompt)} prompt and {len(target)} target tokens; both must be non-empty"

@@ -34,6 +34,9 @@ from orchard.rollout.tools import Tool, ToolOutput, call_tool
 
 Generate = Callable[[list[list[int]], SamplingParams], list[GenerationOutput]]
 
+#: `TurnLoop.parse_call`'s answer for a turn that stopped at the start of a call's opening.
+OPENING = "opening"
+
 
 @dataclass(frozen=True)
 class ToolCall:
@@ -55,6 +58,8 @@ class Trajectory:
     observation_spans: list[tuple[int, int]] = field(default_factory=list)
     calls: list[ToolCall] = field(default_factory=list)
     turns: int = 0
+    #: Where the current turn began in `token_ids` (a turn may take several generations, see `TurnLoop`).
+    turn_start: int = 0
     finish_reason: str = "length"
     #: The final turn's text, what the verifier reads.
     answer: str = ""
@@ -88,39 +93,51 @@ class TurnLoop:
                 dataclasses.replace(turn_params, max_new_tokens=max(rooms)),
             )
             calls: list[tuple[int, str, str]] = []
+            going_on = []
             for index, output, room in zip(active, outputs, rooms, strict=True):
                 call = self._take_turn(trajectories[index], output, room)
-                if call is not None:
+                if call == OPENING:
+                    going_on.append(index)
+                elif call is not None:
                     calls.append((index, *call))
             results = self._pool.map(
                 lambda c: call_tool(self.tools[c[1]], c[2], max_chars=self.config.tool_output_chars), calls
             )
-            active = []
+            active = going_on
             for (index, tool, _), result in zip(calls, results, strict=True):
                 if self._observe(trajectories[index], tool, result, budget):
                     active.append(index)
         return trajectories
 
-    def _take_turn(self, trajectory: Trajectory, output: GenerationOutput, room: int) -> tuple[str, str] | None:
-        """Append the turn's tokens; the call to run `(tool, call text)`, or None when the trajectory ended."""
+    def _take_turn(self, trajectory: Trajectory, output: GenerationOutput, room: int) -> tuple[str, str] | str | None:
+        """Append a generation's tokens to the turn; the call to run `(tool, call text)`, OPENING when the
+        generation stopped at a close mark that begins a call's opening (a fenced block's ```: the turn
+        goes on), or None when the trajectory ended."""
         tokens, logprobs = output.token_ids[:room], output.logprobs[:room]
         cut = len(output.token_ids) > room
+        before = self.tokenizer.decode(trajectory.token_ids[trajectory.turn_start :])  # this turn's earlier generations
+        resumed = len(trajectory.token_ids) > trajectory.turn_start
         trajectory.token_ids += tokens
         trajectory.logprobs += logprobs
-        trajectory.turns += 1
-        text = self.tokenizer.decode(tokens)
+        trajectory.turns += int(not resumed)
+        text = before + self.tokenizer.decode(tokens)
         call = None if cut or output.finish_reason != "stop" else self.parse_call(text)
+        if call == OPENING:
+            return OPENING
         if call is None:
             trajectory.finish_reason = "length" if cut else output.finish_reason
-            trajectory.answer = text if cut else (output.text or text)
+            trajectory.answer = text if cut else before + (output.text or self.tokenizer.decode(tokens))
             return None
         if len(trajectory.calls) >= self.config.max_tool_calls or trajectory.turns >= self.config.max_turns:
             trajectory.finish_reason, trajectory.answer = "length", text
             return None
         return call
 
-    def parse_call(self, text: str) -> tuple[str, str] | None:
-        """`(tool, call text)` when `text` ends with a closed call of a configured tool, else None."""
+    def parse_call(self, text: str) -> tuple[str, str] | str | None:
+        """`(tool, call text)` when the turn's `text` ends with a closed call of a configured tool; OPENING
+        when it ends with a close mark that no opening precedes but that begins an opening (a fenced
+        block, whose ``` both opens and closes); else None."""
+        opens = False
         for tool, close in self.close_marks.items():
             end = text.rfind(close)
             if end < 0 or text[end + len(close) :].strip():
@@ -129,7 +146,8 @@ class TurnLoop:
             start = text.rfind(opening, 0, end)
             if start >= 0:
                 return tool, text[start + len(opening) : end]
-        return None
+            opens = opens or opening.startswith(close)
+        return OPENING if opens else None
 
     def _observe(self, trajectory: Trajectory, tool: str, result: ToolOutput, budget: int) -> bool:
         """Append a call's observation; whether the trajectory goes on (there is room left)."""
@@ -141,6 +159,7 @@ class TurnLoop:
             trajectory.token_ids += tokens
             trajectory.logprobs += [0.0] * len(tokens)
             trajectory.observation_spans.append((start, start + len(tokens)))
+        trajectory.turn_start = len(trajectory.token_ids)  # the next turn begins after the observation
         if len(trajectory.token_ids) >= budget:
             trajectory.finish_reason, trajectory.answer = "length", ""
             return False
@@ -150,17 +169,13 @@ class TurnLoop:
         self._pool.shutdown(wait=False, cancel_futures=True)
 
 
-def demonstration(config: MultiTurnConfig, tool_call: dict[str, str], answer: str) -> str:
-    """A whole trajectory as text, for a warm start to show the call format: the call of `tool_call`
-    (`{"tool", "call", "output"}`, as procedural prompts carry it), its observation, then `answer`."""
+def demonstration(config: MultiTurnConfig, tool_call: dict[str, str], answer: str) -> tuple[str, str, str]:
+    """A whole trajectory, for a warm start to show the call format: the call of `tool_call` (`{"tool",
+    "call", "output"}`, as procedural prompts carry it) as the policy writes it, its observation, and
+    `answer`; apart, so that the observation can be shown without being trained on."""
     tool = tool_call["tool"]
-    return (
-        config.call_open.replace("{tool}", tool)
-        + tool_call["call"]
-        + config.call_close.replace("{tool}", tool)
-        + config.observation.replace("{output}", str(tool_call["output"]))
-        + answer
-    )
+    call = config.call_open.replace("{tool}", tool) + tool_call["call"] + config.call_close.replace("{tool}", tool)
+    return call, config.observation.replace("{output}", str(tool_call["output"])), answer
 
 
 def count_calls(trajectories: Sequence[Trajectory]) -> Counter[tuple[str, str]]:

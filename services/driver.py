@@ -37,6 +37,7 @@ from orchard.protocols import Buffer
 from orchard.records import Group
 from orchard.rollout.prompts import PromptFormat, PromptRenderer
 from orchard.rollout.tokenizer import load_tokenizer
+from orchard.rollout.tools import TOOL_OUTCOMES
 from orchard.services.buffer.factory import make_buffer
 from orchard.services.control.run_control import RunControl, RunState
 from orchard.services.curriculum.filtering import REASONS as FILTER_REASONS
@@ -179,6 +180,7 @@ class Driver:
         self.rescue = RescueQueue(build_rescues(config))
         self.rescue.open(self.buffer, self.run_dir.event, self.metrics)
         self.metrics.declare_filter_reasons(FILTER_REASONS)
+        self.metrics.declare_tools(self.config.rollout.multi_turn.close_marks(), TOOL_OUTCOMES)
         self.metrics.set_distributions(self.sampler.probabilities())
         self.metrics.observe_buffer(self.buffer.ready_count(), self.buffer.pending_count())
 

@@ -189,6 +189,12 @@ class RunMetrics:
         for reason in reasons:
             self.filtered_groups.labels(reason=reason).inc(0)
 
+    def declare_tools(self, tools: Iterable[str], outcomes: Iterable[str]) -> None:
+        """Export a zero for each configured tool and outcome, before any call (and in runs that make none)."""
+        for tool in tools:
+            for outcome in outcomes:
+                self.tool_calls.labels(tool=tool, outcome=outcome).inc(0)
+
     def declare_workers(self, workers: Iterable[str]) -> None:
         for worker in workers:
             self.rollout_tokens.labels(worker=worker).inc(0)

@@ -21,7 +21,7 @@ from orchard.rollout.tokenizer import load_tokenizer
 from orchard.verifiers.sources import PromptPool
 
 #: Bumped when the SFT recipe changes in a way the cache key cannot see.
-WARM_START_FORMAT = 1
+WARM_START_FORMAT = 2
 
 
 def cache_root(config: RunConfig) -> Path:
@@ -65,10 +65,8 @@ def warm_start(config: RunConfig, pool: PromptPool, log=print) -> tuple[dict[str
         prompts = pool.train_examples(config.warmstart.steps * config.warmstart.batch_size, rng)
         renderer = PromptRenderer(tokenizer, PromptFormat.from_config(config.data))
         chooser = random.Random(config.data.seed + 2)
-        targets = [
-            demonstrated_answer(config, p, chooser.random() < config.warmstart.tool_demonstrations) for p in prompts
-        ]
-        examples = [(renderer.encode(p), renderer.encode_answer(t)) for p, t in zip(prompts, targets, strict=True)]
+        share = config.warmstart.tool_demonstrations
+        examples = [warm_start_example(config, renderer, p, chooser.random() < share) for p in prompts]
         log(f"warm start: {config.warmstart.steps} supervised steps on {len(examples)} reference answers")
         with _all_cores():
             losses.extend(
@@ -96,15 +94,21 @@ def warm_start(config: RunConfig, pool: PromptPool, log=print) -> tuple[dict[str
     return model.state_dict(), info
 
 
-def demonstrated_answer(config: RunConfig, prompt: Prompt, call: bool = True) -> str:
-    """What the warm start teaches for `prompt`: with `rollout.multi_turn` and `call`, the tool call that
-    solves it when it carries one (`metadata["tool_call"]`), its observation and the answer; else the
-    reference solution when it has one (written as the model should write it, e.g. in the answer format
-    the prompt asks for), else the bare answer."""
+def warm_start_example(
+    config: RunConfig, renderer: PromptRenderer, prompt: Prompt, call: bool = True
+) -> tuple[list[int], list[int], list[tuple[int, int]]]:
+    """What the warm start teaches for `prompt`, as `(prompt ids, target ids, context-only ranges)`: with
+    `rollout.multi_turn` and `call`, the tool call that solves it when it carries one
+    (`metadata["tool_call"]`), its observation (shown, not trained on, as in RL) and the answer; else
+    the reference solution when it has one (written as the model should write it, e.g. in the answer
+    format the prompt asks for), else the bare answer."""
     tool_call = prompt.metadata.get("tool_call")
     if call and config.rollout.multi_turn.enabled and isinstance(tool_call, dict):
-        return demonstration(config.rollout.multi_turn, tool_call, prompt.answer)
-    return prompt.solution or prompt.answer
+        written, observation, answer = demonstration(config.rollout.multi_turn, tool_call, prompt.answer)
+        head, seen = renderer.tokenizer.encode(written), renderer.tokenizer.encode(observation)
+        target = head + seen + renderer.encode_answer(answer)
+        return renderer.encode(prompt), target, [(len(head), len(head) + len(seen))]
+    return renderer.encode(prompt), renderer.encode_answer(prompt.solution or prompt.answer), []
 
 
 @contextmanager

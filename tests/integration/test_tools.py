@@ -75,6 +75,28 @@ def test_a_hostile_trajectory_goes_on_to_its_answer():
     assert trajectory.answer == "4" and trajectory.turns == 2
 
 
+def test_a_fenced_python_block_runs_in_the_sandbox():
+    config = MultiTurnConfig(
+        enabled=True, call_open="```{tool}\n", call_close="```", observation="```output\n{output}\n```\n"
+    )
+    loop = TurnLoop(config, load_tools(config), TOKENIZER)
+    turns = iter(["Compute it.\n```", "python\nprint(482*937)\n```", "451634\n\n"])
+
+    def policy(prompts, params):
+        text = next(turns)
+        tokens = TOKENIZER.encode(text)
+        stop = next(s for s in params.stop if text.endswith(s))
+        return [GenerationOutput(tokens, [-1.0] * len(tokens), "stop", text.removesuffix(stop))]
+
+    try:
+        [trajectory] = loop.run(policy, [TOKENIZER.encode("q:")], SamplingParams(max_new_tokens=96, stop=("\n\n",)))
+    finally:
+        loop.close()
+    assert [call.outcome for call in trajectory.calls] == ["ok"]
+    assert "```output\n451634\n```\n" in TOKENIZER.decode(trajectory.token_ids)
+    assert trajectory.answer == "451634" and trajectory.turns == 2
+
+
 @pytest.mark.parametrize("fused_kernel", [True, False], ids=["compiled", "torch"])
 def test_the_torch_engine_continues_a_trajectory_from_the_keys_it_kept(fused_kernel):
     """Turn 2 of a batch whose turn 1 ended on a stop string: the continuing engine runs only the new

@@ -121,6 +121,27 @@ def test_calls_past_max_tool_calls_or_in_the_last_turn_are_not_run():
     assert len(trajectory.calls) == 1 and trajectory.turns == 2 and trajectory.finish_reason == "length"
 
 
+def test_a_fenced_python_block_is_a_call_although_its_fence_also_opens_it():
+    """``` both opens and closes a fenced block: generation stops at the opening fence too, and the turn
+    goes on until the block is closed; then the call runs."""
+    config = MultiTurnConfig(
+        enabled=True,
+        tools=["tests.unit.test_multi_turn:echo"],
+        call_open="```{tool}\n",
+        call_close="```",
+        observation="```output\n{output}\n```\n",
+    )
+    [trajectory], policy = run([["Reverse it.\n```", "echo\nabc\n```", "cba\n"]], config)
+    assert [(c.tool, c.outcome) for c in trajectory.calls] == [("echo", "ok")]
+    assert trajectory.turns == 2 and len(policy.calls) == 3
+    text = TOKENIZER.decode(trajectory.token_ids)
+    assert text == "Reverse it.\n```echo\nabc\n``````output\n\ncba\n```\ncba\n"
+    assert trajectory.answer == "cba" and trajectory.finish_reason == "stop"
+    # a fence that opens no tool's block is text: the turn goes on to its answer
+    [plain], _ = run([["See:\n```", "text\nx\n```", "done\n"]], config)
+    assert not plain.calls and plain.turns == 1 and plain.answer == "See:\n```text\nx\n```done"
+
+
 def test_a_close_without_an_opening_is_an_answer_not_a_call():
     [trajectory], _ = run([["abc</echo>"]])
     assert not trajectory.calls and trajectory.turns == 1 and trajectory.answer == "abc"
@@ -186,8 +207,8 @@ def test_multi_turn_settings_that_cannot_work_are_refused(rollout, message):
 
 def test_a_demonstration_is_a_whole_trajectory_in_the_configured_format():
     call = {"tool": "python", "call": "print(12*34)", "output": "408"}
-    text = demonstration(MultiTurnConfig(enabled=True), call, "408")
-    assert text == "<python>print(12*34)</python><output>408</output>408"
+    parts = demonstration(MultiTurnConfig(enabled=True), call, "408")
+    assert parts == ("<python>print(12*34)</python>", "<output>408</output>", "408")
 
 
 # ------------------------------------------------------------------------------------------ records
@@ -239,15 +260,27 @@ def test_observation_tokens_are_context_but_not_trained_on():
 def test_the_warm_start_demonstrates_the_call_only_with_multi_turn_rollouts():
     import random
 
-    from orchard.services.warmstart import demonstrated_answer
+    from orchard.learner.sft import IGNORE_INDEX, pad_supervised_batch
+    from orchard.rollout.prompts import PromptRenderer
+    from orchard.services.warmstart import warm_start_example
     from orchard.verifiers.procedural import generate_prompt
 
     prompt = generate_prompt("big_multiplication", 1, random.Random(3))
     a, b = prompt.text.removeprefix("mul:").removesuffix("=").split("*")
+    renderer = PromptRenderer(TOKENIZER)
     with_tool = RunConfig(rollout={"multi_turn": {"enabled": True}})
+    question, target, [(start, end)] = warm_start_example(with_tool, renderer, prompt)
     expected = f"<python>print({a}*{b})</python><output>{prompt.answer}</output>{prompt.answer}"
-    assert demonstrated_answer(with_tool, prompt) == expected
-    assert demonstrated_answer(with_tool, prompt, call=False) == prompt.answer
-    assert demonstrated_answer(RunConfig(), prompt) == prompt.answer
+    assert target == renderer.encode_answer(expected) and question == renderer.encode(prompt)
+    assert TOKENIZER.decode(target[start:end]) == f"<output>{prompt.answer}</output>"
+    # the observation is context: shown, never a label
+    _, _, labels = pad_supervised_batch([(question, target, [(start, end)])], TOKENIZER.pad_id)
+    offset = len(question)
+    assert labels[0, offset + start : offset + end].eq(IGNORE_INDEX).all()
+    assert labels[0, offset : offset + start].ne(IGNORE_INDEX).all()
+    assert labels[0, offset + end : offset + len(target)].ne(IGNORE_INDEX).all()
+    bare = renderer.encode_answer(prompt.answer)
+    assert warm_start_example(with_tool, renderer, prompt, call=False)[1:] == (bare, [])
+    assert warm_start_example(RunConfig(), renderer, prompt)[1:] == (bare, [])
     other = generate_prompt("addition", 1, random.Random(3))
-    assert demonstrated_answer(with_tool, other) == other.answer
+    assert warm_start_example(with_tool, renderer, other)[1:] == (renderer.encode_answer(other.answer), [])
