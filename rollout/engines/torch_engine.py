@@ -170,8 +170,7 @@ class TorchEngine(EngineWeights):
                 )
             )
         self._layers = layers
-        if hasattr(self, "_kept"):
-            self._kept.clear()  # computed by the weights replaced
+        self._kept.clear()  # computed by the weights replaced
         self._embed = get("model.embed_tokens.weight").detach()
         self._final_norm = get("model.norm.weight").detach()
         self._lm_head = self._embed if self._tied else get("lm_head.weight").detach()
