@@ -521,18 +521,25 @@ class GRPOTrainer:
     def save_model(self, directory: str | Path) -> dict[str, Tensor]:
         """The policy as a Hugging Face model under `directory/model` (merged with LoRA) and, with LoRA,
         the adapter alone under `directory/adapter` (for `PeftModel.from_pretrained` on the base).
-        Every rank calls it (ZeRO-3 gathers); rank 0 writes. Returns the weights written."""
+        Every rank calls it (ZeRO-3 gathers); rank 0 writes. Returns the weights written (rank 0; {} elsewhere)."""
+        if data_parallel()[0] != 0:
+            self.join_gather()
+            return {}
         module = self.engine.module
-        writes = data_parallel()[0] == 0
         with self._gathered():
             weights = _cpu_copy(self._policy_state())
-            if writes and self.config.lora.enabled:
+            if self.config.lora.enabled:
                 module.save_pretrained(str(Path(directory) / "adapter"))
-        if writes:
-            base = module.get_base_model() if self.config.lora.enabled else module
-            # transformers removes the tied keys from the dict it is given: give it its own
-            base.save_pretrained(str(Path(directory) / "model"), state_dict=dict(weights))
+        base = module.get_base_model() if self.config.lora.enabled else module
+        # transformers removes the tied keys from the dict it is given: give it its own
+        base.save_pretrained(str(Path(directory) / "model"), state_dict=dict(weights))
         return weights
+
+    def join_gather(self) -> None:
+        """What a rank other than the exporting one does where that rank gathers the parameters (ZeRO-3):
+        take part in the gather, compute and copy nothing."""
+        with self._gathered():
+            pass
 
     def _gathered(self) -> contextlib.AbstractContextManager[Any]:
         """Every parameter whole inside the context: ZeRO-3 gathers its partitions (all ranks must enter)."""

@@ -27,6 +27,11 @@ CHAT_ROLES = ("system", "user", "assistant")
 COMPLETION_SOURCES = ("sample", "hint", "tree", "cache")
 
 
+def observed_tokens(spans: list[tuple[int, int]]) -> int:
+    """How many tokens the observation spans `[start, end)` of a multi-turn completion cover."""
+    return sum(end - start for start, end in spans)
+
+
 class RecordError(ValueError):
     """A serialised record could not be read (wrong schema version, missing or malformed field)."""
 
@@ -93,7 +98,7 @@ class Completion:
     @property
     def policy_token_count(self) -> int:
         """Tokens the policy sampled: all but the observations'."""
-        return len(self.token_ids) - sum(end - start for start, end in self.observation_spans)
+        return len(self.token_ids) - observed_tokens(self.observation_spans)
 
     def __post_init__(self) -> None:
         if len(self.token_ids) != len(self.logprobs):

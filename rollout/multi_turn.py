@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 
 from orchard.config import MultiTurnConfig
 from orchard.protocols import GenerationOutput, SamplingParams
+from orchard.records import observed_tokens
 from orchard.rollout.tokenizer import Tokenizer
 from orchard.rollout.tools import Tool, ToolOutput, call_tool
 
@@ -66,7 +67,7 @@ class Trajectory:
 
     @property
     def policy_tokens(self) -> int:
-        return len(self.token_ids) - sum(end - start for start, end in self.observation_spans)
+        return len(self.token_ids) - observed_tokens(self.observation_spans)
 
 
 class TurnLoop:

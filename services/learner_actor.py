@@ -119,8 +119,7 @@ class LearnerCore:
 
     def _gather_on_peer(self) -> None:
         """What a rank other than 0 does for an export: take part in ZeRO-3's gather."""
-        if self.trainer.config.zero_stage == 3:
-            self.trainer.export_weights()
+        self.trainer.join_gather()
 
     @collective  # outermost: Ray reads num_returns from the unwrapped function
     @ray.method(num_returns=2)

@@ -140,18 +140,11 @@ def test_the_learner_scores_the_policy_tokens_of_a_trajectory_as_the_engine_samp
     observation tokens are masked."""
     from orchard.learner.batching import build_training_tensors, sequence_logprobs
     from orchard.records import Completion, Group, Prompt
+    from tests.unit.test_multi_turn import ONE_CHARACTER_CALLS
 
     model = build_model(ModelConfig(tiny={"num_layers": 2}), TOKENIZER, seed=2)
     engine = TorchEngine(model, TOKENIZER)
-    config = MultiTurnConfig(
-        enabled=True,
-        tools=["tests.unit.test_multi_turn:echo"],
-        call_open="a",
-        call_close="b",
-        observation="[{output}]",
-        max_turns=4,
-    )
-    loop = TurnLoop(config, load_tools(config), TOKENIZER)
+    loop = TurnLoop(ONE_CHARACTER_CALLS, load_tools(ONE_CHARACTER_CALLS), TOKENIZER)
     prompts = [[1, *TOKENIZER.encode(f"q{i}:")] for i in range(48)]
     try:
         trajectories = loop.run(engine.generate, prompts, SamplingParams(max_new_tokens=96, seed=4))

@@ -263,19 +263,11 @@ def test_multi_turn_trajectories_continue_on_vllm(engine):
     """The turn loop over vLLM: one-character call marks make the untrained model call a user's tool
     often; each later turn is the whole sequence so far as one prompt (vLLM's prefix cache reuses it),
     and the logprobs of every turn are vLLM's of the sampled tokens in that full context."""
-    from orchard.config import MultiTurnConfig
     from orchard.rollout.multi_turn import TurnLoop
     from orchard.rollout.tools import load_tools
+    from tests.unit.test_multi_turn import ONE_CHARACTER_CALLS
 
-    config = MultiTurnConfig(
-        enabled=True,
-        tools=["tests.unit.test_multi_turn:echo"],
-        call_open="a",
-        call_close="b",
-        observation="[{output}]",
-        max_turns=4,
-    )
-    loop = TurnLoop(config, load_tools(config), TOKENIZER)
+    loop = TurnLoop(ONE_CHARACTER_CALLS, load_tools(ONE_CHARACTER_CALLS), TOKENIZER)
     params = SamplingParams(temperature=1.0, max_new_tokens=96, seed=11)
     try:
         trajectories = loop.run(lambda prompts, p: call(engine, "generate", prompts, p), PROMPTS * 16, params)

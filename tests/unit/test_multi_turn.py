@@ -25,6 +25,17 @@ def echo(call: str) -> str:
     return call[::-1]
 
 
+#: One-character call marks around `echo`: an untrained model writes them often (the engine tests' calls).
+ONE_CHARACTER_CALLS = MultiTurnConfig(
+    enabled=True,
+    tools=["tests.unit.test_multi_turn:echo"],
+    call_open="a",
+    call_close="b",
+    observation="[{output}]",
+    max_turns=4,
+)
+
+
 def broken(call: str) -> str:
     raise RuntimeError("the tool's backend is down")
 
