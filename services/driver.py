@@ -48,7 +48,7 @@ from orchard.services.metrics import RunMetrics
 from orchard.services.placement import reserve
 from orchard.services.rescue.queue import RescueQueue, build_rescues
 from orchard.services.run.admission import AdmissionGate
-from orchard.services.run.checkpoints import Checkpoints, DriverState, latest_checkpoint, read_step
+from orchard.services.run.checkpoints import Checkpoints, DriverState, read_step, resume_checkpoint
 from orchard.services.run.intake import Intake
 from orchard.services.run.learners import LearnerGroup
 from orchard.services.run.loop import DriverError, InFlight, LoopStalled, Rollout, RunLoop, Step, WeightPush
@@ -121,17 +121,19 @@ class Driver:
         )
         for problem in self.prompt_pool.problems:
             self.run_dir.event(f"skipped prompt line: {problem}")
-        checkpoint = latest_checkpoint(self.run_dir) if self.resume else None
-        if self.resume and checkpoint is None:
-            raise DriverError(
-                f"cannot resume {self.run_dir.path}: it has no checkpoint (checkpoints/step-N/driver.json)"
-            )
+        # the newest checkpoint that verifies; damaged newer ones are logged and set aside
+        checkpoint = resume_checkpoint(self.run_dir, self.run_dir.event) if self.resume else None
         self.buffer, self._redis_server = make_buffer(
             config.buffer, namespace=self.run_dir.run_id, directory=self.run_dir.path / "redis"
         )
         self.run_dir.event(f"buffer: {type(self.buffer).__name__}")
         self._checkpoints = Checkpoints(
-            self.run_dir, self.buffer, self._save_learner, keep_last=config.checkpoint.keep_last
+            self.run_dir,
+            self.buffer,
+            self._save_learner,
+            keep_last=config.checkpoint.keep_last,
+            on_error=config.checkpoint.on_error,
+            on_failure=self.metrics.checkpoint_failures.inc,
         )
         self.sampler = PromptSampler(
             self.prompt_pool,
@@ -292,7 +294,8 @@ class Driver:
 
     def start_step(self, count: int, min_policy_version: int) -> Step:
         groups = self.buffer.take(count, min_policy_version=min_policy_version)
-        return self.learners.start_step(groups, time.perf_counter())
+        poisoned = self.step + 1 in self.config.faults.nonfinite_loss_at_steps
+        return self.learners.start_step(groups, time.perf_counter(), inject_nonfinite=poisoned)
 
     def start_rollout(self, worker: str, again: Rollout | None = None) -> Rollout:
         kind, prompts = (again.kind, again.prompts) if again is not None else self._next_rollout()
@@ -358,7 +361,7 @@ class Driver:
         The restored weights are published under a new policy version, larger than any the dead
         learner published. Gives up after `supervision.max_learner_restarts` restarts.
         """
-        checkpoint = latest_checkpoint(self.run_dir)
+        checkpoint = self._checkpoints.restorable()  # verified; a damaged one is skipped (logged)
         version = self.learners.restart(error, checkpoint)
         step = read_step(checkpoint) if checkpoint is not None else 0
         requeued = self.buffer.requeue_pending()
@@ -403,8 +406,9 @@ class Driver:
         if progress is not None:
             progress.set_description("learner step")
 
-    def _checkpoint(self, why: str) -> str:
-        """Commit the run at this step boundary (the learner is idle here): see `Checkpoints.commit`."""
+    def _checkpoint(self, why: str) -> str | None:
+        """Commit the run at this step boundary (the learner is idle here): see `Checkpoints.commit`
+        (None: it could not be written and `checkpoint.on_error` is `keep_previous`)."""
         state = DriverState(
             step=self.step,
             policy_version=self.policy_version,
@@ -609,6 +613,10 @@ class Driver:
             max_staleness=self.config.buffer.max_staleness,
             staleness_mean=fmean(self.staleness_seen) if self.staleness_seen else 0.0,
             tool_calls=dict(throughput.tool_calls),
+            worker_restarts=sum(self.pool.incarnations.values()),
+            learner_restarts=self.learners.restarts,
+            nonfinite_steps=self.non_finite.total,
+            checkpoint_failures=self._checkpoints.failures,
             **self.rescue.summary(),
         )
         return summary.model_dump()

@@ -25,6 +25,7 @@ from orchard.config import RunConfig
 from orchard.learner.trainer import StepResult
 from orchard.records import Group
 from orchard.rollout.weight_broadcast import BroadcastStats, Rendezvous
+from orchard.services.run.checkpoints import as_write_error
 from orchard.services.weights import store as weight_store
 
 
@@ -123,12 +124,12 @@ class LearnerCore:
 
     @collective  # outermost: Ray reads num_returns from the unwrapped function
     @ray.method(num_returns=2)
-    def train_step(self, groups: Sequence[Group]) -> tuple[LearnerStep, Any]:
+    def train_step(self, groups: Sequence[Group], inject_nonfinite: bool = False) -> tuple[LearnerStep, Any]:
         """One step on `groups`, and the new weights for the rollout workers as a second return value (its
         own object, so the caller publishes it without fetching it): what `export_weights` gives, or
         None when the step was skipped (nothing changed) or transport 'nccl' broadcasts them instead."""
         started = time.perf_counter()
-        result = self.trainer.train_step(groups)
+        result = self.trainer.train_step(groups, inject_nonfinite=inject_nonfinite)
         weights = None
         if not result.skipped:
             self.version += 1
@@ -248,11 +249,19 @@ class LearnerCore:
         """DeepSpeed state (weights, optimizer, counters; every rank writes its shards) under `path`, the
         policy as a Hugging Face model with its tokenizer under `path/model` (rank 0; merged with LoRA, whose
         adapter alone goes to `path/adapter`): loadable with `from_pretrained`, by vLLM, and as
-        `model: {kind: hf, path: .../model}`."""
-        self.trainer.save_checkpoint(path)
-        self.trainer.save_model(path)
-        if self.rank == 0:
-            self.tokenizer.save_pretrained(f"{path}/model")
+        `model: {kind: hf, path: .../model}`.
+
+        The driver gives a temporary directory and renames it into place once whole (see
+        `services/run/checkpoints.py`). Any failure of these writes is raised as a `CheckpointWriteError`
+        with the space left there, since a full disk does not always surface as an `OSError` (torch's
+        writer raises a `RuntimeError`): the driver then applies `checkpoint.on_error`."""
+        try:
+            self.trainer.save_checkpoint(path)
+            self.trainer.save_model(path)
+            if self.rank == 0:
+                self.tokenizer.save_pretrained(f"{path}/model")
+        except Exception as error:
+            raise as_write_error(error, path) from error
         return path
 
     @collective

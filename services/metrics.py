@@ -154,6 +154,11 @@ class RunMetrics:
             ["reason"],
             registry=registry,
         )
+        self.checkpoint_failures = Counter(
+            "orchard_checkpoint_failures",
+            "Checkpoints that could not be written and were skipped (checkpoint.on_error=keep_previous).",
+            registry=registry,
+        )
         self.learner_idle_fraction = Gauge(
             "orchard_learner_idle_fraction",
             "Share of the run's wall time the learner was not training.",
@@ -164,6 +169,7 @@ class RunMetrics:
         self.rollout_groups.inc(0)
         self.skipped_steps.labels(reason="non_finite").inc(0)
         self.learner_restarts.inc(0)
+        self.checkpoint_failures.inc(0)
         self.mcts_nodes_expanded.inc(0)
         self.mcts_tokens.inc(0)
         for outcome in ("solved", "unsolved"):

@@ -17,25 +17,36 @@ stops what:
 | huge file | RLIMIT_FSIZE (SIGXFSZ) | — |
 | many files | a tmpfs of `disk_bytes` as the working directory (root only) | — |
 | writes outside the directory | every mount read-only in a private mount namespace (root only); the run's uid owns nothing else | open, rename, remove, mkdir, chmod ... outside |
+| reading files outside the working directory | a filesystem view (root only): the program's root is pivoted to a read-only tmpfs of read-only binds of /usr, /bin, /lib*, the interpreter's prefix (its site-packages covered by empty mounts), /etc/ld.so.cache, /dev/{null,zero,full,random,urandom}, its own source and its working directory; the old root is unmounted, and there is no /proc or /sys | — |
 | network, unix sockets | a seccomp filter: socket(2) fails; a new network namespace with no interface up | every `socket.*` event |
 | new programs, native code | NO_NEW_PRIVS (setuid programs gain nothing) | `os.exec*`, `os.system`, `subprocess`, `os.posix_spawn`, `ctypes` |
-| the parent's secrets | an environment of PATH, LANG, HOME, TMPDIR only; no inherited descriptors; another uid cannot read /proc/<pid>/environ | — |
+| the parent's secrets | an environment of PATH, LANG, HOME, TMPDIR only; no inherited descriptors; another uid cannot read /proc/<pid>/environ; the view has no /proc | — |
 
 Run as root (CI, containers), each run gets a uid of its own from `UID_POOL`, claimed with an
 abstract unix socket, so RLIMIT_NPROC is enforced (the kernel never enforces it for root) and runs
 at the same time cannot signal or read one another. Without root, the program runs as the caller's
 user: its process limit is set above the caller's own process count, the network namespace needs
-unprivileged user namespaces, and there is no read-only view of the filesystem, which leaves the
-audit hook as the only guard against writes outside the directory (the seccomp filter needs no
-privilege). A layer the machine refuses (no
-CAP_SYS_ADMIN, a seccomp profile) is named in `SandboxResult.missing` with the reason.
+unprivileged user namespaces, and there is neither a read-only filesystem, which leaves the audit
+hook as the only guard against writes outside the directory (the seccomp filter needs no
+privilege), nor a filesystem view, so the program reads every file the caller can: run directories,
+datasets and the answers in them. A layer the machine refuses (no CAP_SYS_ADMIN, a seccomp profile,
+an interpreter whose prefix is /) is named in `SandboxResult.missing` with the reason.
+
+The view is what keeps a policy from reading its answers: the run directory, the datasets, the
+project and its virtual environment, home directories, other runs' sandboxes and other processes
+simply have no path in it. The supervisor builds it in its own mount namespace before the program
+starts (so a failure is reported, not hidden) and keeps the real root and /proc for itself; the
+program enters it in a mount namespace of its own, as root, before it drops to its uid. What the
+interpreter needs is asked of the interpreter itself (`_interpreter_layout`), so a pyenv or /opt
+build is shown at its own path.
 
 Which limit ended a run: timeout and output are the parent's own decisions; cpu and file_size come
 from the signal; memory, disk and processes from the exit status that the prelude gives to
 MemoryError, ENOSPC and EAGAIN (so a program can claim them falsely, and still fails).
 
-Not contained: reading world-readable files and other processes' command lines in /proc, total
-CPU time of a fork bomb (each process has its own limit, the wall clock bounds them all), and
+Not contained: reading what the view holds (the system's /usr, e.g. /usr/share, and the program's
+own source); without root, reading world-readable files and other processes' command lines in /proc;
+total CPU time of a fork bomb (each process has its own limit, the wall clock bounds them all), and
 anything that escapes the Linux kernel. The audit hook is not a security boundary (Python code can
 get round it, e.g. with `dir_fd`); the kernel layers are.
 """
@@ -70,6 +81,13 @@ _PR_SET_CHILD_SUBREAPER, _PR_SET_NO_NEW_PRIVS = 36, 38
 _MS_RDONLY, _MS_NOSUID, _MS_NODEV, _MS_NOEXEC = 0x1, 0x2, 0x4, 0x8
 _MS_REMOUNT, _MS_NOATIME, _MS_NODIRATIME, _MS_BIND = 0x20, 0x400, 0x800, 0x1000
 _MS_REC, _MS_PRIVATE, _MS_RELATIME = 0x4000, 0x40000, 0x200000
+_MNT_DETACH = 2
+#: What the program's filesystem view shows besides the interpreter's own prefix and the working
+#: directory: the system directories the dynamic loader and a system Python live in (a symlink, as in
+#: merged /usr, is copied as a symlink), the loader's cache, and the harmless devices.
+_VIEW_SYSTEM_PATHS = ("/usr", "/bin", "/lib", "/lib32", "/lib64", "/libx32", "/etc/ld.so.cache")
+_VIEW_DEVICES = ("/dev/null", "/dev/zero", "/dev/full", "/dev/random", "/dev/urandom")
+_VIEW = "filesystem view"
 _MOUNT_OPTION_FLAGS = {
     "nosuid": _MS_NOSUID,
     "nodev": _MS_NODEV,
@@ -174,6 +192,7 @@ def run_sandboxed(code: str, *, stdin: str = "", limits: SandboxLimits | None = 
         if uid is not None:
             os.chmod(root, 0o711)
             os.chown(workdir, uid, uid)
+            os.mkdir(os.path.join(root, "view"), 0o700)
             _kill_processes_of(uid)  # left by a supervisor that was itself killed
         try:
             return _run(interpreter, program, workdir, uid, stdin, limits)
@@ -198,6 +217,8 @@ def _run(
         "limits": dataclasses.asdict(limits),
         "prelude": _PRELUDE,
         "environment": {**_ENVIRONMENT, "HOME": workdir, "TMPDIR": workdir},
+        "view": os.path.join(os.path.dirname(workdir), "view") if uid is not None else None,
+        "layout": dataclasses.asdict(_interpreter_layout(interpreter)) if uid is not None else None,
     }
     started = time.monotonic()
     try:
@@ -434,6 +455,64 @@ def _unprivileged_interpreter() -> str:
     )
 
 
+@dataclasses.dataclass(frozen=True)
+class _Layout:
+    """Where an interpreter's files lie, for the program's filesystem view."""
+
+    directories: tuple[str, ...]
+    """Directories outside the system ones (`_VIEW_SYSTEM_PATHS`) that it runs from: its prefixes."""
+    hidden: tuple[str, ...]
+    """Its site-packages directories inside those shown: `-S` never reads them, so none is shown."""
+
+
+# Asked of the interpreter itself, with the program's flags, so a venv, pyenv or /opt build is seen as it runs.
+_LAYOUT_PROBE = """
+import json, os, site, sys, sysconfig
+paths = sysconfig.get_paths()
+needed = [sys.base_prefix, sys.base_exec_prefix, paths["stdlib"], paths["platstdlib"]]
+needed += [os.path.dirname(sys.executable), os.path.dirname(os.path.realpath(sys.executable))]
+sites = [paths["purelib"], paths["platlib"], *site.getsitepackages()]
+print(json.dumps({"needed": needed, "sites": sites}))
+"""
+
+
+@functools.cache
+def _interpreter_layout(interpreter: str) -> _Layout:
+    """The directories the program's view must show for `interpreter`, and the site-packages it hides."""
+    probe = subprocess.run(
+        [interpreter, "-I", "-S", "-B", "-c", _LAYOUT_PROBE],
+        env=_ENVIRONMENT,
+        cwd="/",
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    if probe.returncode != 0:
+        raise SandboxError(f"{interpreter} could not say where its files lie: {probe.stderr[-1000:]}")
+    found = json.loads(probe.stdout)
+    needed = {os.path.realpath(path) for path in found["needed"] if path}
+    directories = sorted(
+        path
+        for path in needed
+        if not any(_within(path, shown) for shown in _VIEW_SYSTEM_PATHS)
+        and not any(_within(path, other) and path != other for other in needed)
+    )
+    shown = [*_VIEW_SYSTEM_PATHS, *directories]
+    hidden = sorted(
+        path
+        for path in {os.path.realpath(path) for path in found["sites"]}
+        if os.path.isdir(path)
+        and any(_within(path, directory) for directory in shown)
+        and not any(_within(other, path) for other in needed)  # never hide the standard library
+    )
+    return _Layout(directories=tuple(directories), hidden=tuple(hidden))
+
+
+def _within(path: str, directory: str) -> bool:
+    return path == directory or path.startswith(directory.rstrip("/") + "/")
+
+
 # The program's first lines, run by its own interpreter before the model's code. It restores the
 # default action of SIGXFSZ (Python ignores it), installs the audit hook, and turns the exceptions
 # that a limit raises into the exit statuses above.
@@ -568,6 +647,7 @@ def _enter_namespaces(libc, config: dict, uid: int | None, isolation: list[str],
             missing.append(f"network namespace: unshare(CLONE_NEWUSER|CLONE_NEWNET) failed: {problem}")
         missing.append("own uid: not running as root, so the process limit counts the caller's processes too")
         missing.append("read-only filesystem: not running as root")
+        missing.append(f"{_VIEW}: not running as root, so the program reads every file the caller can")
         return
     isolation.append(f"own uid {uid}")
     problem = unshare(_CLONE_NEWNET)
@@ -575,17 +655,11 @@ def _enter_namespaces(libc, config: dict, uid: int | None, isolation: list[str],
         isolation.append("network namespace")
     else:
         missing.append(f"network namespace: unshare(CLONE_NEWNET) failed: {problem}")
-    before = os.readlink("/proc/self/ns/mnt")
-    problem = unshare(_CLONE_NEWNS)
+    problem = _private_mount_namespace(libc, unshare)
     if problem is not None:
-        missing.append(f"read-only filesystem: unshare(CLONE_NEWNS) failed: {problem}")
-        return
-    if os.readlink("/proc/self/ns/mnt") == before:  # never remount anything in the caller's namespace
-        raise SandboxError("unshare(CLONE_NEWNS) returned success but the mount namespace did not change")
-    try:
-        _mount(libc, None, "/", None, _MS_REC | _MS_PRIVATE)  # nothing below reaches the caller's mounts
-    except OSError as error:
-        missing.append(f"read-only filesystem: making the mounts private failed: {error.strerror}")
+        missing.append(f"read-only filesystem: {problem}")
+        missing.append(f"{_VIEW}: {problem}")
+        config["view"] = None
         return
     failed = _remount_read_only(libc)
     if "/" in failed:
@@ -602,6 +676,95 @@ def _enter_namespaces(libc, config: dict, uid: int | None, isolation: list[str],
         missing.append(f"tmpfs working directory: {error.strerror}")
     else:
         isolation.append(f"tmpfs working directory of {limits['disk_bytes']} bytes")
+    try:
+        _build_view(libc, config)
+    except (OSError, ValueError) as error:
+        missing.append(f"{_VIEW}: {error}")
+        config["view"] = None  # the program then sees the whole (read-only) filesystem
+    else:
+        isolation.append(f"{_VIEW}: the interpreter and the working directory only")
+
+
+def _private_mount_namespace(libc, unshare) -> str | None:
+    """Enter a mount namespace whose mounts reach nobody else's; returns the problem, or None."""
+    before = os.readlink("/proc/self/ns/mnt")
+    problem = unshare(_CLONE_NEWNS)
+    if problem is not None:
+        return f"unshare(CLONE_NEWNS) failed: {problem}"
+    if os.readlink("/proc/self/ns/mnt") == before:  # never mount anything in the caller's namespace
+        raise SandboxError("unshare(CLONE_NEWNS) returned success but the mount namespace did not change")
+    try:
+        _mount(libc, None, "/", None, _MS_REC | _MS_PRIVATE)  # nothing below reaches the caller's mounts
+    except OSError as error:
+        return f"making the mounts private failed: {error.strerror}"
+    return None
+
+
+def _build_view(libc, config: dict) -> None:
+    """Mount the program's future root: a tmpfs of read-only binds of only what the interpreter needs.
+
+    Built here, before the program starts, so that a failure is reported as a missing layer; the
+    program enters it with `_enter_view`. Everything else (the caller's home, the project, run
+    directories, datasets, other sandboxes' files, /proc) has no path in it at all.
+    """
+    view, layout = config["view"], config["layout"]
+    if "/" in layout["directories"]:
+        raise ValueError("the interpreter's prefix is /, so a view holding it would hold everything")
+    os.umask(0o022)  # the directories made for mount points must be traversable by the program's uid
+    _mount(libc, "tmpfs", view, "tmpfs", _MS_NOSUID | _MS_NODEV, "size=1m,nr_inodes=1024,mode=0755")
+    for path in (*_VIEW_SYSTEM_PATHS, *layout["directories"]):
+        _show(libc, view, path, _MS_NOSUID | _MS_NODEV)
+    for path in layout["hidden"]:
+        _mount(libc, "tmpfs", view + path, "tmpfs", _MS_RDONLY | _MS_NOSUID | _MS_NODEV | _MS_NOEXEC, "size=4k")
+    for path in _VIEW_DEVICES:
+        _show(libc, view, path, _MS_NOSUID | _MS_NOEXEC)
+    _show(libc, view, config["program"], _MS_NOSUID | _MS_NODEV | _MS_NOEXEC)
+    _show(libc, view, config["workdir"], None)  # the only writable place
+    _mount(libc, None, view, None, _MS_REMOUNT | _MS_BIND | _MS_RDONLY | _MS_NOSUID | _MS_NODEV)
+
+
+def _show(libc, view: str, path: str, read_only_flags: int | None) -> None:
+    """Make `path` appear at the same path in the view: a bind mount (read-only unless flags are None),
+    or for a symlink the same symlink. A path this machine lacks is left out."""
+    if not os.path.lexists(path):
+        return
+    target = view + path
+    os.makedirs(os.path.dirname(target), mode=0o755, exist_ok=True)
+    if os.path.islink(path):
+        os.symlink(os.readlink(path), target)
+        return
+    if os.path.isdir(path):
+        os.makedirs(target, mode=0o755, exist_ok=True)
+    else:
+        os.close(os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
+    _mount(libc, path, target, None, _MS_BIND | _MS_REC)
+    if read_only_flags is not None:  # a bind keeps the source's flags until it is remounted
+        _mount(libc, None, target, None, _MS_REMOUNT | _MS_BIND | _MS_RDONLY | read_only_flags)
+
+
+#: pivot_root(2) has no libc wrapper: its number per machine.
+_PIVOT_ROOT_SYSCALLS = {"x86_64": 155, "aarch64": 41}
+
+
+def _enter_view(libc, view: str) -> None:
+    """Make the view the whole filesystem of this process: a mount namespace of its own (the
+    supervisor keeps the real root and /proc), the view pivoted to /, the old root unmounted."""
+    import ctypes
+
+    def check(result: int, call: str) -> None:
+        if result != 0:
+            raise OSError(ctypes.get_errno(), f"{call}: {os.strerror(ctypes.get_errno())}")
+
+    check(libc.unshare(_CLONE_NEWNS), "unshare(CLONE_NEWNS)")
+    os.chdir(view)
+    machine = os.uname().machine
+    if machine in _PIVOT_ROOT_SYSCALLS:
+        # the old root is stacked on the view at the same place; unmounting it leaves the view alone
+        check(libc.syscall(ctypes.c_long(_PIVOT_ROOT_SYSCALLS[machine]), b".", b"."), "pivot_root")
+        check(libc.umount2(b".", _MNT_DETACH), "umount2(old root)")
+    else:
+        os.chroot(".")  # the program's uid has no CAP_SYS_CHROOT to leave it
+    os.chdir("/")
 
 
 # seccomp: socket(2) and io_uring_setup(2) (which could open sockets past the filter) fail with
@@ -699,6 +862,8 @@ def _become_program(libc, config: dict) -> None:
         if current_hard != resource.RLIM_INFINITY:  # only root may raise a hard limit
             soft, hard = min(soft, current_hard), min(hard, current_hard)
         resource.setrlimit(kind, (soft, hard))
+    if config["view"] is not None:
+        _enter_view(libc, config["view"])
     uid = config["uid"]
     if uid is not None:
         os.setgroups([])

@@ -72,8 +72,8 @@ class LearnerGroup:
         return self.config.weight_sync.transport == "nccl"
 
     # ------------------------------------------------------------------ steps and weights
-    def start_step(self, groups: list[Group], started: float) -> Step:
-        step, weights = self.actor.train_step.remote(groups)
+    def start_step(self, groups: list[Group], started: float, *, inject_nonfinite: bool = False) -> Step:
+        step, weights = self.actor.train_step.remote(groups, inject_nonfinite)
         return Step(groups, started, step, weights=weights)
 
     def finish_step(self, call: Step, step_number: int) -> LearnerStep:

@@ -135,3 +135,9 @@ class RunSummary(BaseModel):
     staleness_mean: float
     #: Multi-turn rollouts: tool calls by "tool/outcome" (outcomes of `rollout.tools.TOOL_OUTCOMES`).
     tool_calls: dict[str, int] = {}
+    #: Faults the run survived: rollout-worker and learner restarts, steps skipped for non-finite values.
+    worker_restarts: int = 0
+    learner_restarts: int = 0
+    nonfinite_steps: int = 0
+    #: Checkpoints that could not be written (kept going under `checkpoint.on_error: keep_previous`).
+    checkpoint_failures: int = 0

@@ -148,3 +148,14 @@ def test_algorithm_recipes_pass_orchard_check(recipe, capsys):
 def test_every_algorithm_has_a_recipe():
     recipes = {path.stem for path in (DEMO_CONFIG.parent / "algorithms").glob("*.yaml")}
     assert {"dr_grpo", "lite_ppo", "rloo", "dapo", "dler", "lp_reg", "hpt_hints", "lora"} <= recipes
+
+
+def test_fault_injection_is_refused_unless_the_environment_allows_it(monkeypatch):
+    monkeypatch.delenv("ORCHARD_FAULT_INJECTION", raising=False)
+    with pytest.raises(ConfigError) as caught:
+        load_config(None, ["faults.nonfinite_loss_at_steps=[3]"])
+    assert caught.value.problems[0][0] == "faults"
+    assert "refused unless ORCHARD_FAULT_INJECTION=1" in caught.value.problems[0][1]
+    assert load_config(None, []).faults.nonfinite_loss_at_steps == []
+    monkeypatch.setenv("ORCHARD_FAULT_INJECTION", "1")
+    assert load_config(None, ["faults.nonfinite_loss_at_steps=[3]"]).faults.nonfinite_loss_at_steps == [3]
