@@ -6,9 +6,16 @@ import argparse
 import json
 import os
 import sys
+import threading
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from orchard.config import ConfigError, RunConfig, dump_config, load_config
+
+if TYPE_CHECKING:
+    from orchard.services.control.server import ControlServer
+    from orchard.services.control.service import RunHandle
 
 EXIT_BAD_CONFIG = 2
 EXIT_FAILED = 1
@@ -18,53 +25,82 @@ def _load(args: argparse.Namespace) -> RunConfig:
     return load_config(args.config, args.overrides)
 
 
-def _run_directory(config: RunConfig, run_dir: str | None):
-    from orchard.services.run_dir import RunDirectory, new_run_id
+def _run_path(config: RunConfig, run_dir: str | None) -> Path:
+    """Where the run's directory is: `--run-dir` (or `--resume`) when given, else a new id under runs_dir."""
+    from orchard.services.run_dir import new_run_id
 
-    if run_dir:
-        path = Path(run_dir)
-        return RunDirectory(path.parent, path.name)
-    return RunDirectory(config.runs_dir, new_run_id(config.name))
+    return Path(run_dir) if run_dir else Path(config.runs_dir) / new_run_id(config.name)
+
+
+def _resolve_resume(args: argparse.Namespace) -> None:
+    """`--resume DIR` means DIR's config.yaml and DIR itself as the run directory."""
+    resumed = Path(args.resume)
+    if args.config or args.run_dir:
+        raise ConfigError(
+            [("--resume", "takes the config and run directory of the run it resumes; drop CONFIG and --run-dir")]
+        )
+    if not (resumed / "config.yaml").is_file():
+        raise ConfigError([("--resume", f"{resumed} is not a run directory (no config.yaml)")])
+    args.config, args.run_dir = str(resumed / "config.yaml"), str(resumed)
 
 
 def command_run(args: argparse.Namespace) -> int:
-    """Serve the control plane, create the run, execute it here, exit when it ends."""
+    """Serve the control plane, create the run, execute it here, exit when it ends.
+
+    Before anything is written, the run directory must be free (no other process runs it) and the
+    control port must be bindable; either conflict ends the command with a message and the
+    directory untouched. The directory's lock is then held until the command ends, so a second
+    `orchard run --resume` of it fails instead of interleaving its writes with this run's.
+    """
     if args.resume:
-        resumed = Path(args.resume)
-        if args.config or args.run_dir:
-            raise ConfigError(
-                [("--resume", "takes the config and run directory of the run it resumes; drop CONFIG and --run-dir")]
-            )
-        if not (resumed / "config.yaml").is_file():
-            raise ConfigError([("--resume", f"{resumed} is not a run directory (no config.yaml)")])
-        args.config, args.run_dir = str(resumed / "config.yaml"), str(resumed)
+        _resolve_resume(args)
     config = _load(args)
-    from orchard.services.buffer.redis_buffer import BufferUnavailable
-    from orchard.services.cluster import connect_ray
     from orchard.services.control.app import create_app
-    from orchard.services.control.run_control import RunState
     from orchard.services.control.server import ControlPlaneError, ControlServer
     from orchard.services.control.service import ControlService
-    from orchard.services.driver import DriverError
+    from orchard.services.run_dir import RunDirectory, RunDirectoryLocked, ensure_unlocked
 
+    path = _run_path(config, args.run_dir)
     token = config.control.resolved_token()
     service = ControlService()
     try:
+        # the directory first: a resumed run has the port of the run that holds it, and the port
+        # conflict would hide the real one
+        ensure_unlocked(path)
         app = create_app(service, token=token, max_body_bytes=config.control.max_body_bytes)
         server = ControlServer(app, config.control.host, config.control.port, token=token)
+    except RunDirectoryLocked as error:
+        print(f"orchard: {error}", file=sys.stderr)
+        return EXIT_FAILED
     except ControlPlaneError as error:
         print(f"orchard: {error}", file=sys.stderr)
         return EXIT_BAD_CONFIG
-    run = service.create_run(
-        config, run_dir=_run_directory(config, args.run_dir), paused=args.paused, launch=False, resume=bool(args.resume)
-    )
+    run_dir = RunDirectory(path.parent, path.name)
+    try:
+        lock = run_dir.lock()
+    except RunDirectoryLocked as error:  # taken between the check and now
+        server.stop()
+        print(f"orchard: {error}", file=sys.stderr)
+        return EXIT_FAILED
+    with lock:
+        run = service.create_run(config, run_dir=run_dir, paused=args.paused, launch=False, resume=bool(args.resume))
+        return _execute(run, server, args)
+
+
+def _execute(run: RunHandle, server: ControlServer, args: argparse.Namespace) -> int:
+    """Execute `run` in this thread with the control plane served beside it; the command's exit status."""
+    from orchard.services.buffer.redis_buffer import BufferUnavailable
+    from orchard.services.cluster import connect_ray
+    from orchard.services.control.run_control import RunState
+    from orchard.services.driver import DriverError
+
     print(f"orchard: run {run.id} in {run.run_dir.path}", flush=True)
     server.start()
     print(f"orchard: control plane at {server.url}", flush=True)
     if args.paused:
         print(f"orchard: the run starts paused; resume it with `orchard resume --url {server.url}`", flush=True)
     try:
-        connect_ray(config)
+        connect_ray(run.config)
         summary = run.execute(show_progress=not args.quiet)
     except (DriverError, ConfigError, BufferUnavailable) as error:
         print(f"orchard: run failed: {error}", file=sys.stderr)
@@ -83,6 +119,38 @@ def command_run(args: argparse.Namespace) -> int:
     return 0 if run.control.state in (RunState.FINISHED, RunState.STOPPED) else EXIT_FAILED
 
 
+def launch_holding_lock(handle: RunHandle, launch: Callable[[RunHandle], None] | None = None) -> None:
+    """Launch a run created over REST holding its directory's lock until the run's thread ends.
+
+    While `orchard serve` runs it, an `orchard run --resume` of the directory is refused as for
+    a run of `orchard run`. A directory already held (another process chose the same run id)
+    fails the run at once with 409, before anything is written.
+    """
+    from orchard.services.control.run_control import ControlConflict, RunState
+    from orchard.services.control.service import launch_in_thread
+    from orchard.services.run_dir import RunDirectoryLocked
+
+    try:
+        lock = handle.run_dir.lock()
+    except RunDirectoryLocked as error:
+        handle.control.finish(RunState.FAILED, str(error))
+        raise ControlConflict(str(error)) from None
+    try:
+        (launch or launch_in_thread)(handle)
+    except BaseException:
+        lock.release()
+        raise
+    if handle.thread is None:  # nothing runs in the background: nothing to hold the directory for
+        lock.release()
+        return
+
+    def release_when_done(thread: threading.Thread) -> None:
+        thread.join()
+        lock.release()
+
+    threading.Thread(target=release_when_done, args=(handle.thread,), name=f"lock-{handle.id}", daemon=True).start()
+
+
 def command_serve(args: argparse.Namespace) -> int:
     """The control plane alone; runs are created with `POST /v1/runs`."""
     from orchard.services.control.app import create_app
@@ -90,8 +158,9 @@ def command_serve(args: argparse.Namespace) -> int:
     from orchard.services.control.service import ControlService
 
     token = os.environ.get("ORCHARD_TOKEN") or None
+    service = ControlService(launcher=launch_holding_lock)
     try:
-        server = ControlServer(create_app(ControlService(), token=token), args.host, args.port, token=token)
+        server = ControlServer(create_app(service, token=token), args.host, args.port, token=token)
     except ControlPlaneError as error:
         print(f"orchard: {error}", file=sys.stderr)
         return EXIT_BAD_CONFIG

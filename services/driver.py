@@ -362,6 +362,7 @@ class Driver:
         learner published. Gives up after `supervision.max_learner_restarts` restarts.
         """
         checkpoint = self._checkpoints.restorable()  # verified; a damaged one is skipped (logged)
+        restarts_before = self.learners.restarts
         version = self.learners.restart(error, checkpoint)
         step = read_step(checkpoint) if checkpoint is not None else 0
         requeued = self.buffer.requeue_pending()
@@ -372,7 +373,7 @@ class Driver:
             f"learner died ({type(error).__name__}); restart {self.learners.restarts} from "
             f"{checkpoint or 'the warm start'} at step {step} as policy version {version}; {requeued} groups requeued"
         )
-        self.metrics.learner_restarts.inc()
+        self.metrics.learner_restarts.inc(self.learners.restarts - restarts_before)
         self.learners.form_broadcast_group(self.pool.actors)
         self.learners.publish(version)
 

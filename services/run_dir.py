@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import json
 import math
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -33,12 +36,120 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+#: The run directory's lock file: held (flock) by the process running the run, holding its pid.
+LOCK_FILE = ".lock"
+
+
+class RunDirectoryLocked(RuntimeError):
+    """Another process holds the run directory's lock, so a run of it is in progress there."""
+
+    def __init__(self, path: Path, pid: int | None) -> None:
+        self.path = path
+        self.pid = pid
+        holder = f"pid {pid}" if pid is not None else "a process whose pid is not recorded yet"
+        super().__init__(
+            f"run directory {path} is in use by another orchard process ({holder}); "
+            "wait for that run to end (or stop it) before running or resuming this directory"
+        )
+
+
+class RunLock:
+    """An exclusive `flock` on a run directory's lock file, held until `release` or until the process ends.
+
+    The kernel drops the lock when its process dies, however it dies (SIGKILL included), so a
+    killed run can be resumed at once and a stale lock file never blocks anything: only a live
+    holder does. The file is never deleted: removing it would let two processes lock different
+    files of the same name.
+    """
+
+    def __init__(self, path: Path, descriptor: int) -> None:
+        self.path = path
+        self._descriptor: int | None = descriptor
+
+    @property
+    def held(self) -> bool:
+        return self._descriptor is not None
+
+    def release(self) -> None:
+        if self._descriptor is not None:
+            os.close(self._descriptor)  # closing the only descriptor releases the lock
+            self._descriptor = None
+
+    def __enter__(self) -> RunLock:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+def _recorded_pid(descriptor: int) -> int | None:
+    """The pid the holder wrote into the lock file (None while it has not written it yet)."""
+    text = os.pread(descriptor, 64, 0).decode(errors="replace").strip()
+    return int(text) if text.isdigit() else None
+
+
+def _try_flock(descriptor: int, operation: int) -> bool:
+    try:
+        fcntl.flock(descriptor, operation | fcntl.LOCK_NB)
+    except OSError as error:
+        if error.errno in (errno.EWOULDBLOCK, errno.EACCES):
+            return False
+        raise
+    return True
+
+
+def lock_run_directory(path: Path) -> RunLock:
+    """Take `path`'s lock for this process, or raise `RunDirectoryLocked` naming the holder's pid.
+
+    A failed attempt changes nothing in the directory: the lock file is only written (the new
+    holder's pid) once the lock is held.
+    """
+    lock_path = path / LOCK_FILE
+    descriptor = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        if not _try_flock(descriptor, fcntl.LOCK_EX):
+            raise RunDirectoryLocked(path, _recorded_pid(descriptor))
+        os.ftruncate(descriptor, 0)
+        os.pwrite(descriptor, f"{os.getpid()}\n".encode(), 0)
+    except BaseException:
+        os.close(descriptor)
+        raise
+    return RunLock(lock_path, descriptor)
+
+
+def ensure_unlocked(path: str | Path) -> None:
+    """Raise `RunDirectoryLocked` when a process holds `path`'s lock; return when none does.
+
+    Creates and writes nothing, so a command can refuse a directory in use before it touches
+    anything (or binds its port). The probe holds a shared lock for an instant; `lock_run_directory`
+    remains the check that counts.
+    """
+    lock_path = Path(path) / LOCK_FILE
+    try:
+        descriptor = os.open(lock_path, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return
+    try:
+        if not _try_flock(descriptor, fcntl.LOCK_SH):
+            raise RunDirectoryLocked(Path(path), _recorded_pid(descriptor))
+    finally:
+        os.close(descriptor)  # also drops the probe's shared lock
+
+
 class RunDirectory:
     def __init__(self, root: str | Path, run_id: str) -> None:
         self.run_id = run_id
         self.path = Path(root) / run_id
         self.path.mkdir(parents=True, exist_ok=True)
         (self.path / "checkpoints").mkdir(exist_ok=True)
+
+    def lock(self) -> RunLock:
+        """Hold this directory for this process's run (see `RunLock`); raises `RunDirectoryLocked`.
+
+        Not taken by `__init__`: one process may open the same directory several times (a run and
+        the tools that read it), and only the process that runs the run should hold it.
+        """
+        return lock_run_directory(self.path)
 
     def write_config(self, config: RunConfig) -> None:
         (self.path / "config.yaml").write_text(dump_config(config))

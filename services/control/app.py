@@ -1,21 +1,28 @@
 """The control plane's REST API (ARCHITECTURE.md §3), on FastAPI. OpenAPI at `/docs`.
 
 Routes hold no logic: each translates HTTP into one call of `ControlService` and its errors into
-status codes (404 unknown run, 409 a request the run's state does not allow, 422 a bad body naming
-the field). Every mutating route depends on `require_token` whenever a token is configured;
-tokens are compared in constant time and never logged. Bodies are limited in size before they are
-parsed.
+status codes (404 unknown run, 409 a request the run's state does not allow, 422 a bad request
+naming each field by its path). Every mutating route depends on `require_token` whenever a token
+is configured; tokens are compared in constant time and never logged. Bodies are limited in size
+before they are parsed.
+
+Requests are strict: an unknown body field, an undefined query parameter or a body sent to an
+action that takes none is refused with 422, never ignored, so a malformed request cannot start,
+stop or change a run as if it had been understood.
 """
 
 from __future__ import annotations
 
+import json
 import secrets
 from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, HTTPException, Request, Response, status
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field, ModelWrapValidatorHandler, ValidationError, model_validator
+from pydantic_core import ErrorDetails, InitErrorDetails, PydanticCustomError
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from orchard.config import ConfigError, RunConfig, apply_overrides, config_from_dict, load_config
@@ -27,16 +34,65 @@ _bearer = HTTPBearer(auto_error=False)
 
 
 # ---------------------------------------------------------------------------------- request/response models
-class CreateRunRequest(BaseModel):
+class StrictRequest(BaseModel):
+    """A request body that refuses what it does not define, each unknown field named by its path.
+
+    A field the API ignored silently would be a request half-understood: a misspelt `pasued`
+    would start the run unpaused. Fields are strict as well: a value of another JSON type than the
+    documented one (`"paused": "yes"` or `1`, `"version": "3"`) is a client's bug, and reading it
+    as what it resembles would hide the bug behind a guess.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+
+#: Top-level fields of a RunConfig, recognised when a config is posted bare instead of under `config`.
+RUN_CONFIG_FIELDS = frozenset(RunConfig.model_fields)
+
+
+class CreateRunRequest(StrictRequest):
     """A run to create: a config mapping (the embedded demo when omitted) and `--set`-style overrides."""
 
     config: dict[str, Any] | None = Field(
         None, description="A RunConfig as JSON (the YAML file's content). Omitted: the embedded demo config."
     )
-    overrides: list[Annotated[str, Field(max_length=4096)]] = Field(
-        default_factory=list, max_length=256, description="`key.path=value` overrides applied on top."
+    overrides: list[Annotated[str, Field(max_length=4096, strict=True)]] = Field(
+        default_factory=list, max_length=256, strict=True, description="`key.path=value` overrides applied on top."
     )
-    paused: bool = Field(False, description="Create the run paused: set up, then wait for resume.")
+    paused: bool = Field(False, strict=True, description="Create the run paused: set up, then wait for resume.")
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def _config_goes_under_config(cls, data: Any, handler: ModelWrapValidatorHandler[CreateRunRequest]) -> Any:
+        """A config posted bare (`{"model": ..., "rollout": ...}`) is refused saying where it belongs."""
+        try:
+            return handler(data)
+        except ValidationError as error:
+            raise _explain_misplaced_config(error) from None
+
+
+def _explain_misplaced_config(error: ValidationError) -> ValidationError:
+    """`error` with each unknown top-level field that is a RunConfig field explained as misplaced."""
+    if not any(_is_misplaced_config(item) for item in error.errors()):
+        return error
+    details: list[InitErrorDetails] = []
+    for item in error.errors():
+        if _is_misplaced_config(item):
+            name = item["loc"][0]
+            kind = PydanticCustomError(
+                "config_field_misplaced",
+                "'{field}' is a field of the run config, not of the request: send the config under 'config', "
+                'as {"config": {"{field}": ...}}',  # only {field} is substituted
+                {"field": name},
+            )
+        else:  # kept as it was, message included
+            kind = PydanticCustomError(item["type"], item["msg"], item.get("ctx"))
+        details.append(InitErrorDetails(type=kind, loc=item["loc"], input=item["input"]))
+    return ValidationError.from_exception_data(error.title, details)
+
+
+def _is_misplaced_config(item: ErrorDetails) -> bool:
+    return item["type"] == "extra_forbidden" and len(item["loc"]) == 1 and item["loc"][0] in RUN_CONFIG_FIELDS
 
 
 class RunAccepted(BaseModel):
@@ -44,9 +100,15 @@ class RunAccepted(BaseModel):
     state: RunState
 
 
-class WeightsRequest(BaseModel):
-    version: int = Field(..., ge=0, description="The new policy version; must exceed the last announced one.")
-    location: str = Field(..., min_length=1, max_length=4096, description="Where the weights can be fetched.")
+class WeightsRequest(StrictRequest):
+    """A new policy version and where its weights are."""
+
+    version: int = Field(
+        ..., ge=0, strict=True, description="The new policy version; must exceed the last announced one."
+    )
+    location: str = Field(
+        ..., min_length=1, max_length=4096, strict=True, description="Where the weights can be fetched."
+    )
 
 
 class WeightsAccepted(BaseModel):
@@ -57,6 +119,51 @@ class WeightsAccepted(BaseModel):
 
 class Health(BaseModel):
     status: str = "ok"
+
+
+# ---------------------------------------------------------------------------------- nothing undefined is accepted
+#: What a refused query parameter or body field is called in a 422, as pydantic calls an unknown field.
+EXTRA_FORBIDDEN = "Extra inputs are not permitted"
+
+
+async def refuse_query_parameters(request: Request) -> None:
+    """No mutating route defines query parameters, so any sent is refused (422, `loc` query.<name>).
+
+    Ignoring one would act on a request the caller meant differently: `stop?force=true` or
+    `pause?run=other` would still stop or pause the run in the path.
+    """
+    errors = [
+        {"type": "extra_forbidden", "loc": ("query", name), "msg": EXTRA_FORBIDDEN, "input": value}
+        for name, value in request.query_params.multi_items()
+    ]
+    if errors:
+        raise RequestValidationError(errors)
+
+
+async def refuse_body(request: Request) -> None:
+    """pause/resume/stop/checkpoint take no body: one that carries anything is refused (422).
+
+    No body, `{}` and `null` carry nothing and are accepted (some clients always send one); an
+    object's fields are refused each by its path (`loc` body.<field>), anything else as a whole.
+    Otherwise `stop` with `{"checkpoint": false}` would stop the run as if the field meant something.
+    """
+    raw = await request.body()
+    if not raw.strip():
+        return
+    try:
+        body = json.loads(raw)
+    except ValueError:
+        body = raw.decode(errors="replace")[:200]
+    if body is None or body == {}:
+        return
+    if isinstance(body, dict):
+        errors = [
+            {"type": "extra_forbidden", "loc": ("body", str(name)), "msg": EXTRA_FORBIDDEN, "input": value}
+            for name, value in body.items()
+        ]
+    else:
+        errors = [{"type": "body_not_expected", "loc": ("body",), "msg": "this action takes no body", "input": body}]
+    raise RequestValidationError(errors, body=body)
 
 
 # ---------------------------------------------------------------------------------- body size limit
@@ -128,7 +235,9 @@ def create_app(service: ControlService, *, token: str | None = None, max_body_by
                 headers={"WWW-Authenticate": "Bearer"},
             )
 
-    authorized = [Depends(require_token)]
+    # the token first: an unauthenticated caller learns nothing about what its request would have done
+    mutating = [Depends(require_token), Depends(refuse_query_parameters)]
+    bodiless = [*mutating, Depends(refuse_body)]
 
     @app.exception_handler(RunNotFound)
     async def _not_found(request: Request, error: RunNotFound) -> JSONResponse:
@@ -158,7 +267,7 @@ def create_app(service: ControlService, *, token: str | None = None, max_body_by
         "/v1/runs",
         response_model=RunAccepted,
         status_code=status.HTTP_201_CREATED,
-        dependencies=authorized,
+        dependencies=mutating,
         tags=["runs"],
         responses={401: {}, 409: {}, 422: {}},
     )
@@ -184,10 +293,10 @@ def create_app(service: ControlService, *, token: str | None = None, max_body_by
             f"/v1/runs/{{run_id}}/{name}",
             response_model=RunAccepted,
             status_code=status.HTTP_202_ACCEPTED,
-            dependencies=authorized,
+            dependencies=bodiless,
             tags=["runs"],
             summary=f"{name.capitalize()} a run",
-            responses={401: {}, 404: {}, 409: {}},
+            responses={401: {}, 404: {}, 409: {}, 422: {}},
         )(route)
 
     action("pause", service.pause)
@@ -199,9 +308,9 @@ def create_app(service: ControlService, *, token: str | None = None, max_body_by
         "/v1/runs/{run_id}/weights",
         response_model=WeightsAccepted,
         status_code=status.HTTP_202_ACCEPTED,
-        dependencies=authorized,
+        dependencies=mutating,
         tags=["runs"],
-        responses={401: {}, 404: {}, 409: {}},
+        responses={401: {}, 404: {}, 409: {}, 422: {}},
     )
     def announce_weights(run_id: str, request: WeightsRequest) -> WeightsAccepted:
         announcement = service.announce_weights(run_id, request.version, request.location)

@@ -6,6 +6,7 @@ is a clear error at once, and port 0 yields the port actually chosen.
 
 from __future__ import annotations
 
+import errno
 import ipaddress
 import socket
 import threading
@@ -40,17 +41,43 @@ def check_bind(host: str, token: str | None) -> None:
         )
 
 
+def address(host: str, port: int) -> str:
+    """`host:port` as in a URL (an IPv6 host in brackets)."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _bind_failure(host: str, port: int, error: OSError) -> str:
+    """Why `host:port` cannot be bound, and what to change."""
+    where = address(host, port)
+    if error.errno == errno.EADDRINUSE:
+        return (
+            f"cannot serve the control plane on {where}: another process is already listening there "
+            "(another `orchard run` or `orchard serve`?). Stop it, or choose another port "
+            "(control.port for `orchard run`, --port for `orchard serve`; 0 picks any free port)"
+        )
+    if error.errno == errno.EADDRNOTAVAIL:
+        return f"cannot serve the control plane on {where}: {host} is not an address of this machine"
+    if error.errno == errno.EACCES:
+        return f"cannot serve the control plane on {where}: permission denied (ports below 1024 need privileges)"
+    return f"cannot serve the control plane on {where}: {error.strerror or error}"
+
+
 def bind_socket(host: str, port: int) -> socket.socket:
+    """A listening socket on `host:port`; `ControlPlaneError` naming the address when it cannot be bound.
+
+    SO_REUSEADDR lets a restarted run rebind while the old connections linger in TIME_WAIT; it
+    does not let two processes listen on one port (Linux refuses a second listener), so a busy
+    port is still an error here.
+    """
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind((host, port))
+        sock.listen(128)
     except OSError as error:
         sock.close()
-        hint = " (another orchard may be serving there; set control.port=0 for any free port)" if port else ""
-        raise ControlPlaneError(f"cannot bind the control plane to {host}:{port}: {error.strerror}{hint}") from None
-    sock.listen(128)
+        raise ControlPlaneError(_bind_failure(host, port, error)) from None
     sock.set_inheritable(True)
     return sock
 
@@ -70,8 +97,7 @@ class ControlServer:
 
     @property
     def url(self) -> str:
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"http://{host}:{self.port}"
+        return f"http://{address(self.host, self.port)}"
 
     def start(self) -> ControlServer:
         """Serve in a daemon thread; returns once connections are accepted."""

@@ -12,10 +12,11 @@ cluster.
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 from pydantic import BaseModel, Field
 
@@ -24,6 +25,36 @@ from orchard.services.control.run_control import ControlConflict, RunControl, Ru
 from orchard.services.metrics import RunMetrics
 from orchard.services.run.report import RunProgress
 from orchard.services.run_dir import RunDirectory, new_run_id
+
+T = TypeVar("T")
+
+
+#: How long one read of a run's progress, and one rendering of its metrics, serve every reader: a
+#: crowd of clients polling status and /metrics costs the run one read per interval, not one per
+#: request (each read takes the GIL from the run's own threads, and progress asks the buffer). A
+#: change of the run's state is seen at once: it drops both.
+READ_CACHE_SECONDS = 0.5
+
+
+class Cached(Generic[T]):
+    """`read()`'s value, read again once it is `seconds` old; concurrent callers wait for one read."""
+
+    def __init__(self, read: Callable[[], T], seconds: float = READ_CACHE_SECONDS) -> None:
+        self._read, self.seconds = read, seconds
+        self._lock = threading.Lock()
+        self._value: T | None = None
+        self._read_at = -math.inf
+
+    def get(self) -> T:
+        with self._lock:
+            now = time.monotonic()
+            if self._value is None or now - self._read_at >= self.seconds:
+                self._value, self._read_at = self._read(), now
+            return self._value
+
+    def drop(self) -> None:
+        with self._lock:
+            self._value = None
 
 
 class RunNotFound(KeyError):
@@ -69,9 +100,13 @@ class RunHandle:
         self.driver: Any | None = None  # services.driver.Driver, imported lazily (it imports Ray)
         self.summary: dict[str, Any] | None = None
         self.thread: threading.Thread | None = None
+        self._progress = Cached(self._read_progress)
+        self._exposition = Cached(self.metrics.render)
 
     def _on_state(self, state: RunState) -> None:
         self.metrics.set_state(str(state))
+        self._progress.drop()
+        self._exposition.drop()
 
     def execute(self, *, show_progress: bool = False) -> dict[str, Any]:
         """Run the driver to the end in this thread; returns the summary (raises what failed the run)."""
@@ -88,8 +123,16 @@ class RunHandle:
         self.summary = self.driver.run()
         return self.summary
 
+    def _read_progress(self) -> RunProgress:
+        return self.driver.progress() if self.driver is not None else RunProgress()
+
+    def render_metrics(self) -> bytes:
+        """The run's Prometheus exposition (at most `READ_CACHE_SECONDS` old)."""
+        return self._exposition.get()
+
     def status(self) -> RunStatus:
-        progress = self.driver.progress() if self.driver is not None else RunProgress()
+        """State, reason and weights as they are now; progress at most `READ_CACHE_SECONDS` old."""
+        progress = self._progress.get()
         weights: WeightAnnouncement | None = self.control.weights
         return RunStatus(
             id=self.id,
@@ -188,4 +231,4 @@ class ControlService:
     def render_metrics(self) -> bytes:
         """The Prometheus exposition of the newest run (empty before the first run)."""
         latest = self.latest()
-        return latest.metrics.render() if latest is not None else b""
+        return latest.render_metrics() if latest is not None else b""

@@ -149,20 +149,28 @@ class LearnerGroup:
         """A new learner from `checkpoint` (the warm start when None) after one died; returns the policy
         version its weights are published under: one past any the dead learner published.
 
-        Gives up after `supervision.max_learner_restarts` restarts."""
+        A new learner that dies before it is restored counts as one more restart and is replaced in
+        turn. Gives up after `supervision.max_learner_restarts` restarts."""
         limit = self.config.supervision.max_learner_restarts
-        if self.restarts >= limit:
-            raise DriverError(
-                f"the learner died again after {self.restarts} restarts "
-                f"(supervision.max_learner_restarts={limit}); giving up: {error}"
-            )
-        self.restarts += 1
-        for peer in self.peers:  # ranks of the dead learner's process group cannot join a new one
-            ray.kill(peer)
-        self.actor, self.peers = create_learner(self.config, self._initial_weights, self.placement)
-        if checkpoint is not None:
-            self.load_checkpoint(checkpoint)
-        return get(self.actor.renumber.remote(self.weight_sync.version + 1), "learner renumber")
+        while True:
+            if self.restarts >= limit:
+                raise DriverError(
+                    f"the learner died again after {self.restarts} restarts "
+                    f"(supervision.max_learner_restarts={limit}); giving up: {error}"
+                )
+            self.restarts += 1
+            for actor in [self.actor, *self.peers]:  # a dead learner's ranks cannot join a new process group
+                ray.kill(actor)
+            self.actor, self.peers = create_learner(self.config, self._initial_weights, self.placement)
+            try:
+                if checkpoint is not None:
+                    ray.get(self.actor.load_checkpoint.remote(str(checkpoint)))
+                return ray.get(self.actor.renumber.remote(self.weight_sync.version + 1))
+            except ray.exceptions.RayActorError as died:
+                self.log(f"the restarted learner died before it was restored: {died}")
+                error = died
+            except ray.exceptions.RayError as failed:
+                raise DriverError(f"learner restore from {checkpoint or 'the warm start'} failed: {failed}") from failed
 
     def alive(self) -> bool:
         return alive(self.actor)

@@ -13,7 +13,7 @@ import time
 from orchard.services.driver import Driver
 from orchard.services.redis_server import RedisServer
 from orchard.services.run_dir import RunDirectory
-from tests.faults.chaos import AckLedger, Chaos, group_ledger, plan, redis_servers_on, running
+from tests.faults.chaos import AckLedger, Chaos, Fault, FaultKind, group_ledger, plan, redis_servers_on, running
 from tests.faults.test_worker_death import run_in_thread
 from tests.integration.test_driver import small_config
 
@@ -99,3 +99,28 @@ def chaos_round(tmp_path, warm_cache, server: RedisServer, seed: int) -> str:
         f"{ledger.acknowledged} acknowledged once + {ledger.ready} ready + {ledger.dropped} stale; "
         f"{len(chaos.pids)} actor processes, none left; {summary['rl_seconds']:.0f} s of RL"
     )
+
+
+def test_a_learner_killed_again_while_it_is_being_restored_is_replaced_again(ray_local, tmp_path, warm_cache):
+    """The second kill finds the new learner as soon as it answers, that is while the driver restores it
+    from the checkpoint (or just after): either way the run goes on, one restart per kill."""
+    with RedisServer(appendonly=True, directory=tmp_path / "redis") as server:
+        config = small_config(
+            tmp_path,
+            warm_cache,
+            "max_steps=30",
+            "buffer.backend=redis",
+            f"buffer.redis_url={server.url}",
+            "checkpoint.every_steps=5",
+        )
+        run_dir = RunDirectory(tmp_path, "killed-twice")
+        driver = Driver(config, run_dir, show_progress=False)
+        twice = [Fault(FaultKind.LEARNER, 12, 0.0), Fault(FaultKind.LEARNER, 12, 0.0)]
+        chaos = Chaos(driver, server, twice, log=run_dir.event).start()
+        thread, outcome = run_in_thread(driver)
+        thread.join(600)
+        chaos.stop()
+    assert chaos.error is None and chaos.remaining == 0
+    assert "error" not in outcome, outcome.get("error")
+    assert outcome["summary"]["steps"] == 30 and outcome["summary"]["learner_restarts"] == 2
+    assert [record["step"] for record in run_dir.read_metrics()] == list(range(1, 31))

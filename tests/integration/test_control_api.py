@@ -152,3 +152,185 @@ def test_metrics_follow_the_run_state(client, service):
     assert 'orchard_run_state{state="pausing"} 1.0' in text
     assert all(f'orchard_run_state{{state="{state}"}}' in text for state in RUN_STATES)
     assert "orchard_learner_step 0.0" in text
+
+
+# ---------------------------------------------------------------------------------- strict requests
+def snapshot(service: ControlService, launched: list[RunHandle]) -> tuple:
+    """Everything a request could change: the runs launched, and each run's status and pending requests."""
+    return (
+        [run.id for run in launched],
+        [
+            (run.status().model_dump(), list(run.control.history), run.control._checkpoint_requested)
+            for run in service.runs()
+        ],
+    )
+
+
+def locs(response) -> list[tuple]:
+    return [tuple(item["loc"]) for item in response.json()["detail"]]
+
+
+def test_unknown_fields_are_422_each_named_by_its_path(client, service, launched):
+    before = snapshot(service, launched)
+    response = client.post("/v1/runs", json={"config": TINY_CONFIG, "pasued": True, "dry_run": 1}, headers=AUTH)
+    assert response.status_code == 422
+    assert sorted(locs(response)) == [("body", "dry_run"), ("body", "pasued")]
+    assert {item["type"] for item in response.json()["detail"]} == {"extra_forbidden"}
+    assert snapshot(service, launched) == before == ([], [])
+    run_id = create(client)["id"]
+    before = snapshot(service, launched)
+    response = client.post(
+        f"/v1/runs/{run_id}/weights", json={"version": 1, "location": "/w/1", "force": True}, headers=AUTH
+    )
+    assert response.status_code == 422 and locs(response) == [("body", "force")]
+    assert snapshot(service, launched) == before
+
+
+def test_a_config_posted_bare_is_422_saying_to_put_it_under_config(client, service, launched):
+    bare = {"name": "api", "max_steps": 3, "model": {"kind": "tiny"}, "rollout": {"group_size": 4}}
+    response = client.post("/v1/runs", json={**bare, "colour": "red"}, headers=AUTH)
+    assert response.status_code == 422
+    detail = {tuple(item["loc"]): item for item in response.json()["detail"]}
+    assert set(detail) == {("body", name) for name in (*bare, "colour")}
+    for name in bare:
+        assert detail[("body", name)]["type"] == "config_field_misplaced"
+        assert f"'{name}' is a field of the run config" in detail[("body", name)]["msg"]
+        assert "under 'config'" in detail[("body", name)]["msg"]
+    assert detail[("body", "colour")]["type"] == "extra_forbidden"  # not a config field: just unknown
+    # beside a config too: a field of it given at the top level is misplaced, not merged
+    response = client.post("/v1/runs", json={"config": TINY_CONFIG, "max_steps": 5}, headers=AUTH)
+    assert response.status_code == 422 and response.json()["detail"][0]["type"] == "config_field_misplaced"
+    assert snapshot(service, launched) == ([], [])
+
+
+def test_overrides_must_be_a_list_of_strings(client, service, launched):
+    response = client.post("/v1/runs", json={"config": TINY_CONFIG, "overrides": "max_steps=5"}, headers=AUTH)
+    assert response.status_code == 422
+    assert locs(response) == [("body", "overrides")] and response.json()["detail"][0]["type"] == "list_type"
+    response = client.post("/v1/runs", json={"config": TINY_CONFIG, "overrides": ["max_steps=5", 5]}, headers=AUTH)
+    assert response.status_code == 422 and locs(response) == [("body", "overrides", 1)]
+    response = client.post("/v1/runs", json={"config": TINY_CONFIG, "overrides": {"max_steps": 5}}, headers=AUTH)
+    assert response.status_code == 422 and locs(response) == [("body", "overrides")]
+    assert snapshot(service, launched) == ([], [])
+
+
+@pytest.mark.parametrize(
+    ("body", "loc", "kind"),
+    [
+        ({"config": TINY_CONFIG, "paused": "true"}, ("body", "paused"), "bool_type"),
+        ({"config": TINY_CONFIG, "paused": "false"}, ("body", "paused"), "bool_type"),
+        ({"config": TINY_CONFIG, "paused": 1}, ("body", "paused"), "bool_type"),
+        ({"config": "name: api"}, ("body", "config"), "dict_type"),
+        ({"config": [TINY_CONFIG]}, ("body", "config"), "dict_type"),
+    ],
+)
+def test_create_fields_are_not_coerced(client, service, launched, body, loc, kind):
+    response = client.post("/v1/runs", json=body, headers=AUTH)
+    assert response.status_code == 422
+    assert [(tuple(item["loc"]), item["type"]) for item in response.json()["detail"]] == [(loc, kind)]
+    assert snapshot(service, launched) == ([], [])
+
+
+@pytest.mark.parametrize(
+    ("body", "loc", "kind"),
+    [
+        ({"version": "3", "location": "/w/3"}, ("body", "version"), "int_type"),
+        ({"version": 3.0, "location": "/w/3"}, ("body", "version"), "int_type"),
+        ({"version": True, "location": "/w/3"}, ("body", "version"), "int_type"),
+        ({"version": 3, "location": 3}, ("body", "location"), "string_type"),
+        ({"location": "/w/3"}, ("body", "version"), "missing"),
+    ],
+)
+def test_weights_fields_are_not_coerced(client, service, launched, body, loc, kind):
+    run_id = create(client)["id"]
+    before = snapshot(service, launched)
+    response = client.post(f"/v1/runs/{run_id}/weights", json=body, headers=AUTH)
+    assert response.status_code == 422
+    assert [(tuple(item["loc"]), item["type"]) for item in response.json()["detail"]] == [(loc, kind)]
+    assert snapshot(service, launched) == before
+    assert client.get(f"/v1/runs/{run_id}").json()["weights"] is None
+
+
+def test_unknown_config_keys_are_422_at_their_path_under_config(client, service, launched):
+    config = {**TINY_CONFIG, "rollout": {"bogus": 1}, "data": {"sources": [{"kind": "procedural", "colour": 1}]}}
+    response = client.post("/v1/runs", json={"config": config}, headers=AUTH)
+    assert response.status_code == 422
+    assert sorted(locs(response)) == [
+        ("body", "config", "data", "sources", "0", "colour"),
+        ("body", "config", "rollout", "bogus"),
+    ]
+    response = client.post("/v1/runs", json={"config": TINY_CONFIG, "overrides": ["rollout.bogus=1"]}, headers=AUTH)
+    assert response.status_code == 422 and locs(response) == [("body", "config", "rollout", "bogus")]
+    assert snapshot(service, launched) == ([], [])
+
+
+ACTIONS = ("pause", "resume", "stop", "checkpoint")
+
+
+@pytest.mark.parametrize("action", ACTIONS)
+@pytest.mark.parametrize(
+    ("request_options", "expected_locs"),
+    [
+        ({"json": {"force": True}}, [("body", "force")]),
+        ({"json": {"run": "other", "reason": "x"}}, [("body", "run"), ("body", "reason")]),
+        ({"json": [1]}, [("body",)]),
+        ({"json": "now"}, [("body",)]),
+        ({"content": b"force=true", "headers": {"Content-Type": "application/x-www-form-urlencoded"}}, [("body",)]),
+        ({"params": {"force": "true"}}, [("query", "force")]),
+        ({"params": [("run", "a"), ("run", "b")]}, [("query", "run"), ("query", "run")]),
+    ],
+)
+def test_actions_refuse_a_body_or_query_parameters_and_change_nothing(
+    client, service, launched, action, request_options, expected_locs
+):
+    run_id = create(client)["id"]
+    before = snapshot(service, launched)
+    headers = {**AUTH, **request_options.pop("headers", {})}
+    response = client.post(f"/v1/runs/{run_id}/{action}", headers=headers, **request_options)
+    assert response.status_code == 422, response.text
+    assert locs(response) == expected_locs
+    assert snapshot(service, launched) == before
+
+
+@pytest.mark.parametrize("body", [None, {}])
+def test_actions_accept_no_body_or_an_empty_one(client, service, body):
+    run_id = create(client)["id"]
+    response = client.post(f"/v1/runs/{run_id}/pause", json=body, headers=AUTH)
+    assert response.status_code == 202 and response.json()["state"] == "pausing"
+    assert client.post(f"/v1/runs/{run_id}/checkpoint", content=b"null", headers=AUTH).status_code == 202
+
+
+def test_create_and_weights_refuse_query_parameters(client, service, launched):
+    response = client.post("/v1/runs", params={"paused": "true"}, json={"config": TINY_CONFIG}, headers=AUTH)
+    assert response.status_code == 422 and locs(response) == [("query", "paused")]
+    assert snapshot(service, launched) == ([], [])
+    run_id = create(client)["id"]
+    before = snapshot(service, launched)
+    response = client.post(
+        f"/v1/runs/{run_id}/weights", params={"v": "2"}, json={"version": 2, "location": "/w/2"}, headers=AUTH
+    )
+    assert response.status_code == 422 and locs(response) == [("query", "v")]
+    assert snapshot(service, launched) == before
+
+
+def test_the_token_is_checked_before_the_request_shape(client, service, launched):
+    run_id = create(client)["id"]
+    before = snapshot(service, launched)
+    assert client.post(f"/v1/runs/{run_id}/stop", params={"force": "1"}).status_code == 401
+    assert client.post(f"/v1/runs/{run_id}/stop", json={"force": True}).status_code == 401
+    assert client.post("/v1/runs", json={"model": {}}).status_code == 401
+    assert snapshot(service, launched) == before
+
+
+def test_well_formed_requests_still_act(client, service, launched):
+    """The strict checks refuse only what is malformed: the documented shapes all work."""
+    run_id = create(client, overrides=["max_steps=4"], paused=False)["id"]
+    assert service.get(run_id).config.max_steps == 4
+    response = client.post(f"/v1/runs/{run_id}/weights", json={"version": 0, "location": "/w/0"}, headers=AUTH)
+    assert response.status_code == 202
+    for action, state in (("pause", "pausing"), ("resume", "running"), ("checkpoint", "running"), ("stop", "stopping")):
+        response = client.post(f"/v1/runs/{run_id}/{action}", headers=AUTH)
+        assert response.status_code == 202 and response.json()["state"] == state, (action, response.text)
+    service.get(run_id).control.finish(RunState.STOPPED)
+    demo = client.post("/v1/runs", json={"overrides": ["max_steps=2"]}, headers=AUTH)  # the embedded demo config
+    assert demo.status_code == 201, demo.text
