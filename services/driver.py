@@ -325,6 +325,9 @@ class Driver:
         self.pool.finish_push(call, self.learners)
 
     def finish_step(self, call: Step) -> list[WeightPush]:
+        if call.learner != self.learners.restarts:  # taken by a learner since replaced: its groups were requeued
+            self.run_dir.event(f"a step on {len(call.groups)} groups was lost with the learner that took it")
+            return []
         step = self.learners.finish_step(call, self.step + 1)
         self.throughput.learner_busy_seconds += time.perf_counter() - call.started
         self._checkpoints.trained(g.id for g in call.groups)

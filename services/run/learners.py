@@ -74,7 +74,7 @@ class LearnerGroup:
     # ------------------------------------------------------------------ steps and weights
     def start_step(self, groups: list[Group], started: float, *, inject_nonfinite: bool = False) -> Step:
         step, weights = self.actor.train_step.remote(groups, inject_nonfinite)
-        return Step(groups, started, step, weights=weights)
+        return Step(groups, started, step, weights=weights, learner=self.restarts)
 
     def finish_step(self, call: Step, step_number: int) -> LearnerStep:
         """The finished step's result; its new weights (unless skipped) published and announced."""

@@ -52,6 +52,8 @@ class Step:
     started: float
     handle: Any
     weights: Any = None
+    #: Which learner took the step (0 for the first, n after n restarts).
+    learner: int = 0
 
 
 InFlight = Rollout | WeightPush | Step
@@ -181,11 +183,17 @@ class RunLoop:
                 try:
                     port.finish_rollout(call)
                 except WorkerDied as error:
-                    port.replace_worker(call, error)
+                    try:
+                        port.replace_worker(call, error)
+                    except LearnerDied as died:  # the replacement's weights went with a dead learner
+                        return [*port.replace_learner(died), port.start_rollout(call.worker, again=call)]
                     return [port.start_rollout(call.worker, again=call)]
                 return []
             case WeightPush():
-                port.finish_push(call)
+                try:
+                    port.finish_push(call)
+                except LearnerDied as died:
+                    return port.replace_learner(died)
                 return []
             case Step():
                 try:

@@ -20,7 +20,7 @@ from orchard.rollout.prompts import PromptFormat
 from orchard.rollout.worker import RolloutWorker
 from orchard.services.metrics import RunMetrics
 from orchard.services.placement import rollout_options
-from orchard.services.run.learners import LearnerGroup, alive, get
+from orchard.services.run.learners import LearnerDied, LearnerGroup, alive
 from orchard.services.run.loop import DriverError, Rollout, WeightPush, WorkerDied
 from orchard.services.weights.sync import WeightSync
 
@@ -124,15 +124,21 @@ class RolloutPool:
             )
         self.incarnations[name] += 1
         self.log(f"rollout worker {name} died ({type(error).__name__}); restart {self.incarnations[name]}")
+        self.metrics.worker_restarts.labels(worker=name).inc()
         index = int(name.removeprefix("worker-"))
         actor = self.actors[name] = self._new_actor(index, self.incarnations[name])
         latest = self.weight_sync.latest
-        weights = learners.readable(latest.ref)
-        confirmed = get(actor.load_weights.remote(latest.version, weights), f"weights for restarted {name}")
+        try:
+            confirmed = ray.get(actor.load_weights.remote(latest.version, learners.readable(latest.ref)))
+        except ray.exceptions.RayError as failed:
+            if not learners.alive():  # the new learner will publish and push to every worker, this one too
+                raise LearnerDied(
+                    f"the learner died; version {latest.version}'s weights for restarted {name} went with it"
+                ) from failed
+            raise DriverError(f"weights for restarted {name} failed: {failed}") from failed
         learners.form_broadcast_group(self.actors)
         self.weight_sync.confirm(name, confirmed.version)
         self.metrics.observe_worker_version(name, confirmed.version)
-        self.metrics.worker_restarts.labels(worker=name).inc()
 
     def close(self) -> None:
         for actor in self.actors.values():

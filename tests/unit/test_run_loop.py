@@ -27,6 +27,7 @@ class Faults:
     rollouts: set[int] = field(default_factory=set)  # the worker's process dies during the call
     steps: set[int] = field(default_factory=set)  # the learner's process dies during the step
     checkpoints: set[int] = field(default_factory=set)  # ... or while checkpointing
+    replacements: set[int] = field(default_factory=set)  # ... before a replaced worker got its weights
 
 
 class FakeRun:
@@ -62,6 +63,7 @@ class FakeRun:
         self._sequence = itertools.count()
         self._generates_with: dict[tuple, int] = {}  # rollout handle -> the version it generates with
         self.policy_version = 0
+        self.learners = 0  # learner restarts so far
         self.published = 0  # the newest version ever published (a restarted learner continues above it)
         self.step = 0
         self.scheduled = {f"worker-{index}": 0 for index in range(workers)}
@@ -96,7 +98,7 @@ class FakeRun:
         groups = self.buffer.take(count, min_policy_version=min_policy_version)
         self.steps_in_flight += 1
         self.overlap |= self.rollouts_in_flight > 0
-        return Step(groups, self.now, self._handle("step"))
+        return Step(groups, self.now, self._handle("step"), learner=self.learners)
 
     def start_rollout(self, worker: str, again: Rollout | None = None) -> Rollout:
         prompts = (
@@ -135,8 +137,11 @@ class FakeRun:
         self.generating -= len(call.prompts)  # start_rollout counts them again
         if call.incarnation == self.incarnation[call.worker]:
             self.incarnation[call.worker] += 1
-            self.scheduled[call.worker] = self.loaded[call.worker] = self.published
+            self.calls["replacements"] += 1
             self.events.append(f"{call.worker} restarted: {error}")
+            if self.calls["replacements"] in self.faults.replacements:
+                raise LearnerDied(f"the learner died; the weights for the new {call.worker} went with it")
+            self.scheduled[call.worker] = self.loaded[call.worker] = self.published
 
     def finish_push(self, call: WeightPush) -> None:
         self.calls["pushes finished"] += 1
@@ -144,6 +149,9 @@ class FakeRun:
 
     def finish_step(self, call: Step) -> list[WeightPush]:
         self.steps_in_flight -= 1
+        if call.learner != self.learners:  # taken by a learner since replaced: its groups were requeued
+            self.calls["steps lost"] += 1
+            return []
         self.calls["steps finished"] += 1
         if self.calls["steps finished"] in self.faults.steps:
             raise LearnerDied("learner killed during a step")
@@ -168,6 +176,7 @@ class FakeRun:
         (path / "learner").write_text(f"step {self.step}")
 
     def replace_learner(self, error: BaseException) -> list[WeightPush]:
+        self.learners += 1
         requeued = self.buffer.requeue_pending()
         self.checkpoints.forget_trained()
         checkpoint = latest_checkpoint(self.run_dir)
@@ -272,6 +281,17 @@ def test_a_dead_workers_call_runs_again_on_its_replacement(tmp_path):
     assert run.repeated == [(worker, prompt_ids)]
     assert run.incarnation == Counter({worker: 1})
     assert run.events == [f"{worker} restarted: {worker} killed"]
+
+
+def test_a_replaced_worker_whose_weights_died_with_the_learner_gets_the_new_learners_and_its_call_again(tmp_path):
+    run = FakeRun(RunDirectory(tmp_path, "run"), faults=Faults(rollouts={3}, replacements={1}))
+    run.loop().run()
+    assert run.step == 8
+    [(worker, prompt_ids)] = run.died
+    assert run.repeated == [(worker, prompt_ids)]
+    assert any(event.startswith("learner restarted") and "went with it" in event for event in run.events)
+    assert all(version == run.published for version in run.loaded.values())  # the new worker too
+    assert run.buffer.stats()["acked"] == 8 * run.gate.batch_groups and run.buffer.pending_count() == 0
 
 
 def test_a_learner_dying_in_a_step_restarts_from_the_checkpoint_and_its_groups_are_trained_again(tmp_path):
