@@ -38,8 +38,9 @@ test: $(STAMP) system-deps
 	$(BIN)/python -m pytest -q -m "not gpu" $(PYTEST_ARGS)
 
 # Rounds of the chaos test (tests/faults/test_chaos.py) for CHAOS_MINUTES: each a run of CHAOS_STEPS
-# learner steps with CHAOS_FAULTS worker kills, learner kills and redis-server restarts each, seeded
-# from CHAOS_SEED upwards. `make test` runs one round of 300 steps and 3 faults of each kind.
+# learner steps with CHAOS_FAULTS worker kills, learner kills, redis-server restarts and operator
+# requests (checkpoint, pause) each, seeded from CHAOS_SEED upwards. `make test` runs one round of
+# 300 steps and 3 of each kind.
 CHAOS_MINUTES ?= 30
 CHAOS_STEPS ?= 1000
 CHAOS_FAULTS ?= 10

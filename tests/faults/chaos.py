@@ -2,8 +2,9 @@
 
 `plan(seed, steps, each)` places `each` faults of every kind (`FaultKind`) at random moments of a
 run of `steps` learner steps; `Chaos` is a thread that, watching a running `Driver`, injects them
-with real signals: SIGKILL to a random rollout worker's process, SIGKILL to the learner's, and a
-stop and start of the run's redis-server. Moments count learner steps of progress (a learner
+with real signals: SIGKILL to a random rollout worker's process, SIGKILL to the learner's, a stop
+and start of the run's redis-server, and an operator's request through the run's control (a
+checkpoint, or a pause held for a moment, then a resume). Moments count learner steps of progress (a learner
 restart takes the step counter back to its checkpoint; the steps trained again count as progress),
 plus a random delay inside a step, so a fault lands in generation, training, a weight push or a
 checkpoint alike.
@@ -33,6 +34,7 @@ import ray
 import redis
 
 from orchard.services.buffer.redis_buffer import RedisBuffer
+from orchard.services.control.run_control import ControlConflict, RunState
 from orchard.services.redis_server import RedisServer
 
 #: How long the injector waits for an actor's pid before trying the fault again later.
@@ -44,6 +46,7 @@ class FaultKind(enum.StrEnum):
     WORKER = "worker"  # SIGKILL to one rollout worker's process
     LEARNER = "learner"  # SIGKILL to the learner's process
     REDIS = "redis"  # redis-server stopped and started again (its append-only file replayed)
+    CONTROL = "control"  # an operator's request: a checkpoint, or a pause held briefly then a resume
 
 
 @dataclass(frozen=True)
@@ -53,7 +56,8 @@ class Fault:
     at_progress: int
     #: Seconds after that step is seen, so that faults do not all land at step boundaries.
     delay_seconds: float
-    #: Which rollout worker (an index into the run's workers, taken modulo their number).
+    #: Which rollout worker (an index into the run's workers, taken modulo their number); for a
+    #: control request, even asks a checkpoint and odd a pause.
     worker: int = 0
 
 
@@ -149,6 +153,8 @@ class Chaos:
 
     def _inject(self, fault: Fault) -> bool:
         """True once injected; False when the target is not there yet (say, a worker being replaced)."""
+        if fault.kind is FaultKind.CONTROL:
+            return self._request(checkpoint=fault.worker % 2 == 0)
         if fault.kind is FaultKind.REDIS:
             self.server.restart()
             self.log(f"chaos: redis-server restarted at progress {self._progress}")
@@ -165,6 +171,26 @@ class Chaos:
         self.pids.add(pid)
         os.kill(pid, signal.SIGKILL)
         self.log(f"chaos: {name} (pid {pid}) killed at progress {self._progress}")
+        return True
+
+    def _request(self, *, checkpoint: bool) -> bool:
+        """A checkpoint request, or a pause held until the run is paused (or a minute), then a resume;
+        False when the run's state refuses it now."""
+        control = self.driver.control
+        try:
+            if checkpoint:
+                control.request_checkpoint()
+                self.log(f"chaos: checkpoint requested at progress {self._progress}")
+                return True
+            control.request_pause()
+        except ControlConflict:
+            return False
+        deadline = time.monotonic() + PID_TIMEOUT_SECONDS
+        while control.state is not RunState.PAUSED and time.monotonic() < deadline and not self._stop.is_set():
+            time.sleep(POLL_SECONDS)
+        paused_at = control.state
+        control.request_resume()
+        self.log(f"chaos: paused ({paused_at}) and resumed at progress {self._progress}")
         return True
 
 

@@ -1,5 +1,6 @@
 """Chaos over one run: rollout workers, the learner and redis-server fail at random moments, several
-times each, and the run still finishes with every group accounted for (`tests/faults/chaos.py`).
+times each, while an operator asks for checkpoints and pauses, and the run still finishes with
+every group accounted for (`tests/faults/chaos.py`).
 
 `make test` runs one seeded round of a few hundred steps; `make chaos` runs rounds of the size asked
 (`CHAOS_STEPS`, `CHAOS_FAULTS` of each kind, from `CHAOS_SEED`) for `CHAOS_MINUTES`.
@@ -94,7 +95,8 @@ def chaos_round(tmp_path, warm_cache, server: RedisServer, seed: int) -> str:
     assert not redis_servers_on(server.port)
     return (
         f"{STEPS} steps finished; survived {chaos.injected['worker']} worker kills, "
-        f"{chaos.injected['learner']} learner kills, {chaos.injected['redis']} redis-server restarts "
+        f"{chaos.injected['learner']} learner kills, {chaos.injected['redis']} redis-server restarts, "
+        f"{chaos.injected['control']} checkpoint or pause requests "
         f"({driver.buffer.retries} buffer calls retried); groups: {ledger.stored} stored = "
         f"{ledger.acknowledged} acknowledged once + {ledger.ready} ready + {ledger.dropped} stale; "
         f"{len(chaos.pids)} actor processes, none left; {summary['rl_seconds']:.0f} s of RL"
