@@ -23,6 +23,7 @@ from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field, ModelWrapValidatorHandler, ValidationError, model_validator
 from pydantic_core import ErrorDetails, InitErrorDetails, PydanticCustomError
+from starlette.concurrency import run_in_threadpool
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from orchard.config import ConfigError, RunConfig, apply_overrides, config_from_dict, load_config
@@ -260,8 +261,12 @@ def create_app(service: ControlService, *, token: str | None = None, max_body_by
         return Health()
 
     @app.get("/metrics", response_class=Response, tags=["service"], responses={200: {"content": {"text/plain": {}}}})
-    def metrics() -> Response:
-        return Response(service.render_metrics(), media_type=PROMETHEUS_CONTENT_TYPE)
+    async def metrics() -> Response:
+        # served on the event loop while a rendering is fresh; rendering happens in a worker thread
+        body = service.fresh_metrics()
+        if body is None:
+            body = await run_in_threadpool(service.render_metrics)
+        return Response(body, media_type=PROMETHEUS_CONTENT_TYPE)
 
     @app.post(
         "/v1/runs",
@@ -281,8 +286,16 @@ def create_app(service: ControlService, *, token: str | None = None, max_body_by
         return [run.status() for run in service.runs()]
 
     @app.get("/v1/runs/{run_id}", response_model=RunStatus, tags=["runs"], responses={404: {}})
-    def get_run(run_id: str) -> RunStatus:
-        return service.get(run_id).status()
+    async def get_run(run_id: str) -> Response:
+        # the JSON of `RunStatus`, serialised once for every poller (`RunHandle.status_json`): a fresh
+        # one is served on the event loop, so a crowd of pollers does not become a crowd of threads
+        # contending with the run's own for the GIL; a new one is built in a worker thread (it may
+        # wait on the buffer)
+        handle = service.get(run_id)
+        body = handle.fresh_status_json()
+        if body is None:
+            body = await run_in_threadpool(handle.status_json)
+        return Response(body, media_type="application/json")
 
     def action(name: str, do: Any) -> None:
         def route(run_id: str) -> RunAccepted:

@@ -52,6 +52,11 @@ class Cached(Generic[T]):
                 self._value, self._read_at = self._read(), now
             return self._value
 
+    def fresh(self) -> T | None:
+        """The value if it is younger than `seconds`, else None (without reading, so without blocking)."""
+        value, read_at = self._value, self._read_at
+        return value if value is not None and time.monotonic() - read_at < self.seconds else None
+
     def drop(self) -> None:
         with self._lock:
             self._value = None
@@ -102,6 +107,8 @@ class RunHandle:
         self.thread: threading.Thread | None = None
         self._progress = Cached(self._read_progress)
         self._exposition = Cached(self.metrics.render)
+        self._status_lock = threading.Lock()
+        self._status_json: tuple[Any, float, bytes] | None = None  # (state, reason, weights), when, JSON
 
     def _on_state(self, state: RunState) -> None:
         self.metrics.set_state(str(state))
@@ -129,6 +136,29 @@ class RunHandle:
     def render_metrics(self) -> bytes:
         """The run's Prometheus exposition (at most `READ_CACHE_SECONDS` old)."""
         return self._exposition.get()
+
+    def fresh_status_json(self) -> bytes | None:
+        """`status_json()` when it needs no new read (None otherwise): served without leaving the event loop."""
+        cached = self._status_json
+        key = (self.control.state, self.control.reason, self.control.weights)
+        if cached is not None and cached[0] == key and time.monotonic() - cached[1] < READ_CACHE_SECONDS:
+            return cached[2]
+        return None
+
+    def fresh_metrics(self) -> bytes | None:
+        """`render_metrics()` when it needs no new rendering (None otherwise)."""
+        return self._exposition.fresh()
+
+    def status_json(self) -> bytes:
+        """`status()` as JSON, built again when the state, reason or announced weights change, or once
+        it is `READ_CACHE_SECONDS` old: what a crowd of pollers is served."""
+        key = (self.control.state, self.control.reason, self.control.weights)
+        with self._status_lock:
+            now = time.monotonic()
+            cached = self._status_json
+            if cached is None or cached[0] != key or now - cached[1] >= READ_CACHE_SECONDS:
+                cached = self._status_json = (key, now, self.status().model_dump_json().encode())
+            return cached[2]
 
     def status(self) -> RunStatus:
         """State, reason and weights as they are now; progress at most `READ_CACHE_SECONDS` old."""
@@ -227,6 +257,11 @@ class ControlService:
 
     def announce_weights(self, run_id: str, version: int, location: str) -> WeightAnnouncement:
         return self.get(run_id).control.announce_weights(version, location)
+
+    def fresh_metrics(self) -> bytes | None:
+        """`render_metrics()` when it needs no new rendering, else None."""
+        latest = self.latest()
+        return latest.fresh_metrics() if latest is not None else b""
 
     def render_metrics(self) -> bytes:
         """The Prometheus exposition of the newest run (empty before the first run)."""
