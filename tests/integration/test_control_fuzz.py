@@ -25,7 +25,10 @@ schema = schemathesis.openapi.from_asgi(
 
 launched: list[RunHandle] = []
 service = ControlService(launcher=launched.append)
-malformed = schemathesis.openapi.from_asgi("/openapi.json", create_app(service, token=TOKEN, max_body_bytes=64 * 1024))
+# the reading routes take no input a request could get wrong (their one, a run id, admits any string)
+malformed = schemathesis.openapi.from_asgi(
+    "/openapi.json", create_app(service, token=TOKEN, max_body_bytes=64 * 1024)
+).exclude(method="GET")
 malformed.config.generation.update(modes=[GenerationMode.NEGATIVE])
 rejection = malformed.config.checks.negative_data_rejection
 rejection.expected_statuses = [*rejection.expected_statuses, "413"]  # a body over the limit is refused unread
