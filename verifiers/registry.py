@@ -39,6 +39,10 @@ def _builtin(name: str) -> Verifier | None:
         from orchard.verifiers.reasoning_gym import ReasoningGymVerifier
 
         return ReasoningGymVerifier()
+    if name == "bleu":
+        from orchard.verifiers.bleu import BleuVerifier
+
+        return BleuVerifier()
     return None
 
 
@@ -67,7 +71,7 @@ def _import(path: str) -> Any:
         module_name, _, attribute = path.rpartition(".")
     if not module_name or not attribute:
         raise VerifierError(
-            f"unknown verifier {path!r}: not a built-in (procedural, math, code, reasoning_gym) and not a dotted"
+            f"unknown verifier {path!r}: not a built-in (procedural, math, code, reasoning_gym, bleu) and not a dotted"
             " path 'package.module:attribute'"
         )
     try:
