@@ -1,5 +1,5 @@
 """Pure RLVR algorithm functions on tensors: advantages, reward shaping, the PPO-clip policy loss,
-KL estimators, Lp-Reg, hinted-sample clipping and HPT's SFT/RL switch.
+DisCO's discriminative objective, KL estimators, Lp-Reg, hinted-sample clipping and HPT's SFT/RL switch.
 
 Every function here is side-effect free and documented with its formula and source (docs/algorithms.md
 §1-6, §8 and §9). Functions are registered by name in `ADVANTAGE_ESTIMATORS`, `AGGREGATIONS` and
@@ -418,6 +418,128 @@ def policy_loss(
             "clip_fraction": float(masked_mean(clipped.to(per_token.dtype), float_mask)),
             "ratio_mean": float(masked_mean(ratio.detach(), float_mask)),
         }
+    return loss, stats
+
+
+# ------------------------------------------------------------------------------------------ DisCO
+
+#: DisCO's sequence scores `s_θ(o, q)` (docs: `disco_loss`).
+DISCO_SCORES = ("log_l", "l_ratio")
+
+
+def disco_scores(logprobs: Tensor, old_logprobs: Tensor, mask: Tensor, score: str = "log_l") -> Tensor:
+    """One score per sequence [N], length-normalised so long and short answers compare.
+
+    `log_l`: `s = (1/|o|) Σ_t log π_θ(o_t)`; `l_ratio`: `s = (1/|o|) Σ_t π_θ(o_t) / π_old(o_t)` (the mean
+    of the token ratios, not of their logs; DisCO's `compute_policy_loss_disco_{logL,Lratio}`, the
+    `global_scores` line). The log-ratio is clamped to ±`MAX_LOG_RATIO` before `exp`, as everywhere
+    here. A row without completion tokens scores 0.
+    """
+    if score not in DISCO_SCORES:
+        raise ValueError(f"DisCO score {score!r} is unknown; choose one of {list(DISCO_SCORES)}")
+    if score == "log_l":
+        return masked_mean(logprobs, mask, dim=-1)
+    ratio = torch.exp((logprobs - old_logprobs).clamp(-MAX_LOG_RATIO, MAX_LOG_RATIO))
+    return masked_mean(ratio, mask, dim=-1)
+
+
+def _disco_group_objective(scores: Tensor, positive: Tensor, negative: Tensor, robust: bool, tau: float) -> Tensor:
+    """`mean_{o⁺} s(o⁺) − agg_{o⁻} s(o⁻)` of one group that has both kinds of answer."""
+    pos_mean = scores[positive].mean()
+    negatives = scores[negative]
+    if not robust:
+        return pos_mean - negatives.mean()
+    count = torch.tensor(float(negatives.numel()), dtype=scores.dtype, device=scores.device)
+    return pos_mean - tau * (torch.logsumexp(negatives / tau, dim=0) - torch.log(count))
+
+
+def disco_objective(
+    scores: Tensor, correct: Tensor, group_index: Tensor, *, robust: bool = True, tau: float = 10.0
+) -> tuple[Tensor, int]:
+    """`Σ_g J_g` over the groups with a correct and an incorrect answer (see `disco_loss`), and their count.
+
+    A group with only one kind of answer has nothing to discriminate and adds nothing; the sum keeps a
+    graph to `scores` even when no group counts, so a backward pass through it is always possible."""
+    correct = correct.to(torch.bool)
+    total = scores.sum() * 0.0
+    counted = 0
+    for group in torch.unique(group_index):
+        members = group_index == group
+        positive, negative = members & correct, members & ~correct
+        if bool(positive.any()) and bool(negative.any()):
+            total = total + _disco_group_objective(scores, positive, negative, robust, tau)
+            counted += 1
+    return total, counted
+
+
+def disco_penalty(kl: Tensor, *, delta: float = 1e-4, beta: float = 1e3) -> Tensor:
+    """DisCO's squared-hinge KL constraint `β · max(KL − δ, 0)²`: zero (and no gradient) inside the trust
+    region KL ≤ δ, a quadratic pull back beyond it."""
+    return beta * torch.clamp(kl - delta, min=0.0) ** 2
+
+
+def disco_loss(
+    logprobs: Tensor,
+    old_logprobs: Tensor,
+    mask: Tensor,
+    correct: Tensor,
+    group_index: Tensor,
+    *,
+    score: str = "log_l",
+    robust: bool = True,
+    tau: float = 10.0,
+    delta: float = 1e-4,
+    beta: float = 1e3,
+) -> tuple[Tensor, dict[str, float]]:
+    """DisCO's discriminative objective with a squared-hinge KL constraint instead of PPO's clip.
+
+    Source: "DisCO: Reinforcing Large Reasoning Models with Discriminative Constrained Optimization"
+    (Li et al., 2025, arXiv:2505.12366), reference code Optimization-AI/DisCO,
+    `verl/verl/trainer/ppo/core_algos.py` (`compute_policy_loss_disco{,b}_{logL,Lratio}`) and the
+    recipes `scripts/train/run_disco*_8k.sh`. With `G` the groups present (all of them, as the
+    reference's `num_questions`), `P_g` / `N_g` a group's correct / incorrect answers and `s` the
+    score of `disco_scores`:
+
+        J_g  = mean_{o∈P_g} s(o) − mean_{o∈N_g} s(o)                          (DisCO-b, robust=False)
+        J_g  = mean_{o∈P_g} s(o) − τ · log mean_{o∈N_g} exp(s(o)/τ)            (DisCO, robust=True)
+        KL   = Σ_{i,t} m·(log π_old − log π_θ) / Σ_{i,t} m                    (token mean over the batch)
+        loss = −(1/G) Σ_{g: P_g≠∅, N_g≠∅} J_g + β · max(KL − δ, 0)²
+
+    The robust form is distributionally robust over the negatives: as τ → 0 it pushes down the
+    highest-scoring wrong answer, as τ → ∞ it becomes the mean. A group without a correct or without an
+    incorrect answer gives no signal and adds nothing (it still counts in `G`, as in the reference).
+    The KL estimate is the reference recipes' `ppo_kl_type=kl` (the k1 estimate of KL(π_old ‖ π_θ)
+    from the sampled tokens). Defaults are the recipes': δ = 1e-4, β = 1e3, τ = 10 for `log_l`
+    (their L-ratio runs use τ = 1).
+
+    Two deliberate differences in value, none in the direction of the update: the reference writes
+    the robust term as `Σexp / stopgrad(Σexp)` (value 1, gradient that of log Σ exp), here it is the
+    paper's τ·log mean exp, whose gradient is the same; and it writes the penalty as
+    `stopgrad(β·[KL − δ]₊) · KL`, whose gradient β·[KL − δ]₊·∇KL is half that of the paper's
+    β·[KL − δ]₊² used here, so the reference's β = 1e3 is β = 500 here for the same step.
+
+    `correct` is a boolean [N] (the verifier's pass); `group_index` an integer [N]. Returns the loss
+    and stats: `disco_kl`, `disco_penalty` (β·[KL − δ]₊², 0 below δ), `disco_groups` (groups with a
+    signal).
+    """
+    if logprobs.dim() != 2:
+        raise ValueError(f"logprobs must be [N, T], got shape {tuple(logprobs.shape)}")
+    for name, tensor in (("old_logprobs", old_logprobs), ("mask", mask)):
+        if tensor.shape != logprobs.shape:
+            raise ValueError(f"{name} shape {tuple(tensor.shape)} must equal logprobs shape {tuple(logprobs.shape)}")
+    rows = logprobs.shape[0]
+    for name, tensor in (("correct", correct), ("group_index", group_index)):
+        if tensor.shape != (rows,):
+            raise ValueError(f"{name} must be [N] = [{rows}], got shape {tuple(tensor.shape)}")
+    if tau <= 0 or delta < 0 or beta < 0:
+        raise ValueError(f"DisCO needs tau > 0, delta >= 0 and beta >= 0, got {tau}, {delta} and {beta}")
+    mask = mask.to(logprobs.dtype)
+    scores = disco_scores(logprobs, old_logprobs, mask, score)
+    objective, signal = disco_objective(scores, correct, group_index, robust=robust, tau=tau)
+    kl = masked_mean(old_logprobs - logprobs, mask)
+    penalty = disco_penalty(kl, delta=delta, beta=beta)
+    loss = -objective / max(1, int(torch.unique(group_index).numel())) + penalty
+    stats = {"disco_kl": float(kl.detach()), "disco_penalty": float(penalty.detach()), "disco_groups": float(signal)}
     return loss, stats
 
 

@@ -4,8 +4,8 @@
 rewards (DAPO overlong punishment, DLER truncation), computes advantages with the configured
 estimator (per-token ones for tree trajectories) and picks the rows and SFT examples
 (`learner.signals`), then the PPO-clip loss with its options (Lp-Reg,
-hinted samples' clip range, KL to a reference), adds HPT's SFT loss for the groups it switches
-(`learner.algorithms`), accumulates gradients over micro-batches and takes one optimizer step
+hinted samples' clip range, KL to a reference) or DisCO's objective (`learner.objective`), adds
+HPT's SFT loss for the groups it switches (`learner.algorithms`), accumulates gradients over micro-batches and takes one optimizer step
 through a real `deepspeed.initialize` engine (ZeRO stage 0-3 from `LearnerConfig`). On a machine
 without CUDA DeepSpeed runs on its CPU accelerator as a single-rank process group. A model built in
 bfloat16 (`model.dtype: bfloat16`, the GPU recipes) trains in DeepSpeed's bf16 mode (fp32 master
@@ -41,6 +41,9 @@ from orchard.config import LearnerConfig
 from orchard.learner.algorithms import (
     active_rows,
     aggregate,
+    disco_objective,
+    disco_penalty,
+    disco_scores,
     hint_clip_ranges,
     kl_penalty,
     logprob_mismatch,
@@ -164,7 +167,7 @@ def deepspeed_config(config: LearnerConfig, *, bf16: bool) -> dict[str, Any]:
 
 
 class GRPOTrainer:
-    """Trains `model` with the PPO-clip policy loss of `config` on groups of scored completions.
+    """Trains `model` with the PPO-clip policy loss (or DisCO's objective) of `config` on groups of scored completions.
 
     `temperature` must be the sampler's: the current policy's logprobs are computed from
     `logits / temperature`, as the behaviour logprobs were. `max_length` is Dr. GRPO's constant
@@ -268,7 +271,21 @@ class GRPOTrainer:
 
         rows = keep.nonzero().squeeze(-1)
         rl = tensors.select(rows) if len(rows) else None
-        rl_signal = rl is not None and rl.num_tokens > 0 and bool((advantages[rows] != 0).any())
+        disco = self.config.objective == "disco"
+        if disco and tensors.tree is not None and bool(tensors.tree.any()):
+            raise ValueError(
+                "learner.objective 'disco' scores whole answers by correctness; tree trajectories"
+                " (rollout.strategy 'mcts') train on per-token values: use objective 'grpo' with them"
+            )
+        correct = _correct_rows(groups, tensors)[rows] if disco else None
+        if disco:  # a group needs a correct and an incorrect answer to discriminate (DisCO's valid groups)
+            rl_signal = (
+                rl is not None
+                and rl.num_tokens > 0
+                and disco_objective(torch.zeros(len(rows)), correct, rl.group_index)[1] > 0
+            )
+        else:
+            rl_signal = rl is not None and rl.num_tokens > 0 and bool((advantages[rows] != 0).any())
         if not rl_signal and not sft_examples:
             return skipped("no signal" if tensors.num_tokens else "no completion tokens")
 
@@ -276,7 +293,15 @@ class GRPOTrainer:
         mismatch = {"k3": 0.0, "abs_sum": 0.0, "abs_max": 0.0, "tokens": 0}
         rank, world = data_parallel()
         jobs: list[tuple[str, TrainingTensors, Tensor, float]] = []  # (kind, micro-batch, its advantages, weight)
-        if rl_signal:
+        plan: DiscoPlan | None = None
+        if rl_signal and disco:
+            mine = own_rows(rl.group_index, rl.attention_mask.sum(-1), len(groups), rank, world)
+            share = rl.select(mine)
+            chunks = self._micro_batches(share)
+            plan = self._disco_plan(share, chunks, correct[mine], rl)
+            totals["loss"] = plan.loss / world  # every rank holds the whole loss; the sum below is it once
+            jobs += [("disco", share.select(chunk), plan.row_weights[chunk], 1.0) for chunk in chunks]
+        elif rl_signal:
             # this rank's share: whole groups; weights relative to the whole batch (every rank's rows)
             mine = own_rows(rl.group_index, rl.attention_mask.sum(-1), len(groups), rank, world)
             share = rl.select(mine)
@@ -307,6 +332,8 @@ class GRPOTrainer:
         for index, (kind, micro, micro_advantages, weight) in enumerate(jobs):
             if kind == "rl":
                 loss, stats = self._micro_batch_loss(micro, micro_advantages)
+            elif kind == "disco" and plan is not None:
+                loss, stats = self._disco_micro_batch_loss(micro, micro_advantages, plan.kl_weight)
             else:
                 loss, stats = self._sft_micro_batch_loss(micro, micro_advantages)
             if inject_nonfinite:
@@ -324,8 +351,9 @@ class GRPOTrainer:
                 self.engine.backward(scaled * math.nan, scale_wrt_gas=False)
                 continue
             self.engine.backward(scaled, scale_wrt_gas=False)
-            totals["loss"] += float(scaled.detach()) / world
-            if kind == "rl":
+            if kind != "disco":  # DisCO's micro-batches carry a surrogate; its loss is the plan's
+                totals["loss"] += float(scaled.detach()) / world
+            if kind in ("rl", "disco"):
                 totals["kl"] += stats["kl_sum"]
                 totals["entropy"] += stats["entropy_sum"]
                 totals["clipped"] += stats["clip_fraction"] * micro.num_tokens
@@ -460,6 +488,77 @@ class GRPOTrainer:
             "mismatch": mismatch,
         }
 
+    def _disco_logprobs(self, micro: TrainingTensors) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """The micro-batch's logprobs under the current weights, its old logprobs, completion mask and entropy."""
+        scores = sequence_scores(
+            self.engine, micro.input_ids.to(self.device), micro.attention_mask.to(self.device), self.temperature
+        )
+        logprobs = scores.logprobs
+        behaviour = micro.old_logprobs.to(self.device)
+        old_logprobs = logprobs.detach() if self.config.recompute_old_logprobs else behaviour
+        return logprobs, old_logprobs, micro.completion_mask.to(self.device), scores.entropy
+
+    def _disco_plan(
+        self, share: TrainingTensors, chunks: list[Tensor], correct: Tensor, rl: TrainingTensors
+    ) -> DiscoPlan:
+        """DisCO's loss over the whole batch and its derivatives, from a forward pass without gradients.
+
+        DisCO's loss is not a sum over micro-batches (the robust term mixes a group's answers, the
+        penalty squares the batch's KL), so each micro-batch instead backpropagates the linear surrogate
+        `Σ_i w_i·s_i + c·Σ_{i,t} m·(log π_old − log π_θ)` with `w_i = ∂loss/∂s_i` and `c = ∂loss/∂(that sum)`
+        taken here at the step's weights: the accumulated gradient is then exactly the gradient of the
+        batch's loss, whatever the micro-batches. Costs one forward pass without gradients per micro-batch.
+        Each rank holds whole groups, so its groups' terms are its own; the KL and the objective's value
+        are summed over the ranks."""
+        options = self.config.disco
+        scores = torch.zeros(share.num_sequences, dtype=torch.float64)
+        kl_sum = 0.0
+        _, world = data_parallel()
+        # ZeRO's gathers need as many forward passes on every rank, agreed on before the first of them
+        passes = int(all_reduce_max(float(len(chunks)))) if world > 1 else len(chunks)
+        with torch.no_grad():
+            for chunk in chunks:
+                logprobs, old_logprobs, mask, _ = self._disco_logprobs(share.select(chunk))
+                scores[chunk] = disco_scores(logprobs, old_logprobs, mask, options.score).double().cpu()
+                kl_sum += float(((old_logprobs - logprobs) * mask).sum())
+            for _ in range(passes - len(chunks)):
+                self._disco_logprobs(rl.select(torch.tensor([0])))
+        leaf = scores.clone().requires_grad_(True)
+        objective, _ = disco_objective(leaf, correct, share.group_index, robust=options.robust, tau=options.tau)
+        num_groups = int(torch.unique(rl.group_index).numel())
+        (row_weights,) = torch.autograd.grad(-objective / num_groups, leaf)
+        objective_value = float(objective.detach())
+        if world > 1:
+            kl_sum, objective_value = all_reduce_sum([kl_sum, objective_value])
+        kl = kl_sum / rl.num_tokens
+        penalty = float(disco_penalty(torch.tensor(kl), delta=options.delta, beta=options.beta))
+        excess = max(kl - options.delta, 0.0)
+        return DiscoPlan(
+            row_weights=row_weights.float(),
+            kl_weight=2.0 * options.beta * excess / rl.num_tokens,
+            loss=-objective_value / num_groups + penalty,
+        )
+
+    def _disco_micro_batch_loss(
+        self, micro: TrainingTensors, row_weights: Tensor, kl_weight: float
+    ) -> tuple[Tensor, dict[str, float]]:
+        """The micro-batch's share of DisCO's gradient as the surrogate of `_disco_plan`, and its statistics."""
+        logprobs, old_logprobs, mask, entropy = self._disco_logprobs(micro)
+        scores = disco_scores(logprobs, old_logprobs, mask, self.config.disco.score)
+        kl_sum = ((old_logprobs - logprobs) * mask).sum()
+        surrogate = (row_weights.to(self.device, scores.dtype) * scores).sum() + kl_weight * kl_sum
+        behaviour = micro.old_logprobs.to(self.device)
+        same_version = micro.policy_versions == self.policy_version if micro.policy_versions is not None else None
+        compared = mask if same_version is None else mask * same_version.to(self.device).unsqueeze(-1)
+        return surrogate, {
+            "kl_sum": 0.0,
+            "entropy_sum": float((entropy * mask).sum()),
+            "clip_fraction": 0.0,
+            "lp_reg_tokens": 0,
+            "tis_weight_sum": 0.0,
+            "mismatch": logprob_mismatch(logprobs, behaviour, compared),
+        }
+
     def _reference_logprobs(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
         """Logprobs of the tokens under the KL reference: the initial policy's copy, or with LoRA the base."""
         with torch.no_grad():
@@ -589,6 +688,23 @@ class GRPOTrainer:
 
 #: Beside a checkpoint: how many data-parallel ranks wrote it.
 RANKS_FILE = "learner_ranks.json"
+
+
+@dataclass
+class DiscoPlan:
+    """DisCO's step, worked out before its backward passes (`GRPOTrainer._disco_plan`)."""
+
+    row_weights: Tensor  # [n] ∂loss/∂s_i for this rank's rows
+    kl_weight: float  # ∂loss/∂Σ_{i,t} m·(log π_old − log π_θ), the same on every rank
+    loss: float  # the batch's DisCO loss at the step's weights
+
+
+def _correct_rows(groups: Sequence[Group], tensors: TrainingTensors) -> Tensor:
+    """The verifier's pass of every row, in `build_training_tensors`' order (groups, then completions)."""
+    correct = torch.tensor([c.correct for group in groups for c in group.completions], dtype=torch.bool)
+    if correct.shape[0] != tensors.num_sequences:
+        raise ValueError(f"{correct.shape[0]} completions for {tensors.num_sequences} rows")
+    return correct
 
 
 def data_parallel() -> tuple[int, int]:

@@ -635,6 +635,34 @@ class LoraConfig(Section):
         return self.rank > 0
 
 
+class DiscoConfig(Section):
+    """DisCO's discriminative objective (Li et al., 2025, arXiv:2505.12366; `learner.algorithms.disco_loss`):
+    per prompt, raise the scores of correct answers above those of incorrect ones, with the KL divergence to
+    the old policy held near δ by a squared-hinge penalty instead of PPO's clip. Defaults: the reference
+    recipes (Optimization-AI/DisCO, scripts/train/run_disco_logL_*_8k.sh)."""
+
+    score: Literal["log_l", "l_ratio"] = Field(
+        "log_l",
+        description="s_θ(o, q): 'log_l' the length-normalised log-likelihood (1/|o|)·Σ log π_θ; 'l_ratio' the"
+        " length-normalised likelihood ratio (1/|o|)·Σ π_θ/π_old.",
+    )
+    robust: bool = Field(
+        True,
+        description="DisCO: τ·log mean exp(s/τ) over the incorrect answers (distributionally robust); false:"
+        " their mean score (DisCO-b).",
+    )
+    tau: float = Field(
+        10.0, gt=0, description="τ of the robust term (the reference uses 10 with log_l and 1 with l_ratio)."
+    )
+    delta: float = Field(1e-4, ge=0, description="δ: the KL to the old policy (token mean, k1) left unpenalised.")
+    beta: float = Field(
+        1e3,
+        ge=0,
+        description="β of the penalty β·max(KL − δ, 0)² (the paper's form; the reference's surrogate has half its"
+        " gradient, so its β = 1e3 matches 500 here).",
+    )
+
+
 #: Advantage estimators of `learner.advantage` and the `advantage_std` each implies (docs/algorithms.md §1).
 ADVANTAGE_STD = {"grpo": "group", "dr_grpo": "none", "lite_ppo": "batch", "rloo": "none"}
 
@@ -667,6 +695,13 @@ class LearnerConfig(Section):
         " mean and std of the trajectories' final scores (the reference's sibling mean-std); 'outcome' the"
         " estimator's outcome advantage on every token. bench/deepsearch.py --train compares them.",
     )
+    objective: Literal["grpo", "disco"] = Field(
+        "grpo",
+        description="The policy loss: 'grpo' the PPO-clip surrogate on advantages (with the options above and below);"
+        " 'disco' DisCO's discriminative objective with a KL constraint (learner.disco), which uses neither"
+        " advantages, clipping nor aggregation.",
+    )
+    disco: DiscoConfig = Field(default_factory=DiscoConfig, description="DisCO, used when objective is 'disco'.")
     clip_low: float = Field(0.2, ge=0, lt=1, description="PPO clip ε_low.")
     clip_high: float = Field(0.28, ge=0, description="PPO clip ε_high (DAPO clip-higher; 0.2 = GRPO).")
     aggregation: Literal["token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm"] = Field(
@@ -746,7 +781,31 @@ class LearnerConfig(Section):
                     f" (got {self.advantage!r})",
                 )
             )
+        found += self._disco_problems()
         return found
+
+    def _disco_problems(self) -> list[tuple[str, str]]:
+        """Options of the PPO-clip loss that DisCO's objective has nothing to apply to."""
+        if self.objective != "disco":
+            return []
+        clashes = {
+            "lp_reg.enabled": self.lp_reg.enabled,
+            "hints.enabled": self.hints.enabled,
+            "hpt.enabled": self.hpt.enabled,
+            "tis_cap": self.tis_cap is not None,
+            "kl_coef": self.kl_coef > 0,
+            "overlong.enabled": self.overlong.enabled,
+            "length_penalty.enabled": self.length_penalty.enabled,
+        }
+        return [
+            (
+                path,
+                f"objective 'disco' scores answers by correctness with its own KL constraint, so {path} (made for"
+                " the PPO-clip loss on advantages) has nothing to act on: turn it off, or set objective to 'grpo'",
+            )
+            for path, clashes_with_disco in clashes.items()
+            if clashes_with_disco
+        ]
 
 
 class UCBConfig(Section):

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from orchard.config import DEMO_CONFIG, LearnerConfig, load_config
+from orchard.learner.algorithms import disco_loss, disco_scores
 from orchard.learner.batching import build_sft_tensors, build_training_tensors, sequence_logprobs, sequence_scores
 from orchard.learner.trainer import GRPOTrainer
 from orchard.records import Completion, Group, Prompt
@@ -264,6 +265,64 @@ def test_tree_trajectories_train_on_prefix_credit():
     result = trainer.train_step([group("tree", trajectories)])
     assert not result.skipped and result.tree_sequences == 2
     assert changed(before, weights(trainer)) > 0
+
+
+# ------------------------------------------------------------------------------------------ DisCO
+
+
+def disco_batch() -> list[Group]:
+    """A group with two correct and two incorrect answers, and one with only incorrect ones (no signal)."""
+    return [signal_group("a"), all_fail_group("b")]
+
+
+def disco_reference(trainer: GRPOTrainer, batch: list[Group], **options: object) -> tuple[torch.Tensor, torch.Tensor]:
+    """`disco_loss` and the log-L scores of `batch` under the trainer's current weights, outside the trainer."""
+    tensors = build_training_tensors(batch, TOKENIZER.pad_id)
+    with torch.no_grad():
+        logprobs, _ = sequence_logprobs(trainer.engine.module, tensors.input_ids, tensors.attention_mask, TEMPERATURE)
+    correct = torch.tensor([c.correct for g in batch for c in g.completions])
+    mask = tensors.completion_mask
+    loss, _ = disco_loss(logprobs, tensors.old_logprobs, mask, correct, tensors.group_index, **options)
+    return loss, disco_scores(logprobs, tensors.old_logprobs, mask, "log_l")
+
+
+@pytest.mark.parametrize(("score", "robust", "tau"), [("log_l", True, 10.0), ("l_ratio", False, 1.0)])
+def test_disco_step_loss_is_the_pure_functions_and_micro_batches_do_not_change_it(score, robust, tau):
+    # behaviour logprobs −2.0 per token, far from the learner's: the KL is above δ and the penalty acts
+    options = {"score": score, "robust": robust, "tau": tau, "delta": 1e-4, "beta": 1.0}
+    split, whole = (make_trainer(objective="disco", disco=options, micro_batch_size=size) for size in (1, 8))
+    expected, _ = disco_reference(split, disco_batch(), **options)
+    results = [trainer.train_step(disco_batch()) for trainer in (split, whole)]
+    for result in results:
+        assert not result.skipped and result.clip_fraction == 0.0
+        assert result.loss == pytest.approx(float(expected), rel=1e-5, abs=1e-6)
+    # the gradient accumulated over one-sequence micro-batches is the whole batch's: the same update up to
+    # float32 summation order, which Adam's first step (about lr = 1e-2 per weight) magnifies to ~1e-6
+    assert changed(weights(split), weights(whole)) < 1e-4
+
+
+def test_disco_step_raises_the_correct_answers_scores():
+    trainer = make_trainer(objective="disco", disco={"tau": 1.0})
+    batch = [on_policy_group(trainer)]  # KL 0 at the start: the discriminative term drives the step
+    _, before = disco_reference(trainer, batch)
+    result = trainer.train_step(batch)
+    assert not result.skipped and result.mismatch_abs_max < 1e-5
+    _, after = disco_reference(trainer, batch)
+    correct = torch.tensor([c.correct for c in batch[0].completions])
+    assert bool((after[correct] > before[correct]).all())
+    assert float(after[correct].mean() - after[~correct].mean()) > float(
+        before[correct].mean() - before[~correct].mean()
+    )
+
+
+def test_disco_skips_batches_without_a_correct_and_an_incorrect_answer():
+    trainer = make_trainer(objective="disco")
+    assert trainer.train_step([all_fail_group(), length_only_group()]).skip_reason == "no signal"
+
+
+def test_disco_refuses_options_made_for_the_clipped_ratio():
+    with pytest.raises(ValueError, match=r"learner.lp_reg.enabled: objective 'disco'.*learner.tis_cap"):
+        make_trainer(objective="disco", lp_reg={"enabled": True}, recompute_old_logprobs=True, tis_cap=2.0)
 
 
 # ------------------------------------------------------------------------------------------ recipes

@@ -18,6 +18,8 @@ from orchard.learner.algorithms import (
     active_rows,
     aggregate,
     bounded_k3,
+    disco_loss,
+    disco_scores,
     group_advantages,
     kl_penalty,
     masked_mean,
@@ -324,3 +326,105 @@ def test_entropy_of_a_two_point_distribution_and_of_impossible_tokens():
 def test_entropy_needs_a_vocabulary():
     with pytest.raises(ValueError, match="non-empty vocabulary"):
         token_entropy(torch.zeros(2, 0))
+
+
+# ------------------------------------------------------------------------------------------ DisCO
+
+# Group 0: row 0 correct, rows 1 and 2 incorrect; group 1: rows 3 and 4, both incorrect (no positive).
+# Token log-likelihoods (0 on padding), lengths 2, 3, 2, 1, 3:
+DISCO_LOGPROBS = torch.tensor(
+    [[-1.0, -2.0, 0.0], [-2.0, -4.0, -3.0], [-1.0, -1.0, 0.0], [-0.5, 0.0, 0.0], [-1.0, -1.0, -1.0]]
+)
+DISCO_MASK = torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 1.0], [1.0, 1.0, 0.0], [1.0, 0.0, 0.0], [1.0, 1.0, 1.0]])
+DISCO_CORRECT = torch.tensor([True, False, False, False, False])
+DISCO_GROUPS = torch.tensor([0, 0, 0, 1, 1])
+# Token ratios π_θ/π_old for the L-ratio score: old = log π_θ − log ρ
+DISCO_RATIOS = torch.tensor([[2.0, 1.0, 1.0], [1.0, 1.0, 4.0], [0.5, 0.5, 1.0], [1.0, 1.0, 1.0], [1.0, 1.0, 1.0]])
+
+
+def disco(old: torch.Tensor | None = None, **options: object) -> tuple[torch.Tensor, dict[str, float]]:
+    old = DISCO_LOGPROBS if old is None else old
+    return disco_loss(DISCO_LOGPROBS, old, DISCO_MASK, DISCO_CORRECT, DISCO_GROUPS, **options)
+
+
+def test_disco_scores_are_length_normalised():
+    # log-L: (−1 − 2)/2 = −1.5, (−2 − 4 − 3)/3 = −3, (−1 − 1)/2 = −1, −0.5/1, −3/3 = −1
+    close(disco_scores(DISCO_LOGPROBS, DISCO_LOGPROBS, DISCO_MASK, "log_l"), [-1.5, -3.0, -1.0, -0.5, -1.0])
+    # L-ratio: (2 + 1)/2 = 1.5, (1 + 1 + 4)/3 = 2, (0.5 + 0.5)/2 = 0.5, 1, 1 — the mean of ratios, not of logs
+    old = DISCO_LOGPROBS - DISCO_RATIOS.log()
+    close(disco_scores(DISCO_LOGPROBS, old, DISCO_MASK, "l_ratio"), [1.5, 2.0, 0.5, 1.0, 1.0])
+    with pytest.raises(ValueError, match="DisCO score 'ratio' is unknown"):
+        disco_scores(DISCO_LOGPROBS, old, DISCO_MASK, "ratio")
+
+
+def test_disco_b_with_the_log_likelihood_score():
+    # group 0: J = s⁺ − mean(s⁻) = −1.5 − (−3 − 1)/2 = 0.5; group 1 has no positive: nothing, but counts in G = 2
+    # KL = 0 (old = new): no penalty. loss = −0.5 / 2 = −0.25
+    loss, stats = disco(robust=False, score="log_l")
+    close(loss, -0.25)
+    assert stats == {"disco_kl": 0.0, "disco_penalty": 0.0, "disco_groups": 1.0}
+
+
+def test_disco_robust_with_the_log_likelihood_score():
+    # τ = 1: τ·log mean exp(s⁻/τ) = log((e^−3 + e^−1)/2) = −1.5662192; J = −1.5 + 1.5662192 = 0.0662192
+    loss, _ = disco(robust=True, tau=1.0)
+    soft_max = math.log((math.exp(-3.0) + math.exp(-1.0)) / 2)
+    close(loss, -(-1.5 - soft_max) / 2)
+    close(loss, -0.0331096)
+    # τ = 10 (the default): 10·log((e^−0.3 + e^−0.1)/2) = −1.9497…, nearer the mean −2 than the max −1
+    loss, _ = disco(robust=True)
+    soft_max = 10 * math.log((math.exp(-0.3) + math.exp(-0.1)) / 2)
+    assert -2.0 < soft_max < -1.9
+    close(loss, -(-1.5 - soft_max) / 2)
+
+
+def test_disco_with_the_likelihood_ratio_score():
+    old = DISCO_LOGPROBS - DISCO_RATIOS.log()
+    # KL = Σ m·(old − new) / Σ m = Σ −log ρ over 11 tokens = (−log 2 − log 4 + 2·log 2) / 11 = −log 2 / 11 < δ: no penalty
+    # DisCO-b: J = 1.5 − (2 + 0.5)/2 = 0.25 → loss −0.125
+    loss, stats = disco(old, score="l_ratio", robust=False)
+    close(loss, -0.125)
+    assert stats["disco_kl"] == pytest.approx(-math.log(2) / 11) and stats["disco_penalty"] == 0.0
+    # DisCO, τ = 1: log((e^2 + e^0.5)/2) = 1.6236…; J = 1.5 − 1.6236… → loss = −J / 2
+    loss, _ = disco(old, score="l_ratio", robust=True, tau=1.0)
+    close(loss, -(1.5 - math.log((math.exp(2.0) + math.exp(0.5)) / 2)) / 2)
+
+
+def test_disco_kl_penalty_below_and_above_delta():
+    # old = new + 0.1 on every token: KL = 0.1 (k1, token mean). The log-L scores do not depend on old.
+    old = DISCO_LOGPROBS + 0.1
+    below, stats = disco(old, robust=False, delta=0.2, beta=10.0)
+    close(below, -0.25)
+    assert stats["disco_kl"] == pytest.approx(0.1) and stats["disco_penalty"] == 0.0
+    # δ = 0.04, β = 10: 10·(0.1 − 0.04)² = 0.036 → −0.25 + 0.036 = −0.214
+    logprobs = DISCO_LOGPROBS.clone().requires_grad_(True)
+    above, stats = disco_loss(
+        logprobs, old, DISCO_MASK, DISCO_CORRECT, DISCO_GROUPS, robust=False, delta=0.04, beta=10.0
+    )
+    close(above, -0.214)
+    assert stats["disco_penalty"] == pytest.approx(0.036)
+    above.backward()
+    # row 3 (group 1, no signal) gets only the penalty's gradient: ∂/∂log π = 2β(KL − δ)·(−1/11) = −1.2/11
+    close(logprobs.grad[3, 0], -1.2 / 11)
+    # row 0 (the positive, 2 tokens): −(1/G)·(1/2) = −0.25 per token from J, plus the penalty's −1.2/11
+    close(logprobs.grad[0, :2], [-0.25 - 1.2 / 11] * 2)
+
+
+def test_disco_groups_without_a_positive_or_a_negative_give_no_signal():
+    # only group 1 (both incorrect): no group discriminates, loss 0, and a backward pass still works
+    logprobs = DISCO_LOGPROBS[3:].clone().requires_grad_(True)
+    loss, stats = disco_loss(logprobs, DISCO_LOGPROBS[3:], DISCO_MASK[3:], DISCO_CORRECT[3:], DISCO_GROUPS[3:])
+    assert float(loss.detach()) == 0.0 and stats["disco_groups"] == 0.0
+    loss.backward()
+    assert float(logprobs.grad.abs().sum()) == 0.0
+    # group 0 alone: G = 1, so its loss is twice the two-group batch's (group 1 counts in G, as in the reference)
+    alone, _ = disco_loss(DISCO_LOGPROBS[:3], DISCO_LOGPROBS[:3], DISCO_MASK[:3], DISCO_CORRECT[:3], DISCO_GROUPS[:3])
+    both, _ = disco()
+    close(alone, 2 * float(both.detach()))
+
+
+def test_disco_refuses_bad_inputs():
+    with pytest.raises(ValueError, match=r"correct must be \[N\] = \[5\]"):
+        disco_loss(DISCO_LOGPROBS, DISCO_LOGPROBS, DISCO_MASK, DISCO_CORRECT[:2], DISCO_GROUPS)
+    with pytest.raises(ValueError, match="tau > 0"):
+        disco(tau=0.0)
