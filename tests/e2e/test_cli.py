@@ -8,7 +8,6 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -17,18 +16,11 @@ import httpx
 
 from orchard.services.run_dir import RunDirectory
 from tests.e2e.tiny_run import TINY
-from tests.processes import read_control_url
-
-REPO = Path(__file__).resolve().parents[2]
-ORCHARD = [sys.executable, "-m", "orchard"]
+from tests.processes import ORCHARD, REPO, overrides, read_control_url, start_orchard
 
 
 def orchard(*args: str, cwd: Path = REPO, timeout: int = 600) -> subprocess.CompletedProcess:
     return subprocess.run([*ORCHARD, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout)
-
-
-def overrides(*pairs: str) -> list[str]:
-    return [item for pair in pairs for item in ("--set", pair)]
 
 
 def test_demo_run_end_to_end(tmp_path):
@@ -91,14 +83,7 @@ def test_a_directory_in_use_is_refused_and_a_killed_run_resumes_at_once(tmp_path
     pid, and changes no file of it; SIGKILL frees the directory, so the run resumes straight away."""
     run_path = tmp_path / "runs" / "held"
     settings = [*TINY, f"warmstart.cache_dir={tmp_path / 'cache'}"]
-    first = subprocess.Popen(
-        [*ORCHARD, "run", "--quiet", "--paused", "--run-dir", str(run_path), *overrides(*settings)],
-        cwd=REPO,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
-    )
+    first = start_orchard("run", "--quiet", "--paused", "--run-dir", str(run_path), *overrides(*settings))
     try:
         http = httpx.Client(base_url=read_control_url(first), timeout=30)
         wait_for(lambda: http.get("/v1/runs").json()[0]["state"] == "paused", "the run to settle paused")

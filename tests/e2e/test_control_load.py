@@ -5,26 +5,21 @@ run goes on training. The throughput figures are `bench/control_load.py`'s."""
 from __future__ import annotations
 
 import json
-import subprocess
 
 import httpx
 
 from orchard.services.control.load import read_load
-from tests.e2e.test_control_plane import ORCHARD, REPO, wait_for
+from tests.e2e.test_control_plane import wait_for
 from tests.e2e.tiny_run import TINY
-from tests.processes import read_control_url
+from tests.processes import overrides, read_control_url, start_orchard
 
 CLIENTS, REQUESTS_EACH = 50, 20
 
 
 def test_fifty_clients_reading_a_live_run_get_every_answer(tmp_path, capsys):
     run_path = tmp_path / "runs" / "loaded"
-    arguments = ["run", "--quiet", "--run-dir", str(run_path)]
-    for item in [*TINY, f"warmstart.cache_dir={tmp_path / 'cache'}", "max_steps=100000"]:
-        arguments += ["--set", item]
-    process = subprocess.Popen(
-        [*ORCHARD, *arguments], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-    )
+    settings = [*TINY, f"warmstart.cache_dir={tmp_path / 'cache'}", "max_steps=100000"]
+    process = start_orchard("run", "--quiet", "--run-dir", str(run_path), *overrides(*settings))
     lines: list[str] = []
     try:
         url = read_control_url(process, lines)

@@ -11,7 +11,6 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
@@ -27,15 +26,9 @@ from orchard.services.run_dir import RunDirectory
 from tests.e2e.tiny_run import TINY
 from tests.faults.test_worker_death import run_in_thread
 from tests.integration.test_driver import conservation, small_config
-from tests.processes import read_control_url
+from tests.processes import ORCHARD, REPO, overrides, read_control_url, start_orchard
 
-REPO = Path(__file__).resolve().parents[2]
-ORCHARD = [sys.executable, "-m", "orchard"]
 GROUPS_PER_STEP = 4  # learner.groups_per_step of TINY and of small_config
-
-
-def overrides(*pairs: str) -> list[str]:
-    return [item for pair in pairs for item in ("--set", pair)]
 
 
 def complete_checkpoints(run_path: Path) -> list[Path]:
@@ -54,14 +47,7 @@ def test_a_run_killed_while_writing_a_checkpoint_resumes_from_the_previous_one(t
     removed, steps are contiguous and every group is acknowledged exactly once."""
     run_path = tmp_path / "runs" / "killed"
     settings = [*TINY, "buffer.backend=redis", "checkpoint.every_steps=1", f"warmstart.cache_dir={tmp_path / 'cache'}"]
-    process = subprocess.Popen(
-        [*ORCHARD, "run", "--quiet", "--run-dir", str(run_path), *overrides(*settings, "max_steps=1000000")],
-        cwd=REPO,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
-    )
+    process = start_orchard("run", "--quiet", "--run-dir", str(run_path), *overrides(*settings, "max_steps=1000000"))
     try:
         read_control_url(process)
         leftover = freeze_while_writing(process, run_path)

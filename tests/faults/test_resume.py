@@ -11,7 +11,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -20,15 +19,9 @@ import pytest
 
 from orchard.services.redis_server import find_redis_server
 from tests.e2e.tiny_run import TINY
-from tests.processes import read_control_url
+from tests.processes import ORCHARD, REPO, overrides, read_control_url, start_orchard
 
-REPO = Path(__file__).resolve().parents[2]
-ORCHARD = [sys.executable, "-m", "orchard"]
 GROUPS_PER_STEP = 4  # TINY's learner.groups_per_step
-
-
-def overrides(*pairs: str) -> list[str]:
-    return [item for pair in pairs for item in ("--set", pair)]
 
 
 def redis_servers_in(directory: Path) -> list[int]:
@@ -47,14 +40,7 @@ def redis_servers_in(directory: Path) -> list[int]:
 def test_a_killed_run_resumes_from_its_checkpoint_losing_and_repeating_nothing(tmp_path):
     run_path = tmp_path / "runs" / "killed"
     settings = [*TINY, "buffer.backend=redis", "checkpoint.every_steps=0", f"warmstart.cache_dir={tmp_path / 'cache'}"]
-    process = subprocess.Popen(
-        [*ORCHARD, "run", "--quiet", "--run-dir", str(run_path), *overrides(*settings, "max_steps=1000000")],
-        cwd=REPO,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
-    )
+    process = start_orchard("run", "--quiet", "--run-dir", str(run_path), *overrides(*settings, "max_steps=1000000"))
     try:
         url = read_control_url(process)
 
