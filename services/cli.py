@@ -217,6 +217,36 @@ def command_samples(args: argparse.Namespace) -> int:
     return 0
 
 
+def command_compare(args: argparse.Namespace) -> int:
+    """Plain GRPO against the config, per seed, in the same wall-clock budget; figure and table."""
+    from orchard.services import compare
+
+    out = Path(args.out)
+    if args.report_only:
+        try:
+            runs = compare.collect(out)
+        except ValueError as error:
+            print(f"orchard: compare: {error}", file=sys.stderr)
+            return EXIT_FAILED
+        minutes = args.minutes
+    else:
+        config = _load(args)  # refused here, before any run starts
+        minutes = args.minutes if args.minutes is not None else config.max_minutes
+        if minutes is None:
+            print("orchard: compare needs a budget: --minutes, or max_minutes in the config", file=sys.stderr)
+            return EXIT_BAD_CONFIG
+        load_config(args.config, [*args.overrides, *compare.PLAIN_GRPO])  # the plain arm must be valid too
+        try:
+            runs = compare.execute(args.config, args.overrides, args.seeds, minutes, out)
+        except (RuntimeError, ValueError) as error:
+            print(f"orchard: compare: {error}", file=sys.stderr)
+            return EXIT_FAILED
+    table = compare.report(runs, out, minutes)
+    print(compare.markdown(table, minutes), end="")
+    print(f"orchard: wrote {out}/compare.png, compare.md, compare.json")
+    return 0
+
+
 def command_check(args: argparse.Namespace) -> int:
     print(dump_config(_load(args)), end="")
     return 0
@@ -261,6 +291,19 @@ def build_parser() -> argparse.ArgumentParser:
     samples.add_argument("-n", "--count", type=int, default=4, help="how many of the latest (0: all)")
     samples.add_argument("--json", action="store_true", help="one JSON record per line")
     samples.set_defaults(handler=command_samples)
+
+    compare = commands.add_parser(
+        "compare", help="run plain GRPO and a config side by side per seed; figure and table of held-out accuracy"
+    )
+    compare.add_argument("config", nargs="?", help="YAML config; omitted: configs/demo.yaml")
+    compare.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE")
+    compare.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds (default: 0 1 2)")
+    compare.add_argument("--minutes", type=float, help="minutes of RL per run (default: the config's max_minutes)")
+    compare.add_argument("--out", default="runs/compare", help="directory of the runs and figures")
+    compare.add_argument(
+        "--report-only", action="store_true", help="only redraw the figure and table from the runs under --out"
+    )
+    compare.set_defaults(handler=command_compare)
 
     check = commands.add_parser("check", help="validate a config and print the resolved one")
     check.add_argument("config", help="YAML config")

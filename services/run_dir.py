@@ -194,9 +194,11 @@ class RunDirectory:
     def write_summary(self, summary: dict[str, Any]) -> None:
         (self.path / "summary.json").write_text(json.dumps(_jsonable(summary), indent=2, sort_keys=True) + "\n")
 
-    def plot_rewards(self) -> Path | None:
-        """`reward.png`: batch reward per distribution, held-out accuracy and (when recorded) the
-        scheduler's sampling probability per distribution, against learner step."""
+    def plot_rewards(self, *, reward_window: int = 25, eval_window: int = 3) -> Path | None:
+        """`reward.png`: batch reward per distribution (moving average over `reward_window` steps),
+        held-out accuracy overall and per distribution (over `eval_window` evaluations) and, when
+        recorded, the scheduler's sampling probability per distribution, against learner step. One
+        colour per task family, a line style per difficulty."""
         metrics = self.read_metrics()
         if not metrics:
             return None
@@ -205,49 +207,85 @@ class RunDirectory:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
+        from orchard.services.plotting import distribution_styles, smooth
+
         scheduled = [m for m in metrics if m.get("scheduler_probabilities")]
+        if scheduled and all(
+            m["scheduler_probabilities"] == scheduled[0]["scheduler_probabilities"] for m in scheduled
+        ):
+            scheduled = []  # fixed weights (no scheduler): nothing to show
         panels = 3 if scheduled else 2
-        figure, axes = plt.subplots(1, panels, figsize=(5.5 * panels, 4))
+        figure, axes = plt.subplots(1, panels, figsize=(5.5 * panels, 4.4))
         reward_axis, eval_axis = axes[0], axes[1]
         distributions = sorted({d for m in metrics for d in m.get("reward_by_distribution", {})})
-        for distribution in distributions:
-            points = [
-                (m["step"], m["reward_by_distribution"][distribution])
-                for m in metrics
-                if distribution in m.get("reward_by_distribution", {})
-            ]
-            reward_axis.plot(*zip(*points, strict=True), label=distribution, linewidth=1)
-        reward_axis.set(title="batch reward per distribution", xlabel="learner step", ylabel="mean reward")
-        if distributions:
-            reward_axis.legend(fontsize=8)
         evaluated = [m for m in metrics if m.get("eval_accuracy") is not None]
+        distributions = sorted({*distributions, *(d for m in evaluated for d in m.get("eval_by_distribution", {}))})
+        styles = distribution_styles(distributions)
+
+        def draw(axis, records, values, window, **style) -> None:
+            points = [(m["step"], value) for m in records if (value := values(m)) is not None]
+            if points:
+                steps, ys = zip(*points, strict=True)
+                axis.plot(steps, smooth(ys, min(window, 2 * ((len(ys) - 1) // 2) + 1)), **style)
+
+        for distribution in distributions:
+            draw(
+                reward_axis,
+                metrics,
+                lambda m, d=distribution: m.get("reward_by_distribution", {}).get(d),
+                reward_window,
+                label=distribution,
+                linewidth=1.2,
+                **styles[distribution],
+            )
+        reward_axis.set(
+            title=f"batch reward per distribution (mean of {reward_window} steps)",
+            xlabel="learner step",
+            ylabel="mean reward",
+        )
         if evaluated:
-            eval_axis.plot([m["step"] for m in evaluated], [m["eval_accuracy"] for m in evaluated], "k-o", label="all")
+            draw(eval_axis, evaluated, lambda m: m["eval_accuracy"], eval_window, color="k", linewidth=2.5, label="all")
             for distribution in distributions:
-                points = [
-                    (m["step"], m["eval_by_distribution"][distribution])
-                    for m in evaluated
-                    if distribution in m.get("eval_by_distribution", {})
-                ]
-                if points:
-                    eval_axis.plot(*zip(*points, strict=True), label=distribution, linewidth=1, alpha=0.7)
-        eval_axis.set(title="held-out greedy accuracy", xlabel="learner step", ylabel="accuracy", ylim=(0, 1))
-        if evaluated:
-            eval_axis.legend(fontsize=8)
+                draw(
+                    eval_axis,
+                    evaluated,
+                    lambda m, d=distribution: m.get("eval_by_distribution", {}).get(d),
+                    eval_window,
+                    linewidth=1,
+                    alpha=0.8,
+                    **styles[distribution],
+                )
+        eval_axis.set(
+            title=f"held-out greedy accuracy (mean of {eval_window} evaluations)",
+            xlabel="learner step",
+            ylabel="accuracy",
+            ylim=(-0.02, 1.02),
+        )
         if scheduled:
             schedule_axis = axes[2]
             for distribution in sorted({d for m in scheduled for d in m["scheduler_probabilities"]}):
-                points = [
-                    (m["step"], m["scheduler_probabilities"][distribution])
-                    for m in scheduled
-                    if distribution in m["scheduler_probabilities"]
-                ]
-                schedule_axis.plot(*zip(*points, strict=True), label=distribution, linewidth=1)
+                draw(
+                    schedule_axis,
+                    scheduled,
+                    lambda m, d=distribution: m["scheduler_probabilities"].get(d),
+                    1,
+                    linewidth=1.2,
+                    **styles.get(distribution, {}),
+                )
             schedule_axis.set(
                 title="sampling probability per distribution", xlabel="learner step", ylabel="probability", ylim=(0, 1)
             )
-            schedule_axis.legend(fontsize=8)
-        figure.tight_layout()
+        for axis in axes:
+            axis.grid(alpha=0.3)
+        if distributions:  # one legend for all panels, beside them
+            handles, labels = reward_axis.get_legend_handles_labels()
+            if evaluated:
+                handles.insert(0, eval_axis.get_lines()[0])
+                labels.insert(0, "held-out, all")
+            figure.legend(handles, labels, loc="center right", fontsize=8, frameon=False)
+            figure.tight_layout(rect=(0, 0, 0.86, 1))
+        else:
+            figure.tight_layout()
         path = self.path / "reward.png"
         figure.savefig(path, dpi=100)
         plt.close(figure)

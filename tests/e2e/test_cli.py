@@ -13,6 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import httpx
+import yaml
 
 from orchard.services.run_dir import RunDirectory
 from tests.e2e.tiny_run import TINY
@@ -133,3 +134,24 @@ def test_a_busy_control_port_is_named_and_the_run_directory_left_untouched(tmp_p
             assert result.returncode == 1, result.stderr  # the directory is the conflict to report
             assert f"run directory {existing} is in use" in result.stderr and f"pid {os.getpid()}" in result.stderr
             assert digest(existing) == before
+
+
+def test_compare_runs_plain_grpo_and_the_config_per_seed_and_draws_them(tmp_path):
+    out = tmp_path / "compare"
+    settings = overrides(*TINY, "eval.every_steps=1", f"warmstart.cache_dir={tmp_path / 'cache'}")
+    settings += overrides("curriculum.scheduler=ucb", "curriculum.difficulty_filter.enabled=true")
+    result = orchard("compare", "--seeds", "0", "--minutes", "2", "--out", str(out), *settings)
+    assert result.returncode == 0, result.stderr[-3000:]
+    table = json.loads((out / "compare.json").read_text())
+    assert set(table["arms"]) == {"grpo", "config"} and table["difference"]["seeds"] == 1
+    plain = yaml.safe_load((out / "grpo-seed0" / "config.yaml").read_text())
+    ours = yaml.safe_load((out / "config-seed0" / "config.yaml").read_text())
+    assert plain["curriculum"]["scheduler"] == "uniform" and not plain["curriculum"]["difficulty_filter"]["enabled"]
+    assert ours["curriculum"]["scheduler"] == "ucb" and ours["curriculum"]["difficulty_filter"]["enabled"]
+    assert plain["max_minutes"] == ours["max_minutes"] == 2
+    assert (out / "compare.png").stat().st_size > 10_000
+    assert "config − grpo" in result.stdout
+    # redrawn from the directories alone; a directory without runs is named
+    assert orchard("compare", "--report-only", "--out", str(out)).returncode == 0
+    empty = orchard("compare", "--report-only", "--out", str(tmp_path / "none"))
+    assert empty.returncode == 1 and "no finished compared runs" in empty.stderr
