@@ -373,6 +373,15 @@ class RolloutWorkerCore:
             hint_tiers=hint_tiers,
         )
 
+    def prompt_states(self, prompts: Sequence[Prompt]) -> torch.Tensor:
+        """The policy's hidden state at the last token of each rendered prompt (`TorchEngine.prompt_states`);
+        an engine that exposes none (vLLM) raises `NotImplementedError` naming it."""
+        self._check_weights()
+        states = getattr(self.engine, "prompt_states", None)
+        if states is None:
+            raise NotImplementedError(f"the {type(self.engine).__name__} exposes no hidden states")
+        return states(self.renderer.encode_many(prompts))
+
     def evaluate(self, prompts: Sequence[Prompt]) -> EvalResult:
         """Greedy answers to `prompts`, checked by their verifiers."""
         self._check_weights()

@@ -397,6 +397,20 @@ class TorchEngine(EngineWeights):
         logits = F.linear(hidden, self._lm_head).float()
         return top_next_tokens(logits, params.temperature, params.top_p, top_k)
 
+    @torch.inference_mode()
+    def prompt_states(self, prompts: Sequence[Sequence[int]]) -> torch.Tensor:
+        """The policy's final-norm hidden state at each prompt's last token, `[len(prompts), hidden]`
+        float32: what it has read when it starts to answer (one prefill per batch, no cache kept).
+        PCL's value model can read prompts through it (`curriculum.pcl.features: policy`)."""
+        prompt_lists = [list(map(int, prompt)) for prompt in prompts]
+        self._check_prompts(prompt_lists, new_tokens=1)
+        states = []
+        for first in range(0, len(prompt_lists), self.max_batch_size):
+            batch = prompt_lists[first : first + self.max_batch_size]
+            token_ids, pad_counts, valid = self._left_pad(batch)
+            states.append(self._prefill(token_ids, valid, pad_counts, self._new_cache(len(batch), token_ids.shape[1])))
+        return torch.cat(states).float().cpu()
+
     def _left_pad(self, prompts: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """`prompts` left-padded to the longest: token ids `[batch, length]`, each row's padding count
         `[batch]`, and the mask of real tokens `[batch, length]`."""

@@ -49,28 +49,49 @@ def prompt_features(text: str, distribution: str, *, dimension: int, ngram: int 
 
 
 class PromptValueModel:
-    """Predicts a prompt's pass rate under the current policy; trained online on observed pass rates."""
+    """Predicts a prompt's pass rate under the current policy; trained online on observed pass rates.
 
-    def __init__(self, *, dimension: int = 4096, lr: float = 0.5, epochs: int = 4, seed: int = 0) -> None:
+    Reads each prompt as hashed character n-grams and its distribution and, with `state_dimension`
+    > 0, also as the policy's own hidden state at the prompt's last token (L2-normalised; passed in
+    by the caller as `states`, e.g. `RolloutWorkerCore.prompt_states`)."""
+
+    def __init__(
+        self, *, dimension: int = 4096, lr: float = 0.5, epochs: int = 4, seed: int = 0, state_dimension: int = 0
+    ) -> None:
         if dimension < 16:
             raise ValueError(f"dimension must be >= 16, got {dimension}")
+        if state_dimension < 0:
+            raise ValueError(f"state_dimension must be >= 0, got {state_dimension}")
         self.dimension = dimension
+        self.state_dimension = state_dimension
         self.lr = lr
         self.epochs = epochs
-        self.weights = np.zeros(dimension, dtype=np.float64)
+        self.weights = np.zeros(dimension + state_dimension, dtype=np.float64)
         self.bias = 0.0
         self.updates = 0
         self.last_abs_error: float | None = None  # on each batch, before training on it
 
-    def features(self, prompts: Sequence[Prompt]) -> np.ndarray:
-        return np.stack([prompt_features(p.text, p.distribution, dimension=self.dimension) for p in prompts])
+    def features(self, prompts: Sequence[Prompt], states: np.ndarray | None = None) -> np.ndarray:
+        text = np.stack([prompt_features(p.text, p.distribution, dimension=self.dimension) for p in prompts])
+        if self.state_dimension == 0:
+            if states is not None:
+                raise ValueError("this value model reads no policy states (state_dimension 0)")
+            return text
+        if states is None or np.shape(states) != (len(prompts), self.state_dimension):
+            raise ValueError(
+                f"expected policy states of shape ({len(prompts)}, {self.state_dimension}), got "
+                f"{None if states is None else np.shape(states)}"
+            )
+        states = np.asarray(states, dtype=np.float32)
+        norms = np.linalg.norm(states, axis=1, keepdims=True)
+        return np.concatenate([text, states / np.maximum(norms, 1e-12)], axis=1)
 
-    def predict(self, prompts: Sequence[Prompt]) -> np.ndarray:
+    def predict(self, prompts: Sequence[Prompt], states: np.ndarray | None = None) -> np.ndarray:
         if not prompts:
             return np.zeros(0)
-        return _sigmoid(self.features(prompts) @ self.weights + self.bias)
+        return _sigmoid(self.features(prompts, states) @ self.weights + self.bias)
 
-    def update(self, prompts: Sequence[Prompt], pass_rates: Sequence[float]) -> float:
+    def update(self, prompts: Sequence[Prompt], pass_rates: Sequence[float], states: np.ndarray | None = None) -> float:
         """Train on observed pass rates (squared error); returns the mean |error| *before* this update."""
         if len(prompts) != len(pass_rates):
             raise ValueError(f"{len(prompts)} prompts for {len(pass_rates)} pass rates")
@@ -79,7 +100,7 @@ class PromptValueModel:
         targets = np.asarray(pass_rates, dtype=np.float64)
         if not np.all((targets >= 0) & (targets <= 1)):
             raise ValueError("pass rates must lie in [0, 1]")
-        features = self.features(prompts).astype(np.float64)
+        features = self.features(prompts, states).astype(np.float64)
         error_before = float(np.mean(np.abs(_sigmoid(features @ self.weights + self.bias) - targets)))
         for _ in range(self.epochs):
             predictions = _sigmoid(features @ self.weights + self.bias)
@@ -95,6 +116,7 @@ class PromptValueModel:
     def state_dict(self) -> dict[str, Any]:
         return {
             "dimension": self.dimension,
+            "state_dimension": self.state_dimension,
             "weights": self.weights.tolist(),
             "bias": self.bias,
             "updates": self.updates,
@@ -102,8 +124,11 @@ class PromptValueModel:
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        if int(state["dimension"]) != self.dimension:
-            raise ValueError(f"value-model state has dimension {state['dimension']}, this model {self.dimension}")
+        if int(state["dimension"]) != self.dimension or int(state.get("state_dimension", 0)) != self.state_dimension:
+            raise ValueError(
+                f"value-model state has dimensions {state['dimension']} + {state.get('state_dimension', 0)}, this"
+                f" model {self.dimension} + {self.state_dimension}"
+            )
         self.weights = np.asarray(state["weights"], dtype=np.float64)
         self.bias = float(state["bias"])
         self.updates = int(state["updates"])

@@ -250,3 +250,26 @@ def test_difficulty_filter_config_must_be_ordered():
 
     with pytest.raises(ConfigError, match="curriculum.difficulty_filter"):
         config_from_dict({"curriculum": {"difficulty_filter": {"enabled": True, "low": 0.9, "high": 0.1}}})
+
+
+def test_value_model_reads_policy_states_beside_the_prompt_text():
+    """With `state_dimension`, each prompt's policy state (L2-normalised) extends its features; a model
+    that can only tell two prompts of one distribution apart by their states learns both pass rates."""
+    model = PromptValueModel(dimension=64, lr=2.0, epochs=8, state_dimension=2)
+    prompts = [Prompt(id=str(i), text="same", answer="", distribution="d") for i in range(2)]
+    states = np.array([[3.0, 0.0], [0.0, 0.5]])
+    features = model.features(prompts, states)
+    assert features.shape == (2, 66) and features[:, 64:].tolist() == [[1.0, 0.0], [0.0, 1.0]]
+    for _ in range(200):
+        model.update(prompts, [0.9, 0.1], states)
+    assert model.predict(prompts, states) == pytest.approx([0.9, 0.1], abs=0.05)
+    text_only = PromptValueModel(dimension=64, lr=2.0, epochs=8)
+    for _ in range(200):
+        text_only.update(prompts, [0.9, 0.1])
+    assert text_only.predict(prompts) == pytest.approx([0.5, 0.5], abs=0.05)  # the text cannot tell them apart
+    with pytest.raises(ValueError, match=r"expected policy states of shape \(2, 2\)"):
+        model.predict(prompts)
+    with pytest.raises(ValueError, match="reads no policy states"):
+        text_only.predict(prompts, states)
+    with pytest.raises(ValueError, match="dimensions 64 \\+ 2, this model 64 \\+ 0"):
+        text_only.load_state_dict(model.state_dict())

@@ -267,6 +267,20 @@ def test_next_token_logprobs_are_the_most_probable_tokens_of_a_full_forward(mode
         engine.next_token_logprobs([[]], params, top_k=5)
 
 
+def test_prompt_states_are_the_final_norm_hidden_state_at_each_prompt_last_token(model, prompts, tokenizer):
+    """PCL's policy features: the model's last hidden state (after the final norm) at the prompt's last
+    token, for prompts of different lengths in one batch, as Hugging Face computes it per prompt."""
+    engine = TorchEngine(model, tokenizer)
+    states = engine.prompt_states(prompts)
+    assert states.shape == (len(prompts), model.config.hidden_size) and states.dtype == torch.float32
+    for prompt, state in zip(prompts, states, strict=True):
+        with torch.no_grad():
+            expected = model(torch.tensor([prompt]), output_hidden_states=True).hidden_states[-1][0, -1]
+        torch.testing.assert_close(state, expected.float(), atol=ATOL, rtol=0)
+    with pytest.raises(ValueError, match="prompt 0 is empty"):
+        engine.prompt_states([[]])
+
+
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
 def test_token_logprobs_rescore_completions_as_generate_reports_them(model, prompts, tokenizer, temperature):
     """Re-scoring (a cached solution) gives each completion token the logprob generate reported when it
