@@ -826,6 +826,16 @@ class PCLConfig(Section):
     lr: float = Field(0.5, gt=0, description="Value model learning rate.")
     epochs: int = Field(4, ge=1, description="Gradient passes over each batch of observed pass rates.")
     dimension: int = Field(4096, ge=16, description="Hashed feature dimension of the value model.")
+    features: Literal["text", "policy"] = Field(
+        "text",
+        description="What the value model reads: 'text' (hashed character n-grams and the distribution) or"
+        " 'policy' (those plus the policy's hidden state at the prompt's last token; torch engine only).",
+    )
+    refresh_steps: int = Field(
+        1,
+        ge=1,
+        description="With features 'policy': the driver's copy of the policy takes the newest weights every N steps.",
+    )
 
 
 class DifficultyFilterConfig(Section):
@@ -1083,6 +1093,11 @@ class RunConfig(Section):
             raise ValueError(
                 f"cluster.rollout_gpus_per_worker ({gpus}) must equal rollout.vllm.tensor_parallel_size"
                 f" ({tensor_parallel}): each vLLM engine gets one bundle of that many GPUs"
+            )
+        if self.curriculum.pcl.features == "policy" and self.rollout.engine == "vllm":
+            raise ValueError(
+                "curriculum.pcl.features: 'policy' reads the policy's hidden states from the driver's torch engine,"
+                " and a vLLM run holds none (vLLM exposes no hidden states): use features 'text'"
             )
         if self.rollout.multi_turn.enabled and self.learner.hints.enabled:
             raise ValueError(

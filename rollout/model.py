@@ -81,6 +81,15 @@ def build_model(
     return model
 
 
+def hidden_size(config: ModelConfig) -> int:
+    """The width of the model's hidden states, without building it (a checkpoint's config.json)."""
+    if config.kind == "tiny":
+        return config.tiny.hidden_size
+    from transformers import AutoConfig
+
+    return int(AutoConfig.from_pretrained(config.path).hidden_size)
+
+
 def load_model_and_tokenizer(
     config: ModelConfig, *, seed: int = 0
 ) -> tuple[Qwen2ForCausalLM, CharTokenizer | HFTokenizer]:

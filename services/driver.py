@@ -35,6 +35,7 @@ from orchard.config import RunConfig
 from orchard.learner.trainer import StepResult
 from orchard.protocols import Buffer
 from orchard.records import Group
+from orchard.rollout.model import hidden_size
 from orchard.rollout.prompts import PromptFormat, PromptRenderer
 from orchard.rollout.tokenizer import load_tokenizer
 from orchard.rollout.tools import TOOL_OUTCOMES
@@ -140,6 +141,7 @@ class Driver:
             config.curriculum,
             advantage_std=config.learner.advantage_std,
             dynamic_sampling=config.learner.dynamic_sampling,
+            state_dimension=hidden_size(config.model) if config.curriculum.pcl.features == "policy" else 0,
         )
         saved = self.buffer.load_state(CURRICULUM_STATE)
         if saved is not None:
@@ -195,6 +197,8 @@ class Driver:
             log=self.run_dir.event,
         )
         self.held_out.load(self.policy_version, state_dict)
+        if config.curriculum.pcl.features == "policy":
+            self.sampler.prompt_states = self.held_out.prompt_states
         self.renderer = PromptRenderer(load_tokenizer(config.model), self.prompt_format)
         self.samples = SampleKeeper()
 
@@ -472,6 +476,8 @@ class Driver:
             rewards_by_distribution[group.prompt.distribution].extend(group.rewards)
         staleness = [learner_version_before - g.policy_version for g in groups]
         self.staleness_seen.extend(staleness)
+        if self.sampler.prompt_states is not None and self.step % self.config.curriculum.pcl.refresh_steps == 0:
+            self.held_out.refresh(self.policy_version, weights_ref)  # PCL reads prompts with the newest policy
         probabilities = self.sampler.on_learner_step()
         self.metrics.set_distributions(probabilities)
         value_model_error = self.sampler.value_model_error()

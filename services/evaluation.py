@@ -76,6 +76,21 @@ class HeldOut:
         """The weights to evaluate (a state dict, numpy arrays or a weight handle) as policy `version`."""
         self.evaluator.load_weights(version, weights)
 
+    def prompt_states(self, prompts: list) -> Any:
+        """The hidden states of `prompts` under the version loaded last (`RolloutWorkerCore.prompt_states`),
+        as a numpy array; a vLLM run's evaluator is a rollout worker and has none."""
+        if isinstance(self.evaluator, WorkerEvaluator):
+            raise NotImplementedError("a vLLM run's evaluator exposes no hidden states")
+        return self.evaluator.prompt_states(prompts).numpy()
+
+    def refresh(self, version: int, weights: Any) -> None:
+        """Load published `weights` as `version` if they are newer than what is held (see `evaluate`)."""
+        if version > self.evaluator.policy_version and not isinstance(self.evaluator, WorkerEvaluator):
+            try:
+                self.load(version, ray.get(self.readable(weights)))
+            except ray.exceptions.RayActorError as error:
+                self.log(f"version {version} could not be read; version {self.evaluator.policy_version} kept: {error}")
+
     def evaluate(self, version: int, weights: Any | None = None) -> tuple[float, dict[str, float]]:
         """Accuracy, overall and by distribution, of policy `version` (published as `weights`; None: the
         version loaded last). When those weights can no longer be read (their learner died before

@@ -18,10 +18,11 @@ from __future__ import annotations
 import json
 import random
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from statistics import fmean
 from typing import Any
 
+import numpy as np
 import torch
 
 from orchard.config import CurriculumConfig
@@ -33,6 +34,8 @@ from orchard.services.curriculum.value_model import PromptValueModel, nearest_to
 from orchard.verifiers.sources import PromptPool
 
 STATE_VERSION = 1
+#: Policy states kept for chosen prompts until their groups are observed (oldest dropped beyond).
+MAX_CHOSEN_STATES = 4096
 
 
 def absolute_advantages(group: Group, std: str) -> list[float]:
@@ -44,8 +47,15 @@ def absolute_advantages(group: Group, std: str) -> list[float]:
 
 class PromptSampler:
     def __init__(
-        self, pool: PromptPool, config: CurriculumConfig, *, advantage_std: str = "group", dynamic_sampling: bool = True
+        self,
+        pool: PromptPool,
+        config: CurriculumConfig,
+        *,
+        advantage_std: str = "group",
+        dynamic_sampling: bool = True,
+        state_dimension: int = 0,
     ) -> None:
+        """`state_dimension`: the width of the policy's hidden states (`pcl.features: policy`)."""
         self.pool = pool
         self.config = config
         self.advantage_std = advantage_std
@@ -61,10 +71,19 @@ class PromptSampler:
             else None
         )
         self.value_model = (
-            PromptValueModel(dimension=config.pcl.dimension, lr=config.pcl.lr, epochs=config.pcl.epochs)
+            PromptValueModel(
+                dimension=config.pcl.dimension,
+                lr=config.pcl.lr,
+                epochs=config.pcl.epochs,
+                state_dimension=state_dimension if config.pcl.features == "policy" else 0,
+            )
             if config.selection == "pcl"
             else None
         )
+        #: With `pcl.features: policy`, the policy's hidden states of prompts (set by the driver once it
+        #: holds an engine); the states a candidate was chosen by are the ones its outcome trains.
+        self.prompt_states: Callable[[Sequence[Prompt]], np.ndarray] | None = None
+        self._chosen_states: dict[str, np.ndarray] = {}
         band = config.difficulty_filter
         self.band = (band.low, band.high) if band.enabled else None
         self.selection_seconds = 0.0  # value-model prediction and training: what PCL pays to choose
@@ -83,11 +102,23 @@ class PromptSampler:
             return [self._draw(rng) for _ in range(count)]
         candidates = [self._draw(rng) for _ in range(count * self.config.pcl.pool_factor)]
         started = time.perf_counter()
-        predictions = self.value_model.predict(candidates)
+        states = self._states(candidates)
+        predictions = self.value_model.predict(candidates, states)
         chosen = nearest_to_target(predictions.tolist(), self.config.pcl.target, count)
+        if states is not None:
+            self._chosen_states.update((candidates[index].id, states[index]) for index in chosen)
+            for stale in list(self._chosen_states)[: max(0, len(self._chosen_states) - MAX_CHOSEN_STATES)]:
+                del self._chosen_states[stale]  # chosen but never observed (a call lost with its worker)
         self.selection_seconds += time.perf_counter() - started
         self.candidates_scored += len(candidates)
         return [candidates[index] for index in chosen]
+
+    def _states(self, prompts: Sequence[Prompt]) -> np.ndarray | None:
+        if self.value_model is None or self.value_model.state_dimension == 0:
+            return None
+        if self.prompt_states is None:
+            raise RuntimeError("curriculum.pcl.features 'policy' needs the policy's hidden states; none were given")
+        return self.prompt_states(prompts)
 
     def _draw(self, rng: random.Random) -> Prompt:
         if self.scheduler is None:
@@ -102,7 +133,15 @@ class PromptSampler:
                 self.scheduler.observe(group.prompt.distribution, absolute_advantages(group, self.advantage_std))
         if self.value_model is not None and groups:
             started = time.perf_counter()
-            error = self.value_model.update([g.prompt for g in groups], [g.pass_rate for g in groups])
+            prompts = [g.prompt for g in groups]
+            states = None
+            if self.value_model.state_dimension:
+                # the states each prompt was chosen by; prompts chosen elsewhere (rescues) are read now
+                known = [self._chosen_states.pop(p.id, None) for p in prompts]
+                missing = [p for p, state in zip(prompts, known, strict=True) if state is None]
+                fresh = iter(self._states(missing) if missing else [])
+                states = np.stack([state if state is not None else next(fresh) for state in known])
+            error = self.value_model.update(prompts, [g.pass_rate for g in groups], states)
             self.selection_seconds += time.perf_counter() - started
             self.value_errors.append(error)
 

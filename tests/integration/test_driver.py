@@ -219,3 +219,25 @@ def test_a_lora_run_samples_with_the_merged_policy_and_checkpoints_the_adapter(r
     assert (checkpoint / "adapter" / "adapter_model.safetensors").is_file()
     assert (checkpoint / "model" / "config.json").is_file()
     conservation(summary)
+
+
+def test_pcl_reads_prompts_through_the_policys_hidden_states(ray_local, tmp_path, warm_cache):
+    """`curriculum.pcl.features: policy`: the value model reads each candidate's hidden state from the
+    driver's engine, which takes the newest weights every `refresh_steps` learner steps."""
+    config = small_config(
+        tmp_path,
+        warm_cache,
+        "buffer.backend=memory",
+        "curriculum.selection=pcl",
+        "curriculum.pcl.dimension=64",
+        "curriculum.pcl.features=policy",
+        "curriculum.pcl.refresh_steps=1",
+    )
+    driver = Driver(config, RunDirectory(tmp_path, "pcl-policy"), show_progress=False)
+    summary = driver.run()
+    conservation(summary)
+    value_model = driver.sampler.value_model
+    assert value_model.state_dimension == config.model.tiny.hidden_size and value_model.updates >= 1
+    assert driver.held_out.evaluator.policy_version == summary["policy_version"]  # refreshed each step
+    last = RunDirectory(tmp_path, "pcl-policy").read_metrics()[-1]
+    assert 0.0 <= last["value_model_abs_error"] <= 1.0

@@ -42,6 +42,8 @@ def test_cross_field_rules():
     assert "divisible" in problems["model.tiny"]
     problems = problems_of({"model": {"kind": "hf"}})
     assert "model.path" in problems["model"]
+    problems = problems_of({"rollout": {"engine": "vllm"}, "curriculum": {"pcl": {"features": "policy"}}})
+    assert "vLLM exposes no hidden states" in problems["<root>"] and "curriculum.pcl.features" in problems["<root>"]
 
 
 def test_overrides_parse_yaml_values_and_create_sections():

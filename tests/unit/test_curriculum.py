@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import math
 import random
 
@@ -273,3 +275,29 @@ def test_value_model_reads_policy_states_beside_the_prompt_text():
         text_only.predict(prompts, states)
     with pytest.raises(ValueError, match="dimensions 64 \\+ 2, this model 64 \\+ 0"):
         text_only.load_state_dict(model.state_dict())
+
+
+def test_pcl_with_policy_features_chooses_and_learns_by_the_states_it_was_given():
+    """`pcl.features: policy`: candidates are read through `prompt_states`; a chosen prompt's outcome
+    trains the value model on the states it was chosen by (not re-read), other prompts are read then."""
+    config = CurriculumConfig(selection="pcl", pcl={"pool_factor": 3, "dimension": 64, "features": "policy"})
+    sampler = PromptSampler(pool(), config, state_dimension=4)
+    with pytest.raises(RuntimeError, match="needs the policy's hidden states"):
+        sampler.next_prompts(2, random.Random(0))
+    calls: list[list[str]] = []
+
+    def states(prompts):
+        calls.append([p.id for p in prompts])
+        return np.array([[len(p.text), 1.0, 0.0, float(i)] for i, p in enumerate(prompts)])
+
+    sampler.prompt_states = states
+    chosen = sampler.next_prompts(2, random.Random(0))
+    assert len(calls) == 1 and len(calls[0]) == 6 and {p.id for p in chosen} <= set(calls[0])
+    groups = [dataclasses.replace(make_group(p.distribution, [True, False]), prompt=p) for p in chosen]
+    sampler.observe([*groups, make_group("d1", [True, True], text="other")])
+    assert calls[1:] == [["d1:other"]]  # only the prompt that was not chosen here is read again
+    assert sampler.value_model.updates == 1 and sampler.value_model.state_dimension == 4
+    state = json.loads(sampler.to_bytes())
+    assert state["value_model"]["state_dimension"] == 4
+    with pytest.raises(ValueError, match="another curriculum config|dimensions"):
+        PromptSampler(pool(), config, state_dimension=8).load_bytes(sampler.to_bytes())
