@@ -17,6 +17,7 @@ import tempfile
 
 from orchard.config import load_config
 from orchard.services.cluster import connect_ray
+from orchard.services.compare import PLAIN_GRPO
 from orchard.services.driver import Driver
 from orchard.services.run_dir import RunDirectory
 
@@ -28,7 +29,13 @@ def main() -> None:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE")
     args = parser.parse_args()
 
-    base = [f"max_steps={args.steps}", "max_minutes=null", "eval.every_steps=100000", "eval.num_prompts=20"]
+    base = [
+        *PLAIN_GRPO,
+        f"max_steps={args.steps}",
+        "max_minutes=null",
+        "eval.every_steps=100000",
+        "eval.num_prompts=20",
+    ]
     results: dict[str, list[dict]] = {"sync": [], "async": []}
     with tempfile.TemporaryDirectory() as root:
         for repeat in range(args.repeats):

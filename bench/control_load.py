@@ -31,6 +31,7 @@ from pathlib import Path
 import httpx
 import psutil
 
+from orchard.services.compare import PLAIN_GRPO
 from orchard.services.control.load import LoadReport, read_load
 
 REPO = Path(__file__).resolve().parents[1]
@@ -47,7 +48,7 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as root:
         command = [sys.executable, "-m", "orchard", "run", "--quiet", "--run-dir", f"{root}/{RUN_ID}"]
-        for item in ["max_steps=1000000", "max_minutes=null", "control.port=0", *args.overrides]:
+        for item in [*PLAIN_GRPO, "max_steps=1000000", "max_minutes=null", "control.port=0", *args.overrides]:
             command += ["--set", item]
         environment = {**os.environ, "PYTHONPATH": str(REPO)}
         process = subprocess.Popen(

@@ -41,6 +41,7 @@ from typing import Any
 
 from orchard.config import load_config
 from orchard.services.cluster import connect_ray
+from orchard.services.compare import PLAIN_GRPO
 from orchard.services.driver import Driver
 from orchard.services.run_dir import RunDirectory
 
@@ -62,6 +63,7 @@ METHODS: dict[str, list[str]] = {
 def base_overrides(steps: int, eval_every: int, held_out: int) -> list[str]:
     sources = ", ".join(f"{{kind: procedural, families: [{family}], difficulties: [{level}]}}" for family, level in MIX)
     return [
+        *PLAIN_GRPO,  # each method below turns on its own sampler
         f"data.sources=[{sources}]",
         f"data.held_out_size={held_out}",
         f"eval.num_prompts={held_out}",

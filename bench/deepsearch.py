@@ -60,6 +60,7 @@ from orchard.rollout.prompts import encode_prompt
 from orchard.rollout.strategies.tree_search import SearchSettings, TreeSearch, run_searches
 from orchard.rollout.worker import RolloutWorkerCore
 from orchard.services.cluster import connect_ray
+from orchard.services.compare import PLAIN_GRPO
 from orchard.services.driver import Driver
 from orchard.services.run.throughput import Throughput
 from orchard.services.run_dir import RunDirectory
@@ -248,6 +249,7 @@ def train_overrides(args: argparse.Namespace) -> list[str]:
         f"{{kind: procedural, families: [{family}], difficulties: [{level}]}}" for family, level in cells
     )
     return [
+        *PLAIN_GRPO,  # the arms turn on the tree search
         f"data.sources=[{sources}]",
         f"data.held_out_size={args.held_out}",
         f"eval.num_prompts={args.held_out}",

@@ -29,6 +29,7 @@ from orchard.rollout.engines.torch_engine import TorchEngine
 from orchard.rollout.model import DTYPES, build_model, save_model
 from orchard.rollout.prompts import encode_prompt
 from orchard.rollout.tokenizer import load_tokenizer
+from orchard.services.compare import PLAIN_GRPO
 from orchard.services.warmstart import warm_start
 from orchard.verifiers.sources import PromptPool
 
@@ -64,7 +65,7 @@ def main() -> None:
     parser.add_argument("--no-vllm", action="store_true")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    config = load_config(DEMO_CONFIG, ["max_minutes=null"])
+    config = load_config(DEMO_CONFIG, [*PLAIN_GRPO, "max_minutes=null"])
     pool = PromptPool.from_config(config.data)
     state_dict, _ = warm_start(config, pool, log=lambda line: print(f"# {line}"))
     tokenizer = load_tokenizer(config.model)

@@ -16,7 +16,7 @@ import httpx
 import yaml
 
 from orchard.services.run_dir import RunDirectory
-from tests.e2e.tiny_run import TINY
+from tests.e2e.tiny_run import TINY, TINY_DEMO
 from tests.processes import ORCHARD, REPO, overrides, read_control_url, start_orchard
 
 
@@ -25,9 +25,14 @@ def orchard(*args: str, cwd: Path = REPO, timeout: int = 600) -> subprocess.Comp
 
 
 def test_demo_run_end_to_end(tmp_path):
+    """The demo as it is (UCB scheduler, DeepSearch), shrunk to seconds."""
     run_path = tmp_path / "runs" / "demo-e2e"
     result = orchard(
-        "run", "--quiet", "--run-dir", str(run_path), *overrides(*TINY, f"warmstart.cache_dir={tmp_path / 'cache'}")
+        "run",
+        "--quiet",
+        "--run-dir",
+        str(run_path),
+        *overrides(*TINY_DEMO, f"warmstart.cache_dir={tmp_path / 'cache'}"),
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "held-out accuracy" in result.stdout

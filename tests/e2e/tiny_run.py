@@ -1,6 +1,9 @@
 """Overrides that shrink the demo to a run of seconds, shared by the end-to-end tests."""
 
+from orchard.services.compare import PLAIN_GRPO
+
 TINY = [
+    *PLAIN_GRPO,  # the demo's samplers off, unless a test turns them on
     "max_steps=2",
     "warmstart.steps=10",
     "warmstart.batch_size=8",
@@ -17,3 +20,6 @@ TINY = [
     "buffer.backend=memory",
     "control.port=0",
 ]
+
+#: The demo's own samplers (UCB scheduler, DeepSearch) at the same size.
+TINY_DEMO = [setting for setting in TINY if setting not in PLAIN_GRPO]

@@ -10,10 +10,12 @@ import math
 
 from orchard.config import load_config
 from orchard.rollout.tokenizer import CharTokenizer
+from orchard.services.compare import PLAIN_GRPO
 from orchard.services.driver import Driver
 from orchard.services.run_dir import RunDirectory
 
 SETTINGS = [
+    *PLAIN_GRPO,
     "max_minutes=null",
     "max_steps=6",
     "warmstart.steps=80",

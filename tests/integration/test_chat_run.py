@@ -15,10 +15,12 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from orchard.config import TinyModelConfig, load_config
 from orchard.rollout.instruct_model import CHATML_TEMPLATE, write_instruct_model
 from orchard.services.cli import main as orchard
+from orchard.services.compare import PLAIN_GRPO
 from orchard.services.driver import Driver
 from orchard.services.run_dir import RunDirectory
 
 SETTINGS = [
+    *PLAIN_GRPO,
     "max_steps=4",
     "max_minutes=null",
     "warmstart.steps=20",

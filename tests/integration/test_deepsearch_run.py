@@ -8,11 +8,13 @@ import json
 import re
 
 from orchard.config import load_config
+from orchard.services.compare import PLAIN_GRPO
 from orchard.services.driver import Driver
 from orchard.services.rescue.solution_cache import RedisSolutionStore
 from orchard.services.run_dir import RunDirectory
 
 SETTINGS = [
+    *PLAIN_GRPO,  # strategy mcts is set where a test searches
     "max_minutes=null",
     "warmstart.steps=10",
     "warmstart.batch_size=8",

@@ -8,12 +8,14 @@ import pytest
 
 from orchard.config import load_config
 from orchard.services.buffer.redis_buffer import RedisBuffer
+from orchard.services.compare import PLAIN_GRPO
 from orchard.services.curriculum.sampler import PromptSampler
 from orchard.services.driver import Driver
 from orchard.services.redis_server import RedisServer
 from orchard.services.run_dir import RunDirectory
 
 SMALL = [
+    *PLAIN_GRPO,  # the demo's samplers off: these tests are about the loop
     "max_steps=3",
     "max_minutes=null",
     "warmstart.steps=20",

@@ -8,10 +8,12 @@ import subprocess
 import sys
 
 from orchard.config import load_config
+from orchard.services.compare import PLAIN_GRPO
 from orchard.services.driver import Driver
 from orchard.services.run_dir import RunDirectory
 
 SETTINGS = [
+    *PLAIN_GRPO,
     "max_minutes=null",
     "data.sources=[{kind: procedural, families: [big_multiplication], difficulties: [1]}]",
     "data.held_out_size=8",

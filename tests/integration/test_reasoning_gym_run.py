@@ -11,6 +11,7 @@ import pytest
 from orchard.config import TinyModelConfig, load_config
 from orchard.rollout.instruct_model import corpus_of, write_instruct_model
 from orchard.services.cli import main as orchard
+from orchard.services.compare import PLAIN_GRPO
 from orchard.services.driver import Driver
 from orchard.services.run_dir import RunDirectory
 from orchard.verifiers.reasoning_gym import ANSWER_INSTRUCTION
@@ -22,6 +23,7 @@ TINY = TinyModelConfig(
 )
 GENERATORS = ["basic_arithmetic", "leg_counting", "spell_backward"]
 SMALL = [
+    *PLAIN_GRPO,
     "max_minutes=null",
     "warmstart.steps=10",
     "warmstart.batch_size=8",
