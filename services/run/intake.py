@@ -89,17 +89,18 @@ class Intake:
             kept.append(group)
         if kept:
             self.buffer.put_many(kept)
+            self.stepped()  # not starving: the count is of groups dropped in a row
         self._notice_starvation()
         self.metrics.observe_buffer(self.buffer.ready_count(), self.buffer.pending_count())
 
     def stepped(self) -> None:
-        """The learner took a step: the starvation count starts again."""
+        """The learner took a step (or a group was kept): the starvation count starts again."""
         self._filtered_since_step.clear()
         self._starvation_notice_at = 0
 
     def _notice_starvation(self) -> None:
         """An event (and a line on stderr) when the filters have dropped `STARVATION_STEPS` steps' worth of
-        groups since the last step, and again at every doubling: a policy that solves none (or all) of its
+        groups in a row (none kept, no learner step), and again at every doubling: a policy that solves none (or all) of its
         prompts gives the learner nothing, and a run that waits silently looks hung."""
         dropped = sum(self._filtered_since_step.values())
         first_notice = STARVATION_STEPS * self.config.learner.groups_per_step
