@@ -816,6 +816,13 @@ class UCBConfig(Section):
     )
     exploration: float = Field(1.0, ge=0, description="c: weight of the exploration term sqrt(2 ln(N+1) / (n_d+1)).")
     temperature: float = Field(0.1, gt=0, description="T of softmax(score / T), the sampling probabilities.")
+    min_probability: float = Field(
+        0.0,
+        ge=0,
+        le=1,
+        description="Floor of each distribution's probability: p_min + (1 − D·p_min)·softmax (0: DUMP's rule). A"
+        " distribution failed everywhere at first keeps being drawn now and then, so rare successes can start it.",
+    )
 
 
 class PCLConfig(Section):
@@ -852,6 +859,70 @@ class DifficultyFilterConfig(Section):
         return self
 
 
+#: GAIN-RL's defaults are the reference's rank units on GSM8K's 7473 training prompts (σ 1000, n 500,
+#: adjustment in [0, 1000]) as fractions of the ranked pool, so they scale with its size.
+GSM8K_TRAIN_PROMPTS = 7473
+
+
+class GainConfig(Section):
+    """GAIN-RL's prompt selection by the starting policy's angle concentration (docs/algorithms.md §7).
+
+    `std`, `step`, `adj_min` and `adj_max` are fractions of the ranked pool's size `N` (rank units are
+    the fraction times `N`); the defaults are the reference's figures for GSM8K (N = 7473) divided by 7473."""
+
+    pool_size: int = Field(
+        8192,
+        ge=1,
+        description="Training prompts ranked once at the start: a finite pool (dataset files, reasoning-gym) is"
+        " ranked whole up to this many (a random subset of this many, by the run's seed, beyond it); a pool with"
+        " a procedural source draws this many prompts once with the run's seed (repeated prompts counted once).",
+    )
+    std: float = Field(
+        round(1000 / GSM8K_TRAIN_PROMPTS, 4),
+        gt=0,
+        description="σ of the Gaussian over rank positions, as a fraction of the pool (1000/7473 ≈ 0.1338).",
+    )
+    step: float = Field(
+        round(500 / GSM8K_TRAIN_PROMPTS, 4),
+        ge=0,
+        description="n of the mean's update n·tanh(α(acc − β)) + n·tanh(α·ang), as a fraction of the pool"
+        " (500/7473 ≈ 0.0669).",
+    )
+    alpha: float = Field(2.0, ge=0, description="α: slope of both tanh terms of the mean's update.")
+    beta: float = Field(
+        0.5, ge=0, le=1, description="β: the batch accuracy at which the accuracy term of the update is 0."
+    )
+    adj_min: float = Field(
+        0.0,
+        ge=-1,
+        le=1,
+        description="Smallest move of the mean per learner step, as a fraction of the pool (0: it never moves back).",
+    )
+    adj_max: float = Field(
+        round(1000 / GSM8K_TRAIN_PROMPTS, 4),
+        ge=-1,
+        le=1,
+        description="Largest move of the mean per learner step, as a fraction of the pool (1000/7473 ≈ 0.1338).",
+    )
+    inter_weight: float = Field(
+        1.0,
+        ge=0,
+        description="Weight of C_inter (question tokens against the context before them) in C = C_intra +"
+        " w·C_inter; the paper's sum is 1, the reference's preprocessing uses 8.",
+    )
+    batch_size: int = Field(
+        64,
+        ge=1,
+        description="Prompts per prefill forward pass of the ranking (prompts of similar length batched together).",
+    )
+
+    @model_validator(mode="after")
+    def _adjustment_ordered(self) -> GainConfig:
+        if self.adj_min > self.adj_max:
+            raise ValueError(f"adj_min {self.adj_min} must not exceed adj_max {self.adj_max}")
+        return self
+
+
 class CurriculumConfig(Section):
     """Which prompts are rolled out and which groups reach the learner; composable."""
 
@@ -859,9 +930,23 @@ class CurriculumConfig(Section):
         "uniform", description="'uniform': distributions by source weight; 'ucb': DUMP's scheduler."
     )
     ucb: UCBConfig = Field(default_factory=UCBConfig)
-    selection: Literal["none", "pcl"] = Field("none", description="'pcl': keep the candidates predicted nearest τ.")
+    selection: Literal["none", "pcl", "gain"] = Field(
+        "none",
+        description="'pcl': keep the candidates predicted nearest τ; 'gain': GAIN-RL, a Gaussian over the"
+        " prompts ranked by the starting policy's angle concentration, its mean moved by each batch's accuracy.",
+    )
     pcl: PCLConfig = Field(default_factory=PCLConfig)
+    gain: GainConfig = Field(default_factory=GainConfig)
     difficulty_filter: DifficultyFilterConfig = Field(default_factory=DifficultyFilterConfig)
+
+    @model_validator(mode="after")
+    def _gain_ranks_the_whole_pool(self) -> CurriculumConfig:
+        if self.selection == "gain" and self.scheduler == "ucb":
+            raise ValueError(
+                "curriculum.selection 'gain' draws every prompt from one ranking of the whole pool, so it cannot"
+                " follow the distribution curriculum.scheduler 'ucb' picks first: set curriculum.scheduler: uniform"
+            )
+        return self
 
 
 class CheckpointConfig(Section):

@@ -130,6 +130,33 @@ class PromptRenderer:
     def encode_many(self, prompts: Sequence[Prompt]) -> list[list[int]]:
         return [self.encode(prompt) for prompt in prompts]
 
+    def encode_with_question(self, prompt: Prompt) -> tuple[list[int], tuple[int, int] | None]:
+        """The prompt's token ids (as `encode`) and the `[start, end)` range of them that holds its question
+        (`prompt.text`, the last user message's content): what comes before is context (system prompt,
+        earlier turns, the template's text), what comes after is the template's instruction and turn end.
+
+        The range is found by encoding the rendered text up to each end of the question's last occurrence
+        and counting the tokens those encodings share with the whole: a token that spans a boundary counts
+        as after it. None when the rendered text does not hold the question verbatim or it has no tokens."""
+        ids = self.encode(prompt)
+        text = self.text(prompt)
+        at = text.rfind(prompt.text) if prompt.text else -1
+        if at < 0:
+            return ids, None
+        start = self._shared_prefix(text[:at], ids)
+        end = self._shared_prefix(text[: at + len(prompt.text)], ids)
+        return ids, ((start, end) if end > start else None)
+
+    def _shared_prefix(self, text: str, ids: Sequence[int]) -> int:
+        """How many leading tokens of `ids` the encoding of `text` (a prefix of the rendered prompt) shares."""
+        prefix = encode_prompt(self.tokenizer, text) if self.template is None else self.tokenizer.encode(text)
+        shared = 0
+        for token, expected in zip(prefix, ids, strict=False):
+            if token != expected:
+                break
+            shared += 1
+        return shared
+
     def encode_answer(self, answer: str) -> list[int]:
         """A reference answer as supervised target tokens, ended as the model should end its turn."""
         return [*self.tokenizer.encode(answer), self.answer_end_id]

@@ -142,6 +142,7 @@ class Driver:
             advantage_std=config.learner.advantage_std,
             dynamic_sampling=config.learner.dynamic_sampling,
             state_dimension=hidden_size(config.model) if config.curriculum.pcl.features == "policy" else 0,
+            seed=config.seed,
         )
         saved = self.buffer.load_state(CURRICULUM_STATE)
         if saved is not None:
@@ -152,6 +153,8 @@ class Driver:
             state_dict = self._restore(checkpoint)
         else:
             state_dict, self.warm_start_info = warm_start(config, self.prompt_pool, log=self.run_dir.event)
+        if self.sampler.gain is not None:  # before the learner and the workers take the accelerator
+            self._rank_prompts(state_dict)
         from orchard.learner.weights import state_dict_to_numpy
 
         initial_ref = ray.put(state_dict_to_numpy(state_dict))
@@ -201,6 +204,29 @@ class Driver:
             self.sampler.prompt_states = self.held_out.prompt_states
         self.renderer = PromptRenderer(load_tokenizer(config.model), self.prompt_format)
         self.samples = SampleKeeper()
+
+    def _rank_prompts(self, state_dict: dict[str, torch.Tensor]) -> None:
+        """GAIN-RL's ranking of its pool by the policy of `state_dict` (the starting one), unless a saved
+        curriculum state already holds it."""
+        gain = self.sampler.gain
+        if gain.is_ranked:
+            self.run_dir.event(
+                f"GAIN-RL ranking of {len(gain.ranked)} prompts restored, sampling mean at rank {gain.mean:.1f}"
+            )
+            return
+        from orchard.services.curriculum.gain_ranking import measure_concentrations
+
+        settings = self.config.curriculum.gain
+        ranking = measure_concentrations(
+            self.config.model,
+            state_dict,
+            self.prompt_format,
+            gain.candidates,
+            inter_weight=settings.inter_weight,
+            batch_size=settings.batch_size,
+        )
+        gain.rank(ranking.concentrations)
+        self.run_dir.event(ranking.describe())
 
     def _evaluate(self, weights_ref: Any | None = None) -> tuple[float, dict[str, float]]:
         """Held-out accuracy of the current policy version (published as `weights_ref`); its time is not
@@ -509,6 +535,7 @@ class Driver:
             scheduler_probabilities=probabilities,
             value_model_abs_error=value_model_error,
             selection_seconds=self.sampler.selection_seconds,
+            gain_center=self.sampler.gain.mean if self.sampler.gain is not None else None,
             generated_tokens=throughput.generated_tokens,
             rollout_tokens_per_second=throughput.per_second(throughput.generated_tokens),
             learner_idle_fraction=throughput.learner_idle_fraction(),

@@ -189,6 +189,14 @@ class PromptPool:
             raise KeyError(f"no prompt source has distribution {distribution!r}; known: {self.distributions}")
         return rng.choices(sources, [s.weight for s in sources])[0].sample(rng, distribution)
 
+    def finite_train_prompts(self) -> list[Prompt] | None:
+        """Every training prompt, source by source, when each source is a list (dataset files,
+        reasoning-gym); None when a procedural source draws new prompts without end."""
+        listed = [source for source in self.sources if isinstance(source, _Listed)]
+        if len(listed) < len(self.sources):
+            return None
+        return [prompt for source in listed for prompt in source.train]
+
     def train_examples(self, count: int, rng: random.Random) -> list[Prompt]:
         """Training prompts with their reference answers, for the supervised warm start."""
         return self.sample_train(count, rng)

@@ -3,10 +3,13 @@
 Composes, as the config asks:
 1. a distribution for each prompt: by source weight (`uniform`) or by DUMP's UCB scheduler (`ucb`);
 2. a prompt of it; with PCL selection, `k·B` candidates are drawn and the `B` whose predicted pass
-   rate is nearest `τ` are kept;
+   rate is nearest `τ` are kept; with GAIN-RL selection (`gain`), the prompt is drawn from a Gaussian
+   over a pool ranked once by the starting policy's angle concentration (no distribution is chosen
+   first, so it is not combined with `ucb`);
 3. after rollout, every group feeds the scheduler (|advantage| of each completion, filtered groups
-   included: a distribution whose groups all pass or all fail must look unlearnable) and the value
-   model (the group's pass rate, before training on it the model's error is measured);
+   included: a distribution whose groups all pass or all fail must look unlearnable), the value
+   model (the group's pass rate, before training on it the model's error is measured) and GAIN-RL
+   (pass rates until the next learner step, which moves its Gaussian's mean);
 4. `filter_reason` says which groups are dropped before the buffer (difficulty band, dynamic sampling).
 
 Its whole state is JSON (`state_dict`), which the driver keeps in the buffer's named state, so a
@@ -29,11 +32,14 @@ from orchard.config import CurriculumConfig
 from orchard.learner.algorithms import group_advantages
 from orchard.records import Group, Prompt
 from orchard.services.curriculum.filtering import group_filter_reason
+from orchard.services.curriculum.gain import GainSelector, gain_candidates
 from orchard.services.curriculum.ucb import UCBScheduler
 from orchard.services.curriculum.value_model import PromptValueModel, nearest_to_target
 from orchard.verifiers.sources import PromptPool
 
-STATE_VERSION = 1
+#: Version 2 added `gain`; a version 1 state (written before it) loads as one without it.
+STATE_VERSION = 2
+READABLE_STATE_VERSIONS = (1, 2)
 #: Policy states kept for chosen prompts until their groups are observed (oldest dropped beyond).
 MAX_CHOSEN_STATES = 4096
 
@@ -54,8 +60,10 @@ class PromptSampler:
         advantage_std: str = "group",
         dynamic_sampling: bool = True,
         state_dimension: int = 0,
+        seed: int = 0,
     ) -> None:
-        """`state_dimension`: the width of the policy's hidden states (`pcl.features: policy`)."""
+        """`state_dimension`: the width of the policy's hidden states (`pcl.features: policy`); `seed`: the
+        run's, which draws GAIN-RL's pool from a procedural source."""
         self.pool = pool
         self.config = config
         self.advantage_std = advantage_std
@@ -66,6 +74,7 @@ class PromptSampler:
                 window=config.ucb.window,
                 exploration=config.ucb.exploration,
                 temperature=config.ucb.temperature,
+                min_probability=config.ucb.min_probability,
             )
             if config.scheduler == "ucb"
             else None
@@ -78,6 +87,12 @@ class PromptSampler:
                 state_dimension=state_dimension if config.pcl.features == "policy" else 0,
             )
             if config.selection == "pcl"
+            else None
+        )
+        #: With `selection: gain`, the pool to rank; the driver ranks it (`gain.rank`) or a saved state does.
+        self.gain = (
+            GainSelector(gain_candidates(pool, config.gain.pool_size, seed), config.gain)
+            if config.selection == "gain"
             else None
         )
         #: With `pcl.features: policy`, the policy's hidden states of prompts (set by the driver once it
@@ -95,9 +110,16 @@ class PromptSampler:
         """Probability of drawing each distribution next."""
         if self.scheduler is not None:
             return self.scheduler.probabilities()
+        if self.gain is not None and self.gain.is_ranked:
+            return self.gain.distribution_probabilities()
         return self.pool.distribution_probabilities()
 
     def next_prompts(self, count: int, rng: random.Random) -> list[Prompt]:
+        if self.gain is not None:
+            started = time.perf_counter()
+            chosen = self.gain.next_prompts(count, rng)
+            self.selection_seconds += time.perf_counter() - started
+            return chosen
         if self.value_model is None:
             return [self._draw(rng) for _ in range(count)]
         candidates = [self._draw(rng) for _ in range(count * self.config.pcl.pool_factor)]
@@ -127,7 +149,10 @@ class PromptSampler:
 
     # ------------------------------------------------------------------------------ learning
     def observe(self, groups: Sequence[Group]) -> None:
-        """Feed one rollout call's groups (all of them, kept or not) to the scheduler and value model."""
+        """Feed one rollout call's groups (all of them, kept or not) to the scheduler, the value model and
+        GAIN-RL."""
+        if self.gain is not None:
+            self.gain.observe(groups)
         if self.scheduler is not None:
             for group in groups:
                 self.scheduler.observe(group.prompt.distribution, absolute_advantages(group, self.advantage_std))
@@ -149,9 +174,12 @@ class PromptSampler:
         return group_filter_reason(group, dynamic_sampling=self.dynamic_sampling, band=self.band)
 
     def on_learner_step(self) -> dict[str, float]:
-        """Recompute the scheduler's probabilities (DUMP: after every learner step); returns them."""
+        """Recompute the scheduler's probabilities (DUMP: after every learner step) and move GAIN-RL's mean by
+        the groups observed since the last step; returns the distributions' probabilities."""
         if self.scheduler is not None:
             self.scheduler.update()
+        if self.gain is not None:
+            self.gain.on_learner_step()
         return self.probabilities()
 
     def value_model_error(self, recent: int = 8) -> float | None:
@@ -166,20 +194,25 @@ class PromptSampler:
             "version": STATE_VERSION,
             "scheduler": self.scheduler.state_dict() if self.scheduler else None,
             "value_model": self.value_model.state_dict() if self.value_model else None,
+            "gain": self.gain.state_dict() if self.gain else None,
             "value_errors": self.value_errors[-64:],
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if state.get("version") != STATE_VERSION:
-            raise ValueError(f"curriculum state version {state.get('version')} is not {STATE_VERSION}")
-        if (state["scheduler"] is None) != (self.scheduler is None) or (state["value_model"] is None) != (
-            self.value_model is None
+        if state.get("version") not in READABLE_STATE_VERSIONS:
+            raise ValueError(f"curriculum state version {state.get('version')} is not one of {READABLE_STATE_VERSIONS}")
+        if (
+            (state["scheduler"] is None) != (self.scheduler is None)
+            or (state["value_model"] is None) != (self.value_model is None)
+            or (state.get("gain") is None) != (self.gain is None)
         ):
             raise ValueError("the saved curriculum state was made with another curriculum config")
         if self.scheduler is not None:
             self.scheduler.load_state_dict(state["scheduler"])
         if self.value_model is not None:
             self.value_model.load_state_dict(state["value_model"])
+        if self.gain is not None:
+            self.gain.load_state_dict(state["gain"])
         self.value_errors = list(state.get("value_errors", []))
 
     def to_bytes(self) -> bytes:

@@ -11,6 +11,12 @@ samples. Learnability `L_d = mean |Â|` over the window; `n_d` = samples drawn f
 
 A distribution whose groups all pass or all fail has |Â| = 0 and stops being drawn once its
 exploration bonus has shrunk; one where the policy is in between is drawn most.
+
+Not in DUMP: a floor `p_min` per distribution, `p_d = p_min + (1 − D·p_min) · softmax_d` over D
+distributions (`curriculum.ucb.min_probability`, 0 by default, which is DUMP's rule). A distribution
+the policy fails everywhere at first has |Â| = 0 and, at T = 0.1, is hardly drawn again; plain
+sampling's rare successes are what start its learning (measured on the demo: `reversal/d2` stayed at
+0.04 held-out under the floorless scheduler while uniform sampling took it to 0.80).
 """
 
 from __future__ import annotations
@@ -31,6 +37,16 @@ def ucb_scores(learnability: Sequence[float], counts: Sequence[int], *, explorat
         value + exploration * math.sqrt(2.0 * math.log(total + 1) / (count + 1))
         for value, count in zip(learnability, counts, strict=True)
     ]
+
+
+def with_floor(probabilities: Sequence[float], floor: float) -> list[float]:
+    """`p_min + (1 − D·p_min) · p_d`: every one of the D probabilities at least `floor`, the sum kept 1."""
+    if floor < 0 or floor * len(probabilities) > 1:
+        raise ValueError(
+            f"a floor of {floor} for each of {len(probabilities)} distributions must lie in [0, 1/{len(probabilities)}]"
+        )
+    scale = 1.0 - floor * len(probabilities)
+    return [floor + scale * p for p in probabilities]
 
 
 def softmax(scores: Sequence[float], *, temperature: float) -> list[float]:
@@ -55,10 +71,17 @@ class UCBScheduler:
         window: int = 300,
         exploration: float = 1.0,
         temperature: float = 0.1,
+        min_probability: float = 0.0,
     ) -> None:
         self.distributions = sorted(distributions)
         if not self.distributions:
             raise ValueError("the UCB scheduler needs at least one distribution")
+        if min_probability * len(self.distributions) > 1:
+            raise ValueError(
+                f"curriculum.ucb.min_probability {min_probability} for each of {len(self.distributions)} distributions"
+                f" exceeds 1 in all: at most {1 / len(self.distributions):.4g}"
+            )
+        self.min_probability = min_probability
         if window < 1:
             raise ValueError(f"window must be >= 1, got {window}")
         self.window = window
@@ -88,7 +111,7 @@ class UCBScheduler:
             [self.counts[d] for d in self.distributions],
             exploration=self.exploration,
         )
-        self._probabilities = softmax(scores, temperature=self.temperature)
+        self._probabilities = with_floor(softmax(scores, temperature=self.temperature), self.min_probability)
         return self.probabilities()
 
     def probabilities(self) -> dict[str, float]:

@@ -67,6 +67,9 @@ class StepRecord:
     learner_options: dict[str, float] = field(default_factory=dict)
     #: What the run's rescues add (`Rescue.step_figures`).
     rescue: dict[str, Any] = field(default_factory=dict)
+    #: `curriculum.selection: gain`: the mean μ of GAIN-RL's Gaussian after the step, in ranks (0: the prompt
+    #: of highest angle concentration); None with another selection.
+    gain_center: float | None = None
 
     def line(self) -> dict[str, Any]:
         """The record as one flat JSON object (metrics.jsonl)."""

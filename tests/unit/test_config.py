@@ -149,7 +149,7 @@ def test_algorithm_recipes_pass_orchard_check(recipe, capsys):
 
 def test_every_algorithm_has_a_recipe():
     recipes = {path.stem for path in (DEMO_CONFIG.parent / "algorithms").glob("*.yaml")}
-    assert {"dr_grpo", "lite_ppo", "rloo", "dapo", "dler", "lp_reg", "hpt_hints", "lora", "disco"} <= recipes
+    assert {"dr_grpo", "lite_ppo", "rloo", "dapo", "dler", "lp_reg", "hpt_hints", "lora", "disco", "gain_rl"} <= recipes
 
 
 def test_fault_injection_is_refused_unless_the_environment_allows_it(monkeypatch):

@@ -14,7 +14,7 @@ from orchard.config import CurriculumConfig, DataConfig, ProceduralSource
 from orchard.records import Completion, Group, Prompt
 from orchard.services.curriculum.filtering import TOO_EASY, TOO_HARD, ZERO_ADVANTAGE, filter_reason
 from orchard.services.curriculum.sampler import PromptSampler, absolute_advantages
-from orchard.services.curriculum.ucb import UCBScheduler, softmax, ucb_scores
+from orchard.services.curriculum.ucb import UCBScheduler, softmax, ucb_scores, with_floor
 from orchard.services.curriculum.value_model import PromptValueModel, nearest_to_target, prompt_features
 from orchard.verifiers.sources import PromptPool
 
@@ -301,3 +301,26 @@ def test_pcl_with_policy_features_chooses_and_learns_by_the_states_it_was_given(
     assert state["value_model"]["state_dimension"] == 4
     with pytest.raises(ValueError, match="another curriculum config|dimensions"):
         PromptSampler(pool(), config, state_dimension=8).load_bytes(sampler.to_bytes())
+
+
+def test_ucb_floor_keeps_every_distribution_drawn_by_hand():
+    # softmax [0.9, 0.1, 0.0], floor 0.05 over 3: 0.05 + 0.85·p
+    assert with_floor([0.9, 0.1, 0.0], 0.05) == pytest.approx([0.815, 0.135, 0.05])
+    assert with_floor([0.5, 0.5], 0.0) == [0.5, 0.5]
+    with pytest.raises(ValueError, match=r"must lie in \[0, 1/3\]"):
+        with_floor([0.2, 0.3, 0.5], 0.4)
+
+
+def test_ucb_scheduler_with_a_floor_still_draws_an_all_fail_distribution():
+    plain = UCBScheduler(["learnable", "failing"], temperature=0.1)
+    floored = UCBScheduler(["learnable", "failing"], temperature=0.1, min_probability=0.1)
+    for scheduler in (plain, floored):
+        for _ in range(50):
+            scheduler.observe("learnable", [0.9] * 8)
+            scheduler.observe("failing", [0.0] * 8)
+        scheduler.update()
+    assert plain.probabilities()["failing"] < 0.001
+    assert floored.probabilities()["failing"] == pytest.approx(0.1 + 0.8 * plain.probabilities()["failing"])
+    assert sum(floored.probabilities().values()) == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="min_probability 0.6 for each of 2 distributions exceeds 1"):
+        UCBScheduler(["a", "b"], min_probability=0.6)

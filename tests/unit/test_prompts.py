@@ -102,3 +102,18 @@ def test_bad_template_settings_are_refused_with_the_field(tmp_path):
         PromptRenderer(CharTokenizer()).text(only_system)
     with pytest.raises(ValueError, match="must contain \\{prompt\\}"):
         DataConfig(prompt_template="no placeholder")
+
+
+def test_the_question_span_separates_the_question_from_its_context(instruct):
+    plain = PromptRenderer(CharTokenizer(), PromptFormat(system_prompt="Answer.", prompt_template="Q: {prompt} A:"))
+    ids, span = plain.encode_with_question(QUESTION)
+    assert ids == plain.encode(QUESTION)
+    assert span == (1 + len("Answer.\n\nQ: "), 1 + len("Answer.\n\nQ: 12+34="))  # after the BOS token
+    assert PromptRenderer(CharTokenizer()).encode_with_question(QUESTION)[1] == (1, 7)  # nothing before it
+    chat = PromptRenderer(instruct, PromptFormat(prompt_template="{prompt} Put the final answer within \\boxed{{}}."))
+    ids, (start, end) = chat.encode_with_question(CHAT)
+    assert ids == chat.encode(CHAT)
+    assert instruct.decode(ids[start:end]).strip() == "What is 6*7?"
+    assert "Be brief." in instruct.decode(ids[:start]) and "boxed" in instruct.decode(ids[end:])
+    odd = Prompt(id="o", text="missing", answer="", distribution="d", messages=(ChatMessage("user", "other"),))
+    assert chat.encode_with_question(odd)[1] is None  # the rendered text does not hold the question
