@@ -8,6 +8,7 @@ tiny gradients by their own scale, so float32 rounding differences grow to a few
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -17,6 +18,7 @@ import torch
 
 from orchard.config import ConfigError, RunConfig, config_from_dict
 from orchard.learner.weights import state_dict_to_numpy
+from orchard.records import Group
 from orchard.rollout.model import build_model
 from orchard.services.learner_actor import create_learner
 from orchard.services.placement import reserve
@@ -24,7 +26,12 @@ from tests.integration.test_trainer import MAX_LENGTH, MODEL_CONFIG, TEMPERATURE
 
 
 def run_config(
-    ranks: int, gpus: int = 0, aggregation: str = "token-mean", micro_batch_size: int = 64, lora: int = 0
+    ranks: int,
+    gpus: int = 0,
+    aggregation: str = "token-mean",
+    micro_batch_size: int = 64,
+    lora: int = 0,
+    objective: str = "grpo",
 ) -> RunConfig:
     return RunConfig(
         model=MODEL_CONFIG,
@@ -36,6 +43,7 @@ def run_config(
             "aggregation": aggregation,
             "micro_batch_size": micro_batch_size,
             "lora": {"rank": lora},
+            "objective": objective,
         },
         weight_sync={"transport": "object_store"},
         cluster={"placement_groups": True, "learner_ranks": ranks, "learner_gpus": gpus, "ready_timeout_seconds": 60},
@@ -70,11 +78,22 @@ def test_two_ranks_with_lora_adapters_train_like_one_and_export_merged_weights(r
     assert (tmp_path / "step-2" / "adapter" / "adapter_config.json").is_file()
 
 
+def test_two_ranks_train_disco_like_one(ray_local, tmp_path):
+    """DisCO's batch loss couples the groups (its KL penalty is over the whole batch): the ranks reduce
+    its pieces, so two ranks on their shares take the step one rank takes on the batch."""
+    train_one_and_two_ranks(tmp_path, gpus=0, micro_batch_size=2, objective="disco", checkpoint=False)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="two learner ranks on GPUs need two GPUs")
 def test_two_ranks_on_two_gpus_train_like_one(ray_local, tmp_path):
     """NCCL between the DeepSpeed ranks (the one-rank learner takes a third GPU when there is one)."""
     train_one_and_two_ranks(tmp_path, gpus=1)
+
+
+def with_correct_above(group: Group, threshold: float) -> Group:
+    completions = [dataclasses.replace(c, correct=c.reward > threshold) for c in group.completions]
+    return dataclasses.replace(group, completions=completions)
 
 
 def train_one_and_two_ranks(
@@ -86,6 +105,7 @@ def train_one_and_two_ranks(
     groups: int = 3,
     checkpoint: bool = True,
     lora: int = 0,
+    objective: str = "grpo",
 ) -> None:
     # on GPUs the one-rank learner may run on the CPU: other rounding
     loss_tolerance, tolerance = (1e-5, 5e-5) if gpus == 0 else (1e-3, 1e-3)
@@ -99,12 +119,15 @@ def train_one_and_two_ranks(
                 aggregation=aggregation,
                 micro_batch_size=micro_batch_size,
                 lora=lora,
+                objective=objective,
             )
             placements.append(placement := reserve(config))
             learners[ranks] = create_learner(config, initial, placement)
         assert len(learners[2][1]) == 1
         for step in range(2):
             batch = random_groups(seed=step, count=groups)
+            if objective == "disco":  # DisCO discriminates correct from incorrect answers
+                batch = [with_correct_above(group, 0.5) for group in batch]
             results = ray.get([learners[ranks][0].train_step.remote(batch)[0] for ranks in (1, 2)])
             assert [r.result.skipped for r in results] == [False, False]
             assert results[0].result.loss == pytest.approx(results[1].result.loss, rel=loss_tolerance)
