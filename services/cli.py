@@ -222,6 +222,7 @@ def command_compare(args: argparse.Namespace) -> int:
     from orchard.services import compare
 
     out = Path(args.out)
+    args.config = args.config or str(compare.DEFAULT_CONFIG)
     if args.report_only:
         try:
             runs = compare.collect(out)
@@ -235,7 +236,14 @@ def command_compare(args: argparse.Namespace) -> int:
         if minutes is None:
             print("orchard: compare needs a budget: --minutes, or max_minutes in the config", file=sys.stderr)
             return EXIT_BAD_CONFIG
-        load_config(args.config, [*args.overrides, *compare.PLAIN_GRPO])  # the plain arm must be valid too
+        plain = load_config(args.config, [*args.overrides, *compare.PLAIN_GRPO])  # the plain arm must be valid too
+        if plain == config:
+            print(
+                f"orchard: compare: {args.config} is plain GRPO already (no curriculum, tree search or hints):"
+                f" nothing to compare it with; e.g. {compare.DEFAULT_CONFIG}",
+                file=sys.stderr,
+            )
+            return EXIT_BAD_CONFIG
         try:
             runs = compare.execute(args.config, args.overrides, args.seeds, minutes, out)
         except (RuntimeError, ValueError) as error:
@@ -295,7 +303,9 @@ def build_parser() -> argparse.ArgumentParser:
     compare = commands.add_parser(
         "compare", help="run plain GRPO and a config side by side per seed; figure and table of held-out accuracy"
     )
-    compare.add_argument("config", nargs="?", help="YAML config; omitted: configs/demo.yaml")
+    compare.add_argument(
+        "config", nargs="?", help="YAML config; omitted: configs/algorithms/ucb_deepsearch.yaml (the demo's tasks)"
+    )
     compare.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE")
     compare.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds (default: 0 1 2)")
     compare.add_argument("--minutes", type=float, help="minutes of RL per run (default: the config's max_minutes)")
