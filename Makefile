@@ -34,8 +34,8 @@ system-deps:
 run: $(STAMP)
 	$(BIN)/orchard run $(ARGS)
 
-# The demo with the UCB scheduler and DeepSearch (configs/algorithms/ucb_deepsearch.yaml) against plain GRPO,
-# seeds 0-2, 5 minutes of RL each (about 35 min on 2 cores): runs/compare/compare.png, compare.md.
+# The demo (UCB scheduler, DeepSearch) against plain GRPO, seeds 0-2, 5 minutes of RL each (about 35 min
+# on 2 cores): runs/compare/compare.png, compare.md.
 # ARGS reach `orchard compare` (e.g. ARGS="my.yaml --seeds 0 --minutes 2").
 compare: $(STAMP)
 	$(BIN)/orchard compare $(ARGS)

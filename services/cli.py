@@ -240,7 +240,7 @@ def command_compare(args: argparse.Namespace) -> int:
         if plain == config:
             print(
                 f"orchard: compare: {args.config} is plain GRPO already (no curriculum, tree search or hints):"
-                f" nothing to compare it with; e.g. {compare.DEFAULT_CONFIG}",
+                " nothing to compare it with",
                 file=sys.stderr,
             )
             return EXIT_BAD_CONFIG
@@ -303,9 +303,7 @@ def build_parser() -> argparse.ArgumentParser:
     compare = commands.add_parser(
         "compare", help="run plain GRPO and a config side by side per seed; figure and table of held-out accuracy"
     )
-    compare.add_argument(
-        "config", nargs="?", help="YAML config; omitted: configs/algorithms/ucb_deepsearch.yaml (the demo's tasks)"
-    )
+    compare.add_argument("config", nargs="?", help="YAML config; omitted: configs/demo.yaml")
     compare.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE")
     compare.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds (default: 0 1 2)")
     compare.add_argument("--minutes", type=float, help="minutes of RL per run (default: the config's max_minutes)")

@@ -2,8 +2,8 @@
 
 For each seed, the two arms run one after the other as `orchard run` processes (alternating which
 goes first from seed to seed, so a slow spell of the machine falls on both); without a config, the
-config is `DEFAULT_CONFIG`, the demo with DUMP's UCB scheduler and DeepSearch. A config that is plain
-GRPO already is refused.
+config is the demo (DUMP's UCB scheduler and DeepSearch). A config that is plain GRPO already is
+refused.
 - `grpo`: the config with every curriculum, tree search and hint switched off (`PLAIN_GRPO`);
 - `config`: the config as it is.
 
@@ -43,8 +43,8 @@ PLAIN_GRPO = (
     "learner.objective=grpo",
 )
 ARMS = ("grpo", "config")
-#: What `orchard compare` runs against plain GRPO when given no config: the demo with UCB and DeepSearch.
-DEFAULT_CONFIG = DEMO_CONFIG.parent / "algorithms" / "ucb_deepsearch.yaml"
+#: What `orchard compare` runs against plain GRPO when given no config: the demo (UCB and DeepSearch).
+DEFAULT_CONFIG = DEMO_CONFIG
 #: Step cap of a compared run: the wall-clock budget decides.
 UNCAPPED_STEPS = 10_000_000
 

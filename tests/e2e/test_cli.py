@@ -25,7 +25,7 @@ def orchard(*args: str, cwd: Path = REPO, timeout: int = 600) -> subprocess.Comp
 
 
 def test_demo_run_end_to_end(tmp_path):
-    """The demo as it is, shrunk to seconds."""
+    """The demo as it is (UCB scheduler, DeepSearch), shrunk to seconds."""
     run_path = tmp_path / "runs" / "demo-e2e"
     result = orchard(
         "run",
@@ -160,6 +160,7 @@ def test_compare_runs_plain_grpo_and_the_config_per_seed_and_draws_them(tmp_path
     assert orchard("compare", "--report-only", "--out", str(out)).returncode == 0
     empty = orchard("compare", "--report-only", "--out", str(tmp_path / "none"))
     assert empty.returncode == 1 and "no finished compared runs" in empty.stderr
-    # the demo is plain GRPO: comparing it with itself is refused before anything runs
-    same = orchard("compare", "configs/demo.yaml", "--out", str(tmp_path / "same"))
+    # a plain GRPO config compared with itself is refused before anything runs
+    (tmp_path / "plain.yaml").write_text("name: plain\nmax_minutes: 1\n")
+    same = orchard("compare", str(tmp_path / "plain.yaml"), "--out", str(tmp_path / "same"))
     assert same.returncode == 2 and "plain GRPO already" in same.stderr and not (tmp_path / "same").exists()
