@@ -30,6 +30,8 @@ from pathlib import Path
 from statistics import fmean
 from typing import Any
 
+import yaml
+
 from orchard.config import DEMO_CONFIG
 from orchard.services.plotting import smooth
 
@@ -69,6 +71,8 @@ class RunFigures:
     final: float
     final_by_distribution: dict[str, float]
     curve: Curve = field(repr=False)
+    #: The run's config name (the figure's label of the config arm).
+    name: str = "config"
 
 
 def run_curve(metrics: Sequence[dict[str, Any]], summary: dict[str, Any]) -> Curve:
@@ -205,6 +209,9 @@ def read_run(arm: str, seed: int, run_dir: Path) -> RunFigures:
         final=float(summary["held_out_accuracy_final"]),
         final_by_distribution={k: float(v) for k, v in summary["held_out_by_distribution_final"].items()},
         curve=run_curve(read_jsonl(run_dir / "metrics.jsonl"), summary),
+        name=str((yaml.safe_load((run_dir / "config.yaml").read_text()) or {}).get("name", arm))
+        if (run_dir / "config.yaml").is_file()
+        else arm,
     )
 
 
@@ -281,7 +288,6 @@ def report(runs: Sequence[RunFigures], out: Path, minutes: float | None, *, poin
 
 
 COLOURS = {"grpo": "#7f7f7f", "config": "#1f77b4"}
-LABELS = {"grpo": "plain GRPO", "config": "config"}
 
 
 def plot(runs: Sequence[RunFigures], path: Path, *, points: int, window: int) -> None:
@@ -306,7 +312,9 @@ def plot(runs: Sequence[RunFigures], path: Path, *, points: int, window: int) ->
             continue
         mean, low, high = mean_band([(r.curve.seconds, r.curve.accuracy) for r in mine], grid, window)
         minutes = [t / 60 for t in grid]
-        overall.plot(minutes, mean, color=COLOURS[arm], linewidth=2, label=f"{LABELS[arm]} (final {mean[-1]:.3f})")
+        label = "plain GRPO" if arm == "grpo" else f"{mine[0].name} (the config)"
+        final = fmean(r.final for r in mine)
+        overall.plot(minutes, mean, color=COLOURS[arm], linewidth=2, label=f"{label}: final {final:.3f} (mean)")
         overall.fill_between(minutes, low, high, color=COLOURS[arm], alpha=0.15)
     overall.set(
         title=f"held-out greedy accuracy (mean of seeds {', '.join(map(str, seeds))}; band: lowest to highest)",
