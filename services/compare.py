@@ -248,6 +248,12 @@ def execute(
     for arm, seed in schedule(seeds):
         run_dir = run_directory(out, arm, seed)
         if (run_dir / "summary.json").is_file():
+            kept = yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
+            if minutes is not None and kept.get("max_minutes") != minutes:
+                raise ValueError(
+                    f"{run_dir} finished earlier with max_minutes {kept.get('max_minutes')}, this comparison has"
+                    f" {minutes:g}: give another --out"
+                )
             print(f"orchard compare: {run_dir} finished earlier; kept", flush=True)
         else:
             command = [sys.executable, "-m", "orchard", "run", *([config] if config else []), "--quiet"]

@@ -143,3 +143,12 @@ def test_distribution_styles_give_a_colour_per_family_and_a_line_style_per_level
     styles = distribution_styles(["addition/d1", "addition/d2", "sorting/d1"])
     assert styles["addition/d1"]["color"] == styles["addition/d2"]["color"] != styles["sorting/d1"]["color"]
     assert styles["addition/d1"]["linestyle"] != styles["addition/d2"]["linestyle"]
+
+
+def test_a_kept_run_of_another_budget_is_refused_before_anything_runs(tmp_path):
+    run = compare.run_directory(tmp_path, "grpo", 0)
+    run.mkdir()
+    (run / "summary.json").write_text(json.dumps(summary(0.2, 0.4, 5.0, {"a/d1": 0.2}, {"a/d1": 0.4})))
+    (run / "config.yaml").write_text("name: demo\nmax_minutes: 3.0\n")
+    with pytest.raises(ValueError, match="max_minutes 3.0, this comparison has 5: give another --out"):
+        compare.execute(None, [], [0], 5.0, tmp_path)
