@@ -503,7 +503,7 @@ class Driver:
         staleness = [learner_version_before - g.policy_version for g in groups]
         self.staleness_seen.extend(staleness)
         if self.sampler.prompt_states is not None and self.step % self.config.curriculum.pcl.refresh_steps == 0:
-            self.held_out.refresh(self.policy_version, weights_ref)  # PCL reads prompts with the newest policy
+            self.held_out.refresh(self.policy_version, weights_ref, purpose="PCL's reading of prompts")
         probabilities = self.sampler.on_learner_step()
         self.metrics.set_distributions(probabilities)
         value_model_error = self.sampler.value_model_error()

@@ -83,25 +83,20 @@ class HeldOut:
             raise NotImplementedError("a vLLM run's evaluator exposes no hidden states")
         return self.evaluator.prompt_states(prompts).numpy()
 
-    def refresh(self, version: int, weights: Any) -> None:
-        """Load published `weights` as `version` if they are newer than what is held (see `evaluate`)."""
+    def refresh(self, version: int, weights: Any, *, purpose: str) -> None:
+        """Load published `weights` as `version` if they are newer than what is held. When they can no
+        longer be read (their learner died before exporting them; its restart publishes new ones), the
+        version loaded last stays, logged as what `purpose` used."""
         if version > self.evaluator.policy_version and not isinstance(self.evaluator, WorkerEvaluator):
             try:
                 self.load(version, ray.get(self.readable(weights)))
             except ray.exceptions.RayActorError as error:
-                self.log(f"version {version} could not be read; version {self.evaluator.policy_version} kept: {error}")
+                self.log(f"{purpose} of version {version} used version {self.evaluator.policy_version}: {error}")
 
     def evaluate(self, version: int, weights: Any | None = None) -> tuple[float, dict[str, float]]:
         """Accuracy, overall and by distribution, of policy `version` (published as `weights`; None: the
         version loaded last). When those weights can no longer be read (their learner died before
         exporting them; its restart publishes new ones), the version loaded last answers, logged."""
-        if (
-            weights is not None
-            and version > self.evaluator.policy_version
-            and not isinstance(self.evaluator, WorkerEvaluator)
-        ):
-            try:
-                self.load(version, ray.get(self.readable(weights)))
-            except ray.exceptions.RayActorError as error:
-                self.log(f"evaluation of version {version} used version {self.evaluator.policy_version}: {error}")
+        if weights is not None:
+            self.refresh(version, weights, purpose="evaluation")
         return evaluate_by_distribution(self.evaluator, self.prompts)
