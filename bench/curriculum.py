@@ -85,13 +85,19 @@ def steps_to_target(metrics: list[dict[str, Any]], target: float, smooth: int = 
     return None, None
 
 
-def run_one(method: str, seed: int, args: argparse.Namespace) -> dict[str, Any]:
-    overrides = [*base_overrides(args.steps, args.eval_every, args.held_out), f"seed={seed}", *METHODS[method]]
+def run_driver(out: Path, method: str, settings: list[str], seed: int, args: argparse.Namespace) -> Driver:
+    """One run of the mix under `out/<method>-seed<seed>` with a method's `settings`; the driver after it."""
+    overrides = [*base_overrides(args.steps, args.eval_every, args.held_out), f"seed={seed}", *settings]
     config = load_config(None, [*overrides, *args.overrides])
     connect_ray(config)
-    run_dir = RunDirectory(OUT, f"{method}-seed{seed}")
+    driver = Driver(config, RunDirectory(out, f"{method}-seed{seed}"), show_progress=False)
+    driver.run()
+    return driver
+
+
+def run_one(method: str, seed: int, args: argparse.Namespace) -> dict[str, Any]:
     started = time.perf_counter()
-    Driver(config, run_dir, show_progress=False).run()
+    run_dir = run_driver(OUT, method, METHODS[method], seed, args).run_dir
     result = measure(method, seed, run_dir, args)
     result["wall_seconds"] = time.perf_counter() - started
     step = result["steps_to_target"]

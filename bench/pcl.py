@@ -38,12 +38,9 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from curriculum import base_overrides, measure  # noqa: E402
+from curriculum import measure, run_driver  # noqa: E402
 
-from orchard.config import load_config  # noqa: E402
-from orchard.services.cluster import connect_ray  # noqa: E402
 from orchard.services.driver import Driver  # noqa: E402
-from orchard.services.run_dir import RunDirectory  # noqa: E402
 
 OUT = Path(__file__).resolve().parent / "out" / "pcl"
 FILTER = "curriculum.difficulty_filter.enabled=true"
@@ -106,16 +103,11 @@ def probe(driver: Driver, per_distribution: int, samples: int, seed: int) -> dic
 
 
 def run_one(method: str, seed: int, args: argparse.Namespace) -> dict[str, Any]:
-    overrides = [*base_overrides(args.steps, args.eval_every, args.held_out), f"seed={seed}", *METHODS[method]]
-    config = load_config(None, [*overrides, *args.overrides])
-    connect_ray(config)
-    run_dir = RunDirectory(OUT, f"{method}-seed{seed}")
     started = time.perf_counter()
-    driver = Driver(config, run_dir, show_progress=False)
-    driver.run()
-    result = measure(method, seed, run_dir, args)
-    summary = json.loads((run_dir.path / "summary.json").read_text())
-    result["keep_rate"] = 1 - sum(summary["filtered"].values()) / max(1, summary["generated_groups"])
+    driver = run_driver(OUT, method, METHODS[method], seed, args)
+    config = driver.config
+    result = measure(method, seed, driver.run_dir, args)
+    result["keep_rate"] = 1 - result["dropped_groups"] / max(1, result["generated_groups"])
     if config.curriculum.selection == "pcl":
         result.update(probe(driver, args.probe_per_distribution, args.probe_samples, seed))
     result["wall_seconds"] = time.perf_counter() - started
