@@ -433,6 +433,37 @@ def tool_name(tool: str) -> str:
     return tool.rpartition(":")[2].rpartition(".")[2]
 
 
+class AutoscaleConfig(Section):
+    """Rollout workers added while the learner waits for data, removed while they outpace it
+    (services/run/autoscale.py). Every decision is an event and a metric."""
+
+    min: int = Field(1, ge=1, description="Fewest rollout workers the policy keeps.")
+    max: int = Field(4, ge=1, description="Most rollout workers the policy adds up to.")
+    target_learner_idle: float = Field(
+        0.2,
+        ge=0,
+        lt=1,
+        description="A worker is added while the learner's idle share over the window exceeds this (it waits for"
+        " data) and the workers are busy.",
+    )
+    max_worker_idle: float = Field(
+        0.5,
+        gt=0,
+        le=1,
+        description="A worker is removed while the workers' idle share over the window exceeds this (the learner"
+        " cannot take what they would make) or groups went stale in the buffer.",
+    )
+    window_seconds: float = Field(
+        20.0, gt=0, description="The span each decision looks back on; it starts again after every change."
+    )
+
+    @model_validator(mode="after")
+    def _bounds_are_ordered(self) -> AutoscaleConfig:
+        if self.min > self.max:
+            raise ValueError(f"min ({self.min}) exceeds max ({self.max})")
+        return self
+
+
 class RolloutConfig(Section):
     engine: Literal["torch", "vllm"] = Field("torch", description="Generation engine of the workers.")
     num_workers: int = Field(1, ge=1, description="RolloutWorker actors.")
@@ -449,6 +480,11 @@ class RolloutConfig(Section):
     )
     num_cpus_per_worker: float = Field(1.0, gt=0, description="Ray CPUs reserved per worker.")
     torch_threads: int = Field(1, ge=1, description="Intra-op threads of each worker's torch engine.")
+    autoscale: AutoscaleConfig | None = Field(
+        None,
+        description="Add and remove rollout workers during the run by the learner's and the workers' idle"
+        " shares (None: the number changes only on request, `orchard scale`).",
+    )
     mcts: MCTSConfig = Field(default_factory=MCTSConfig, description="DeepSearch tree search (strategy 'mcts').")
     vllm: VLLMConfig = Field(default_factory=VLLMConfig, description="vLLM engine settings (engine 'vllm').")
     multi_turn: MultiTurnConfig = Field(
@@ -998,12 +1034,23 @@ class FaultsConfig(Section):
         description="Learner steps (1-based, as in metrics.jsonl) whose loss is made NaN, as a broken batch would;"
         " the step is skipped and counted as non-finite. Needs ORCHARD_FAULT_INJECTION=1.",
     )
+    learner_step_delay_seconds: float = Field(
+        0.0,
+        ge=0,
+        description="Added to every learner step, as a slow learner would take. Needs ORCHARD_FAULT_INJECTION=1.",
+    )
+    rollout_delay_seconds: float = Field(
+        0.0,
+        ge=0,
+        description="Added to every rollout call, as a slow worker would take. Needs ORCHARD_FAULT_INJECTION=1.",
+    )
 
     @model_validator(mode="after")
     def _allowed_here(self) -> FaultsConfig:
-        if self.nonfinite_loss_at_steps and os.environ.get(FAULT_INJECTION_ENV) != "1":
+        injected = [name for name, value in self if value]
+        if injected and os.environ.get(FAULT_INJECTION_ENV) != "1":
             raise ValueError(
-                f"faults.nonfinite_loss_at_steps injects failures for tests and is refused unless"
+                f"faults.{injected[0]} injects failures for tests and is refused unless"
                 f" {FAULT_INJECTION_ENV}=1 is set; remove the faults section from a training config"
             )
         return self
@@ -1077,6 +1124,12 @@ class ControlConfig(Section):
         "Never written to config.yaml or printed.",
     )
     max_body_bytes: int = Field(1 << 20, ge=1024, description="Largest request body the control plane accepts.")
+    max_active_runs: int = Field(
+        1,
+        ge=1,
+        description="Runs the control plane trains at once (`orchard serve --max-active-runs`); more than one"
+        " needs cluster.placement_groups in each, so that every run holds its own reservation.",
+    )
 
     def resolved_token(self) -> str | None:
         """The token in force: ORCHARD_TOKEN when set and non-empty, else `token`."""
@@ -1142,7 +1195,19 @@ class ClusterConfig(Section):
         "STRICT_PACK", description="Ray placement strategy of the learner's bundles (STRICT_PACK: one node)."
     )
     ready_timeout_seconds: float = Field(
-        600.0, gt=0, description="How long to wait for the cluster to hold the placement groups."
+        600.0,
+        gt=0,
+        description="How long to wait for the cluster to hold the placement groups (the run is pending meanwhile,"
+        " saying so), and for the bundles of rollout workers added during the run.",
+    )
+    max_rollout_workers: int | None = Field(
+        None, ge=1, description="Quota: the most rollout workers the run may have, by request or autoscaling."
+    )
+    max_cpus: float | None = Field(
+        None, gt=0, description="Quota: the most Ray CPUs the run's actors may reserve (learner and workers)."
+    )
+    max_gpus: float | None = Field(
+        None, ge=0, description="Quota: the most GPUs the run's actors may reserve (learner and workers)."
     )
 
 
@@ -1189,6 +1254,9 @@ class RunConfig(Section):
                 "rollout.multi_turn and learner.hints cannot be combined: hinted rollouts are single answers;"
                 " turn one of them off"
             )
+        self.check_quota(self.rollout.num_workers, field="rollout.num_workers")
+        if self.rollout.autoscale is not None:
+            self.check_quota(self.rollout.autoscale.max, field="rollout.autoscale.max")
         if self.cluster.learner_ranks > 1 and not self.cluster.placement_groups:
             raise ValueError(
                 "cluster.learner_ranks > 1 needs cluster.placement_groups: true (rank 0's bundle names the rendezvous node)"
@@ -1198,6 +1266,31 @@ class RunConfig(Section):
                 f"cluster.learner_ranks > 1 needs weight_sync.transport 'object_store' or 'nccl' (got {self.weight_sync.transport!r})"
             )
         return self
+
+    def resources(self, workers: int) -> dict[str, float]:
+        """The Ray CPUs and GPUs the run's actors reserve with `workers` rollout workers."""
+        cluster = self.cluster
+        worker_gpus = cluster.rollout_gpus_per_worker
+        return {
+            "CPU": self.learner.num_cpus * cluster.learner_ranks + self.rollout.num_cpus_per_worker * workers,
+            "GPU": float(cluster.learner_gpus * cluster.learner_ranks + worker_gpus * workers),
+        }
+
+    def check_quota(self, workers: int, *, field: str = "workers") -> None:
+        """Raises ValueError naming the quota (`cluster.max_*`) that `workers` rollout workers would exceed."""
+        cluster = self.cluster
+        if cluster.max_rollout_workers is not None and workers > cluster.max_rollout_workers:
+            raise ValueError(
+                f"{field}: {workers} rollout workers exceed the run's quota cluster.max_rollout_workers="
+                f"{cluster.max_rollout_workers}"
+            )
+        needed = self.resources(workers)
+        for resource, quota in (("CPU", cluster.max_cpus), ("GPU", cluster.max_gpus)):
+            if quota is not None and needed[resource] > quota + 1e-9:
+                raise ValueError(
+                    f"{field}: {workers} rollout workers and the learner reserve {needed[resource]:g} {resource}s,"
+                    f" over the run's quota cluster.max_{resource.lower()}s={quota:g}"
+                )
 
     @field_validator("name")
     @classmethod

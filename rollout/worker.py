@@ -97,9 +97,11 @@ class RolloutWorkerCore:
         *,
         seed: int = 0,
         prompt_format: PromptFormat | None = None,
+        delay_seconds: float = 0.0,
     ) -> None:
         """`prompt_format`: how prompts are rendered (`data.chat_template`, `system_prompt`,
-        `prompt_template`; `rollout.prompts`); default: the tokenizer's chat template when it has one."""
+        `prompt_template`; `rollout.prompts`); default: the tokenizer's chat template when it has one.
+        `delay_seconds`: added to every `rollout` call (`faults.rollout_delay_seconds`: a slow worker, in tests)."""
         torch.set_num_threads(rollout_config.torch_threads)
         torch.manual_seed(seed)
         self.worker_id = worker_id
@@ -115,6 +117,7 @@ class RolloutWorkerCore:
         self._verifiers: dict[str, Verifier] = {}
         self._calls = 0
         self._seed = seed
+        self._delay_seconds = delay_seconds
 
     @property
     def policy_version(self) -> int:
@@ -264,6 +267,8 @@ class RolloutWorkerCore:
         batch = [ids for ids in prompt_ids for _ in range(group_size)]
         version = self.engine.policy_version
         started = time.perf_counter()
+        if self._delay_seconds:
+            time.sleep(self._delay_seconds)
         outputs = self._generate(batch, self._params(greedy=False))
         generated = time.perf_counter()
         groups, errors = [], []

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import threading
 from collections.abc import Callable
@@ -152,19 +151,32 @@ def launch_holding_lock(handle: RunHandle, launch: Callable[[RunHandle], None] |
 
 
 def command_serve(args: argparse.Namespace) -> int:
-    """The control plane alone; runs are created with `POST /v1/runs`."""
+    """The control plane alone; runs are created with `POST /v1/runs`. Its settings are the `control`
+    section of `--config` (the demo's when omitted), which `--host`, `--port` and `--max-active-runs` override."""
     from orchard.services.control.app import create_app
     from orchard.services.control.server import ControlPlaneError, ControlServer
     from orchard.services.control.service import ControlService
 
-    token = os.environ.get("ORCHARD_TOKEN") or None
-    service = ControlService(launcher=launch_holding_lock)
+    settings = _load(args).control
+    host = args.host if args.host is not None else settings.host
+    port = args.port if args.port is not None else settings.port
+    max_active_runs = args.max_active_runs if args.max_active_runs is not None else settings.max_active_runs
+    if max_active_runs < 1:
+        print(f"orchard: --max-active-runs must be at least 1, got {max_active_runs}", file=sys.stderr)
+        return EXIT_BAD_CONFIG
+    token = settings.resolved_token()
+    service = ControlService(launcher=launch_holding_lock, max_active_runs=max_active_runs)
     try:
-        server = ControlServer(create_app(service, token=token), args.host, args.port, token=token)
+        app = create_app(service, token=token, max_body_bytes=settings.max_body_bytes)
+        server = ControlServer(app, host, port, token=token)
     except ControlPlaneError as error:
         print(f"orchard: {error}", file=sys.stderr)
         return EXIT_BAD_CONFIG
-    print(f"orchard: control plane at {server.url} (API docs at {server.url}/docs)", flush=True)
+    print(
+        f"orchard: control plane at {server.url} (API docs at {server.url}/docs), up to {max_active_runs} active "
+        f"run{'s' if max_active_runs > 1 else ''}",
+        flush=True,
+    )
     server.serve_forever()
     return 0
 
@@ -183,7 +195,12 @@ def command_client(args: argparse.Namespace) -> int:
                     print("\n".join(format_status(run) for run in runs) or f"no runs at {client.url}")
                 return 0
             run_id = client.resolve(args.run)
-            result = client.status(run_id) if args.command == "status" else client.act(run_id, args.command)
+            if args.command == "status":
+                result = client.status(run_id)
+            elif args.command == "scale":
+                result = client.scale(run_id, args.count)
+            else:
+                result = client.act(run_id, args.command)
     except ControlClientError as error:
         print(f"orchard: {error}", file=sys.stderr)
         return EXIT_FAILED
@@ -191,6 +208,11 @@ def command_client(args: argparse.Namespace) -> int:
         print(json.dumps(result, indent=2))
     elif args.command == "status":
         print(format_status(result))
+    elif args.command == "scale":
+        print(
+            f"run {result['id']}: {result['state']}, {result['rollout_workers']} rollout workers, "
+            f"{result['requested']} requested (applied at the next step boundary)"
+        )
     else:
         print(f"run {result['id']}: {result['state']}")
     return 0
@@ -276,8 +298,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.set_defaults(handler=command_run)
 
     serve = commands.add_parser("serve", help="serve the control plane alone; create runs over REST")
-    serve.add_argument("--host", default="127.0.0.1", help="bind address (non-loopback needs ORCHARD_TOKEN)")
-    serve.add_argument("--port", type=int, default=8470, help="port (0: any free port)")
+    serve.add_argument("--config", help="YAML config whose `control` section sets the plane (default: the demo's)")
+    serve.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE")
+    serve.add_argument("--host", help="bind address (default control.host; non-loopback needs ORCHARD_TOKEN)")
+    serve.add_argument("--port", type=int, help="port (default control.port; 0: any free port)")
+    serve.add_argument("--max-active-runs", type=int, help="runs trained at once (default control.max_active_runs, 1)")
     serve.set_defaults(handler=command_serve)
 
     for name, text in [
@@ -293,6 +318,14 @@ def build_parser() -> argparse.ArgumentParser:
         client.add_argument("--token", help="bearer token (default: $ORCHARD_TOKEN)")
         client.add_argument("--json", action="store_true", help="print the JSON answer")
         client.set_defaults(handler=command_client)
+
+    scale = commands.add_parser("scale", help="change the number of a run's rollout workers")
+    scale.add_argument("run", help="run id")
+    scale.add_argument("count", type=int, help="rollout workers wanted (at least 1, within the run's quota)")
+    scale.add_argument("--url", help="control plane URL (default: $ORCHARD_URL or http://127.0.0.1:8470)")
+    scale.add_argument("--token", help="bearer token (default: $ORCHARD_TOKEN)")
+    scale.add_argument("--json", action="store_true", help="print the JSON answer")
+    scale.set_defaults(handler=command_client)
 
     samples = commands.add_parser("samples", help="show a run's latest rollouts as the model saw them")
     samples.add_argument("run_dir", metavar="RUN_DIR", help="the run's directory (runs/<id>)")

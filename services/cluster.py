@@ -10,8 +10,10 @@ from orchard.config import RunConfig
 def connect_ray(config: RunConfig) -> None:
     """Join the cluster named by RAY_ADDRESS (set by `ray job submit`), else start a local one.
 
-    A local cluster gets at least as many logical CPUs as the run reserves for its actors, so a
-    laptop with fewer cores still schedules every actor (they then share the cores).
+    A local cluster gets at least as many logical CPUs as the run reserves for its actors with the
+    most rollout workers it may have (`cluster.max_rollout_workers`, `rollout.autoscale.max`), so a
+    laptop with fewer cores still schedules every actor, those added later included (they then share
+    the cores).
     """
     import ray
 
@@ -21,7 +23,12 @@ def connect_ray(config: RunConfig) -> None:
     if os.environ.get("RAY_ADDRESS"):
         ray.init(log_to_driver=True)
         return
-    needed = config.learner.num_cpus + config.rollout.num_workers * config.rollout.num_cpus_per_worker
+    most = max(
+        config.rollout.num_workers,
+        config.cluster.max_rollout_workers or 0,
+        config.rollout.autoscale.max if config.rollout.autoscale is not None else 0,
+    )
+    needed = config.resources(most)["CPU"]
     ray.init(
         num_cpus=max(os.cpu_count() or 1, int(needed + 0.999)),
         include_dashboard=False,

@@ -22,8 +22,9 @@ from __future__ import annotations
 
 import random
 import time
-from collections import Counter, defaultdict
+from collections import Counter, defaultdict, deque
 from collections.abc import Callable, Sequence
+from dataclasses import asdict
 from pathlib import Path
 from statistics import fmean
 from typing import Any
@@ -50,6 +51,7 @@ from orchard.services.placement import reserve
 from orchard.services.rescue.queue import RescueQueue, build_rescues
 from orchard.services.run.admission import AdmissionGate
 from orchard.services.run.checkpoints import Checkpoints, DriverState, read_step, resume_checkpoint
+from orchard.services.run.elastic import Elastic
 from orchard.services.run.intake import Intake
 from orchard.services.run.learners import LearnerGroup
 from orchard.services.run.loop import DriverError, InFlight, LoopStalled, Rollout, RunLoop, Step, WeightPush
@@ -111,6 +113,8 @@ class Driver:
         self.trackers = Trackers([])  # the configured ones open when the run starts
         self._deadline: float | None = None  # max_minutes, as a time.perf_counter() value
         self._progress = None  # the progress bar, when shown
+        self.handed_back: deque[tuple[str, list]] = deque()  # (kind, prompts) of removed workers that died
+        self.elastic: Elastic | None = None
 
     # ----------------------------------------------------------------------------- set-up
     def _setup(self) -> None:
@@ -159,7 +163,10 @@ class Driver:
 
         initial_ref = ray.put(state_dict_to_numpy(state_dict))
         self._initial_weights_ref = initial_ref  # a learner that dies before any checkpoint starts again from these
-        self.placement = reserve(config) if config.cluster.placement_groups else None
+        self.placement = (
+            reserve(config, waiting=self._waiting_for_placement) if config.cluster.placement_groups else None
+        )
+        self.control.set_pending_reason(None)
         self.weight_sync = WeightSync(initial_version=self.policy_version)
         self.learners = LearnerGroup(
             config, initial_ref, self.placement, self.weight_sync, self.control, self.run_dir.event
@@ -182,6 +189,14 @@ class Driver:
         self.non_finite = NonFiniteGuard(config.supervision.max_nonfinite_steps)
         self.learners.publish(self.policy_version, initial_ref)
         self.pool.load_published()
+        self.elastic = Elastic(
+            config,
+            self.pool,
+            self.control,
+            self.metrics,
+            stale_groups=lambda: self.buffer.stats().get("stale", 0),
+            log=self.run_dir.event,
+        )
         self.learners.form_broadcast_group(self.pool.actors)
         self.learners.ping()
         self.rescue = RescueQueue(build_rescues(config))
@@ -204,6 +219,10 @@ class Driver:
             self.sampler.prompt_states = self.held_out.prompt_states
         self.renderer = PromptRenderer(load_tokenizer(config.model), self.prompt_format)
         self.samples = SampleKeeper()
+
+    def _waiting_for_placement(self, reason: str) -> None:
+        self.control.set_pending_reason(reason)
+        self.run_dir.event(f"run pending: {reason}")
 
     def _rank_prompts(self, state_dict: dict[str, torch.Tensor]) -> None:
         """GAIN-RL's ranking of its pool by the policy of `state_dict` (the starting one), unless a saved
@@ -348,8 +367,15 @@ class Driver:
             if reason is not None:
                 self.control.request_stop(reason)
 
-    def replace_worker(self, call: Rollout | WeightPush, error: BaseException) -> None:
-        self.pool.replace(call, error, self.learners)
+    def replace_worker(self, call: Rollout, error: BaseException) -> bool:
+        if self.pool.replace(call, error, self.learners):
+            return True
+        self.handed_back.append((call.kind, call.prompts))
+        self.run_dir.event(f"{len(call.prompts)} prompts of removed {call.worker} handed back to the other workers")
+        return False
+
+    def scale(self) -> None:
+        self.elastic.turn(self.throughput, self.learners)
 
     def finish_push(self, call: WeightPush) -> None:
         self.pool.finish_push(call, self.learners)
@@ -482,12 +508,18 @@ class Driver:
         return load_file(str(checkpoint / "model" / "model.safetensors"))
 
     def _next_rollout(self) -> tuple[str, list]:
-        """The next call for an idle worker: all-fail prompts waiting for a rescue first, else sampled prompts."""
+        """The next call for an idle worker: prompts handed back by a removed worker that died first, then
+        all-fail prompts waiting for a rescue, else sampled prompts."""
+        if self.handed_back:
+            return self.handed_back.popleft()
         size = self.config.rollout.prompts_per_call
         rescue = self.rescue.take(size)
         if rescue is not None:
-            return rescue[0].name, rescue[1]
-        return "sample", self.sampler.next_prompts(size, self.rng)
+            kind, prompts = rescue[0].name, rescue[1]
+        else:
+            kind, prompts = "sample", self.sampler.next_prompts(size, self.rng)
+        self.throughput.issued_prompts += len(prompts)
+        return kind, prompts
 
     def _on_learner_step(self, step: LearnerStep, groups: list[Group], weights_ref: Any) -> None:
         result = step.result
@@ -611,6 +643,9 @@ class Driver:
             buffer=self.buffer.stats() if self.buffer is not None else {},
             filtered=dict(self.filtered),
             checkpoints=list(self.checkpoints),
+            rollout_workers=len(pool.actors) if (pool := getattr(self, "pool", None)) else 0,
+            rollout_workers_target=pool.target if pool else 0,
+            scaling_refused=self.elastic.refusal if self.elastic else None,
         )
 
     def _summary(
@@ -654,6 +689,9 @@ class Driver:
             learner_restarts=self.learners.restarts,
             nonfinite_steps=self.non_finite.total,
             checkpoint_failures=self._checkpoints.failures,
+            issued_prompts=throughput.issued_prompts,
+            rollout_workers=len(self.pool.actors),
+            scale_changes=[asdict(change) for change in self.pool.changes],
             **self.rescue.summary(),
         )
         return summary.model_dump()

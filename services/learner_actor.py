@@ -108,6 +108,7 @@ class LearnerCore:
         self.version = self.trainer.policy_version = initial_version
         self.weight_transport_setting = config.weight_sync.transport
         self._weight_sync_settings = config.weight_sync
+        self._step_delay_seconds = config.faults.learner_step_delay_seconds  # a slow learner, in tests
         self._num_readers = config.rollout.num_workers + 1
         self.weight_transport: str | None = None  # resolved at the first export
         self.weight_transport_error: str | None = None  # why `auto` fell back to the object store
@@ -129,6 +130,8 @@ class LearnerCore:
         own object, so the caller publishes it without fetching it): what `export_weights` gives, or
         None when the step was skipped (nothing changed) or transport 'nccl' broadcasts them instead."""
         started = time.perf_counter()
+        if self._step_delay_seconds:
+            time.sleep(self._step_delay_seconds)
         result = self.trainer.train_step(groups, inject_nonfinite=inject_nonfinite)
         weights = None
         if not result.skipped:

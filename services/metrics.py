@@ -159,6 +159,16 @@ class RunMetrics:
             "Checkpoints that could not be written and were skipped (checkpoint.on_error=keep_previous).",
             registry=registry,
         )
+        self.rollout_workers = Gauge(
+            "orchard_rollout_workers", "Rollout workers of the run (each change is an event).", registry=registry
+        )
+        self.scale_changes = Counter(
+            "orchard_rollout_scale_changes",
+            "Changes of the number of rollout workers, by direction and cause (request, autoscale), and the"
+            " additions refused because the cluster could not place them (direction 'refused').",
+            ["direction", "cause"],
+            registry=registry,
+        )
         self.learner_idle_fraction = Gauge(
             "orchard_learner_idle_fraction",
             "Share of the run's wall time the learner was not training.",
@@ -176,6 +186,9 @@ class RunMetrics:
             self.mcts_prompts.labels(outcome=outcome).inc(0)
         for event in ("admitted", "served", "retired"):
             self.solution_cache.labels(event=event).inc(0)
+        for direction in ("up", "down", "refused"):
+            for cause in ("request", "autoscale"):
+                self.scale_changes.labels(direction=direction, cause=cause).inc(0)
         self.set_state("pending")
 
     # ------------------------------------------------------------------------------ updates
@@ -206,6 +219,19 @@ class RunMetrics:
             self.rollout_tokens.labels(worker=worker).inc(0)
             self.worker_restarts.labels(worker=worker).inc(0)
             self.worker_policy_version.labels(worker=worker).set(0)
+
+    def forget_worker(self, worker: str) -> None:
+        """A removed worker holds no version any more (its token and restart counts stay)."""
+        try:
+            self.worker_policy_version.remove(worker)
+        except KeyError:
+            pass
+
+    def set_workers(self, count: int) -> None:
+        self.rollout_workers.set(count)
+
+    def observe_scale(self, direction: str, cause: str) -> None:
+        self.scale_changes.labels(direction=direction, cause=cause).inc()
 
     def observe_rollout(self, worker: str, tokens: int, groups: int) -> None:
         self.rollout_tokens.labels(worker=worker).inc(tokens)

@@ -28,7 +28,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from orchard.config import ConfigError, RunConfig, apply_overrides, config_from_dict, load_config
 from orchard.services.control.run_control import ControlConflict, RunState
-from orchard.services.control.service import ControlService, RunNotFound, RunStatus
+from orchard.services.control.service import ControlService, RunNotFound, RunStatus, ScaleRefused
 
 PROMETHEUS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 _bearer = HTTPBearer(auto_error=False)
@@ -110,6 +110,25 @@ class WeightsRequest(StrictRequest):
     location: str = Field(
         ..., min_length=1, max_length=4096, strict=True, description="Where the weights can be fetched."
     )
+
+
+class WorkersRequest(StrictRequest):
+    """How many rollout workers the run should have."""
+
+    count: int = Field(
+        ...,
+        ge=1,
+        strict=True,
+        description="Rollout workers wanted, at least 1 and within the run's quota (cluster.max_rollout_workers,"
+        " max_cpus, max_gpus); applied at the run's next step boundary.",
+    )
+
+
+class WorkersAccepted(BaseModel):
+    id: str
+    state: RunState
+    requested: int
+    rollout_workers: int = Field(..., description="Rollout workers now (the change follows at the next step boundary).")
 
 
 class WeightsAccepted(BaseModel):
@@ -248,6 +267,11 @@ def create_app(service: ControlService, *, token: str | None = None, max_body_by
     async def _conflict(request: Request, error: ControlConflict) -> JSONResponse:
         return JSONResponse({"detail": str(error)}, status_code=status.HTTP_409_CONFLICT)
 
+    @app.exception_handler(ScaleRefused)
+    async def _scale_refused(request: Request, error: ScaleRefused) -> JSONResponse:
+        detail = [{"loc": ["body", "count"], "field": "count", "msg": str(error), "type": "quota"}]
+        return JSONResponse({"detail": detail}, status_code=status.HTTP_422_UNPROCESSABLE_CONTENT)
+
     @app.exception_handler(ConfigError)
     async def _bad_config(request: Request, error: ConfigError) -> JSONResponse:
         detail = [
@@ -328,6 +352,20 @@ def create_app(service: ControlService, *, token: str | None = None, max_body_by
     def announce_weights(run_id: str, request: WeightsRequest) -> WeightsAccepted:
         announcement = service.announce_weights(run_id, request.version, request.location)
         return WeightsAccepted(id=run_id, version=announcement.version, state=service.get(run_id).control.state)
+
+    @app.post(
+        "/v1/runs/{run_id}/workers",
+        response_model=WorkersAccepted,
+        status_code=status.HTTP_202_ACCEPTED,
+        dependencies=mutating,
+        tags=["runs"],
+        summary="Change the number of a run's rollout workers",
+        responses={401: {}, 404: {}, 409: {}, 422: {}},
+    )
+    def scale_run(run_id: str, request: WorkersRequest) -> WorkersAccepted:
+        state = service.scale(run_id, request.count)
+        workers = service.get(run_id).status().rollout_workers
+        return WorkersAccepted(id=run_id, state=state, requested=request.count, rollout_workers=workers)
 
     app.add_middleware(BodySizeLimit, max_bytes=max_body_bytes)
     return app

@@ -71,6 +71,9 @@ class ControlClient:
             raise ValueError(f"unknown action {action!r}")
         return self._call("POST", f"/v1/runs/{run_id}/{action}")
 
+    def scale(self, run_id: str, count: int) -> dict[str, Any]:
+        return self._call("POST", f"/v1/runs/{run_id}/workers", json={"count": count})
+
     def announce_weights(self, run_id: str, version: int, location: str) -> dict[str, Any]:
         return self._call("POST", f"/v1/runs/{run_id}/weights", json={"version": version, "location": location})
 
@@ -88,7 +91,11 @@ def format_status(run: dict[str, Any]) -> str:
     if run.get("reason"):
         lines.append(f"  reason: {run['reason']}")
     workers = ", ".join(f"{name} v{version}" for name, version in sorted(run.get("worker_versions", {}).items()))
-    lines.append(f"  workers: {workers or '-'}")
+    target = run.get("rollout_workers_target")
+    scaling = f" (scaling to {target})" if target and target != run.get("rollout_workers") else ""
+    lines.append(f"  workers: {workers or '-'}{scaling}")
+    if run.get("scaling_refused"):
+        lines.append(f"  {run['scaling_refused']}")
     buffer = run.get("buffer", {})
     lines.append(
         f"  buffer: ready {buffer.get('ready', '-')}, unacknowledged {buffer.get('pending', '-')}  "

@@ -77,6 +77,8 @@ class RunControl:
         self._state = RunState.PENDING
         self._checkpoint_requested = False
         self._reason: str | None = None
+        self._pending_reason: str | None = None
+        self._workers_requested: int | None = None
         self._on_state = on_state
         self._weights: WeightAnnouncement | None = None
         self.history: list[tuple[float, RunState]] = [(time.time(), RunState.PENDING)]
@@ -92,6 +94,12 @@ class RunControl:
         """Why the run stopped or failed (None while it runs)."""
         with self._condition:
             return self._reason
+
+    @property
+    def pending_reason(self) -> str | None:
+        """Why a pending run has not started yet (e.g. the cluster cannot place it yet); None otherwise."""
+        with self._condition:
+            return self._pending_reason if self._state is RunState.PENDING else None
 
     @property
     def weights(self) -> WeightAnnouncement | None:
@@ -134,6 +142,15 @@ class RunControl:
             self._checkpoint_requested = True
             return self._state
 
+    def request_workers(self, count: int) -> RunState:
+        """Ask for `count` rollout workers, applied by the driver at its next step boundary (a newer request
+        replaces one not yet applied)."""
+        with self._condition:
+            if self._state.is_terminal or self._state is RunState.STOPPING:
+                raise ControlConflict(f"cannot scale a run that is {self._state}")
+            self._workers_requested = count
+            return self._state
+
     def announce_weights(self, version: int, location: str) -> WeightAnnouncement:
         with self._condition:
             if self._state.is_terminal:
@@ -166,6 +183,16 @@ class RunControl:
             if self._state is RunState.PAUSED:
                 self._condition.wait(timeout)
             return self._state
+
+    def set_pending_reason(self, reason: str | None) -> None:
+        with self._condition:
+            self._pending_reason = reason
+
+    def take_workers_request(self) -> int | None:
+        """The number of workers asked for since the last call, once."""
+        with self._condition:
+            count, self._workers_requested = self._workers_requested, None
+            return count
 
     def take_checkpoint_request(self) -> bool:
         """True once per checkpoint request."""

@@ -5,9 +5,12 @@ everything here is usable, and tested, without a server. A run is a `RunHandle`:
 directory, `RunControl` (state and requests), `RunMetrics` and, once launched, its `Driver`.
 
 `orchard run` creates one run and executes it in its own main thread; `orchard serve` creates runs
-from `POST /v1/runs` and executes each in a thread of its own (`launch_in_thread`). One run is
-active at a time (a second create is a conflict), since a run sizes its Ray actors for the whole
-cluster.
+from `POST /v1/runs` and executes each in a thread of its own (`launch_in_thread`). Up to
+`max_active_runs` runs are active at once (`control.max_active_runs`, `orchard serve
+--max-active-runs`; one more is a conflict). With more than one, each run must reserve its actors in
+placement groups of its own (`cluster.placement_groups`): a run the cluster cannot hold yet waits in
+`pending`, saying why, instead of taking another's resources. Each run has its own buffer namespace,
+run directory, `RunControl` and `RunMetrics`; `/metrics` serves every run's series with a `run` label.
 """
 
 from __future__ import annotations
@@ -18,9 +21,12 @@ import time
 from collections.abc import Callable
 from typing import Any, Generic, TypeVar
 
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.metrics_core import Metric
+from prometheus_client.samples import Sample
 from pydantic import BaseModel, Field
 
-from orchard.config import RunConfig
+from orchard.config import ConfigError, RunConfig
 from orchard.services.control.run_control import ControlConflict, RunControl, RunState, WeightAnnouncement
 from orchard.services.metrics import RunMetrics
 from orchard.services.run.report import RunProgress
@@ -73,6 +79,10 @@ class RunNotFound(KeyError):
         return f"no run with id {self.run_id!r}"
 
 
+class ScaleRefused(ValueError):
+    """A scale request the run's config does not allow (HTTP 422): too few workers, or over a quota."""
+
+
 class WeightsInfo(BaseModel):
     version: int
     location: str
@@ -84,7 +94,7 @@ class RunStatus(RunProgress):
 
     id: str
     state: RunState
-    reason: str | None = Field(None, description="Why the run stopped or failed.")
+    reason: str | None = Field(None, description="Why the run stopped or failed, or why it is still pending.")
     run_dir: str
     created_at: float
     max_steps: int
@@ -109,11 +119,14 @@ class RunHandle:
         self._exposition = Cached(self.metrics.render)
         self._status_lock = threading.Lock()
         self._status_json: tuple[Any, float, bytes] | None = None  # (state, reason, weights), when, JSON
+        self.state_listeners: list[Callable[[], None]] = []  # called after each change of state
 
     def _on_state(self, state: RunState) -> None:
         self.metrics.set_state(str(state))
         self._progress.drop()
         self._exposition.drop()
+        for listener in self.state_listeners:
+            listener()
 
     def execute(self, *, show_progress: bool = False) -> dict[str, Any]:
         """Run the driver to the end in this thread; returns the summary (raises what failed the run)."""
@@ -140,7 +153,7 @@ class RunHandle:
     def fresh_status_json(self) -> bytes | None:
         """`status_json()` when it needs no new read (None otherwise): served without leaving the event loop."""
         cached = self._status_json
-        key = (self.control.state, self.control.reason, self.control.weights)
+        key = (self.control.state, self.control.reason, self.control.pending_reason, self.control.weights)
         if cached is not None and cached[0] == key and time.monotonic() - cached[1] < READ_CACHE_SECONDS:
             return cached[2]
         return None
@@ -152,7 +165,7 @@ class RunHandle:
     def status_json(self) -> bytes:
         """`status()` as JSON, built again when the state, reason or announced weights change, or once
         it is `READ_CACHE_SECONDS` old: what a crowd of pollers is served."""
-        key = (self.control.state, self.control.reason, self.control.weights)
+        key = (self.control.state, self.control.reason, self.control.pending_reason, self.control.weights)
         with self._status_lock:
             now = time.monotonic()
             cached = self._status_json
@@ -167,7 +180,7 @@ class RunHandle:
         return RunStatus(
             id=self.id,
             state=self.control.state,
-            reason=self.control.reason,
+            reason=self.control.reason or self.control.pending_reason,
             run_dir=str(self.run_dir.path),
             created_at=self.created_at,
             max_steps=self.config.max_steps,
@@ -192,13 +205,41 @@ def launch_in_thread(handle: RunHandle) -> None:
     handle.thread.start()
 
 
+class RunLabelled:
+    """A Prometheus collector of every run's metrics, each sample labelled with its run's id."""
+
+    def __init__(self, runs: Callable[[], list[RunHandle]]) -> None:
+        self._runs = runs
+
+    def collect(self) -> list[Metric]:
+        families: dict[str, Metric] = {}
+        for run in self._runs():
+            for family in run.metrics.registry.collect():
+                merged = families.get(family.name)
+                if merged is None:
+                    merged = families[family.name] = Metric(family.name, family.documentation, family.type, family.unit)
+                merged.samples.extend(
+                    Sample(
+                        sample.name, {"run": run.id, **sample.labels}, sample.value, sample.timestamp, sample.exemplar
+                    )
+                    for sample in family.samples
+                )
+        return list(families.values())
+
+
 class ControlService:
     """The runs of one control plane."""
 
-    def __init__(self, *, launcher: Callable[[RunHandle], None] = launch_in_thread) -> None:
+    def __init__(self, *, launcher: Callable[[RunHandle], None] = launch_in_thread, max_active_runs: int = 1) -> None:
+        if max_active_runs < 1:
+            raise ValueError(f"max_active_runs must be at least 1, got {max_active_runs}")
         self._launcher = launcher
+        self.max_active_runs = max_active_runs
         self._runs: dict[str, RunHandle] = {}
         self._lock = threading.Lock()
+        self._registry = CollectorRegistry()
+        self._registry.register(RunLabelled(self.runs))
+        self._exposition = Cached(lambda: generate_latest(self._registry))
 
     # ------------------------------------------------------------------------------ runs
     def create_run(
@@ -213,15 +254,27 @@ class ControlService:
         """Register a run (paused before its first step if asked) and launch it unless `launch` is False."""
         with self._lock:
             active = [run for run in self._runs.values() if not run.control.state.is_terminal]
-            if active:
+            if len(active) >= self.max_active_runs:
+                listed = ", ".join(f"{run.id} ({run.control.state})" for run in active)
                 raise ControlConflict(
-                    f"run {active[0].id} is {active[0].control.state}; stop it before creating another "
-                    "(a run sizes its actors for the whole cluster, so one runs at a time)"
+                    f"{len(active)} runs are active ({listed}), the most this control plane trains at once "
+                    f"(control.max_active_runs={self.max_active_runs}); stop one before creating another"
+                )
+            if self.max_active_runs > 1 and not config.cluster.placement_groups:
+                raise ConfigError(
+                    [
+                        (
+                            "cluster.placement_groups",
+                            f"this control plane trains up to {self.max_active_runs} runs at once, so each run must "
+                            "reserve its actors in placement groups of its own: set cluster.placement_groups: true",
+                        )
+                    ]
                 )
             run_dir = run_dir or RunDirectory(config.runs_dir, new_run_id(config.name))
             if run_dir.run_id in self._runs:
                 raise ControlConflict(f"a run with id {run_dir.run_id} exists already")
             handle = RunHandle(config, run_dir, resume=resume)
+            handle.state_listeners.append(self._exposition.drop)
             if paused:
                 handle.control.request_pause()
             self._runs[handle.id] = handle
@@ -258,12 +311,23 @@ class ControlService:
     def announce_weights(self, run_id: str, version: int, location: str) -> WeightAnnouncement:
         return self.get(run_id).control.announce_weights(version, location)
 
+    def scale(self, run_id: str, count: int) -> RunState:
+        """Ask run `run_id` for `count` rollout workers, within its config's quota."""
+        run = self.get(run_id)
+        if count < 1:
+            raise ScaleRefused(
+                f"count {count}: a run needs at least 1 rollout worker (worker-0 also evaluates); stop the run instead"
+            )
+        try:
+            run.config.check_quota(count, field="count")
+        except ValueError as error:
+            raise ScaleRefused(str(error)) from None
+        return run.control.request_workers(count)
+
     def fresh_metrics(self) -> bytes | None:
         """`render_metrics()` when it needs no new rendering, else None."""
-        latest = self.latest()
-        return latest.fresh_metrics() if latest is not None else b""
+        return self._exposition.fresh()
 
     def render_metrics(self) -> bytes:
-        """The Prometheus exposition of the newest run (empty before the first run)."""
-        latest = self.latest()
-        return latest.render_metrics() if latest is not None else b""
+        """The Prometheus exposition of every run, each series labelled with its run (empty before the first)."""
+        return self._exposition.get()

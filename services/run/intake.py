@@ -55,6 +55,7 @@ class Intake:
         offered for rescue, the rest filtered and put in the buffer."""
         self.throughput.generated_tokens += result.generated_tokens
         self.throughput.generated_groups += len(result.groups)
+        self.throughput.worker_busy_seconds += result.generate_seconds + result.verify_seconds
         self.metrics.observe_rollout(result.worker, result.generated_tokens, len(result.groups))
         for message in result.verifier_errors[:3]:
             self.run_dir.event(f"verifier error on {result.worker}: {message}")

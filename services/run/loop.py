@@ -99,9 +99,10 @@ class RunPort(Protocol):
     def finish_rollout(self, call: Rollout) -> None:
         """Take in a finished rollout's groups; raises `WorkerDied`."""
 
-    def replace_worker(self, call: Rollout, error: BaseException) -> None:
+    def replace_worker(self, call: Rollout, error: BaseException) -> bool:
         """A new process for `call`'s worker, which died, holding the newest weights; nothing when the
-        process that took the call was already replaced (a second report of the same death)."""
+        process that took the call was already replaced (a second report of the same death). False when
+        the worker had been removed: its prompts are handed back, for another worker's next call."""
 
     def finish_push(self, call: WeightPush) -> None:
         """Record a worker's confirmation (or replace a worker that died receiving)."""
@@ -111,6 +112,9 @@ class RunPort(Protocol):
 
     def at_step_boundary(self) -> None:
         """Checkpoint when one is due or asked for; raises `LearnerDied`."""
+
+    def scale(self) -> None:
+        """Apply a change of the number of rollout workers that is due (a request, the autoscaling policy)."""
 
     def replace_learner(self, error: BaseException) -> list[WeightPush]:
         """A new learner from the last checkpoint; its weights pushed to every worker."""
@@ -134,6 +138,7 @@ class RunLoop:
             finishing = self.done() or control.stop_requested()
             working = not finishing and control.may_start_work()
             if working:
+                self.port.scale()
                 self.in_flight.extend(self._issue())
             if self.in_flight:
                 call = self.port.wait(self.in_flight)
@@ -184,10 +189,10 @@ class RunLoop:
                     port.finish_rollout(call)
                 except WorkerDied as error:
                     try:
-                        port.replace_worker(call, error)
+                        replaced = port.replace_worker(call, error)
                     except LearnerDied as died:  # the replacement's weights went with a dead learner
                         return [*port.replace_learner(died), port.start_rollout(call.worker, again=call)]
-                    return [port.start_rollout(call.worker, again=call)]
+                    return [port.start_rollout(call.worker, again=call)] if replaced else []
                 return []
             case WeightPush():
                 try:

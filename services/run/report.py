@@ -99,6 +99,9 @@ class RunProgress(BaseModel):
     buffer: dict[str, int] = Field(default_factory=dict)
     filtered: dict[str, int] = Field(default_factory=dict)
     checkpoints: list[str] = Field(default_factory=list)
+    rollout_workers: int = Field(0, description="Rollout workers now.")
+    rollout_workers_target: int = Field(0, description="Rollout workers once a change under way is applied.")
+    scaling_refused: str | None = Field(None, description="The latest addition of workers refused, and why.")
 
 
 class RunSummary(BaseModel):
@@ -144,3 +147,9 @@ class RunSummary(BaseModel):
     nonfinite_steps: int = 0
     #: Checkpoints that could not be written (kept going under `checkpoint.on_error: keep_previous`).
     checkpoint_failures: int = 0
+    #: Prompts given to workers (not counting ones given again after a worker died): with nothing in
+    #: flight at the end, one group each was generated.
+    issued_prompts: int = 0
+    rollout_workers: int = 0
+    #: Each change of the number of rollout workers (`ScaleChange`).
+    scale_changes: list[dict[str, Any]] = []

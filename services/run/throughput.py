@@ -12,6 +12,8 @@ class Throughput:
 
     started: float = field(default_factory=time.perf_counter)
     learner_busy_seconds: float = 0.0
+    worker_busy_seconds: float = 0.0  # summed over workers: generating and verifying
+    issued_prompts: int = 0  # prompts given to workers the first time (not again after a worker died)
     eval_seconds: float = 0.0
     generated_tokens: int = 0
     generated_groups: int = 0

@@ -107,6 +107,14 @@ class WeightSync:
             return seconds
         return None
 
+    def forget(self, worker: str) -> None:
+        """`worker` was removed: the versions of the others alone complete a publication from now on."""
+        self.worker_versions.pop(worker, None)
+        publication = self.latest
+        if publication is not None and not publication.completed and self.worker_versions:
+            if all(v >= publication.version for v in self.worker_versions.values()):
+                publication.completed = True
+
     def push_and_wait(self, workers: Mapping[str, Any]) -> float:
         """Blocking push to every worker; returns seconds from publish to the last worker loaded."""
         pending = self.push(workers)

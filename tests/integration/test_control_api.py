@@ -67,6 +67,7 @@ def test_every_mutating_route_needs_the_token(client, service):
         (f"/v1/runs/{run_id}/stop", None),
         (f"/v1/runs/{run_id}/checkpoint", None),
         (f"/v1/runs/{run_id}/weights", {"version": 1, "location": "x"}),
+        (f"/v1/runs/{run_id}/workers", {"count": 2}),
     ]
     for path, body in calls:
         for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": f"Basic {TOKEN}"}):
@@ -149,9 +150,79 @@ def test_metrics_follow_the_run_state(client, service):
     run_id = create(client)["id"]
     client.post(f"/v1/runs/{run_id}/pause", headers=AUTH)
     text = client.get("/metrics").text
-    assert 'orchard_run_state{state="pausing"} 1.0' in text
-    assert all(f'orchard_run_state{{state="{state}"}}' in text for state in RUN_STATES)
-    assert "orchard_learner_step 0.0" in text
+    assert f'orchard_run_state{{run="{run_id}",state="pausing"}} 1.0' in text
+    assert all(f'orchard_run_state{{run="{run_id}",state="{state}"}}' in text for state in RUN_STATES)
+    assert f'orchard_learner_step{{run="{run_id}"}} 0.0' in text
+
+
+# ---------------------------------------------------------------------------------- rollout workers
+def test_scaling_requests_are_checked_and_recorded(client, service):
+    run_id = create(client, config={**TINY_CONFIG, "cluster": {"max_rollout_workers": 3, "max_cpus": 3.5}})["id"]
+    accepted = client.post(f"/v1/runs/{run_id}/workers", json={"count": 2}, headers=AUTH)
+    assert accepted.status_code == 202, accepted.text
+    assert accepted.json() == {"id": run_id, "state": "pending", "requested": 2, "rollout_workers": 0}
+    assert service.get(run_id).control.take_workers_request() == 2
+    assert service.get(run_id).control.take_workers_request() is None  # taken once
+
+
+@pytest.mark.parametrize(
+    ("count", "message"),
+    [
+        (-1, "greater than or equal to 1"),
+        (0, "greater than or equal to 1"),
+        (4, "exceed the run's quota cluster.max_rollout_workers=3"),
+        (3, "reserve 4 CPUs, over the run's quota cluster.max_cpus=3.5"),  # learner 1 + 3 workers
+    ],
+)
+def test_scaling_beyond_the_limits_is_422_naming_the_limit(client, service, count, message):
+    run_id = create(client, config={**TINY_CONFIG, "cluster": {"max_rollout_workers": 3, "max_cpus": 3.5}})["id"]
+    response = client.post(f"/v1/runs/{run_id}/workers", json={"count": count}, headers=AUTH)
+    assert response.status_code == 422
+    assert message in response.text and response.json()["detail"][0]["loc"] == ["body", "count"]
+    assert service.get(run_id).control.take_workers_request() is None  # nothing recorded
+
+
+def test_scaling_an_unknown_or_ended_run_is_refused(client, service):
+    missing = client.post("/v1/runs/nope/workers", json={"count": 2}, headers=AUTH)
+    assert missing.status_code == 404 and "no run with id 'nope'" in missing.text
+    run_id = create(client)["id"]
+    for body in ({"count": "2"}, {"count": 2.0}, {"count": 2, "force": True}, {}):
+        assert client.post(f"/v1/runs/{run_id}/workers", json=body, headers=AUTH).status_code == 422, body
+    service.get(run_id).control.request_stop()
+    stopping = client.post(f"/v1/runs/{run_id}/workers", json={"count": 2}, headers=AUTH)
+    assert stopping.status_code == 409 and "cannot scale a run that is stopping" in stopping.text
+
+
+def test_a_quota_the_config_itself_breaks_is_refused_at_creation(client):
+    response = client.post(
+        "/v1/runs",
+        json={"config": {**TINY_CONFIG, "rollout": {"num_workers": 3}, "cluster": {"max_rollout_workers": 2}}},
+        headers=AUTH,
+    )
+    assert response.status_code == 422 and "cluster.max_rollout_workers=2" in response.text
+
+
+# ---------------------------------------------------------------------------------- several runs
+def test_several_active_runs_within_the_limit(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    launched: list[RunHandle] = []
+    service = ControlService(launcher=launched.append, max_active_runs=2)
+    client = TestClient(create_app(service, token=TOKEN))
+    placed = {**TINY_CONFIG, "cluster": {"placement_groups": True}}
+    unplaced = client.post("/v1/runs", json={"config": TINY_CONFIG}, headers=AUTH)
+    assert unplaced.status_code == 422 and "set cluster.placement_groups: true" in unplaced.text
+    first = create(client, config=placed)["id"]
+    second = create(client, config={**placed, "name": "other"})["id"]
+    third = client.post("/v1/runs", json={"config": placed}, headers=AUTH)
+    assert third.status_code == 409 and "control.max_active_runs=2" in third.json()["detail"]
+    assert first in third.json()["detail"] and second in third.json()["detail"]
+    client.post(f"/v1/runs/{first}/pause", headers=AUTH)
+    text = client.get("/metrics").text
+    assert f'orchard_run_state{{run="{first}",state="pausing"}} 1.0' in text
+    assert f'orchard_run_state{{run="{second}",state="pending"}} 1.0' in text
+    assert text.count("# TYPE orchard_run_state gauge") == 1  # one family, a series per run
+    service.get(second).control.finish(RunState.FAILED, "gone")
+    assert create(client, config={**placed, "name": "third"})["state"] == "pending"  # a place is free again
 
 
 # ---------------------------------------------------------------------------------- strict requests

@@ -73,6 +73,7 @@ def test_the_summary_names_the_progress_figures_alike():
         "filtered",
         "checkpoints",
         "staleness_mean",
+        "rollout_workers",
     }
     # a rescue's figures ride along (extra fields)
     fields = {name: None for name in RunSummary.model_fields}

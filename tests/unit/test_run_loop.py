@@ -133,7 +133,7 @@ class FakeRun:
         version = self._generates_with[call.handle]
         self.buffer.put_many(group(prompt, version, call.worker) for prompt in call.prompts)
 
-    def replace_worker(self, call: Rollout, error: BaseException) -> None:
+    def replace_worker(self, call: Rollout, error: BaseException) -> bool:
         self.generating -= len(call.prompts)  # start_rollout counts them again
         if call.incarnation == self.incarnation[call.worker]:
             self.incarnation[call.worker] += 1
@@ -142,6 +142,10 @@ class FakeRun:
             if self.calls["replacements"] in self.faults.replacements:
                 raise LearnerDied(f"the learner died; the weights for the new {call.worker} went with it")
             self.scheduled[call.worker] = self.loaded[call.worker] = self.published
+        return True
+
+    def scale(self) -> None:
+        self.calls["scale turns"] += 1
 
     def finish_push(self, call: WeightPush) -> None:
         self.calls["pushes finished"] += 1
