@@ -75,7 +75,13 @@ def conserved(buffer: dict[str, int]) -> bool:
 def test_create_pause_resume_stop_over_http(serve):
     url, cwd = serve
     http = httpx.Client(base_url=url, timeout=30)
-    overrides = [*TINY, "max_steps=1000000", f"warmstart.cache_dir={cwd / 'cache'}", f"runs_dir={cwd / 'runs'}"]
+    overrides = [
+        *TINY,
+        "max_steps=1000000",
+        "cluster.max_rollout_workers=2",  # the local cluster is sized for the most workers the run may have
+        f"warmstart.cache_dir={cwd / 'cache'}",
+        f"runs_dir={cwd / 'runs'}",
+    ]
     unauthorized = http.post("/v1/runs", json={"overrides": overrides})
     assert unauthorized.status_code == 401
 
@@ -106,6 +112,15 @@ def test_create_pause_resume_stop_over_http(serve):
     assert cli(url, "resume").returncode == 0  # RUN omitted: the active run
     wait_for(lambda: status()["step"] >= after["step"] + 3, "steps to advance after resume")
     assert status()["state"] == "running"
+
+    over = cli(url, "scale", run_id, "3")
+    assert over.returncode == 1 and "exceed the run's quota cluster.max_rollout_workers=2" in over.stderr
+    scaled = cli(url, "scale", run_id, "2")
+    assert scaled.returncode == 0, scaled.stderr
+    assert f"run {run_id}: running, 1 rollout workers, 2 requested" in scaled.stdout
+    two = wait_for(lambda: (s := status())["rollout_workers"] == 2 and s, "the second rollout worker")
+    assert set(two["worker_versions"]) == {"worker-0", "worker-1"}
+    wait_for(lambda: status()["step"] >= two["step"] + 2, "steps on two workers")
 
     checkpointed = cli(url, "checkpoint", run_id)
     assert checkpointed.returncode == 0, checkpointed.stderr

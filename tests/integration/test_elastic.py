@@ -75,7 +75,9 @@ def test_scale_one_to_three_to_one_conserves_every_group(ray_local, tmp_path, wa
     at_three = run.wait_for(lambda p: p.rollout_workers == 3 and p, "three workers")
     tokens = run.driver.metrics.rollout_tokens
     run.wait_for(
-        lambda p: p.step >= at_three.step + 4 and all(tokens.labels(worker=f"worker-{i}")._value.get() for i in range(3)),
+        lambda p: (
+            p.step >= at_three.step + 4 and all(tokens.labels(worker=f"worker-{i}")._value.get() for i in range(3))
+        ),
         "four steps on three workers, each of which has generated",
     )
     run.driver.control.request_workers(1)

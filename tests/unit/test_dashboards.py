@@ -12,11 +12,14 @@ import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import yaml
+from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
+from orchard.services.control.service import RunLabelled
 from orchard.services.metrics import RunMetrics
 
 REPO = Path(__file__).resolve().parents[2]
@@ -258,6 +261,8 @@ def populated_metrics() -> RunMetrics:
         mismatch=(1.6e-13, 3.8e-7),
     )
     metrics.observe_eval(0.25)
+    metrics.set_workers(2)
+    metrics.observe_scale("up", "request")
     return metrics
 
 
@@ -345,22 +350,41 @@ def test_dashboard_covers_a_runs_health():
         "orchard_learner_idle_fraction",
         "orchard_value_model_error",
         "orchard_mcts_nodes_expanded_total",
+        "orchard_rollout_workers",
+        "orchard_rollout_scale_changes_total",
     }
     assert wanted <= used, sorted(wanted - used)
 
 
+def served(metrics: RunMetrics, run_id: str = "demo-1") -> str:
+    """`metrics` as the control plane serves them: every series labelled with its run."""
+    registry = CollectorRegistry()
+    registry.register(RunLabelled(lambda: [SimpleNamespace(id=run_id, metrics=metrics)]))
+    return generate_latest(registry).decode()
+
+
 def test_every_dashboard_metric_and_label_is_exported_by_run_metrics():
-    exposition = populated_metrics().render().decode()
-    assert missing_from_exposition(exposition) == []
+    assert missing_from_exposition(served(populated_metrics())) == []
+
+
+def test_every_query_selects_one_run_of_one_control_plane():
+    panels = [(where, expr) for where, expr in all_dashboard_queries() if ": variable " not in where]
+    assert len(panels) > 40
+    for where, expr in panels:
+        selectors, _ = promql_analyse(expr)
+        for selector in selectors:
+            assert {"instance", "run"} <= selector.labels, f"{where}: {selector.metric} is not narrowed to $run"
+    variables = {v["name"]: v for v in json.loads((DASHBOARDS / "orchard-run.json").read_text())["templating"]["list"]}
+    assert variables["run"]["query"]["query"] == 'label_values(orchard_learner_step{instance="$instance"}, run)'
 
 
 def test_the_check_catches_a_metric_or_label_that_is_not_exported():
-    exposition = populated_metrics().render().decode()
+    exposition = served(populated_metrics())
     exposed = exposed_labels(exposition)
     assert "orchard_learner_step_seconds_bucket" in exposed and "orchard_learner_step_seconds" not in exposed
     assert "orchard_rollout_tokens_total" in exposed and "le" in exposed["orchard_sample_staleness_bucket"]
     # Without the labelled series (no distribution yet), the per-distribution panels are reported.
-    bare = RunMetrics().render().decode()
+    bare = served(RunMetrics())
     assert any("orchard_reward_mean is not exported" in problem for problem in missing_from_exposition(bare))
 
 

@@ -284,6 +284,7 @@ def test_raycluster_mode_serves_the_control_plane_with_probes_the_app_answers(ra
     assert args.handler is command_serve
     assert args.port == named_port(container, "control")
     assert args.host == "0.0.0.0"
+    assert args.max_active_runs == chart_defaults()["control"]["maxActiveRuns"] == 1
     assert "$KUBERAY_GEN_RAY_START_CMD" in script
     annotations = cluster_spec(raycluster_objects)["headGroupSpec"]["template"]["metadata"]["annotations"]
     assert annotations["ray.io/overwrite-container-cmd"] == "true"
@@ -512,3 +513,24 @@ def test_ray_objects_use_only_kuberay_fields(values):
         assert set(group) <= WORKER_GROUP_FIELDS
         assert all(isinstance(value, str) for value in group["rayStartParams"].values())
     assert all(isinstance(value, str) for value in spec["headGroupSpec"]["rayStartParams"].values())
+
+
+def test_the_multi_run_limit_quotas_and_ray_autoscaling_reach_the_processes():
+    objects = render(
+        {
+            "mode": "raycluster",
+            "control": {"maxActiveRuns": 3},
+            "ray": {"autoscaling": True},
+        }
+    )
+    script = " ".join(head_container(objects)["args"])
+    serve_words = shlex.split(script[script.index("orchard serve") :].split("&")[0])
+    assert build_parser().parse_args(serve_words[1:]).max_active_runs == 3
+    assert cluster_spec(objects)["enableInTreeAutoscaling"] is True
+    assert cluster_spec(render())["enableInTreeAutoscaling"] is False
+
+    limited = render({"quotas": {"maxRolloutWorkers": 4, "maxCpus": 12, "maxGpus": 0}})
+    config = entrypoint_config(limited)
+    assert config.cluster.max_rollout_workers == 4 and config.cluster.max_cpus == 12 and config.cluster.max_gpus == 0
+    unlimited = entrypoint_config(render())
+    assert unlimited.cluster.max_rollout_workers is None and unlimited.cluster.max_cpus is None

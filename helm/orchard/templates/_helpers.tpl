@@ -65,6 +65,12 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- define "orchard.entrypoint" -}}
 {{- $words := list "orchard" "run" .Values.run.config "--quiet" -}}
 {{- $sets := list (printf "control.host=%s" "0.0.0.0") (printf "control.port=%d" (int .Values.control.port)) "buffer.backend=redis" (printf "buffer.redis_url=%s" (include "orchard.redisUrl" .)) (printf "runs_dir=%s/runs" .Values.storage.mountPath) (printf "warmstart.cache_dir=%s/cache" .Values.storage.mountPath) -}}
+{{- $quotas := dict "max_rollout_workers" .Values.quotas.maxRolloutWorkers "max_cpus" .Values.quotas.maxCpus "max_gpus" .Values.quotas.maxGpus -}}
+{{- range $name, $quota := $quotas -}}
+{{- if not (kindIs "invalid" $quota) -}}
+{{- $sets = append $sets (printf "cluster.%s=%v" $name $quota) -}}
+{{- end -}}
+{{- end -}}
 {{- range concat $sets .Values.run.overrides -}}
 {{- $words = append $words "--set" -}}
 {{- $words = append $words . -}}
@@ -110,7 +116,7 @@ head keeps KubeRay's own probes.
 {{- define "orchard.rayClusterSpec" -}}
 {{- $root := . -}}
 rayVersion: {{ .Values.ray.version | quote }}
-enableInTreeAutoscaling: false
+enableInTreeAutoscaling: {{ .Values.ray.autoscaling }}
 headGroupSpec:
   serviceType: ClusterIP
   rayStartParams:
@@ -152,7 +158,7 @@ headGroupSpec:
           args:
             - >-
               ulimit -n 65536;
-              orchard serve --host 0.0.0.0 --port {{ int .Values.control.port }} &
+              orchard serve --host 0.0.0.0 --port {{ int .Values.control.port }} --max-active-runs {{ int .Values.control.maxActiveRuns }} &
               exec /bin/bash -c "$KUBERAY_GEN_RAY_START_CMD"
           {{- end }}
           ports:
