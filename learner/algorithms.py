@@ -125,17 +125,50 @@ def rloo_advantages(rewards: Tensor, group_index: Tensor) -> Tensor:
     return advantages.to(_result_dtype(rewards))
 
 
+def _batch_normalised(values: Tensor, eps: float) -> Tensor:
+    """`(x − mean_B(x)) / (std_B(x) + eps)` over the whole batch (unbiased std; 0 for one element)."""
+    values = values.to(torch.float64)
+    sigma = values.std() if values.numel() > 1 else torch.zeros((), dtype=torch.float64)
+    return (values - values.mean()) / (sigma + eps)
+
+
+def reinforce_pp_advantages(
+    rewards: Tensor, group_index: Tensor, *, baseline: bool = False, eps: float = 1e-6
+) -> Tensor:
+    """REINFORCE++: outcome returns normalised over the global batch, no critic and no group std.
+
+    `Â_i = (r_i − mean_B(r)) / std_B(r)`; REINFORCE++-baseline first subtracts the group's mean
+    reward, `A_i = r_i − mean_{g(i)}(r)`, then normalises the same way: `Â_i = (A_i − mean_B(A)) / std_B(A)`.
+    Source: "REINFORCE++: An Efficient RLHF Algorithm with Robustness to Both Prompt and Reward Models"
+    (Hu et al., 2025, arXiv:2501.03262), §3 (OpenRLHF's `reinforce_plus_plus` and
+    `reinforce_plus_plus_baseline`). The paper puts a per-token KL penalty into the return; here a KL
+    to the reference is the loss term `learner.kl_coef` instead (OpenRLHF's `use_kl_loss`), so the
+    return is the outcome reward. The batch is the whole step's (every rank computes it on all groups).
+    """
+    _check_rewards(rewards, group_index)
+    if rewards.numel() == 0:
+        return rewards.to(_result_dtype(rewards), copy=True)
+    values = rewards.to(torch.float64)
+    if baseline:
+        sums, counts, _ = _group_stats(rewards, group_index)
+        values = values - sums / counts
+    return _batch_normalised(values, eps).to(_result_dtype(rewards))
+
+
 ADVANTAGE_ESTIMATORS: dict[str, Callable[[Tensor, Tensor], Tensor]] = {
     "grpo": lambda r, g: group_advantages(r, g, std="group"),
     "lite_ppo": lambda r, g: group_advantages(r, g, std="batch"),
     "dr_grpo": lambda r, g: group_advantages(r, g, std="none"),
     "rloo": rloo_advantages,
+    "reinforce_pp": lambda r, g: reinforce_pp_advantages(r, g, baseline=False),
+    "reinforce_pp_baseline": lambda r, g: reinforce_pp_advantages(r, g, baseline=True),
 }
 
 
 def outcome_advantages(rewards: Tensor, group_index: Tensor, estimator: str = "grpo") -> Tensor:
     """One advantage per sequence by the named estimator of `ADVANTAGE_ESTIMATORS` (docs/algorithms.md §1):
-    `grpo` (group std), `dr_grpo` (no std), `lite_ppo` (group mean, batch std), `rloo` (leave-one-out)."""
+    `grpo` (group std), `dr_grpo` (no std), `lite_ppo` (group mean, batch std), `rloo` (leave-one-out),
+    `reinforce_pp` (batch mean and std), `reinforce_pp_baseline` (group mean, then batch mean and std)."""
     if estimator not in ADVANTAGE_ESTIMATORS:
         raise ValueError(f"advantage estimator {estimator!r} is unknown; choose one of {sorted(ADVANTAGE_ESTIMATORS)}")
     return ADVANTAGE_ESTIMATORS[estimator](rewards, group_index)
@@ -419,6 +452,65 @@ def policy_loss(
             "ratio_mean": float(masked_mean(ratio.detach(), float_mask)),
         }
     return loss, stats
+
+
+# ------------------------------------------------------------------------------------------ GSPO
+
+
+def gspo_loss_terms(
+    logprobs: Tensor,
+    old_logprobs: Tensor,
+    advantages: Tensor,
+    mask: Tensor,
+    *,
+    clip_low: float = 3e-4,
+    clip_high: float = 4e-4,
+    token_level: bool = False,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """GSPO's per-token loss [N, T], the ratio [N, T] and whether the clipped term is active [N, T].
+
+    Group Sequence Policy Optimization (Zheng et al., 2025, arXiv:2507.18071, eqs. 5–7 and 13–14): the
+    importance ratio is the sequence's, length-normalised,
+
+        s_i = exp( (1/|y_i|) Σ_t (log π_θ(y_{i,t}) − log π_old(y_{i,t})) ),
+
+    clipped per sequence, `ℓ_i = −min(s_i Â_i, clip(s_i, 1−ε_low, 1+ε_high) Â_i)`, placed on every token
+    of the row, so that the aggregation 'seq-mean-token-mean' gives GSPO's `(1/G) Σ_i ℓ_i` (the
+    paper's ε: 3e-4 and 4e-4). `advantages` is [N], or [N, T] constant along each row's completion.
+
+    GSPO-token (`token_level`): `s_{i,t} = sg[s_i] · π_θ(y_{i,t}) / sg[π_θ(y_{i,t})]`, equal to `s_i` in
+    value (so clipped where the sequence is) with the gradient of token t's own logprob, and a
+    per-token advantage `Â_{i,t}` [N, T]; `ℓ_{i,t} = −min(s_{i,t} Â_{i,t}, clip(s_{i,t}) Â_{i,t})`.
+    With `Â_{i,t} = Â_i` its gradient equals GSPO's.
+    """
+    if logprobs.dim() != 2:
+        raise ValueError(f"logprobs must be [N, T], got shape {tuple(logprobs.shape)}")
+    for name, tensor in (("old_logprobs", old_logprobs), ("mask", mask)):
+        if tensor.shape != logprobs.shape:
+            raise ValueError(f"{name} shape {tuple(tensor.shape)} must equal logprobs shape {tuple(logprobs.shape)}")
+    if not 0 <= clip_low < 1 or clip_high < 0:
+        raise ValueError(f"clip_low must be in [0, 1) and clip_high >= 0, got {clip_low} and {clip_high}")
+    if advantages.dim() == 1 and advantages.shape[0] == logprobs.shape[0]:
+        advantages = advantages.unsqueeze(-1).expand_as(logprobs)
+    elif advantages.shape != logprobs.shape:
+        raise ValueError(
+            f"advantages must be [N] or [N, T] matching logprobs {tuple(logprobs.shape)}, got {tuple(advantages.shape)}"
+        )
+    weights = mask.to(logprobs.dtype)
+    lengths = weights.sum(-1).clamp(min=1.0)
+    if not token_level:
+        row_mean = (advantages * weights).sum(-1, keepdim=True) / lengths.unsqueeze(-1)
+        if bool((((advantages - row_mean) * weights).abs() > 1e-6).any()):
+            raise ValueError("sequence-level GSPO takes one advantage per sequence; per-token ones need GSPO-token")
+    mean_log_ratio = ((logprobs - old_logprobs) * weights).sum(-1) / lengths
+    sequence_ratio = torch.exp(mean_log_ratio.clamp(-MAX_LOG_RATIO, MAX_LOG_RATIO)).unsqueeze(-1)  # [N, 1]
+    if token_level:
+        ratio = sequence_ratio.detach() * torch.exp(logprobs - logprobs.detach())
+    else:
+        ratio = sequence_ratio.expand_as(logprobs)
+    unclipped = -ratio * advantages
+    clipped = -ratio.clamp(1.0 - clip_low, 1.0 + clip_high) * advantages
+    return torch.maximum(unclipped, clipped), ratio, clipped > unclipped
 
 
 # ------------------------------------------------------------------------------------------ DisCO

@@ -44,6 +44,7 @@ from orchard.learner.algorithms import (
     disco_objective,
     disco_penalty,
     disco_scores,
+    gspo_loss_terms,
     hint_clip_ranges,
     kl_penalty,
     logprob_mismatch,
@@ -446,14 +447,25 @@ class GRPOTrainer:
             hint_clip_low=config.hints.clip_low,
             hint_clip_high=config.hints.clip_high,
         )
-        per_token, _, clipped = policy_loss_terms(
-            logprobs,
-            old_logprobs,
-            advantages,
-            mask,
-            clip_low=clip_low.to(self.device),
-            clip_high=clip_high.to(self.device),
-        )
+        if config.objective.startswith("gspo"):
+            per_token, _, clipped = gspo_loss_terms(
+                logprobs,
+                old_logprobs,
+                advantages,
+                mask,
+                clip_low=config.gspo.clip_low,
+                clip_high=config.gspo.clip_high,
+                token_level=config.objective == "gspo_token",
+            )
+        else:
+            per_token, _, clipped = policy_loss_terms(
+                logprobs,
+                old_logprobs,
+                advantages,
+                mask,
+                clip_low=clip_low.to(self.device),
+                clip_high=clip_high.to(self.device),
+            )
         lp_reg_tokens = 0
         if config.lp_reg.enabled:
             per_token, selected = lp_reg_loss(

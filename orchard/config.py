@@ -700,7 +700,22 @@ class DiscoConfig(Section):
 
 
 #: Advantage estimators of `learner.advantage` and the `advantage_std` each implies (docs/algorithms.md §1).
-ADVANTAGE_STD = {"grpo": "group", "dr_grpo": "none", "lite_ppo": "batch", "rloo": "none"}
+#: REINFORCE++'s are normalised over the batch: group-centred with the batch std is their closest per-group reading.
+ADVANTAGE_STD = {
+    "grpo": "group",
+    "dr_grpo": "none",
+    "lite_ppo": "batch",
+    "rloo": "none",
+    "reinforce_pp": "batch",
+    "reinforce_pp_baseline": "batch",
+}
+
+
+class GSPOConfig(Section):
+    """GSPO's sequence-ratio clip range (Zheng et al., 2025, arXiv:2507.18071; `learner.algorithms.gspo_loss_terms`)."""
+
+    clip_low: float = Field(3e-4, ge=0, lt=1, description="ε_low of the sequence ratio (the paper's 3e-4).")
+    clip_high: float = Field(4e-4, ge=0, description="ε_high of the sequence ratio (the paper's 4e-4).")
 
 
 class LearnerConfig(Section):
@@ -717,11 +732,12 @@ class LearnerConfig(Section):
         " each micro-batch at most this many tokens (rows × its longest row; a longer row goes alone), so little"
         " padding is computed (verl's dynamic batch size). The result of a step does not depend on it.",
     )
-    advantage: Literal["grpo", "dr_grpo", "lite_ppo", "rloo"] = Field(
+    advantage: Literal["grpo", "dr_grpo", "lite_ppo", "rloo", "reinforce_pp", "reinforce_pp_baseline"] = Field(
         "grpo",
         description="Advantage estimator: 'grpo' (r − group mean) / group std; 'dr_grpo' r − group mean (no std; needs"
         " aggregation 'seq-mean-token-sum-norm', Dr. GRPO's constant length normaliser); 'lite_ppo' (r − group"
-        " mean) / batch std; 'rloo' r − mean of the group's other rewards.",
+        " mean) / batch std; 'rloo' r − mean of the group's other rewards; 'reinforce_pp' REINFORCE++'s"
+        " (r − batch mean) / batch std; 'reinforce_pp_baseline' r − group mean, then normalised over the batch.",
     )
     tree_advantage: Literal["prefix_credit", "node_values", "outcome"] = Field(
         "prefix_credit",
@@ -731,13 +747,16 @@ class LearnerConfig(Section):
         " mean and std of the trajectories' final scores (the reference's sibling mean-std); 'outcome' the"
         " estimator's outcome advantage on every token. bench/deepsearch.py --train compares them.",
     )
-    objective: Literal["grpo", "disco"] = Field(
+    objective: Literal["grpo", "disco", "gspo", "gspo_token"] = Field(
         "grpo",
         description="The policy loss: 'grpo' the PPO-clip surrogate on advantages (with the options above and below);"
         " 'disco' DisCO's discriminative objective with a KL constraint (learner.disco), which uses neither"
-        " advantages, clipping nor aggregation.",
+        " advantages, clipping nor aggregation; 'gspo' GSPO's sequence-level ratio, length-normalised and clipped"
+        " per sequence (learner.gspo; aggregation 'seq-mean-token-mean'); 'gspo_token' its token variant, the"
+        " same ratio in value with per-token advantages and gradients.",
     )
     disco: DiscoConfig = Field(default_factory=DiscoConfig, description="DisCO, used when objective is 'disco'.")
+    gspo: GSPOConfig = Field(default_factory=GSPOConfig, description="GSPO's clip range (objective 'gspo*').")
     clip_low: float = Field(0.2, ge=0, lt=1, description="PPO clip ε_low.")
     clip_high: float = Field(0.28, ge=0, description="PPO clip ε_high (DAPO clip-higher; 0.2 = GRPO).")
     aggregation: Literal["token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm"] = Field(
@@ -818,6 +837,31 @@ class LearnerConfig(Section):
                 )
             )
         found += self._disco_problems()
+        found += self._gspo_problems()
+        return found
+
+    def _gspo_problems(self) -> list[tuple[str, str]]:
+        """GSPO's loss is a mean over sequences of a sequence-level ratio: token-level options do not apply."""
+        if not self.objective.startswith("gspo"):
+            return []
+        found = []
+        if self.aggregation != "seq-mean-token-mean":
+            found.append(
+                (
+                    "aggregation",
+                    f"objective {self.objective!r} averages each sequence's loss over its tokens, then over sequences:"
+                    f" set aggregation to 'seq-mean-token-mean' (got {self.aggregation!r})",
+                )
+            )
+        for path, on in (("lp_reg.enabled", self.lp_reg.enabled), ("hints.enabled", self.hints.enabled)):
+            if on:
+                found.append(
+                    (
+                        path,
+                        f"objective {self.objective!r} clips the sequence's ratio, and {path} acts on token ratios:"
+                        " turn it off, or set objective to 'grpo'",
+                    )
+                )
         return found
 
     def _disco_problems(self) -> list[tuple[str, str]]:
@@ -1165,6 +1209,33 @@ class WeightSyncConfig(Section):
         return max(1, int(self.bucket_mb * 2**20))
 
 
+class RewardModelConfig(Section):
+    """A Hugging Face sequence-classification checkpoint served by Ray actors as a verifier; a data source
+    uses it with `verifier: reward_model:<name>` (verifiers/reward_model.py, rollout/reward_models.py)."""
+
+    path: str = Field(..., description="Directory of the checkpoint (one label) and its tokenizer.")
+    rule: str | None = Field(None, description="A rule verifier combined with the model (name or dotted path).")
+    combine: Literal["sum", "gate"] = Field(
+        "sum",
+        description="With `rule`: 'sum' rule_weight·rule + model_weight·model; 'gate' the model's score where the"
+        " rule accepts the answer, the rule's reward where it does not.",
+    )
+    rule_weight: float = Field(1.0, description="Weight of the rule verifier's reward under 'sum'.")
+    model_weight: float = Field(1.0, description="Weight of the model's score under 'sum'.")
+    transform: Literal["sigmoid", "raw"] = Field(
+        "sigmoid", description="The score: sigmoid of the label's logit (0–1, like rule rewards), or the logit."
+    )
+    num_actors: int = Field(1, ge=1, description="Ray actors serving the model; a call's batch is split over them.")
+    num_cpus: float = Field(1.0, ge=0, description="Ray CPUs of each actor.")
+    num_gpus: float = Field(0.0, ge=0, description="GPUs of each actor.")
+    batch_size: int = Field(32, ge=1, description="Completions per forward pass.")
+    max_length: int = Field(1024, ge=8, description="Tokens of prompt and completion read (longer is truncated).")
+    timeout_seconds: float = Field(
+        60.0, gt=0, description="A batch not scored in this time is a verifier error of its groups (dropped)."
+    )
+    load_timeout_seconds: float = Field(300.0, gt=0, description="How long the run waits for the actors to load.")
+
+
 class ClusterConfig(Section):
     """Ray placement groups for the rollout engines and the learner (services/placement.py)."""
 
@@ -1233,6 +1304,9 @@ class RunConfig(Section):
     control: ControlConfig = Field(default_factory=ControlConfig)
     weight_sync: WeightSyncConfig = Field(default_factory=WeightSyncConfig)
     cluster: ClusterConfig = Field(default_factory=ClusterConfig)
+    reward_models: dict[str, RewardModelConfig] = Field(
+        default_factory=dict, description="Reward models by name, for sources with `verifier: reward_model:<name>`."
+    )
     faults: FaultsConfig = Field(default_factory=FaultsConfig, description="Fault injection (tests only).")
 
     @model_validator(mode="after")
@@ -1254,6 +1328,23 @@ class RunConfig(Section):
                 "rollout.multi_turn and learner.hints cannot be combined: hinted rollouts are single answers;"
                 " turn one of them off"
             )
+        if (
+            self.learner.objective == "gspo"
+            and self.rollout.strategy == "mcts"
+            and self.learner.tree_advantage != "outcome"
+        ):
+            raise ValueError(
+                "learner.objective 'gspo' takes one advantage per sequence, and tree trajectories (rollout.strategy"
+                f" 'mcts') carry per-token ones (learner.tree_advantage {self.learner.tree_advantage!r}): use"
+                " objective 'gspo_token', or tree_advantage 'outcome'"
+            )
+        for index, source in enumerate(self.data.sources):
+            named = str(getattr(source, "verifier", ""))
+            if named.startswith("reward_model:") and named.removeprefix("reward_model:") not in self.reward_models:
+                raise ValueError(
+                    f"data.sources.{index}.verifier {named!r} names no reward model of reward_models"
+                    f" ({sorted(self.reward_models) or 'none configured'})"
+                )
         self.check_quota(self.rollout.num_workers, field="rollout.num_workers")
         if self.rollout.autoscale is not None:
             self.check_quota(self.rollout.autoscale.max, field="rollout.autoscale.max")

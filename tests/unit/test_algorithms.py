@@ -21,9 +21,12 @@ from orchard.learner.algorithms import (
     disco_loss,
     disco_scores,
     group_advantages,
+    gspo_loss_terms,
     kl_penalty,
     masked_mean,
+    outcome_advantages,
     policy_loss,
+    reinforce_pp_advantages,
     rloo_advantages,
     token_entropy,
 )
@@ -107,7 +110,7 @@ def test_rloo_subtracts_the_mean_of_the_others():
 
 
 def test_estimator_registry_names():
-    assert set(ADVANTAGE_ESTIMATORS) == {"grpo", "lite_ppo", "dr_grpo", "rloo"}
+    assert set(ADVANTAGE_ESTIMATORS) == {"grpo", "lite_ppo", "dr_grpo", "rloo", "reinforce_pp", "reinforce_pp_baseline"}
     close(ADVANTAGE_ESTIMATORS["dr_grpo"](REWARDS, GROUPS), [-1.0, -2.0, 0.0, 2.0, 1.0])
     close(ADVANTAGE_ESTIMATORS["rloo"](REWARDS, GROUPS), [-1.5, -4.0, 0.0, 4.0, 1.5])
 
@@ -428,3 +431,76 @@ def test_disco_refuses_bad_inputs():
         disco_loss(DISCO_LOGPROBS, DISCO_LOGPROBS, DISCO_MASK, DISCO_CORRECT[:2], DISCO_GROUPS)
     with pytest.raises(ValueError, match="tau > 0"):
         disco(tau=0.0)
+
+
+# ------------------------------------------------------------------------------------------ REINFORCE++
+
+
+def test_reinforce_pp_normalises_rewards_over_the_batch():
+    rewards = torch.tensor([1.0, 0.0, 0.0, 1.0])
+    groups = torch.tensor([0, 0, 1, 1])
+    # mean 0.5, unbiased std sqrt(4 · 0.25 / 3) = 0.57735: ±0.5 / 0.57735 = ±0.866025
+    expected = torch.tensor([0.866025, -0.866025, -0.866025, 0.866025])
+    assert torch.allclose(reinforce_pp_advantages(rewards, groups), expected, atol=1e-5)
+    assert torch.allclose(outcome_advantages(rewards, groups, "reinforce_pp"), expected, atol=1e-5)
+
+
+def test_reinforce_pp_baseline_centres_each_group_then_normalises_over_the_batch():
+    rewards = torch.tensor([1.0, 0.0, 1.0, 1.0])
+    groups = torch.tensor([0, 0, 1, 1])
+    # group means 0.5 and 1: A = [0.5, -0.5, 0, 0]; batch mean 0, std sqrt(0.5 / 3) = 0.408248
+    expected = torch.tensor([1.224745, -1.224745, 0.0, 0.0])
+    assert torch.allclose(reinforce_pp_advantages(rewards, groups, baseline=True), expected, atol=1e-5)
+    assert torch.allclose(outcome_advantages(rewards, groups, "reinforce_pp_baseline"), expected, atol=1e-5)
+    # plain REINFORCE++ gives the all-correct group a positive advantage; the baseline variant none
+    assert reinforce_pp_advantages(rewards, groups)[2] > 0
+    one = reinforce_pp_advantages(torch.tensor([1.0]), torch.tensor([0]))
+    assert one.tolist() == [0.0]  # a batch of one has no spread
+
+
+# ------------------------------------------------------------------------------------------ GSPO
+
+
+def gspo_batch():
+    """Row 0: two tokens, log-ratios 0.1 and -0.2 (mean -0.05); row 1: one token and padding, log-ratio 0.2."""
+    logprobs = torch.tensor([[-1.0, -2.0], [-0.5, 0.0]], requires_grad=True)
+    old = torch.tensor([[-1.1, -1.8], [-0.7, 0.0]])
+    mask = torch.tensor([[1.0, 1.0], [1.0, 0.0]])
+    return logprobs, old, mask
+
+
+def test_gspo_clips_the_length_normalised_sequence_ratio():
+    logprobs, old, mask = gspo_batch()
+    per_token, ratio, clipped = gspo_loss_terms(logprobs, old, torch.tensor([1.0, 1.0]), mask)
+    # s_0 = exp(-0.05) = 0.951229 (inside [1 - 3e-4, 1 + 4e-4]? no: below, and A > 0 keeps the unclipped term)
+    # s_1 = exp(0.2) = 1.221403, above 1 + 4e-4 with A > 0: the clipped term 1.0004 is active
+    assert torch.allclose(ratio[:, 0].detach(), torch.tensor([0.951229, 1.221403]), atol=1e-6)
+    assert torch.allclose(per_token.detach(), torch.tensor([[-0.951229, -0.951229], [-1.0004, -1.0004]]), atol=1e-6)
+    assert clipped.tolist() == [[False, False], [True, True]]
+    loss = aggregate(per_token, mask, "seq-mean-token-mean")
+    assert float(loss.detach()) == pytest.approx((-0.951229 - 1.0004) / 2, abs=1e-6)
+    loss.backward()
+    # row 0: d/d lp_t of -(1/2) · s_0 · A = -(1/2) · s_0 / |y_0| = -0.237807 per token; row 1 is clipped: 0
+    assert torch.allclose(logprobs.grad, torch.tensor([[-0.237807, -0.237807], [0.0, 0.0]]), atol=1e-6)
+
+
+def test_gspo_token_has_the_sequence_ratio_and_each_tokens_gradient():
+    logprobs, old, mask = gspo_batch()
+    advantages = torch.tensor([[2.0, 0.0], [1.0, 0.0]])
+    per_token, ratio, _ = gspo_loss_terms(logprobs, old, advantages, mask, token_level=True)
+    assert torch.allclose(ratio.detach()[0], torch.tensor([0.951229, 0.951229]), atol=1e-6)
+    aggregate(per_token, mask, "seq-mean-token-mean").backward()
+    # row 0, token 0: -(1/2)(1/2) · s_0 · 2 = -0.475615; token 1 has advantage 0; row 1 clipped
+    assert torch.allclose(logprobs.grad, torch.tensor([[-0.475615, 0.0], [0.0, 0.0]]), atol=1e-6)
+    with pytest.raises(ValueError, match="one advantage per sequence"):
+        gspo_loss_terms(logprobs, old, advantages, mask)
+
+
+def test_gspo_token_equals_gspo_with_sequence_advantages():
+    grads = []
+    for token_level in (False, True):
+        logprobs, old, mask = gspo_batch()
+        per_token, _, _ = gspo_loss_terms(logprobs, old, torch.tensor([-1.0, 0.5]), mask, token_level=token_level)
+        aggregate(per_token, mask, "seq-mean-token-mean").backward()
+        grads.append(logprobs.grad)
+    assert torch.allclose(grads[0], grads[1], atol=1e-7)

@@ -149,7 +149,10 @@ def test_algorithm_recipes_pass_orchard_check(recipe, capsys):
 
 def test_every_algorithm_has_a_recipe():
     recipes = {path.stem for path in (DEMO_CONFIG.parent / "algorithms").glob("*.yaml")}
-    assert {"dr_grpo", "lite_ppo", "rloo", "dapo", "dler", "lp_reg", "hpt_hints", "lora", "disco", "gain_rl"} <= recipes
+    assert {
+        *("dr_grpo", "lite_ppo", "rloo", "dapo", "dler", "lp_reg", "hpt_hints", "lora", "disco", "gain_rl"),
+        *("gspo", "gspo_token", "reinforce_pp", "reinforce_pp_baseline"),
+    } <= recipes
 
 
 def test_fault_injection_is_refused_unless_the_environment_allows_it(monkeypatch):
@@ -161,3 +164,28 @@ def test_fault_injection_is_refused_unless_the_environment_allows_it(monkeypatch
     assert load_config(None, []).faults.nonfinite_loss_at_steps == []
     monkeypatch.setenv("ORCHARD_FAULT_INJECTION", "1")
     assert load_config(None, ["faults.nonfinite_loss_at_steps=[3]"]).faults.nonfinite_loss_at_steps == [3]
+
+
+def test_gspo_refuses_the_options_it_cannot_apply():
+    with pytest.raises(ConfigError) as caught:
+        load_config(
+            None,
+            [
+                "rollout.strategy=sample",  # the demo's tree search is refused with gspo on its own (below)
+                "learner.objective=gspo",
+                "learner.aggregation=token-mean",
+                "learner.lp_reg.enabled=true",
+            ],
+        )
+    problems = dict(caught.value.problems)
+    assert "set aggregation to 'seq-mean-token-mean'" in problems["learner.aggregation"]
+    assert "acts on token ratios" in problems["learner.lp_reg.enabled"]
+    with pytest.raises(ConfigError, match="use objective 'gspo_token', or tree_advantage 'outcome'"):
+        load_config(
+            None, ["learner.objective=gspo", "learner.aggregation=seq-mean-token-mean", "rollout.strategy=mcts"]
+        )
+    token = load_config(
+        None, ["learner.objective=gspo_token", "learner.aggregation=seq-mean-token-mean", "rollout.strategy=mcts"]
+    )
+    assert token.learner.gspo.clip_low == 3e-4 and token.learner.gspo.clip_high == 4e-4
+    assert load_config(None, ["learner.advantage=reinforce_pp"]).learner.advantage_std == "batch"
