@@ -19,7 +19,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 import torch
-from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM, Qwen2ForSequenceClassification
 
 from orchard.config import TinyModelConfig
 
@@ -78,6 +78,23 @@ def build_instruct_model(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return Qwen2ForCausalLM(config).eval()
+
+
+def write_reward_model(
+    directory: str | Path, texts: Iterable[str], tiny: TinyModelConfig, *, vocab_size: int = 1024, seed: int = 0
+) -> Path:
+    """A randomly initialised Qwen2 sequence classifier with one label (a reward model's shape) and its
+    ChatML tokenizer trained on `texts`, saved to `directory`: what `reward_models.<name>.path` loads."""
+    tokenizer = train_chat_tokenizer(texts, vocab_size=vocab_size)
+    config = build_instruct_model(tokenizer, tiny, seed=seed).config
+    config.num_labels, config.tie_word_embeddings = 1, False
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = Qwen2ForSequenceClassification(config).eval()
+    path = Path(directory)
+    model.save_pretrained(str(path))
+    tokenizer.save_pretrained(str(path))
+    return path
 
 
 def write_instruct_model(

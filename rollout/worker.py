@@ -16,18 +16,20 @@ from typing import Any
 import ray
 import torch
 
-from orchard.config import ModelConfig, RolloutConfig
-from orchard.protocols import BroadcastEngine, SamplingParams, Verifier
+from orchard.config import ModelConfig, RewardModelConfig, RolloutConfig
+from orchard.protocols import BroadcastEngine, SamplingParams, Verifier, VerifierResult
 from orchard.records import Completion, Group, Prompt
 from orchard.rollout.engines.torch_engine import TorchEngine
 from orchard.rollout.model import build_model
 from orchard.rollout.multi_turn import Trajectory, TurnLoop, count_calls
 from orchard.rollout.prompts import PromptFormat, PromptRenderer
+from orchard.rollout.reward_models import RewardModelVerifier
 from orchard.rollout.strategies.tree_search import SearchSettings, TreeSearch, run_searches
 from orchard.rollout.tokenizer import load_tokenizer
 from orchard.rollout.tools import load_tools
 from orchard.rollout.weight_broadcast import BroadcastTicket
 from orchard.verifiers.registry import get_verifier, safe_verify
+from orchard.verifiers.reward_model import reward_model_name
 
 
 def tool_counts(outputs: Sequence[Any]) -> dict[str, Any]:
@@ -98,10 +100,13 @@ class RolloutWorkerCore:
         seed: int = 0,
         prompt_format: PromptFormat | None = None,
         delay_seconds: float = 0.0,
+        reward_models: Mapping[str, tuple[RewardModelConfig, Sequence[Any]]] | None = None,
     ) -> None:
         """`prompt_format`: how prompts are rendered (`data.chat_template`, `system_prompt`,
         `prompt_template`; `rollout.prompts`); default: the tokenizer's chat template when it has one.
-        `delay_seconds`: added to every `rollout` call (`faults.rollout_delay_seconds`: a slow worker, in tests)."""
+        `delay_seconds`: added to every `rollout` call (`faults.rollout_delay_seconds`: a slow worker, in tests).
+        `reward_models`: the settings and Ray actors of each reward model a prompt's verifier may name
+        (`reward_model:<name>`)."""
         torch.set_num_threads(rollout_config.torch_threads)
         torch.manual_seed(seed)
         self.worker_id = worker_id
@@ -118,6 +123,7 @@ class RolloutWorkerCore:
         self._calls = 0
         self._seed = seed
         self._delay_seconds = delay_seconds
+        self._reward_models = dict(reward_models or {})
 
     @property
     def policy_version(self) -> int:
@@ -200,8 +206,32 @@ class RolloutWorkerCore:
     def _verifier(self, prompt: Prompt) -> Verifier:
         name = verifier_name(prompt)
         if name not in self._verifiers:
-            self._verifiers[name] = get_verifier(name)
+            model = reward_model_name(name)
+            if model is None:
+                self._verifiers[name] = get_verifier(name)
+            elif model in self._reward_models:
+                self._verifiers[name] = RewardModelVerifier(model, *self._reward_models[model])
+            else:
+                raise ValueError(f"prompt {prompt.id} names reward model {model!r}, which this run does not serve")
         return self._verifiers[name]
+
+    def _verify_all(self, items: Sequence[tuple[Prompt, str]]) -> list[VerifierResult]:
+        """Each (prompt, answer) verified; a verifier that scores in batches (a reward model) gets one call
+        for all of its items."""
+        results: list[VerifierResult | None] = [None] * len(items)
+        by_verifier: dict[int, tuple[Verifier, list[int]]] = {}
+        for index, (prompt, _) in enumerate(items):
+            verifier = self._verifier(prompt)
+            by_verifier.setdefault(id(verifier), (verifier, []))[1].append(index)
+        for verifier, indices in by_verifier.values():
+            verify_many = getattr(verifier, "verify_many", None)
+            if verify_many is not None:
+                for index, result in zip(indices, verify_many([items[i] for i in indices]), strict=True):
+                    results[index] = result
+            else:
+                for index in indices:
+                    results[index] = safe_verify(verifier, *items[index])
+        return results
 
     def _params(self, *, greedy: bool) -> SamplingParams:
         self._calls += 1
@@ -218,15 +248,16 @@ class RolloutWorkerCore:
     ) -> list[Completion]:
         """A completion of `prompt` for each engine output or multi-turn `Trajectory`, verified (a
         trajectory on its final answer); verifier errors go to `errors`."""
-        verifier = self._verifier(prompt)
-        completions = []
+        read = []
         for output in outputs:
-            spans: list[tuple[int, int]] = []
             if isinstance(output, Trajectory):
-                text, answer, spans = self.tokenizer.decode(output.token_ids), output.answer, output.observation_spans
+                read.append((self.tokenizer.decode(output.token_ids), output.answer, output.observation_spans))
             else:
-                text = answer = output.text or self.tokenizer.decode(output.token_ids)
-            result = safe_verify(verifier, prompt, answer)
+                text = output.text or self.tokenizer.decode(output.token_ids)
+                read.append((text, text, []))
+        results = self._verify_all([(prompt, answer) for _, answer, _ in read])
+        completions = []
+        for output, (text, _, spans), result in zip(outputs, read, results, strict=True):
             if result.error:
                 errors.append(f"{prompt.id}: {result.error}")
             completions.append(
@@ -395,7 +426,7 @@ class RolloutWorkerCore:
             answers = texts = [o.text or self.tokenizer.decode(o.token_ids) for o in outputs]
         else:
             answers, texts = [o.answer for o in outputs], [self.tokenizer.decode(o.token_ids) for o in outputs]
-        correct = [safe_verify(self._verifier(p), p, a).correct for p, a in zip(prompts, answers, strict=True)]
+        correct = [result.correct for result in self._verify_all(list(zip(prompts, answers, strict=True)))]
         return EvalResult(correct=correct, policy_version=self.engine.policy_version, completions=texts)
 
     def search(

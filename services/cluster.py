@@ -28,7 +28,9 @@ def connect_ray(config: RunConfig) -> None:
         config.cluster.max_rollout_workers or 0,
         config.rollout.autoscale.max if config.rollout.autoscale is not None else 0,
     )
-    needed = config.resources(most)["CPU"]
+    needed = config.resources(most)["CPU"] + sum(
+        model.num_cpus * model.num_actors for model in config.reward_models.values()
+    )
     ray.init(
         num_cpus=max(os.cpu_count() or 1, int(needed + 0.999)),
         include_dashboard=False,

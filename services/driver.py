@@ -49,6 +49,7 @@ from orchard.services.learner_actor import LearnerStep
 from orchard.services.metrics import RunMetrics
 from orchard.services.placement import reserve
 from orchard.services.rescue.queue import RescueQueue, build_rescues
+from orchard.services.reward_models import RewardModelServers
 from orchard.services.run.admission import AdmissionGate
 from orchard.services.run.checkpoints import Checkpoints, DriverState, read_step, resume_checkpoint
 from orchard.services.run.elastic import Elastic
@@ -183,8 +184,15 @@ class Driver:
                 f"resumed from {checkpoint}: step {self.step}, policy version {self.policy_version}; "
                 f"{requeued} groups trained after it are back in the buffer"
             )
+        self.reward_models = RewardModelServers(config, self.run_dir.event) if config.reward_models else None
         self.pool = RolloutPool(
-            config, self.placement, self.prompt_format, self.weight_sync, self.metrics, self.run_dir.event
+            config,
+            self.placement,
+            self.prompt_format,
+            self.weight_sync,
+            self.metrics,
+            self.run_dir.event,
+            reward_models=self.reward_models.for_workers() if self.reward_models else None,
         )
         self.non_finite = NonFiniteGuard(config.supervision.max_nonfinite_steps)
         self.learners.publish(self.policy_version, initial_ref)
@@ -213,6 +221,7 @@ class Driver:
             worker=lambda: self.pool.actors["worker-0"],
             readable=self.learners.readable,
             log=self.run_dir.event,
+            reward_models=self.reward_models.for_workers() if self.reward_models else None,
         )
         self.held_out.load(self.policy_version, state_dict)
         if config.curriculum.pcl.features == "policy":
@@ -706,6 +715,9 @@ class Driver:
         pool = getattr(self, "pool", None)
         if pool is not None:
             pool.close()
+        reward_models = getattr(self, "reward_models", None)
+        if reward_models is not None:
+            reward_models.close()
         placement = getattr(self, "placement", None)
         if placement is not None:  # a long-lived cluster gets the reserved bundles back
             placement.release()

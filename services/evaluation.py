@@ -60,16 +60,22 @@ class HeldOut:
         worker: Callable[[], Any],
         readable: Callable[[Any], Any],
         log: Callable[[str], None],
+        reward_models: dict[str, tuple[Any, list[Any]]] | None = None,
     ) -> None:
         """`worker()`: the current actor of worker-0; `readable(weights)`: a published version as weights
-        one reader can fetch (`LearnerGroup.readable`)."""
+        one reader can fetch (`LearnerGroup.readable`); `reward_models`: the run's, for prompts they judge."""
         self.prompts = list(prompts[: config.eval.num_prompts])
         self.readable, self.log = readable, log
         if config.rollout.engine == "vllm":  # no engine in the driver: a rollout worker answers
             self.evaluator: Any = WorkerEvaluator(worker)
         else:
             self.evaluator = RolloutWorkerCore(
-                "evaluator", config.model, config.rollout, seed=config.seed, prompt_format=prompt_format
+                "evaluator",
+                config.model,
+                config.rollout,
+                seed=config.seed,
+                prompt_format=prompt_format,
+                reward_models=reward_models,
             )
 
     def load(self, version: int, weights: Any) -> None:

@@ -17,7 +17,9 @@ from orchard.records import Group
 ZERO_ADVANTAGE = "zero_advantage"
 TOO_EASY = "too_easy"
 TOO_HARD = "too_hard"
-REASONS = (ZERO_ADVANTAGE, TOO_EASY, TOO_HARD)
+#: Every completion of the group lost its score to a reward model that failed or did not answer.
+REWARD_MODEL_ERROR = "reward_model_error"
+REASONS = (ZERO_ADVANTAGE, TOO_EASY, TOO_HARD, REWARD_MODEL_ERROR)
 
 
 def filter_reason(

@@ -17,7 +17,9 @@ from collections import Counter
 from orchard.config import RunConfig
 from orchard.protocols import Buffer
 from orchard.records import Group
+from orchard.rollout.reward_models import REWARD_MODEL_ERROR as REWARD_MODEL_ERROR_PREFIX
 from orchard.rollout.worker import RolloutResult
+from orchard.services.curriculum.filtering import REWARD_MODEL_ERROR
 from orchard.services.curriculum.sampler import PromptSampler
 from orchard.services.metrics import RunMetrics
 from orchard.services.rescue.queue import RescueQueue
@@ -63,6 +65,7 @@ class Intake:
         self.throughput.count_tool_calls(result.tool_calls)
         for message in result.tool_errors[:3]:
             self.run_dir.event(f"tool raised on {result.worker}: {message}")
+        self._drop_unscored(result)
         groups = result.groups
         self.samples.observe(groups)
         if kind == "sample":
@@ -93,6 +96,25 @@ class Intake:
             self.stepped()  # not starving: the count is of groups dropped in a row
         self._notice_starvation()
         self.metrics.observe_buffer(self.buffer.ready_count(), self.buffer.pending_count())
+
+    def _drop_unscored(self, result: RolloutResult) -> None:
+        """Groups whose every completion lost its score to a reward model that failed or timed out are
+        dropped first, counted and logged once per call: their rewards are not the policy's."""
+        unscored = [
+            group
+            for group in result.groups
+            if group.completions
+            and all((c.verifier_error or "").startswith(REWARD_MODEL_ERROR_PREFIX) for c in group.completions)
+        ]
+        if not unscored:
+            return
+        dropped = {id(group) for group in unscored}
+        result.groups = [group for group in result.groups if id(group) not in dropped]
+        self.filtered[REWARD_MODEL_ERROR] += len(unscored)
+        self.metrics.observe_filtered(REWARD_MODEL_ERROR, len(unscored))
+        self.run_dir.event(
+            f"{len(unscored)} groups from {result.worker} dropped unscored: {unscored[0].completions[0].verifier_error}"
+        )
 
     def stepped(self) -> None:
         """The learner took a step (or a group was kept): the starvation count starts again."""

@@ -64,9 +64,12 @@ class RolloutPool:
         weight_sync: WeightSync,
         metrics: RunMetrics,
         log: Callable[[str], None],
+        reward_models: dict[str, tuple[Any, list[Any]]] | None = None,
     ) -> None:
-        """Starts `rollout.num_workers` workers, named worker-0, worker-1, ..."""
+        """Starts `rollout.num_workers` workers, named worker-0, worker-1, ...; `reward_models`: the
+        settings and actors of the run's reward models, handed to every worker."""
         self.config, self.placement, self.prompt_format = config, placement, prompt_format
+        self.reward_models = reward_models or {}
         self.weight_sync, self.metrics, self.log = weight_sync, metrics, log
         self.incarnations: Counter[str] = Counter()
         names = [f"worker-{index}" for index in range(config.rollout.num_workers)]
@@ -98,6 +101,7 @@ class RolloutPool:
             seed=config.seed * 1000 + index + 7919 * incarnation,
             prompt_format=self.prompt_format,
             delay_seconds=config.faults.rollout_delay_seconds,
+            reward_models=self.reward_models,
         )
 
     def _options_of(self, name: str) -> dict[str, Any]:

@@ -80,3 +80,16 @@ def test_a_healthy_run_that_keeps_groups_between_drops_is_not_called_starving(tm
         taken.take(result([[True, False, True, True] if kept else [False] * 4], start=call))
     assert notices(run_dir) == [] and capsys.readouterr().err == ""
     assert taken.filtered["zero_advantage"] > first
+
+
+def test_groups_a_reward_model_left_unscored_are_dropped_and_named(tmp_path):
+    taken, run_dir = intake(tmp_path)
+    call = result([[True, False, True, True], [True, False, False, False]], start=0)
+    error = "reward model 'rm' gave no scores within timeout_seconds=5"
+    for completion in call.groups[1].completions:
+        completion.verifier_error, completion.reward, completion.correct = error, 0.0, False
+    call.groups[0].completions[0].verifier_error = error  # one unscored completion does not drop a group
+    taken.take(call)
+    assert taken.buffer.stats()["put"] == 1 and taken.filtered == Counter({"reward_model_error": 1})
+    assert taken.throughput.generated_groups == 2  # counted as generated, then filtered: conserved
+    assert f"1 groups from w dropped unscored: {error}" in (run_dir.path / "events.log").read_text()
