@@ -88,8 +88,11 @@ class Elastic:
         pool = self.pool
         before = len(pool.actors)
         self._cause = cause
-        pool.scale_to(count, reason, learners)
-        if len(pool.actors) != before:
+        refusal = pool.scale_to(count, reason, learners)
+        if refusal is not None:
+            self.refusal = refusal
+            self.metrics.observe_scale("refused", cause)
+        elif len(pool.actors) != before:
             self.refusal = None
             self.metrics.observe_scale("up" if len(pool.actors) > before else "down", cause)
         self._restart_window(throughput)

@@ -141,28 +141,29 @@ class RolloutPool:
         """The number of workers once a change under way is applied."""
         return len(self.actors) + (len(self._pending_names) if self.pending is not None else 0)
 
-    def scale_to(self, count: int, reason: str, learners: LearnerGroup) -> None:
+    def scale_to(self, count: int, reason: str, learners: LearnerGroup) -> str | None:
         """Start changing the number of workers to `count` (at least 1): removal at once, addition once
-        the cluster has placed the new bundles (`poll`). Nothing happens while an addition is under way."""
+        the cluster has placed the new bundles (`poll`). Nothing happens while an addition is under way.
+        Returns the refusal of an addition whose workers could not start."""
         if count < 1:
             raise ValueError(f"a run needs at least 1 rollout worker, asked for {count}")
         current = len(self.actors)
         if self.pending is not None or count == current:
-            return
+            return None
         if count < current:
             self._remove(sorted(self.actors, key=worker_index)[count:], reason, learners)
-            return
+            return None
         names = self._free_names(count - current)
         reused = dict(zip(names, self.free_slots, strict=False))
         del self.free_slots[: len(reused)]
         self.slots.update(reused)
         rest = [name for name in names if name not in reused]
         if not rest:  # all in bundles the run holds already
-            self._add(names, reason, learners)
-            return
+            return self._add(names, reason, learners)
         self._pending_names, self._pending_reason = names, reason
         self.pending = reserve_workers(self.config, rest, time.perf_counter())
         self.log(f"scaling to {count} rollout workers: reserving {self.pending.bundles} for {', '.join(rest)}")
+        return None
 
     def poll(self, learners: LearnerGroup) -> str | None:
         """Finish an addition the cluster has placed, or refuse one it could not place in time; returns
@@ -174,8 +175,7 @@ class RolloutPool:
             self.pending = None
             self.reservations.append(pending)
             self.slots.update(pending.slots)
-            self._add(self._pending_names, self._pending_reason, learners)
-            return None
+            return self._add(self._pending_names, self._pending_reason, learners)
         if time.perf_counter() < pending.deadline:
             return None
         self.pending = None
@@ -200,8 +200,10 @@ class RolloutPool:
             index += 1
         return names
 
-    def _add(self, names: list[str], reason: str, learners: LearnerGroup) -> None:
-        """Start workers `names` in their slots, each loading the newest weights before its first call."""
+    def _add(self, names: list[str], reason: str, learners: LearnerGroup) -> str | None:
+        """Start workers `names` in their slots, each loading the newest weights before its first call.
+        Workers that fail to start or load are ended and their bundles given back: the change is refused
+        (the message returned), and the run goes on with the workers it had."""
         latest = self.weight_sync.latest
         started = {}
         for name in names:
@@ -219,9 +221,12 @@ class RolloutPool:
             for actor in started.values():
                 ray.kill(actor)
             self._release_slots(names)
-            raise DriverError(
-                f"new rollout workers {names} failed to load version {latest.version}: {error}"
-            ) from error
+            refusal = (
+                f"scaling to {len(self.actors) + len(names)} rollout workers refused: new workers "
+                f"{', '.join(names)} failed to start or load version {latest.version}: {error}"
+            )
+            self.log(refusal)
+            return refusal
         self.actors.update(started)
         learners.form_broadcast_group(self.actors)
         for name, version in confirmed.items():
@@ -231,6 +236,7 @@ class RolloutPool:
         for name, version in confirmed.items():
             self.metrics.observe_worker_version(name, version)
         self._record(ScaleChange(len(self.actors), latest.version, reason, self._elapsed(), added=confirmed))
+        return None
 
     def _remove(self, names: list[str], reason: str, learners: LearnerGroup) -> None:
         for name in names:
