@@ -157,6 +157,10 @@ class WorkerReservation:
     bundles: list[list[dict[str, float]]]
     groups: list[Any]
     deadline: float
+    ready: list[Any] = field(default_factory=list)  # each group's `ready()`, asked once
+
+    def __post_init__(self) -> None:
+        self.ready = [group.ready() for group in self.groups]
 
     @property
     def slots(self) -> dict[str, Slot]:
@@ -169,7 +173,7 @@ class WorkerReservation:
         """Whether the cluster holds every group now (does not wait)."""
         import ray
 
-        _, waiting = ray.wait([group.ready() for group in self.groups], num_returns=len(self.groups), timeout=0)
+        _, waiting = ray.wait(self.ready, num_returns=len(self.ready), timeout=0)
         return not waiting
 
     def release(self) -> None:

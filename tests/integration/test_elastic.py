@@ -170,26 +170,3 @@ def test_a_run_that_cannot_be_placed_waits_in_pending_saying_why(ray_local, tmp_
     assert control.pending_reason is None and control.state is RunState.RUNNING
     summary = waiting.stop()
     conservation(summary)
-
-
-def test_a_removed_worker_that_dies_mid_call_hands_its_prompts_back(ray_local, tmp_path, warm_cache, fault_injection):
-    import ray
-
-    # calls of 3 s: the removal finds worker-1 generating, and it is killed before its call returns
-    run = start(tmp_path, warm_cache, "hand-back", "rollout.num_workers=2", "faults.rollout_delay_seconds=3")
-    run.wait_for(lambda p: p.step >= 1, "a step on two workers")
-    pool = run.driver.pool
-    run.wait_for(lambda p: pool.busy["worker-1"] > 0, "worker-1 generating")
-    run.driver.control.request_workers(1)
-    run.wait_for(lambda p: "worker-1" in pool.retiring, "worker-1 removed while it generates")
-    ray.kill(pool.retiring["worker-1"])
-    run.wait_for(lambda p: "worker-1" not in pool.retiring, "the dead worker's call reported")
-    steps = run.driver.step
-    run.wait_for(lambda p: p.step >= steps + 1, "a step after the hand-back")
-    summary = run.stop()
-    events = (run.driver.run_dir.path / "events.log").read_text()
-    assert "removed rollout worker worker-1 died" in events
-    assert "prompts of removed worker-1 handed back to the other workers" in events
-    assert summary["worker_restarts"] == 0  # not restarted: it had been removed
-    assert summary["issued_prompts"] == summary["generated_groups"]  # its prompts were generated once, elsewhere
-    conservation(summary)
