@@ -116,7 +116,6 @@ class RunHandle:
         self.summary: dict[str, Any] | None = None
         self.thread: threading.Thread | None = None
         self._progress = Cached(self._read_progress)
-        self._exposition = Cached(self.metrics.render)
         self._status_lock = threading.Lock()
         self._status_json: tuple[Any, float, bytes] | None = None  # (state, reason, weights), when, JSON
         self.state_listeners: list[Callable[[], None]] = []  # called after each change of state
@@ -124,7 +123,6 @@ class RunHandle:
     def _on_state(self, state: RunState) -> None:
         self.metrics.set_state(str(state))
         self._progress.drop()
-        self._exposition.drop()
         for listener in self.state_listeners:
             listener()
 
@@ -146,10 +144,6 @@ class RunHandle:
     def _read_progress(self) -> RunProgress:
         return self.driver.progress() if self.driver is not None else RunProgress()
 
-    def render_metrics(self) -> bytes:
-        """The run's Prometheus exposition (at most `READ_CACHE_SECONDS` old)."""
-        return self._exposition.get()
-
     def fresh_status_json(self) -> bytes | None:
         """`status_json()` when it needs no new read (None otherwise): served without leaving the event loop."""
         cached = self._status_json
@@ -157,10 +151,6 @@ class RunHandle:
         if cached is not None and cached[0] == key and time.monotonic() - cached[1] < READ_CACHE_SECONDS:
             return cached[2]
         return None
-
-    def fresh_metrics(self) -> bytes | None:
-        """`render_metrics()` when it needs no new rendering (None otherwise)."""
-        return self._exposition.fresh()
 
     def status_json(self) -> bytes:
         """`status()` as JSON, built again when the state, reason or announced weights change, or once
