@@ -174,6 +174,107 @@ def outcome_advantages(rewards: Tensor, group_index: Tensor, estimator: str = "g
     return ADVANTAGE_ESTIMATORS[estimator](rewards, group_index)
 
 
+# ------------------------------------------------------------------------- PPO with a learned critic
+
+
+def outcome_token_rewards(rewards: Tensor, mask: Tensor) -> Tensor:
+    """[N, T]: each sequence's outcome reward on its last completion token (`mask`), 0 elsewhere; a row
+    without completion tokens gets none. PPO's per-token reward of a verifiable outcome."""
+    if rewards.shape[0] != mask.shape[0]:
+        raise ValueError(f"{rewards.shape[0]} rewards for {mask.shape[0]} rows")
+    positions = torch.arange(mask.shape[1], device=mask.device).expand_as(mask)
+    last = torch.where(mask > 0, positions, -1).max(-1).values  # -1: no completion token
+    token_rewards = torch.zeros(mask.shape, dtype=_result_dtype(rewards), device=mask.device)
+    rows = (last >= 0).nonzero().squeeze(-1)
+    token_rewards[rows, last[rows]] = rewards[rows].to(token_rewards.dtype)
+    return token_rewards
+
+
+def gae_advantages(
+    token_rewards: Tensor, values: Tensor, mask: Tensor, *, gamma: float = 1.0, lam: float = 0.95
+) -> tuple[Tensor, Tensor]:
+    """Generalised advantage estimation over each sequence's completion tokens: `(advantages, returns)`, [N, T].
+
+    With `t' ` the next completion token after `t` (tokens off `mask`, e.g. a tool's observation, are
+    skipped: they are the environment's, not actions) and `V(t') = 0` after the last one:
+    `δ_t = r_t + γ·V(t') − V(t)`, `Â_t = δ_t + γλ·Â_{t'}`, `R_t = Â_t + V(t)` (the critic's target).
+    `values[i, t]` is the critic's estimate of the state before token t (`ValueModel`'s alignment).
+    Source: Schulman et al., "High-Dimensional Continuous Control Using Generalized Advantage Estimation"
+    (2015, arXiv:1506.02438), eq. 16; with outcome rewards as in Ouyang et al. (2022) and verl's
+    `compute_gae_advantage_return` (γ = 1, λ = 0.95 are OpenRLHF's defaults). Both are 0 off `mask`.
+    """
+    if not (token_rewards.shape == values.shape == mask.shape):
+        raise ValueError(
+            f"gae_advantages: rewards {tuple(token_rewards.shape)}, values {tuple(values.shape)} and mask"
+            f" {tuple(mask.shape)} must have one shape"
+        )
+    if not (0.0 <= gamma <= 1.0 and 0.0 <= lam <= 1.0):
+        raise ValueError(f"gamma and lam must lie in [0, 1], got gamma={gamma}, lam={lam}")
+    dtype = torch.promote_types(_result_dtype(token_rewards), values.dtype)
+    rewards, values, on = token_rewards.to(dtype), values.detach().to(dtype), mask > 0
+    advantages = torch.zeros_like(values)
+    next_value = torch.zeros(values.shape[0], dtype=dtype, device=values.device)
+    next_advantage = torch.zeros_like(next_value)
+    for t in reversed(range(values.shape[1])):
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        advantage = delta + gamma * lam * next_advantage
+        advantages[:, t] = torch.where(on[:, t], advantage, 0.0)
+        next_value = torch.where(on[:, t], values[:, t], next_value)
+        next_advantage = torch.where(on[:, t], advantage, next_advantage)
+    returns = (advantages + values) * on
+    return advantages, returns
+
+
+def whiten(values: Tensor, mask: Tensor, *, eps: float = 1e-8) -> Tensor:
+    """`(x − mean) / (std + eps)` over the tokens of `mask` (the whole batch), 0 off it: PPO's advantage
+    normalisation (verl's `masked_whiten`; unbiased std, 0 for a single token)."""
+    if values.shape != mask.shape:
+        raise ValueError(f"whiten: values shape {tuple(values.shape)} != mask shape {tuple(mask.shape)}")
+    on = mask > 0
+    count = int(on.sum())
+    if count == 0:
+        return torch.zeros_like(values)
+    picked = values[on].to(torch.float64)
+    sigma = picked.std() if count > 1 else torch.zeros((), dtype=torch.float64, device=values.device)
+    normalised = (values.to(torch.float64) - picked.mean()) / (sigma + eps)
+    return (normalised * on).to(values.dtype)
+
+
+def value_loss_terms(
+    values: Tensor, old_values: Tensor, returns: Tensor, mask: Tensor, *, clip: float | None = 0.2
+) -> tuple[Tensor, Tensor]:
+    """PPO's clipped value loss per token and whether the clipped term was the larger: `(loss, clipped)`, [N, T].
+
+    `V_clip = V_old + clamp(V − V_old, −ε_v, ε_v)`, `L_t = ½·max((V − R)², (V_clip − R)²)`; without `clip`
+    `L_t = ½·(V − R)²`. Source: the PPO2 baselines implementation (Dhariwal et al., 2017) as described in
+    "Implementation Matters in Deep Policy Gradients" (Engstrom et al., 2020, arXiv:2005.12729) and used
+    by verl (`compute_value_loss`, cliprange_value) and OpenRLHF (`ValueLoss`, value_clip). Aggregate with
+    `aggregate`; 0 off `mask`."""
+    if not (values.shape == old_values.shape == returns.shape == mask.shape):
+        raise ValueError("value_loss_terms: values, old_values, returns and mask must have one shape")
+    values, returns = values.float(), returns.float()
+    unclipped = (values - returns).pow(2)
+    if clip is None:
+        return 0.5 * unclipped * mask, torch.zeros_like(mask, dtype=torch.bool)
+    old_values = old_values.float()
+    clipped_values = old_values + (values - old_values).clamp(-clip, clip)
+    clipped = (clipped_values - returns).pow(2)
+    return 0.5 * torch.maximum(unclipped, clipped) * mask, (clipped > unclipped) & (mask > 0)
+
+
+def explained_variance(values: Tensor, returns: Tensor, mask: Tensor) -> float:
+    """`1 − Var(R − V) / Var(R)` over the tokens of `mask`: how much of the returns the critic explains
+    (1 perfect, 0 no better than a constant, negative worse); 0.0 when the returns do not vary."""
+    on = mask > 0
+    if int(on.sum()) < 2:
+        return 0.0
+    target = returns[on].double()
+    spread = float(target.var())
+    if spread == 0.0:
+        return 0.0
+    return 1.0 - float((target - values[on].double()).var()) / spread
+
+
 def tree_advantages(token_values: Tensor, value_mask: Tensor, group_index: Tensor, *, eps: float = 1e-6) -> Tensor:
     """Token-level advantages of tree-search trajectories (DeepSearch, Wu et al., 2025, docs/algorithms.md §8).
 

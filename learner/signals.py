@@ -4,6 +4,8 @@
   truncation penalty applied (docs/algorithms.md §3-4);
 - `token_advantages`: the outcome advantage of the configured estimator on every completion token,
   or a tree trajectory's own per-token advantages (§1, §8);
+- `gae_signals`: with a learned critic (`advantage: gae`), GAE's per-token advantages and the critic's
+  targets (§1, "PPO with a critic");
 - `select_signals`: which rows the RL loss trains on and with what weight (overlong filtering, HPT's
   α), and HPT's SFT examples with their weight β (§6).
 
@@ -20,12 +22,16 @@ from torch import Tensor
 
 from orchard.config import LearnerConfig
 from orchard.learner.algorithms import (
+    gae_advantages,
     hpt_weights,
+    masked_mean,
     outcome_advantages,
+    outcome_token_rewards,
     overlong_penalty,
     prefix_credit,
     tree_advantages,
     truncation_rewards,
+    whiten,
 )
 from orchard.learner.batching import TrainingTensors
 from orchard.records import Group
@@ -60,6 +66,23 @@ def token_advantages(config: LearnerConfig, tensors: TrainingTensors, rewards: T
             tree = prefix_credit(outcome, tensors.input_ids, tensors.completion_mask, tensors.group_index)
         advantages[tree_rows] = tree[tree_rows].to(advantages.dtype)
     return advantages * tensors.completion_mask, outcome
+
+
+def gae_signals(
+    config: LearnerConfig, tensors: TrainingTensors, rewards: Tensor, values: Tensor
+) -> tuple[Tensor, Tensor, Tensor]:
+    """`(advantages [N, L], returns [N, L], per sequence [N])` from the critic's `values` (aligned with
+    `tensors`): each sequence's reward on its last completion token, GAE(γ, λ) over its completion
+    tokens, the advantages whitened over the batch's completion tokens when `critic.normalize_advantages`;
+    the per-sequence figure is the mean of a row's advantages (for |Â|). Returns are not whitened."""
+    mask = tensors.completion_mask
+    critic = config.critic
+    token_rewards = outcome_token_rewards(rewards, mask)
+    advantages, returns = gae_advantages(token_rewards, values, mask, gamma=critic.gamma, lam=critic.lam)
+    if critic.normalize_advantages:
+        advantages = whiten(advantages, mask)
+    advantages = advantages.to(torch.float32) * mask
+    return advantages, returns.to(torch.float32), masked_mean(advantages, mask, dim=-1)
 
 
 @dataclass

@@ -2,7 +2,9 @@
 
 `GRPOTrainer.train_step(groups)` turns groups into padded tensors (`learner.batching`), shapes the
 rewards (DAPO overlong punishment, DLER truncation), computes advantages with the configured
-estimator (per-token ones for tree trajectories) and picks the rows and SFT examples
+estimator (per-token ones for tree trajectories; with `advantage: gae`, GAE from PPO's critic, a
+`learner.critic.ValueModel` trained by a second DeepSpeed engine on the clipped value loss after
+the policy's update) and picks the rows and SFT examples
 (`learner.signals`), then the PPO-clip loss with its options (Lp-Reg,
 hinted samples' clip range, KL to a reference) or DisCO's objective (`learner.objective`), adds
 HPT's SFT loss for the groups it switches (`learner.algorithms`), accumulates gradients over micro-batches and takes one optimizer step
@@ -44,6 +46,7 @@ from orchard.learner.algorithms import (
     disco_objective,
     disco_penalty,
     disco_scores,
+    explained_variance,
     gspo_loss_terms,
     hint_clip_ranges,
     kl_penalty,
@@ -53,6 +56,7 @@ from orchard.learner.algorithms import (
     policy_loss_terms,
     sft_loss,
     truncated_importance_weights,
+    value_loss_terms,
 )
 from orchard.learner.batching import (
     TrainingTensors,
@@ -63,8 +67,9 @@ from orchard.learner.batching import (
     sequence_scores,
     shard_groups,
 )
+from orchard.learner.critic import ValueModel
 from orchard.learner.lora import add_adapters, merged_state_dict
-from orchard.learner.signals import select_signals, shaped_rewards, token_advantages
+from orchard.learner.signals import gae_signals, select_signals, shaped_rewards, token_advantages
 from orchard.records import Group
 
 
@@ -103,6 +108,14 @@ class StepResult:
     mismatch_tokens: int = 0
     tis_weight_mean: float = 0.0  # mean truncated importance weight over the RL tokens (learner.tis_cap)
     padding_share: float = 0.0  # share of the tokens the micro-batches computed that were padding
+    # PPO's critic (advantage 'gae'; 0 otherwise): its token-mean clipped value loss over its epochs' last
+    # pass, the share of tokens whose clipped term was the larger, how much of the returns the values the
+    # advantages came from explain, and its gradient norm; critic_skipped 1 when its update was not applied
+    value_loss: float = 0.0
+    value_clip_fraction: float = 0.0
+    value_explained_variance: float = 0.0
+    critic_grad_norm: float = 0.0
+    critic_skipped: int = 0
 
 
 def _finite_or_zero(value: float) -> float:
@@ -140,8 +153,9 @@ def prepare_deepspeed_environment() -> None:
         os.environ.setdefault("LOCAL_RANK", str(rank))
 
 
-def deepspeed_config(config: LearnerConfig, *, bf16: bool) -> dict[str, Any]:
-    """The DeepSpeed config dict for `config`.
+def deepspeed_config(config: LearnerConfig, *, bf16: bool, lr: float | None = None) -> dict[str, Any]:
+    """The DeepSpeed config dict for `config` (the learning rate `lr` instead of `config.lr` when given:
+    the critic's).
 
     - Optimizer: AdamW with `torch_adam`, i.e. `torch.optim.AdamW`, which works for every ZeRO stage
       on the CPU accelerator with nothing to compile (DeepSpeed's FusedAdam needs a built op, and its
@@ -158,7 +172,7 @@ def deepspeed_config(config: LearnerConfig, *, bf16: bool) -> dict[str, Any]:
         "gradient_clipping": config.grad_clip,
         "optimizer": {
             "type": "AdamW",
-            "params": {"lr": config.lr, "weight_decay": config.weight_decay, "torch_adam": True},
+            "params": {"lr": config.lr if lr is None else lr, "weight_decay": config.weight_decay, "torch_adam": True},
         },
         "zero_optimization": {"stage": config.zero_stage},
         "bf16": {"enabled": bf16},
@@ -217,6 +231,8 @@ class GRPOTrainer:
         # The reference is copied before DeepSpeed takes the model (ZeRO-3 partitions it in place). With
         # LoRA the frozen base is the reference: the policy with its adapters switched off.
         reference = copy.deepcopy(model) if config.kl_coef > 0 and not config.lora.enabled else None
+        # PPO's critic starts from the initial policy's decoder; with LoRA it is a full copy of the base
+        critic = ValueModel.from_policy(model) if config.advantage == "gae" else None
         if config.lora.enabled:
             model = add_adapters(model, config.lora)
         self.engine, _, _, _ = deepspeed.initialize(
@@ -231,6 +247,13 @@ class GRPOTrainer:
             reference = reference.to(device=self.device, dtype=dtype).eval()
             reference.requires_grad_(False)
             self.reference = reference
+        self.critic: Any = None  # a DeepSpeed engine of its own, with its own optimizer
+        if critic is not None:
+            self.critic, _, _, _ = deepspeed.initialize(
+                model=critic,
+                model_parameters=list(critic.parameters()),
+                config=deepspeed_config(config, bf16=bf16, lr=config.critic.lr),
+            )
 
     # ------------------------------------------------------------------------------------ training
 
@@ -243,7 +266,12 @@ class GRPOTrainer:
         _check_rewards(groups)
         tensors = build_training_tensors(groups, self.pad_id)
         rewards = shaped_rewards(self.config, tensors, self.max_length)
-        advantages, sequence_advantages = token_advantages(self.config, tensors, rewards)
+        old_values = returns = None
+        if self.critic is not None:
+            old_values = self._critic_values(tensors)
+            advantages, returns, sequence_advantages = gae_signals(self.config, tensors, rewards, old_values)
+        else:
+            advantages, sequence_advantages = token_advantages(self.config, tensors, rewards)
         self.step += 1
         signals = select_signals(self.config, groups, tensors, self.solution_tokens)
         keep, rl_weights, sft_examples = signals.keep, signals.rl_weights, signals.sft_examples
@@ -379,7 +407,7 @@ class GRPOTrainer:
             mismatch["abs_max"] = all_reduce_max(mismatch["abs_max"])
         summary["padding_share"] = 1.0 - real / max(1, computed)
 
-        applied, grad_norm = self._optimizer_step()
+        applied, grad_norm = self._optimizer_step(self.engine)
         tokens = max(rl_tokens, 1)
         stats = {
             "loss": totals["loss"],
@@ -401,6 +429,9 @@ class GRPOTrainer:
         if not applied:
             return skipped(f"non-finite gradient norm ({grad_norm})", non_finite=True, **stats)
         self.policy_version += 1
+        if self.critic is not None and rl_signal:
+            assert old_values is not None and returns is not None
+            summary.update(self._critic_step(rl, old_values[rows], returns[rows], len(groups)))
         return StepResult(**stats, **summary, seconds=time.perf_counter() - started, skipped=False)
 
     # ------------------------------------------------------------------------------------ signals
@@ -589,27 +620,88 @@ class GRPOTrainer:
         weighted = -masked_mean(logprobs * weights.to(self.device).unsqueeze(-1), mask)
         return weighted, {"sft_loss": float(plain.detach())}
 
-    def _optimizer_step(self) -> tuple[bool, float]:
-        """Apply the accumulated gradients unless their norm is non-finite; (applied, norm before clipping)."""
+    # ------------------------------------------------------------------------------------ critic
+
+    def _critic_values(self, tensors: TrainingTensors) -> Tensor:
+        """[N, L] the critic's values of every row before this step's update, without gradients. Every
+        rank computes all rows (the same passes on each, as ZeRO-3's gathers need): GAE's whitening is
+        over the whole batch."""
+        values = torch.zeros(tensors.input_ids.shape, dtype=torch.float32)
+        with torch.no_grad():
+            for chunk in self._micro_batches(tensors):
+                micro = tensors.select(chunk)
+                width = micro.input_ids.shape[1]
+                computed = self.critic(micro.input_ids.to(self.device), micro.attention_mask.to(self.device))
+                values[chunk, :width] = computed.float().cpu()
+        return values * tensors.completion_mask
+
+    def _critic_step(self, rl: TrainingTensors, old_values: Tensor, returns: Tensor, groups: int) -> dict[str, float]:
+        """`critic.epochs` optimizer steps of the critic on the clipped value loss (token-mean over the RL
+        rows `rl`, this rank's whole groups), and the figures of the step's StepResult. `old_values` and
+        `returns` are the rows' [n, L] values before the update and GAE's targets."""
+        options = self.config.critic
+        width = rl.input_ids.shape[1]
+        explained = explained_variance(old_values[:, :width], returns[:, :width], rl.completion_mask)
+        rank, world = data_parallel()
+        mine = own_rows(rl.group_index, rl.attention_mask.sum(-1), groups, rank, world)
+        chunks = [mine[chunk] for chunk in self._micro_batches(rl.select(mine))]  # rows of `rl`
+        passes = int(all_reduce_max(float(len(chunks)))) if world > 1 else len(chunks)
+        figures = {"critic_skipped": 0}
+        totals, norm = {"loss": 0.0, "clipped": 0.0}, 0.0
+        for _ in range(options.epochs):
+            totals = {"loss": 0.0, "clipped": 0.0}
+            for index in range(passes):  # passes beyond this rank's chunks: weight 0, for ZeRO's collectives
+                chunk = chunks[index] if index < len(chunks) else torch.tensor([0])
+                micro = rl.select(chunk)
+                weight = micro.num_tokens / rl.num_tokens if index < len(chunks) else 0.0
+                cells = (chunk, slice(0, micro.input_ids.shape[1]))
+                mask = micro.completion_mask.to(self.device)
+                values = self.critic(micro.input_ids.to(self.device), micro.attention_mask.to(self.device))
+                per_token, clipped = value_loss_terms(
+                    values,
+                    old_values[cells].to(self.device),
+                    returns[cells].to(self.device),
+                    mask,
+                    clip=options.value_clip,
+                )
+                loss = masked_mean(per_token, mask)
+                self.critic.set_gradient_accumulation_boundary(index == passes - 1)
+                self.critic.backward(loss * (weight * world), scale_wrt_gas=False)
+                totals["loss"] += float(loss.detach()) * weight
+                totals["clipped"] += float(clipped.sum()) if weight else 0.0
+            if world > 1:
+                totals = dict(zip(totals, all_reduce_sum(list(totals.values())), strict=True))
+            applied, norm = self._optimizer_step(self.critic)
+            figures["critic_skipped"] = int(figures["critic_skipped"] or not applied)
+        return {
+            **figures,
+            "value_loss": _finite_or_zero(totals["loss"]),
+            "value_clip_fraction": totals["clipped"] / max(rl.num_tokens, 1),
+            "critic_grad_norm": _finite_or_zero(norm),
+            "value_explained_variance": explained,
+        }
+
+    def _optimizer_step(self, engine: Any) -> tuple[bool, float]:
+        """Apply `engine`'s accumulated gradients unless their norm is non-finite; (applied, norm before clipping)."""
         if self.config.zero_stage == 0:
             # Stage 0 steps a plain optimizer that would apply NaN gradients: check first.
-            gradients = [p.grad for p in self.engine.module.parameters() if p.grad is not None]
+            gradients = [p.grad for p in engine.module.parameters() if p.grad is not None]
             norm = (
                 float(torch.linalg.vector_norm(torch.stack([g.float().norm() for g in gradients])))
                 if gradients
                 else 0.0
             )
             if not math.isfinite(norm):
-                self.engine.zero_grad()
+                engine.zero_grad()
                 return False, norm
-            self.engine.step()
+            engine.step()
             return True, norm
         # ZeRO optimizers compute the norm themselves and skip the update (clearing the
         # gradients) when it is not finite.
-        self.engine.step()
-        norm = self.engine.get_global_grad_norm()
+        engine.step()
+        norm = engine.get_global_grad_norm()
         norm = float(norm) if norm is not None else math.nan
-        return bool(self.engine.was_step_applied()) and math.isfinite(norm), norm
+        return bool(engine.was_step_applied()) and math.isfinite(norm), norm
 
     # ------------------------------------------------------------------------------------ weights
 
@@ -672,6 +764,8 @@ class GRPOTrainer:
             tag=f"step{self.step}",
             client_state={"step": self.step, "policy_version": self.policy_version},
         )
+        if self.critic is not None:  # PPO's critic: its weights and optimizer beside the policy's
+            self.critic.save_checkpoint(str(directory / CRITIC_DIRECTORY), tag=f"step{self.step}")
         rank, world = data_parallel()
         if rank == 0:  # the optimizer state is sharded by rank: a resume needs as many ranks
             (directory / RANKS_FILE).write_text(json.dumps({"learner_ranks": world}))
@@ -689,17 +783,27 @@ class GRPOTrainer:
                     f"checkpoint {path} was written by {saved} learner ranks and this learner has {world}: DeepSpeed's "
                     f"optimizer state is partitioned by rank; resume with cluster.learner_ranks={saved}"
                 )
+        critic_path = Path(path) / CRITIC_DIRECTORY
+        if self.critic is not None and not (critic_path / "latest").is_file():
+            raise FileNotFoundError(
+                f"checkpoint {path} holds no critic ({critic_path} has no 'latest' file): it was written by a run"
+                " without learner.advantage 'gae'; resume it with that run's advantage, or start a new run"
+            )
         load_path, client_state = self.engine.load_checkpoint(str(path))
         if load_path is None:
             raise FileNotFoundError(
                 f"no DeepSpeed checkpoint under {path} (expected a 'latest' file written by save_checkpoint)"
             )
+        if self.critic is not None:
+            self.critic.load_checkpoint(str(critic_path))
         self.step = int(client_state.get("step", 0))
         self.policy_version = int(client_state.get("policy_version", 0))
 
 
 #: Beside a checkpoint: how many data-parallel ranks wrote it.
 RANKS_FILE = "learner_ranks.json"
+#: Inside a checkpoint: the critic's own DeepSpeed checkpoint (advantage 'gae').
+CRITIC_DIRECTORY = "critic"
 
 
 @dataclass

@@ -708,7 +708,34 @@ ADVANTAGE_STD = {
     "rloo": "none",
     "reinforce_pp": "batch",
     "reinforce_pp_baseline": "batch",
+    "gae": "batch",
 }
+
+
+class CriticConfig(Section):
+    """PPO's learned critic and GAE (`learner.advantage: gae`; docs/algorithms.md §1, "PPO with a critic").
+
+    The critic is a copy of the initial policy's decoder with a scalar head (`learner.critic.ValueModel`),
+    trained by a DeepSpeed engine of its own (same ZeRO stage, its own AdamW) on the clipped value loss."""
+
+    lr: float = Field(1e-4, gt=0, description="Adam learning rate of the critic.")
+    gamma: float = Field(1.0, ge=0, le=1, description="γ, the discount over completion tokens.")
+    lam: float = Field(0.95, ge=0, le=1, description="λ of GAE (1: Monte Carlo returns minus V; 0: one-step TD).")
+    value_clip: float | None = Field(
+        0.2,
+        gt=0,
+        description="ε_v: the new value may move at most this far from the value the advantages were computed"
+        " with, in the loss's clipped term (null: no clipping).",
+    )
+    epochs: int = Field(
+        1,
+        ge=1,
+        description="Critic optimizer steps per learner step, each over the whole batch (the value clip acts"
+        " from the second on).",
+    )
+    normalize_advantages: bool = Field(
+        True, description="Whiten the GAE advantages over the batch's completion tokens (mean 0, std 1)."
+    )
 
 
 class GSPOConfig(Section):
@@ -732,12 +759,16 @@ class LearnerConfig(Section):
         " each micro-batch at most this many tokens (rows × its longest row; a longer row goes alone), so little"
         " padding is computed (verl's dynamic batch size). The result of a step does not depend on it.",
     )
-    advantage: Literal["grpo", "dr_grpo", "lite_ppo", "rloo", "reinforce_pp", "reinforce_pp_baseline"] = Field(
+    advantage: Literal["grpo", "dr_grpo", "lite_ppo", "rloo", "reinforce_pp", "reinforce_pp_baseline", "gae"] = Field(
         "grpo",
         description="Advantage estimator: 'grpo' (r − group mean) / group std; 'dr_grpo' r − group mean (no std; needs"
         " aggregation 'seq-mean-token-sum-norm', Dr. GRPO's constant length normaliser); 'lite_ppo' (r − group"
         " mean) / batch std; 'rloo' r − mean of the group's other rewards; 'reinforce_pp' REINFORCE++'s"
-        " (r − batch mean) / batch std; 'reinforce_pp_baseline' r − group mean, then normalised over the batch.",
+        " (r − batch mean) / batch std; 'reinforce_pp_baseline' r − group mean, then normalised over the batch;"
+        " 'gae' PPO's per-token GAE advantages from a learned critic (learner.critic).",
+    )
+    critic: CriticConfig = Field(
+        default_factory=CriticConfig, description="PPO's critic and GAE, used when advantage is 'gae'."
     )
     tree_advantage: Literal["prefix_credit", "node_values", "outcome"] = Field(
         "prefix_credit",
@@ -838,7 +869,23 @@ class LearnerConfig(Section):
             )
         found += self._disco_problems()
         found += self._gspo_problems()
+        found += self._gae_problems()
         return found
+
+    def _gae_problems(self) -> list[tuple[str, str]]:
+        """GAE gives every token its own advantage from the critic: objectives that take one score or one
+        advantage per sequence have no use for it."""
+        if self.advantage != "gae":
+            return []
+        if self.objective in ("disco", "gspo"):
+            return [
+                (
+                    "objective",
+                    f"advantage 'gae' gives each token its own advantage and objective {self.objective!r} takes"
+                    " one per sequence: use objective 'grpo' (PPO-clip) or 'gspo_token' with it",
+                )
+            ]
+        return []
 
     def _gspo_problems(self) -> list[tuple[str, str]]:
         """GSPO's loss is a mean over sequences of a sequence-level ratio: token-level options do not apply."""
@@ -1087,6 +1134,11 @@ class FaultsConfig(Section):
         0.0,
         ge=0,
         description="Added to every rollout call, as a slow worker would take. Needs ORCHARD_FAULT_INJECTION=1.",
+    )
+    rollout_delay_by_worker: dict[str, Annotated[float, Field(ge=0)]] = Field(
+        default_factory=dict,
+        description="Seconds added to the rollout calls of the named workers (e.g. {worker-1: 10}), on top of"
+        " rollout_delay_seconds: one slow worker among fast ones. Needs ORCHARD_FAULT_INJECTION=1.",
     )
 
     @model_validator(mode="after")
@@ -1337,6 +1389,12 @@ class RunConfig(Section):
                 "learner.objective 'gspo' takes one advantage per sequence, and tree trajectories (rollout.strategy"
                 f" 'mcts') carry per-token ones (learner.tree_advantage {self.learner.tree_advantage!r}): use"
                 " objective 'gspo_token', or tree_advantage 'outcome'"
+            )
+        if self.learner.advantage == "gae" and self.rollout.strategy == "mcts":
+            raise ValueError(
+                "learner.advantage 'gae' takes every token's advantage from the critic, and tree trajectories"
+                " (rollout.strategy 'mcts') carry their own (learner.tree_advantage): use rollout.strategy 'sample'"
+                " with 'gae', or another advantage with 'mcts'"
             )
         for index, source in enumerate(self.data.sources):
             named = str(getattr(source, "verifier", ""))

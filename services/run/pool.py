@@ -100,7 +100,8 @@ class RolloutPool:
             config.rollout,
             seed=config.seed * 1000 + index + 7919 * incarnation,
             prompt_format=self.prompt_format,
-            delay_seconds=config.faults.rollout_delay_seconds,
+            delay_seconds=config.faults.rollout_delay_seconds
+            + config.faults.rollout_delay_by_worker.get(f"worker-{index}", 0.0),
             reward_models=self.reward_models,
         )
 

@@ -25,6 +25,11 @@ LEARNER_OPTION_STATS = (
     "mismatch_tokens",
     "tis_weight_mean",
     "padding_share",
+    "value_loss",
+    "value_clip_fraction",
+    "value_explained_variance",
+    "critic_grad_norm",
+    "critic_skipped",
 )
 
 

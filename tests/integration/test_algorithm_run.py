@@ -13,6 +13,7 @@ from orchard.rollout.tokenizer import CharTokenizer
 from orchard.services.compare import PLAIN_GRPO
 from orchard.services.driver import Driver
 from orchard.services.run_dir import RunDirectory
+from tests.integration.test_driver import small_config
 
 SETTINGS = [
     *PLAIN_GRPO,
@@ -91,3 +92,23 @@ def test_overlong_lp_reg_hpt_and_hints_together(ray_local, tmp_path, warm_cache)
     records = run_dir.read_metrics()
     assert [record["step"] for record in records] == [1, 2, 3, 4, 5, 6]
     assert sum(record["sft_groups"] for record in records) == sum(result.sft_groups for result in results)
+
+
+def test_ppo_with_a_critic_trains_checkpoints_and_resumes(ray_local, tmp_path, warm_cache):
+    """PPO through the whole loop: the learner actor's trainer holds the critic, its figures reach
+    metrics.jsonl, and a run resumes from a checkpoint holding the critic (a PPO learner refuses one
+    without it). Graded rewards (the share of digits), so that every step has signal."""
+    settings = ["learner.advantage=gae", "learner.critic={lr: 1.0e-3}", "checkpoint.every_steps=2"]
+    run_dir = RunDirectory(tmp_path, "ppo")
+    first = Driver(small_config(tmp_path, warm_cache, *settings, "max_steps=4"), run_dir, show_progress=False).run()
+    assert first["steps"] == 4
+    assert list((run_dir.path / "checkpoints" / "step-4").rglob("critic/latest"))
+    resumed = small_config(tmp_path, warm_cache, *settings, "max_steps=6")
+    second = Driver(resumed, run_dir, show_progress=False, resume=True).run()
+    assert second["resumed_from"] is not None and second["steps"] == 6
+    records = run_dir.read_metrics()
+    assert [record["step"] for record in records] == [1, 2, 3, 4, 5, 6]
+    assert not any(record["skipped"] for record in records)
+    assert all(record["value_loss"] > 0 and record["critic_grad_norm"] > 0 for record in records)
+    assert all(record["critic_skipped"] == 0 for record in records)
+    # that the critic's weights and optimizer come back exactly is tests/integration/test_trainer_options.py's

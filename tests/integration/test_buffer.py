@@ -8,6 +8,7 @@ import threading
 import time
 import uuid
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 
 import msgpack
 import pytest
@@ -315,17 +316,21 @@ def test_a_redis_restart_keeps_unacknowledged_groups_and_calls_during_it_succeed
     buffer.ack(ids(acked))
     port, pid = server.port, server.pid
 
-    restarter = threading.Thread(target=server.restart)
-    during: list[Group] = []
-    restarter.start()
-    while restarter.is_alive() or len(during) < 20:  # puts keep going through the outage
-        group = make_group(1)
-        buffer.put(group)
-        during.append(group)
-    restarter.join()
+    # The outage is held open until a put has met it, so the test cannot miss it however the
+    # machine schedules the two threads.
+    server.stop()
+    during = [make_group(1) for _ in range(20)]
+    with ThreadPoolExecutor(1) as pool:
+        puts = pool.submit(lambda: [buffer.put(group) for group in during])
+        deadline = time.monotonic() + 10
+        while buffer.retries == 0 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert buffer.retries > 0, "no put met the outage within 10 s"
+        assert not puts.done(), "a put finished while Redis was down"
+        server.start()
+        puts.result(timeout=30)  # every put of the outage succeeds once Redis is back
 
     assert server.port == port and server.pid not in (None, pid)
-    assert buffer.retries > 0, "no call met the outage; the test did not exercise reconnection"
     assert buffer.pending_count() == 2
     assert buffer.requeue_pending() == 2
     remaining = buffer.take(10_000, min_policy_version=0)

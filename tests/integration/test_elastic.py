@@ -125,6 +125,76 @@ def fault_injection(monkeypatch):
     monkeypatch.setenv("ORCHARD_FAULT_INJECTION", "1")
 
 
+def test_a_removed_worker_that_dies_in_its_last_call_hands_its_prompts_back(
+    ray_local, tmp_path, warm_cache, fault_injection
+):
+    # worker-1's calls take 10 s more than worker-0's: removed while it generates, it is still in its call
+    # when the test kills it, and worker-0's calls and the learner's steps keep the loop turning meanwhile
+    run = start(
+        tmp_path,
+        warm_cache,
+        "hand-back",
+        "rollout.num_workers=2",
+        "rollout.prompts_per_call=2",
+        "faults.rollout_delay_by_worker={worker-1: 10.0}",
+    )
+    run.wait_for(lambda p: p.step >= 1 and run.driver.pool.busy["worker-1"] > 0, "a step, and worker-1 in a call")
+    pool = run.driver.pool
+    run.driver.control.request_workers(1)
+    retiring = run.wait_for(lambda p: pool.retiring.get("worker-1"), "worker-1 removed during its call", timeout=8)
+    import ray
+
+    ray.kill(retiring)
+    run.wait_for(lambda p: "worker-1" not in pool.retiring, "worker-1's call given up", timeout=60)
+    steps = run.driver.progress().step
+    run.wait_for(lambda p: p.step >= steps + 2, "two steps on worker-0 alone")
+    summary = run.stop()
+
+    events = (run.driver.run_dir.path / "events.log").read_text()
+    assert "removed rollout worker worker-1 died (WorkerDied) finishing its last call" in events
+    assert "rollout worker worker-1 died" not in events.replace("removed rollout worker worker-1 died", "")
+    assert summary["rollout_workers"] == 1 and summary["scale_changes"][-1]["removed"] == ["worker-1"]
+    # its prompts went to worker-0: still one group per prompt issued, none lost or duplicated
+    assert summary["issued_prompts"] == summary["generated_groups"]
+    assert summary["buffer"]["duplicates"] == 0
+    conservation(summary)
+
+
+def test_a_scale_up_whose_workers_cannot_start_is_refused_and_the_run_goes_on(ray_local, tmp_path, warm_cache):
+    from orchard.config import ModelConfig
+    from orchard.rollout.worker import RolloutWorker
+
+    run = start(tmp_path, warm_cache, "failed-start")
+    run.wait_for(lambda p: p.step >= 1, "a step")
+    pool = run.driver.pool
+    real = pool._new_actor
+    missing = ModelConfig(kind="hf", path=str(tmp_path / "no-such-model"))
+
+    def new_actor(index: int, incarnation: int = 0, *, options: dict[str, Any]) -> Any:
+        if index == 0:  # a restart of the running worker stays as it was
+            return real(index, incarnation, options=options)
+        return RolloutWorker.options(**options).remote(
+            f"worker-{index}", missing, pool.config.rollout, prompt_format=pool.prompt_format
+        )
+
+    pool._new_actor = new_actor  # every added worker's process fails in its constructor: no model there
+    run.driver.control.request_workers(2)
+    refused = run.wait_for(lambda p: p.scaling_refused, "the refusal", timeout=120)
+    assert "scaling to 2 rollout workers refused: new workers worker-1 failed to start or load" in refused
+    assert "no-such-model" in refused
+    progress = run.driver.progress()
+    assert progress.rollout_workers == 1 and progress.rollout_workers_target == 1
+    steps = progress.step
+    run.wait_for(lambda p: p.step >= steps + 2, "steps after the refusal")
+    import ray
+
+    time.sleep(1)
+    assert ray.available_resources().get("CPU", 0) >= 2  # the new worker's bundle was given back
+    summary = run.stop()
+    assert summary["state"] == "stopped" and summary["scale_changes"] == []
+    conservation(summary)
+
+
 AUTOSCALE = "rollout.autoscale={min: 1, max: 2, window_seconds: 6}"
 
 

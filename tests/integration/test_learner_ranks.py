@@ -32,6 +32,7 @@ def run_config(
     micro_batch_size: int = 64,
     lora: int = 0,
     objective: str = "grpo",
+    advantage: str = "grpo",
 ) -> RunConfig:
     return RunConfig(
         model=MODEL_CONFIG,
@@ -44,6 +45,7 @@ def run_config(
             "micro_batch_size": micro_batch_size,
             "lora": {"rank": lora},
             "objective": objective,
+            "advantage": advantage,
         },
         weight_sync={"transport": "object_store"},
         cluster={"placement_groups": True, "learner_ranks": ranks, "learner_gpus": gpus, "ready_timeout_seconds": 60},
@@ -84,6 +86,13 @@ def test_two_ranks_train_disco_like_one(ray_local, tmp_path):
     train_one_and_two_ranks(tmp_path, gpus=0, micro_batch_size=2, objective="disco", checkpoint=False)
 
 
+def test_two_ranks_train_ppo_and_its_critic_like_one(ray_local, tmp_path):
+    """GAE's whitening is over the whole batch and the critic trains on each rank's share: the ranks'
+    critics take one update, so the second step's advantages, value loss and policy agree with one rank's;
+    the checkpoint holds the critic and restores through rank 0's call."""
+    train_one_and_two_ranks(tmp_path, gpus=0, micro_batch_size=2, advantage="gae")
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="two learner ranks on GPUs need two GPUs")
 def test_two_ranks_on_two_gpus_train_like_one(ray_local, tmp_path):
@@ -106,6 +115,7 @@ def train_one_and_two_ranks(
     checkpoint: bool = True,
     lora: int = 0,
     objective: str = "grpo",
+    advantage: str = "grpo",
 ) -> None:
     # on GPUs the one-rank learner may run on the CPU: other rounding
     loss_tolerance, tolerance = (1e-5, 5e-5) if gpus == 0 else (1e-3, 1e-3)
@@ -120,6 +130,7 @@ def train_one_and_two_ranks(
                 micro_batch_size=micro_batch_size,
                 lora=lora,
                 objective=objective,
+                advantage=advantage,
             )
             placements.append(placement := reserve(config))
             learners[ranks] = create_learner(config, initial, placement)
@@ -132,6 +143,7 @@ def train_one_and_two_ranks(
             assert [r.result.skipped for r in results] == [False, False]
             assert results[0].result.loss == pytest.approx(results[1].result.loss, rel=loss_tolerance)
             assert results[0].result.num_tokens == results[1].result.num_tokens
+            assert results[0].result.value_loss == pytest.approx(results[1].result.value_loss, rel=1e-4)
         one, two = ray.get([learners[ranks][0].export_weights.remote() for ranks in (1, 2)])
         assert set(one) == set(two) == set(initial)
         assert max(float(np.abs(one[name] - two[name]).max()) for name in one) < tolerance

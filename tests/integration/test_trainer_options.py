@@ -325,6 +325,88 @@ def test_disco_refuses_options_made_for_the_clipped_ratio():
         make_trainer(objective="disco", lp_reg={"enabled": True}, recompute_old_logprobs=True, tis_cap=2.0)
 
 
+# ------------------------------------------------------------------------------------------ PPO's critic
+
+
+def ppo_trainer(**critic: object) -> GRPOTrainer:
+    return make_trainer(advantage="gae", dynamic_sampling=False, critic={"lr": 1e-2, **critic})
+
+
+def critic_values(trainer: GRPOTrainer, batch: list[Group]) -> torch.Tensor:
+    return trainer._critic_values(build_training_tensors(batch, TOKENIZER.pad_id))
+
+
+def predictable_batch() -> list[Group]:
+    """Two prompts, one answered right every time and one wrong every time: a return the prompt alone
+    predicts, so a critic can learn it exactly (and GRPO sees no signal in either group)."""
+    right = group("right", [completion("46", 1.0) for _ in range(4)])
+    wrong = group("wrong", [completion(text, 0.0) for text in ("1", "12", "123", "7")], prompt="99+99=")
+    return [right, wrong]
+
+
+@pytest.mark.parametrize("stage", [0, 3])
+def test_ppo_trains_the_critic_towards_the_returns_and_exports_only_the_policy(stage):
+    trainer = make_trainer(advantage="gae", zero_stage=stage, critic={"lr": 3e-3})
+    before = weights(trainer)
+    batch = predictable_batch()
+    results = [trainer.train_step(batch) for _ in range(8)]
+    assert not any(result.skipped for result in results)  # groups without GRPO signal train under PPO
+    losses = [result.value_loss for result in results]
+    assert losses[-1] < 0.25 * losses[0], losses  # the critic learns the returns
+    assert results[0].value_explained_variance == pytest.approx(0.0)  # a zero head: values 0 at first
+    assert results[-1].value_explained_variance > 0.5
+    assert all(result.critic_grad_norm > 0 and result.critic_skipped == 0 for result in results)
+    after = weights(trainer)
+    assert set(after) == set(before) and changed(before, after) > 0  # the policy's keys only, and it trained
+    tensors = build_training_tensors(batch, TOKENIZER.pad_id)
+    values = trainer._critic_values(tensors)
+    mask = tensors.completion_mask > 0
+    right, wrong = (
+        values[(tensors.group_index == 0).unsqueeze(-1) & mask],
+        values[(tensors.group_index == 1).unsqueeze(-1) & mask],
+    )
+    assert float(right.mean()) > float(wrong.mean()) + 0.5  # the value of a prompt answered right is higher
+
+
+def test_the_value_clip_acts_from_the_critics_second_epoch():
+    batch = [signal_group()]
+    first = ppo_trainer(lr=1e-3, epochs=1, value_clip=1e-3).train_step(batch)
+    assert first.value_clip_fraction == 0.0  # one pass: the values are those the advantages came from
+    several = ppo_trainer(lr=1e-3, epochs=3, value_clip=1e-3).train_step(batch)
+    assert several.value_clip_fraction > 0.5
+    unclipped = ppo_trainer(lr=1e-3, epochs=3, value_clip=None).train_step(batch)
+    assert unclipped.value_clip_fraction == 0.0
+    assert unclipped.value_loss < several.value_loss  # the clip held the critic back
+
+
+def test_the_critic_is_checkpointed_and_restored(tmp_path):
+    batch = [signal_group(), all_fail_group()]
+    trainer = ppo_trainer()
+    for _ in range(2):
+        trainer.train_step(batch)
+    trainer.save_checkpoint(tmp_path / "ckpt")
+    assert (tmp_path / "ckpt" / "critic" / "latest").is_file()
+    saved_values = critic_values(trainer, batch)
+    continued = trainer.train_step(batch)
+
+    restored = ppo_trainer()
+    assert not torch.equal(critic_values(restored, batch), saved_values)
+    restored.load_checkpoint(tmp_path / "ckpt")
+    torch.testing.assert_close(critic_values(restored, batch), saved_values, rtol=0, atol=0)
+    again = restored.train_step(batch)  # the same step as the original's: critic and its optimizer restored
+    assert again.value_loss == pytest.approx(continued.value_loss, rel=1e-6)
+    assert again.loss == pytest.approx(continued.loss, rel=1e-6)
+    assert changed(weights(trainer), weights(restored)) < 1e-6
+
+
+def test_a_checkpoint_without_a_critic_is_refused_by_a_ppo_learner(tmp_path):
+    plain = make_trainer()
+    plain.train_step([signal_group()])
+    plain.save_checkpoint(tmp_path)
+    with pytest.raises(FileNotFoundError, match="holds no critic .* without learner.advantage 'gae'"):
+        ppo_trainer().load_checkpoint(tmp_path)
+
+
 # ------------------------------------------------------------------------------------------ recipes
 
 
