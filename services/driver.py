@@ -612,6 +612,9 @@ class Driver:
             staleness=staleness,
             learner_idle_fraction=record.learner_idle_fraction,
             mismatch=(result.mismatch_k3, result.mismatch_abs_mean) if result.mismatch_tokens else None,
+            critic=(result.value_loss, result.value_explained_variance)
+            if self.config.learner.advantage == "gae" and not result.skipped
+            else None,
         )
         self.metrics.observe_buffer(self.buffer.ready_count(), self.buffer.pending_count())
 

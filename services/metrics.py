@@ -62,6 +62,14 @@ class RunMetrics:
         )
         for statistic in ("k3", "abs_mean"):
             self.logprob_mismatch.labels(statistic=statistic).set(math.nan)
+        self.critic = Gauge(
+            "orchard_critic",
+            "PPO's critic at the latest step (learner.advantage 'gae'; no series otherwise): 'value_loss' the"
+            " clipped value loss, 'explained_variance' 1 − Var(R − V) / Var(R) of the values the advantages"
+            " came from.",
+            ["statistic"],
+            registry=registry,
+        )
         self.reward_mean = Gauge(
             "orchard_reward_mean",
             "Mean reward of the latest batch, per distribution.",
@@ -267,9 +275,11 @@ class RunMetrics:
         staleness: Iterable[int],
         learner_idle_fraction: float,
         mismatch: tuple[float, float] | None = None,
+        critic: tuple[float, float] | None = None,
     ) -> None:
         """One learner step's figures, as the driver recorded them in `metrics.jsonl`; `mismatch` is
-        (k3, mean |Δ logprob|) when the step compared any tokens."""
+        (k3, mean |Δ logprob|) when the step compared any tokens, `critic` (value loss, explained
+        variance) when a PPO critic trained."""
         self.learner_step.set(step)
         self.policy_version.set(policy_version)
         self.learner_step_seconds.observe(seconds)
@@ -284,6 +294,9 @@ class RunMetrics:
         if mismatch is not None:
             self.logprob_mismatch.labels(statistic="k3").set(mismatch[0])
             self.logprob_mismatch.labels(statistic="abs_mean").set(mismatch[1])
+        if critic is not None:
+            self.critic.labels(statistic="value_loss").set(critic[0])
+            self.critic.labels(statistic="explained_variance").set(critic[1])
 
     def observe_search(self, *, nodes_expanded: int, tokens: int, solved: int, unsolved: int) -> None:
         """One tree-search call: its cost and how many of its prompts it solved."""

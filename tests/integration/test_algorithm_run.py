@@ -103,12 +103,17 @@ def test_ppo_with_a_critic_trains_checkpoints_and_resumes(ray_local, tmp_path, w
     first = Driver(small_config(tmp_path, warm_cache, *settings, "max_steps=4"), run_dir, show_progress=False).run()
     assert first["steps"] == 4
     assert list((run_dir.path / "checkpoints" / "step-4").rglob("critic/latest"))
-    resumed = small_config(tmp_path, warm_cache, *settings, "max_steps=6")
-    second = Driver(resumed, run_dir, show_progress=False, resume=True).run()
+    resumed = Driver(
+        small_config(tmp_path, warm_cache, *settings, "max_steps=6"), run_dir, show_progress=False, resume=True
+    )
+    second = resumed.run()
     assert second["resumed_from"] is not None and second["steps"] == 6
     records = run_dir.read_metrics()
     assert [record["step"] for record in records] == [1, 2, 3, 4, 5, 6]
     assert not any(record["skipped"] for record in records)
     assert all(record["value_loss"] > 0 and record["critic_grad_norm"] > 0 for record in records)
     assert all(record["critic_skipped"] == 0 for record in records)
+    gauge = resumed.metrics.critic  # what Prometheus and the dashboard's "PPO critic" panel read
+    assert gauge.labels(statistic="value_loss")._value.get() == records[-1]["value_loss"]
+    assert gauge.labels(statistic="explained_variance")._value.get() == records[-1]["value_explained_variance"]
     # that the critic's weights and optimizer come back exactly is tests/integration/test_trainer_options.py's

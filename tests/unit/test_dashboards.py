@@ -259,6 +259,7 @@ def populated_metrics() -> RunMetrics:
         staleness=[0, 1],
         learner_idle_fraction=0.3,
         mismatch=(1.6e-13, 3.8e-7),
+        critic=(0.02, 0.45),
     )
     metrics.observe_eval(0.25)
     metrics.set_workers(2)
