@@ -64,12 +64,14 @@ class RunMetrics:
             self.logprob_mismatch.labels(statistic=statistic).set(math.nan)
         self.critic = Gauge(
             "orchard_critic",
-            "PPO's critic at the latest step (learner.advantage 'gae'; no series otherwise): 'value_loss' the"
-            " clipped value loss, 'explained_variance' 1 − Var(R − V) / Var(R) of the values the advantages"
-            " came from.",
+            "PPO's critic at the latest step (learner.advantage 'gae'; NaN otherwise and before its first"
+            " step): 'value_loss' the clipped value loss, 'explained_variance' 1 − Var(R − V) / Var(R) of the"
+            " values the advantages came from.",
             ["statistic"],
             registry=registry,
         )
+        for statistic in ("value_loss", "explained_variance"):
+            self.critic.labels(statistic=statistic).set(math.nan)
         self.reward_mean = Gauge(
             "orchard_reward_mean",
             "Mean reward of the latest batch, per distribution.",
