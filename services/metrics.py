@@ -52,26 +52,22 @@ class RunMetrics:
         self.entropy = Gauge(
             "orchard_entropy", "Mean token entropy of the policy on the latest batch.", registry=registry
         )
-        self.logprob_mismatch = Gauge(
+        self.logprob_mismatch = _statistics_gauge(
             "orchard_rollout_logprob_mismatch",
             "Rollout engine against learner, same weights, at the latest step: 'k3' estimates"
             " KL(engine ‖ learner) per token, 'abs_mean' is the mean |Δ logprob| (tokens the learner's own"
             " version sampled; NaN before any).",
-            ["statistic"],
-            registry=registry,
+            ("k3", "abs_mean"),
+            registry,
         )
-        for statistic in ("k3", "abs_mean"):
-            self.logprob_mismatch.labels(statistic=statistic).set(math.nan)
-        self.critic = Gauge(
+        self.critic = _statistics_gauge(
             "orchard_critic",
             "PPO's critic at the latest step (learner.advantage 'gae'; NaN otherwise and before its first"
             " step): 'value_loss' the clipped value loss, 'explained_variance' 1 − Var(R − V) / Var(R) of the"
             " values the advantages came from.",
-            ["statistic"],
-            registry=registry,
+            ("value_loss", "explained_variance"),
+            registry,
         )
-        for statistic in ("value_loss", "explained_variance"):
-            self.critic.labels(statistic=statistic).set(math.nan)
         self.reward_mean = Gauge(
             "orchard_reward_mean",
             "Mean reward of the latest batch, per distribution.",
@@ -320,3 +316,12 @@ class RunMetrics:
     def render(self) -> bytes:
         """The Prometheus text exposition of every metric of this run."""
         return generate_latest(self.registry)
+
+
+def _statistics_gauge(name: str, documentation: str, statistics: tuple[str, ...], registry: CollectorRegistry) -> Gauge:
+    """A gauge with one series per `statistic` label value, each NaN until the first value is set, so
+    that every series a dashboard queries is exported from the start."""
+    gauge = Gauge(name, documentation, ["statistic"], registry=registry)
+    for statistic in statistics:
+        gauge.labels(statistic=statistic).set(math.nan)
+    return gauge
