@@ -646,7 +646,7 @@ class GRPOTrainer:
         mine = own_rows(rl.group_index, rl.attention_mask.sum(-1), groups, rank, world)
         chunks = [mine[chunk] for chunk in self._micro_batches(rl.select(mine))]  # rows of `rl`
         passes = int(all_reduce_max(float(len(chunks)))) if world > 1 else len(chunks)
-        figures = {"critic_skipped": 0}
+        skipped = False  # any epoch's update not applied (non-finite gradients)
         totals, norm = {"loss": 0.0, "clipped": 0.0}, 0.0
         for _ in range(options.epochs):
             totals = {"loss": 0.0, "clipped": 0.0}
@@ -672,9 +672,9 @@ class GRPOTrainer:
             if world > 1:
                 totals = dict(zip(totals, all_reduce_sum(list(totals.values())), strict=True))
             applied, norm = self._optimizer_step(self.critic)
-            figures["critic_skipped"] = int(figures["critic_skipped"] or not applied)
+            skipped = skipped or not applied
         return {
-            **figures,
+            "critic_skipped": int(skipped),
             "value_loss": _finite_or_zero(totals["loss"]),
             "value_clip_fraction": totals["clipped"] / max(rl.num_tokens, 1),
             "critic_grad_norm": _finite_or_zero(norm),
